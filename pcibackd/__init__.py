@@ -1,0 +1,3 @@
+"""pcibackd: a userspace Xen PCI passthrough backend."""
+
+__version__ = "0.1.0"

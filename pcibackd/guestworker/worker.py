@@ -1,0 +1,176 @@
+"""One guest's worker process: xenbus backend + op service for one frontend.
+
+Started by the supervisor from a clean (thread-free) spawner; everything that
+starts threads (the xenstore client, ZeroMQ, logging sinks) is created here,
+after the fork.  The loop blocks on the event channel, the xenstore watch fd,
+the supervisor socket and a signal wake-up pipe; signal handlers only set a
+flag.
+
+Exit codes (the supervisor's restart policy reads them):
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import time
+from dataclasses import dataclass, field
+
+from loguru import logger
+
+from .. import logs
+from ..pcihost.bdf import BDF
+from .devices import DeviceSet
+from .driver import Driver
+from .ops import Dispatcher
+from .oploop import OpLoop, Ring
+from .xenbus import BackendMachine
+
+EXIT_DONE = 0            # guest went away / teardown finished: do not restart
+EXIT_STOPPED = 0         # SIGTERM: stopped serving, xenbus state left as is
+EXIT_BOOT_FAILED = 3     # could not set up (xenstore, platform): restart with backoff
+EXIT_CRASHED = 1         # an exception escaped: restart
+__doc__ += """
+    0  done (guest gone, teardown finished) or stopped by SIGTERM
+    1  crashed (an exception escaped the loop): restart
+    3  boot failed (xenstore or platform unavailable): restart with backoff
+"""
+
+
+@dataclass
+class WorkerConfig:
+    """Everything a worker needs; plain data so it crosses the spawner."""
+
+    domid: int
+    backend_path: str
+    platform: str = "sim"
+    sim_dir: str | None = None
+    xenstored_path: str | None = None
+    topology: str = "vpci"
+    poll_window_us: float = 50.0
+    supervisor_endpoint: str | None = None
+    heartbeat_interval: float = 0.5
+    policy_path: str | None = None
+    log_level: str = "INFO"
+    state_dir: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Worker:
+    """The worker's objects and its main loop (see module docstring)."""
+
+    def __init__(self, cfg: WorkerConfig):
+        from ..xen.select import choose_platform
+        from ..xen.xenstore import XenStore
+        self.cfg = cfg
+        self.xs = XenStore(cfg.xenstored_path)
+        self.platform = choose_platform(cfg.platform, sim_dir=cfg.sim_dir, domid=0)
+        self.dispatcher = Dispatcher()
+        self.loop = OpLoop(self.dispatcher, cfg.poll_window_us * 1e-6)
+        self.devices = DeviceSet(cfg, self.dispatcher)
+        self.machine = BackendMachine(mode=cfg.topology)
+        self.driver = Driver(self.xs, cfg.domid, cfg.backend_path, self.machine, self)
+        self.reporter = None
+        if cfg.supervisor_endpoint:
+            from .report import Reporter
+            self.reporter = Reporter(cfg, self)
+        self.stopping = False
+
+    # --- actions the driver calls (raise OSError on failure) --------------
+    def export(self, placement, opts) -> None:
+        self.devices.export(placement, opts)
+
+    def remove(self, hosts: tuple[BDF, ...]) -> None:
+        self.loop.flush()
+        self.devices.remove(hosts)
+
+    def map_ring(self, gref: int, port: int) -> None:
+        page = self.platform.map_grant(self.cfg.domid, gref)
+        evtchn = self.platform.open_evtchn()
+        try:
+            local = evtchn.bind_interdomain(self.cfg.domid, port)
+        except OSError:
+            evtchn.close()
+            page.close()
+            raise
+        self.loop.ring = Ring(page, evtchn, local)
+        logger.info("connected: gref {} port {} -> local port {}", gref, port, local)
+        # A request left pending by a crashed predecessor is answered now.
+        if self.loop.serve_pending():
+            logger.info("served an op left pending before this worker started")
+
+    def unmap_ring(self) -> None:
+        if self.loop.ring:
+            self.loop.flush()
+            self.loop.ring.close()
+            self.loop.ring = None
+
+    # --- main loop --------------------------------------------------------
+    def run(self) -> int:
+        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wfd)
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, self._on_term)
+        self.driver.start()
+        next_beat = 0.0
+        while self.driver.exit_reason is None and not self.stopping:
+            fds = [self.xs, rfd]
+            ring_fd = self.loop.fileno()
+            if ring_fd is not None:
+                fds.append(ring_fd)
+            if self.reporter:
+                fds.append(self.reporter)
+            now = time.monotonic()
+            if now >= next_beat:
+                if self.reporter:
+                    self.reporter.beat()
+                next_beat = now + self.cfg.heartbeat_interval
+            ready = select.select(fds, [], [], max(0.0, next_beat - now))[0]
+            if ring_fd is not None and ring_fd in ready:
+                self.loop.on_event()
+            if self.xs in ready:
+                paths = [p for p, _ in self.xs.events()]
+                if paths:
+                    self.driver.on_watch(paths)
+            if self.reporter and self.reporter in ready:
+                self.reporter.on_message()
+            if rfd in ready:
+                os.read(rfd, 64)
+        # Graceful: answer the op in flight, leave xenbus state for a successor.
+        self.loop.flush()
+        if self.reporter:
+            self.reporter.beat(final=True)
+        reason = self.driver.exit_reason or "stopped by signal"
+        logger.info("worker exiting: {}", reason)
+        self.close()
+        return EXIT_DONE
+
+    def _on_term(self, signum, frame) -> None:
+        self.stopping = True      # no logging in a signal handler
+
+    def close(self) -> None:
+        self.driver.close()
+        if self.loop.ring:
+            self.loop.ring.close()
+            self.loop.ring = None
+        self.devices.close()
+        if self.reporter:
+            self.reporter.close()
+        self.xs.close()
+
+
+def run_worker(cfg: WorkerConfig) -> None:
+    """Process entry point (target of the spawner)."""
+    logs.setup(cfg.log_level, domid=cfg.domid)
+    try:
+        worker = Worker(cfg)
+    except Exception:
+        logger.exception("worker boot failed")
+        os._exit(EXIT_BOOT_FAILED)
+    try:
+        code = worker.run()
+    except Exception:
+        logger.exception("worker crashed")
+        os._exit(EXIT_CRASHED)
+    os._exit(code)

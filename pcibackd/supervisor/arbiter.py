@@ -1,0 +1,336 @@
+"""The supervisor: one loop that watches xenstore and keeps one worker per guest.
+
+Wake sources, all polled in one place: the xenstore watch on
+``/local/domain/0/backend/pci``, worker exit sentinels, worker heartbeats
+(ZeroMQ ROUTER), ``pcibackctl`` requests (ZeroMQ ROUTER) and a signal pipe.
+Signal handlers only enqueue; all work happens in :meth:`Supervisor.run`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq
+from loguru import logger
+
+from .. import __version__
+from ..guestworker.worker import WorkerConfig, run_worker
+from . import systemd
+from .config import DaemonConfig
+from .spawner import Spawner
+from .states import RestartPolicy, WorkerState
+
+BACKEND_ROOT = "/local/domain/0/backend/pci"
+
+
+@dataclass
+class Guest:
+    """The supervisor's record of one frontend and its worker."""
+
+    domid: int
+    backend_path: str
+    state: WorkerState = WorkerState.STARTING
+    proc: object = None
+    pid: int | None = None
+    restarts: int = 0
+    failures: int = 0
+    started_at: float = 0.0
+    restart_at: float = 0.0
+    last_beat: float = 0.0
+    beat: dict = field(default_factory=dict)
+    last_exit: str = ""
+
+
+class Supervisor:
+    """Owns the guests table; see the module docstring for the loop."""
+
+    def __init__(self, cfg: DaemonConfig, policy: RestartPolicy | None = None):
+        self.cfg = cfg
+        self.policy = policy or RestartPolicy()
+        self.guests: dict[int, Guest] = {}
+        self.signals: queue.SimpleQueue = queue.SimpleQueue()
+        self.stopping = False
+        self.started = time.time()
+        self.spawner = Spawner()
+        self.runtime = Path(cfg.runtime_dir)
+
+    # ------------------------------------------------------------ setup --
+    def _setup(self) -> None:
+        from ..xen.xenstore import XenStore
+        from ..control.server import ControlServer
+        self.spawner.start()            # before any thread exists
+        self.runtime.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.runtime, 0o700)
+        self.xs = XenStore(self.cfg.xenstored_path)
+        self.zctx = zmq.Context()
+        self.workers_sock = self.zctx.socket(zmq.ROUTER)
+        self.workers_sock.setsockopt(zmq.LINGER, 0)
+        self.workers_sock.setsockopt(zmq.RCVHWM, 256)
+        self.workers_sock.setsockopt(zmq.MAXMSGSIZE, 1 << 16)
+        self.workers_endpoint = f"ipc://{self.runtime / 'workers.sock'}"
+        self.workers_sock.bind(self.workers_endpoint)
+        self.control = ControlServer(self.zctx, self.runtime / "control.sock", self)
+        self.sig_r, sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(sig_w)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, self._on_signal)
+        self.xs.watch(BACKEND_ROOT, "backends")
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signals.put_nowait(signum)     # no logging here
+
+    # ------------------------------------------------------------- loop --
+    def run(self) -> int:
+        self._setup()
+        self.scan()
+        systemd.notify(f"READY=1\nSTATUS=serving {len(self.guests)} guest(s)")
+        logger.info("pcibackd {} ready: platform {}, topology {}, runtime {}", __version__,
+                    self.cfg.platform, self.cfg.topology, self.runtime)
+        poller = zmq.Poller()
+        poller.register(self.workers_sock, zmq.POLLIN)
+        poller.register(self.control.sock, zmq.POLLIN)
+        poller.register(self.xs.fileno(), zmq.POLLIN)
+        poller.register(self.sig_r, zmq.POLLIN)
+        watchdog = systemd.watchdog_interval()
+        next_dog = 0.0
+        while not self.stopping:
+            sentinels = {g.proc.sentinel: g for g in self.guests.values() if g.proc is not None}
+            for fd in sentinels:
+                poller.register(fd, zmq.POLLIN)
+            ready = dict(poller.poll(timeout=self._next_timeout() * 1000))
+            for fd in sentinels:
+                poller.unregister(fd)
+            if self.sig_r in ready:
+                self._drain_signals()
+            if self.xs.fileno() in ready and self.xs.events():
+                self.scan()
+            if self.workers_sock in ready:
+                self._on_worker_messages()
+            if self.control.sock in ready:
+                self.control.handle_ready()
+            for fd, guest in sentinels.items():
+                if fd in ready:
+                    self._reap(guest)
+            self._manage()
+            if watchdog and time.monotonic() >= next_dog:
+                systemd.notify("WATCHDOG=1")
+                next_dog = time.monotonic() + watchdog
+        return self._shutdown()
+
+    def _next_timeout(self) -> float:
+        now = time.monotonic()
+        due = [g.restart_at - now for g in self.guests.values() if g.state == WorkerState.BACKOFF]
+        return max(0.0, min([0.5, *due]))
+
+    def _drain_signals(self) -> None:
+        try:
+            while os.read(self.sig_r, 64):
+                pass
+        except BlockingIOError:
+            pass
+        while not self.signals.empty():
+            signum = self.signals.get_nowait()
+            handler = SIGNAL_HANDLERS.get(signum)
+            if handler:
+                handler(self)
+
+    def handle_term(self) -> None:
+        """SIGTERM/SIGINT: graceful stop; workers finish the op in flight."""
+        logger.info("stopping (signal)")
+        self.stopping = True
+
+    def handle_hup(self) -> None:
+        """SIGHUP: rescan xenstore (policy reload comes with confspace)."""
+        self.scan()
+
+    def handle_chld(self) -> None:
+        """SIGCHLD: nothing; exit sentinels are polled."""
+
+    # ----------------------------------------------------------- guests --
+    def scan(self) -> None:
+        """Start workers for new backend directories, forget removed ones."""
+        present = {}
+        for untrusted_domid in self.xs.ls(BACKEND_ROOT):
+            if not untrusted_domid.isdigit() or len(untrusted_domid) > 5:
+                logger.warning("ignoring {}/{!r}: not a domid", BACKEND_ROOT, untrusted_domid[:20])
+                continue
+            domid = int(untrusted_domid)
+            if domid == 0 or domid >= 0x7FF0:
+                continue
+            path = f"{BACKEND_ROOT}/{domid}/0"
+            if self.xs.read(f"{path}/frontend") is not None:
+                present[domid] = path
+        for domid, path in present.items():
+            if domid not in self.guests:
+                logger.info("new PCI backend for domain {}", domid)
+                self.guests[domid] = guest = Guest(domid, path)
+                self._start(guest)
+        for domid in list(self.guests):
+            if domid not in present:
+                guest = self.guests[domid]
+                if guest.proc is None:
+                    del self.guests[domid]
+                    logger.info("domain {} forgotten", domid)
+                elif guest.state != WorkerState.STOPPING:
+                    self._stop(guest)
+
+    def _worker_config(self, guest: Guest) -> WorkerConfig:
+        c = self.cfg
+        return WorkerConfig(domid=guest.domid, backend_path=guest.backend_path, platform=c.platform,
+                            sim_dir=c.sim_dir, xenstored_path=c.xenstored_path, topology=c.topology,
+                            poll_window_us=c.poll_window_us, supervisor_endpoint=self.workers_endpoint,
+                            heartbeat_interval=c.heartbeat_interval, policy_path=c.policy_path,
+                            log_level=c.log_level, state_dir=str(self.runtime))
+
+    def _start(self, guest: Guest) -> None:
+        guest.proc = self.spawner.spawn(run_worker, self._worker_config(guest), name=f"pcibackd-dom{guest.domid}")
+        guest.pid = guest.proc.pid
+        guest.state = WorkerState.STARTING
+        guest.started_at = guest.last_beat = time.monotonic()
+        logger.info("worker for domain {} started: pid {}", guest.domid, guest.pid)
+
+    def _stop(self, guest: Guest) -> None:
+        guest.state = WorkerState.STOPPING
+        try:
+            os.kill(guest.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    def _reap(self, guest: Guest) -> None:
+        proc = guest.proc
+        proc.join(0)
+        code = proc.exitcode
+        guest.proc = None
+        ran = time.monotonic() - guest.started_at
+        guest.last_exit = (f"signal {signal.Signals(-code).name}" if code is not None and code < 0
+                           else f"exit {code}")
+        if guest.state == WorkerState.STOPPING or code == 0:
+            guest.state = WorkerState.EXITED
+            logger.info("worker for domain {} finished ({})", guest.domid, guest.last_exit)
+            if self.xs.read(f"{guest.backend_path}/frontend") is None:
+                del self.guests[guest.domid]
+            return
+        guest.failures = 1 if ran >= self.policy.stable_after else guest.failures + 1
+        guest.state = self.policy.next_state(guest.failures)
+        if guest.state == WorkerState.FATAL:
+            logger.error("worker for domain {} failed {} times in a row ({}): FATAL, not restarting",
+                         guest.domid, guest.failures, guest.last_exit)
+            return
+        guest.restart_at = time.monotonic() + self.policy.delay(guest.failures)
+        logger.warning("worker for domain {} died ({}); restart #{} in {:.2f} s", guest.domid,
+                       guest.last_exit, guest.restarts + 1, guest.restart_at - time.monotonic())
+
+    def _manage(self) -> None:
+        now = time.monotonic()
+        for guest in list(self.guests.values()):
+            if guest.state == WorkerState.BACKOFF and now >= guest.restart_at:
+                guest.restarts += 1
+                self._start(guest)
+            elif (guest.state in (WorkerState.RUNNING, WorkerState.STARTING) and guest.proc is not None
+                  and now - guest.last_beat > self.cfg.heartbeat_timeout):
+                logger.error("worker for domain {} (pid {}) missed heartbeats for {:.1f} s: killing",
+                             guest.domid, guest.pid, now - guest.last_beat)
+                try:
+                    os.kill(guest.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                guest.last_beat = now   # once per timeout; the sentinel reports the death
+
+    def restart_worker(self, domid: int) -> bool:
+        """Replace a guest's worker (pcibackctl restart); FATAL guests get a fresh start."""
+        guest = self.guests.get(domid)
+        if guest is None:
+            return False
+        guest.failures = 0
+        if guest.proc is not None:
+            os.kill(guest.pid, signal.SIGKILL)   # the reap path restarts it immediately
+        else:
+            guest.state, guest.restart_at = WorkerState.BACKOFF, 0.0
+        return True
+
+    def _on_worker_messages(self) -> None:
+        for _ in range(256):     # bounded: a flooding worker cannot starve the loop
+            try:
+                ident, raw = self.workers_sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ValueError:
+                continue
+            try:
+                msg = json.loads(raw)
+                domid = int(msg["domid"])
+            except (ValueError, KeyError, TypeError):
+                logger.warning("malformed worker message from {!r}", ident[:16])
+                continue
+            guest = self.guests.get(domid)
+            if guest is None or msg.get("pid") != guest.pid or ident != f"dom{domid}".encode():
+                continue
+            guest.beat, guest.last_beat = msg, time.monotonic()
+            if guest.state == WorkerState.STARTING:
+                guest.state = WorkerState.RUNNING
+
+    # ---------------------------------------------------------- shutdown --
+    def _shutdown(self) -> int:
+        systemd.notify("STOPPING=1")
+        live = [g for g in self.guests.values() if g.proc is not None]
+        for g in live:
+            self._stop(g)
+        deadline = time.monotonic() + self.cfg.stop_timeout
+        for g in live:
+            g.proc.join(max(0.0, deadline - time.monotonic()))
+            if g.proc.exitcode is None:
+                logger.warning("worker for domain {} did not stop in time: killing", g.domid)
+                os.kill(g.pid, signal.SIGKILL)
+                g.proc.join(1.0)
+        self.control.close()
+        self.workers_sock.close(0)
+        self.zctx.term()
+        self.xs.close()
+        logger.info("stopped")
+        return 0
+
+    # ----------------------------------------------------------- status --
+    def status(self) -> dict:
+        """The daemon and every guest, for pcibackctl status."""
+        import psutil
+        guests = []
+        for g in sorted(self.guests.values(), key=lambda g: g.domid):
+            proc_info = {}
+            if g.proc is not None:
+                try:
+                    p = psutil.Process(g.pid)
+                    with p.oneshot():
+                        mem = p.memory_full_info()
+                        proc_info = {"rss": mem.rss, "uss": mem.uss, "cpu_percent": p.cpu_percent(0.0),
+                                     "cpu_seconds": sum(p.cpu_times()[:2])}
+                except psutil.Error:
+                    pass
+            beat = g.beat
+            guests.append({
+                "domid": g.domid, "worker_state": g.state.value, "pid": g.pid if g.proc else None,
+                "restarts": g.restarts, "last_exit": g.last_exit,
+                "xenbus_state": beat.get("xenbus_state"), "connected": beat.get("connected", False),
+                "served": beat.get("served", {}), "errors": beat.get("errors", {}),
+                "devices": beat.get("devices", []),
+                "heartbeat_age": round(time.monotonic() - g.last_beat, 3) if g.proc else None,
+                **proc_info,
+            })
+        return {"daemon": {"version": __version__, "pid": os.getpid(),
+                           "uptime": round(time.time() - self.started, 1),
+                           "platform": self.cfg.platform, "topology": self.cfg.topology,
+                           "xenstore": self.cfg.xenstored_path or os.environ.get("XENSTORED_PATH", "default")},
+                "guests": guests}
+
+
+SIGNAL_HANDLERS = {
+    signal.SIGTERM: Supervisor.handle_term,
+    signal.SIGINT: Supervisor.handle_term,
+    signal.SIGHUP: Supervisor.handle_hup,
+    signal.SIGCHLD: Supervisor.handle_chld,
+}

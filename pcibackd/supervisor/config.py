@@ -1,0 +1,49 @@
+"""Daemon configuration: defaults in code, overridden by a TOML file and flags.
+
+The shipped sample is ``etc/pcibackd.toml``; the service reads
+``/etc/pcibackd/pcibackd.toml`` when it exists.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+DEFAULT_CONFIG = Path("/etc/pcibackd/pcibackd.toml")
+
+
+@dataclass
+class DaemonConfig:
+    platform: str | None = None          # "xen" | "sim" | None = auto (xen when /dev/xen exists)
+    sim_dir: str | None = None           # simulated dom0 state (platform sim)
+    xenstored_path: str | None = None    # xenstored socket; None = XENSTORED_PATH or the default
+    runtime_dir: str = "/run/pcibackd"   # control and worker sockets, device claims
+    topology: str = "vpci"               # "vpci" | "passthrough" (like xen-pciback's passthrough=)
+    poll_window_us: float = 50.0         # worker busy-poll window after each op
+    heartbeat_interval: float = 0.5      # worker -> supervisor beats
+    heartbeat_timeout: float = 5.0       # a worker silent this long is killed and replaced
+    policy_path: str | None = None       # config-space policy TOML (permissive, quirks)
+    log_level: str = "INFO"
+    stop_timeout: float = 5.0            # graceful stop: wait this long for workers
+
+    @classmethod
+    def load(cls, path: str | Path | None, **overrides) -> "DaemonConfig":
+        """Defaults <- TOML file (if any) <- non-None overrides; unknown keys are errors."""
+        cfg = cls()
+        p = Path(path) if path else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+        names = {f.name for f in fields(cls)}
+        if p is not None:
+            data = tomllib.loads(p.read_text())
+            section = data.get("pcibackd", data)
+            unknown = set(section) - names
+            if unknown:
+                raise ValueError(f"{p}: unknown settings {sorted(unknown)}")
+            for k, v in section.items():
+                setattr(cfg, k, v)
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(cfg, k, v)
+        if cfg.topology not in ("vpci", "passthrough"):
+            raise ValueError(f"topology must be vpci or passthrough, not {cfg.topology!r}")
+        return cfg

@@ -1,0 +1,34 @@
+"""A clean fork point for workers, created before any thread exists.
+
+pyxs, pyzmq and loguru's enqueue all start threads, and forking a threaded
+process can deadlock the child on a lock held by a thread that does not
+exist there.  The supervisor therefore starts multiprocess's *forkserver*
+first thing: a single-threaded process that has only imported the worker
+module, and that forks every worker.  Workers never inherit the supervisor's
+xenstore connection, ZeroMQ context or sockets.
+"""
+
+from __future__ import annotations
+
+import multiprocess as mp
+import multiprocess.forkserver as forkserver
+
+_PRELOAD = ["pcibackd.guestworker.worker"]
+
+
+class Spawner:
+    """Starts worker processes from the forkserver."""
+
+    def __init__(self):
+        self.ctx = mp.get_context("forkserver")
+        self.ctx.set_forkserver_preload(_PRELOAD)
+
+    def start(self) -> None:
+        """Start the fork server now, while this process has no threads."""
+        forkserver.ensure_running()
+
+    def spawn(self, target, *args, name: str | None = None):
+        """A started worker process (``.pid``, ``.sentinel``, ``.exitcode``)."""
+        proc = self.ctx.Process(target=target, args=args, name=name, daemon=False)
+        proc.start()
+        return proc

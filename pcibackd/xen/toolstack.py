@@ -1,0 +1,168 @@
+"""The toolstack side of PCI passthrough: xenstore nodes exactly as libxl writes them.
+
+Used by the simulated dom0 (demo, tests) and by ``pcibackctl attach`` on a
+real dom0 where a guest was created without ``pci=``.  Paths, keys, formats
+and permissions follow ``libxl__create_pci_backend`` and
+``libxl__device_pci_{add,remove}_xenstore`` (see docs/pciback-protocol.md §2).
+"""
+
+from __future__ import annotations
+
+import select
+import time
+from dataclasses import dataclass
+
+from ..pcihost.bdf import BDF
+from .pciif import XenbusState as S
+
+DEFAULT_OPTS = "msitranslate=0,power_mgmt=0,permissive=0,rdm_policy=strict"
+
+
+def backend_path(domid: int) -> str:
+    return f"/local/domain/0/backend/pci/{domid}/0"
+
+
+def frontend_path(domid: int) -> str:
+    return f"/local/domain/{domid}/device/pci/0"
+
+
+def error_path(domid: int) -> str:
+    return f"/local/domain/0/error/backend/pci/{domid}/0/error"
+
+
+@dataclass
+class Toolstack:
+    """libxl's PCI xenstore writes, over a ``pcibackd.xen.xenstore.XenStore``."""
+
+    xs: object
+    timeout: float = 10.0     # LIBXL_DESTROY_TIMEOUT is 10 s
+
+    def create_domain(self, domid: int, name: str) -> None:
+        """The bits of ``/local/domain/<domid>`` a PV guest has (simulated dom0 only)."""
+        dom = f"/local/domain/{domid}"
+
+        def tx(t):
+            t.write(f"{dom}/name", name)
+            t.write(f"{dom}/domid", str(domid))
+            t.set_perms(dom, ["n0", f"r{domid}"])
+            t.mkdir(f"{dom}/device")
+            t.set_perms(f"{dom}/device", [f"n{domid}", "r0"])
+        self.xs.run_transaction(tx)
+
+    def attach(self, domid: int, bdf: BDF, opts: str = DEFAULT_OPTS, vdevfn: int | None = None,
+               name: str | None = None, wait: bool = True) -> int:
+        """Add one device; returns its index N.  Hot-plug when the backend runs."""
+        be, fe = backend_path(domid), frontend_path(domid)
+        starting = self.xs.read(f"{be}/state") is None
+        if not starting and wait:
+            self.wait_state(domid, S.Connected)
+        result = {}
+
+        def tx(t):
+            if t.read(f"{be}/state") is None:
+                domname = t.read(f"/local/domain/{domid}/name") or f"domain-{domid}"
+                for k, v in (("frontend", fe), ("frontend-id", str(domid)), ("online", "1"),
+                             ("state", str(int(S.Initialising))), ("domain", domname)):
+                    t.write(f"{be}/{k}", v)
+                t.set_perms(be, ["n0", f"r{domid}"])
+                for k, v in (("backend", be), ("backend-id", "0"), ("state", str(int(S.Initialising)))):
+                    t.write(f"{fe}/{k}", v)
+                t.set_perms(fe, [f"n{domid}", "r0"])
+                hotplug = False
+            else:
+                hotplug = True
+            n = int(t.read(f"{be}/num_devs") or "0")
+            t.write(f"{be}/key-{n}", str(bdf))
+            t.write(f"{be}/dev-{n}", str(bdf))
+            if vdevfn is not None:
+                t.write(f"{be}/vdevfn-{n}", f"{vdevfn:x}")
+            if name:
+                t.write(f"{be}/name-{n}", name)
+            t.write(f"{be}/opts-{n}", opts)
+            t.write(f"{be}/state-{n}", str(int(S.Initialising)))
+            t.write(f"{be}/num_devs", str(n + 1))
+            if hotplug:
+                t.write(f"{be}/state", str(int(S.Reconfiguring)))
+            result["n"] = n
+        self.xs.run_transaction(tx)
+        return result["n"]
+
+    def detach(self, domid: int, bdf: BDF, wait: bool = True) -> None:
+        """Hot-unplug: ``state-i=5`` + backend 7, wait for 4, then renumber."""
+        be = backend_path(domid)
+        if wait:
+            self.wait_state(domid, S.Connected)
+        index = self._index_of(domid, bdf)
+
+        def mark(t):
+            t.write(f"{be}/state-{index}", str(int(S.Closing)))
+            t.write(f"{be}/state", str(int(S.Reconfiguring)))
+        self.xs.run_transaction(mark)
+        if wait:
+            self.wait_state(domid, S.Connected)
+
+        def renumber(t):
+            num = int(t.read(f"{be}/num_devs") or "0")
+            keys = ("state", "key", "dev", "vdev", "opts", "vdevfn", "name")
+            for k in keys:
+                t.rm(f"{be}/{k}-{index}")
+            for j in range(index + 1, num):
+                for k in keys:
+                    v = t.read(f"{be}/{k}-{j}")
+                    if v is not None:
+                        t.write(f"{be}/{k}-{j - 1}", v)
+                        t.rm(f"{be}/{k}-{j}")
+            t.write(f"{be}/num_devs", str(num - 1))
+        self.xs.run_transaction(renumber)
+
+    def destroy(self, domid: int, wait: bool = True) -> bool:
+        """Teardown: ``online=0``, state 5, wait for 6, remove both directories.
+
+        Returns True when the backend reached Closed before the timeout.
+        """
+        be, fe = backend_path(domid), frontend_path(domid)
+
+        def tx(t):
+            t.write(f"{be}/online", "0")
+            if t.read(f"{be}/state") != str(int(S.Closed)):
+                t.write(f"{be}/state", str(int(S.Closing)))
+        self.xs.run_transaction(tx)
+        closed = self.wait_state(domid, S.Closed, raise_on_timeout=False) if wait else False
+        self.xs.rm(fe)
+        self.xs.rm(be)
+        self.xs.rm(f"/local/domain/0/backend/pci/{domid}")
+        return closed
+
+    def _index_of(self, domid: int, bdf: BDF) -> int:
+        be = backend_path(domid)
+        for i in range(int(self.xs.read(f"{be}/num_devs") or "0")):
+            v = self.xs.read(f"{be}/dev-{i}")
+            if v is not None and BDF.parse(v) == bdf:
+                return i
+        raise LookupError(f"{bdf} is not attached to domain {domid}")
+
+    def wait_state(self, domid: int, state: int, raise_on_timeout: bool = True) -> bool:
+        """Wait (on a watch) until the backend ``state`` node equals ``state``."""
+        return wait_for_value(self.xs, f"{backend_path(domid)}/state", str(int(state)),
+                              self.timeout, raise_on_timeout)
+
+
+def wait_for_value(xs, path: str, value: str | None, timeout: float, raise_on_timeout: bool = True) -> bool:
+    """Block on a xenstore watch until ``path`` reads ``value`` (None = absent)."""
+    token = f"wait-{id(path)}-{time.monotonic_ns()}"
+    xs.watch(path, token)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if xs.read(path) == value:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if raise_on_timeout:
+                    raise TimeoutError(f"{path} did not become {value!r} within {timeout} s "
+                                       f"(now {xs.read(path)!r})")
+                return False
+            select.select([xs], [], [], left)
+            xs.events()
+    finally:
+        xs.unwatch(path, token)

@@ -1,0 +1,193 @@
+#!/bin/bash
+# dom0 scenario runner of the Xen lane.  Runs as PID 1 inside a chroot of the
+# host's root filesystem (see dom0-init.sh), reads its settings from
+# /tmp/out/lane.conf (written by run.sh) and writes everything it learns to
+# /tmp/out (a 9p share the host reads after QEMU exits):
+#   results.txt                  "<device> <mode> <check> PASS|FAIL|INFO <detail>" lines
+#   <device>.<mode>.lspci        the domU's `lspci -vvv -xxx` of the device
+#   <device>.<mode>.xenstore     backend/frontend nodes (values and permissions) while connected
+#   <device>.<mode>.console      the domU's whole console log
+#   dom0.log, pcibackd.log, xl-*.log, dmesg.txt
+# Per device: mode "kernel" (xl create with pci=, Linux xen-pciback) for every
+# device first, then xen-pciback is unloaded and mode "pcibackd" (xl create
+# without pci=, pcibackd's attach writes the nodes, pcibackd is the backend).
+set -u
+export PATH=/usr/lib/xen-4.17/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export PYTHONDONTWRITEBYTECODE=1 LC_ALL=C
+OUT=/tmp/out
+# shellcheck source=/dev/null
+. $OUT/lane.conf
+: "${LANE_REPO:?}" "${LANE_PY:?}" "${LANE_KX:?}" "${LANE_GUEST:?}" "${LANE_DEVICES:?}"
+LANE_MODES=${LANE_MODES:-kernel pcibackd}
+LANE_DOMU_TIMEOUT=${LANE_DOMU_TIMEOUT:-150}
+LANE_CLEAN_TIMEOUT=${LANE_CLEAN_TIMEOUT:-20}
+export PYTHONPATH=$LANE_REPO${PYTHONPATH:+:$PYTHONPATH}
+DAEMON_CMD=${LANE_DAEMON_CMD:-"$LANE_PY -m pcibackd.supervisor.cli run --platform xen --foreground"}
+ATTACH_CMD=${LANE_ATTACH_CMD:-"$LANE_PY -m pcibackd.xen.toolstack attach {domid} {bdf}"}
+DAEMONCTL="$LANE_PY $LANE_REPO/xenlane/daemonctl.py"
+CON=/var/log/xen/console
+
+up() { cut -d' ' -f1 /proc/uptime; }
+log() { echo "LANE: $*"; echo "[$(up)] $*" >> $OUT/dom0.log; }
+result() { # device mode check verdict detail...
+  local dev=$1 mode=$2 check=$3 verdict=$4; shift 4
+  echo "$dev $mode $check $verdict $*" >> $OUT/results.txt
+  log "$verdict $dev/$mode $check $*"
+}
+kmod() { modprobe -d "$LANE_KX" "$@"; }
+vid_of() { case $1 in edu) echo 1234:11e8 ;; pci-testdev) echo 1b36:0005 ;; e1000e) echo 8086:10d3 ;; esac; }
+driver_of() { local l; l=$(readlink "/sys/bus/pci/devices/$1/driver" 2>/dev/null) && basename "$l" || echo none; }
+finish() {
+  log "finishing: $1"
+  xl list > $OUT/xl-list-final.txt 2>&1
+  dmesg > $OUT/dmesg.txt 2>&1
+  echo "$1" > $OUT/DONE
+  sync; sleep 0.5
+  reboot -f   # Xen resets the machine; QEMU runs with -no-reboot and exits
+}
+# poll COMMAND until it succeeds or SECONDS pass (no fixed sleeps as synchronisation)
+poll() { local secs=$1; shift; local end=$(( $(date +%s) + secs )); until "$@"; do [ "$(date +%s)" -ge "$end" ] && return 1; sleep 0.25; done; }
+xs_gone() { ! xenstore-exists "$1" 2>/dev/null; }
+
+# ------------------------------------------------------------ dom0 services
+mkdir -p /run/xen /run/xenstored /var/lib/xen /var/log/xen/console
+log "dom0 chroot up at $(up)s; python: $($LANE_PY -c 'import sys; print(sys.version.split()[0])' 2>&1)"
+xenstored --pid-file /run/xenstored.pid || finish "xenstored failed"
+xen-init-dom0 >> $OUT/dom0.log 2>&1 || finish "xen-init-dom0 failed"
+xenconsoled --log=guest --log-dir=$CON --pid-file=/run/xenconsoled.pid || finish "xenconsoled failed"
+xl info > $OUT/xl-info.txt 2>&1
+ls -l /dev/xen >> $OUT/dom0.log 2>&1
+log "dom0 services up at $(up)s"
+
+declare -A BDF
+for dev in $LANE_DEVICES; do
+  BDF[$dev]=$(lspci -D -n -d "$(vid_of "$dev")" | awk '{print $1; exit}')
+  if [ -z "${BDF[$dev]}" ]; then result "$dev" dom0 present FAIL "no $(vid_of "$dev") in dom0"; else
+    lspci -vvv -xxx -s "${BDF[$dev]}" > "$OUT/$dev.dom0.lspci" 2>&1
+    result "$dev" dom0 present PASS "${BDF[$dev]} driver=$(driver_of "${BDF[$dev]}")"; fi
+done
+
+write_cfg() { # name -> /tmp/name.cfg (no pci= line)
+  cat > "/tmp/$1.cfg" <<CFG
+name = "$1"
+type = "pv"
+kernel = "$LANE_GUEST/vmlinuz"
+ramdisk = "$LANE_GUEST/domU.cpio.gz"
+extra = "console=hvc0 loglevel=3 iommu=soft lane.wait=$((LANE_DOMU_TIMEOUT - 30))"
+memory = 256
+vcpus = 1
+on_poweroff = "destroy"
+on_crash = "destroy"
+CFG
+}
+
+domu_reported() { grep -q LANE-DOMU-END "$CON/guest-$1.log" 2>/dev/null || ! xl domid "$1" >/dev/null 2>&1; }
+
+collect() { # dev mode name domid: the domU's view and the xenstore nodes
+  local dev=$1 mode=$2 name=$3 d=$4 vid; vid=$(vid_of "$dev")
+  poll "$LANE_DOMU_TIMEOUT" domu_reported "$name"
+  tr -d '\r' < "$CON/guest-$name.log" > "$OUT/$dev.$mode.console"
+  { xenstore-ls -fp "/local/domain/0/backend/pci/$d" 2>&1; echo; xenstore-ls -fp "/local/domain/$d/device/pci" 2>&1
+    xenstore-ls -fp "/local/domain/0/error" 2>/dev/null; } > "$OUT/$dev.$mode.xenstore"
+  sed -n '/^LANE-DOMU-DEV /,/^LANE-DOMU-DEV-END/p' "$OUT/$dev.$mode.console" > "$OUT/$dev.$mode.lspci"
+  if grep -q "^LANE-DOMU-DEV .* $vid\$" "$OUT/$dev.$mode.lspci"; then
+    result "$dev" "$mode" domu-sees-device PASS "$(grep '^LANE-DOMU-DEV ' "$OUT/$dev.$mode.lspci" | head -1 | cut -d' ' -f2-)"
+  elif grep -q LANE-DOMU-END "$OUT/$dev.$mode.console"; then
+    result "$dev" "$mode" domu-sees-device FAIL "$(grep LANE-DOMU-END "$OUT/$dev.$mode.console")"
+  else
+    result "$dev" "$mode" domu-sees-device FAIL "domU reported nothing within ${LANE_DOMU_TIMEOUT}s"
+  fi
+}
+
+destroy_and_check() { # dev mode name domid
+  local dev=$1 mode=$2 name=$3 d=$4
+  xl destroy "$name" >> "$OUT/xl-$dev-$mode.log" 2>&1 || result "$dev" "$mode" xl-destroy FAIL "rc=$?"
+  if poll "$LANE_CLEAN_TIMEOUT" xs_gone "/local/domain/0/backend/pci/$d"; then
+    result "$dev" "$mode" backend-nodes-removed PASS ""
+  else
+    result "$dev" "$mode" backend-nodes-removed FAIL "$(xenstore-ls -f "/local/domain/0/backend/pci/$d" 2>&1 | head -5 | tr '\n' ' ')"
+  fi
+  if poll 5 xs_gone "/local/domain/$d"; then result "$dev" "$mode" domain-nodes-removed PASS ""
+  else result "$dev" "$mode" domain-nodes-removed FAIL "/local/domain/$d still present"; fi
+}
+
+# ------------------------------------------------------------ mode kernel
+run_kernel() { # dev
+  local dev=$1 bdf=${BDF[$1]} name=lane-$1-kernel d
+  xl pci-assignable-add "$bdf" >> "$OUT/xl-$dev-kernel.log" 2>&1 || { result "$dev" kernel assignable FAIL "xl pci-assignable-add $bdf"; return; }
+  write_cfg "$name"; echo "pci = [ '$bdf' ]" >> "/tmp/$name.cfg"
+  log "$dev/kernel: xl create (pci=$bdf)"
+  if ! xl create "/tmp/$name.cfg" >> "$OUT/xl-$dev-kernel.log" 2>&1; then
+    result "$dev" kernel xl-create FAIL "see xl-$dev-kernel.log"; xl pci-assignable-remove "$bdf" >/dev/null 2>&1; return
+  fi
+  d=$(xl domid "$name"); log "$dev/kernel: domain $d created"
+  collect "$dev" kernel "$name" "$d"
+  destroy_and_check "$dev" kernel "$name" "$d"
+  xl pci-assignable-remove "$bdf" >> "$OUT/xl-$dev-kernel.log" 2>&1 || result "$dev" kernel assignable-remove FAIL ""
+}
+
+# ------------------------------------------------------------ mode pcibackd
+DPID=""
+start_daemon() {
+  kmod pci-stub || { result all pcibackd pci-stub FAIL "modprobe pci-stub"; return 1; }
+  if grep -q '^xen_pciback ' /proc/modules; then result all pcibackd kernel-backend-absent FAIL "xen_pciback is loaded"; return 1; fi
+  result all pcibackd kernel-backend-absent PASS "xen_pciback not loaded"
+  log "starting: $DAEMON_CMD"
+  # shellcheck disable=SC2086
+  if $DAEMONCTL start /run/lane-pcibackd.pid "$OUT/pcibackd.log" 30 -- $DAEMON_CMD >> $OUT/dom0.log 2>&1; then
+    DPID=$(cat /run/lane-pcibackd.pid); result all pcibackd daemon-ready PASS "pid $DPID"
+  else
+    result all pcibackd daemon-ready FAIL "$(tail -1 $OUT/dom0.log); see pcibackd.log"; return 1
+  fi
+}
+
+tree_within() { # baseline-file: the daemon's descendants are back to the baseline
+  $DAEMONCTL tree "$DPID" | awk '{print $1}' | sort > /tmp/tree.now
+  [ -z "$(comm -13 "$1" /tmp/tree.now)" ]
+}
+
+run_pcibackd() { # dev
+  local dev=$1 bdf=${BDF[$1]} name=lane-$1-pcibackd d cmd
+  $DAEMONCTL tree "$DPID" | awk '{print $1}' | sort > /tmp/tree.base
+  write_cfg "$name"; echo 'passthrough = "enabled"' >> "/tmp/$name.cfg"
+  log "$dev/pcibackd: xl create -p (no pci=)"
+  if ! xl create -p "/tmp/$name.cfg" >> "$OUT/xl-$dev-pcibackd.log" 2>&1; then
+    result "$dev" pcibackd xl-create FAIL "see xl-$dev-pcibackd.log"; return
+  fi
+  d=$(xl domid "$name"); log "$dev/pcibackd: domain $d created (paused)"
+  cmd=${ATTACH_CMD//\{domid\}/$d}; cmd=${cmd//\{bdf\}/$bdf}
+  log "$dev/pcibackd: $cmd"
+  # shellcheck disable=SC2086
+  if $cmd >> "$OUT/attach-$dev.log" 2>&1; then result "$dev" pcibackd attach PASS "domid $d"
+  else result "$dev" pcibackd attach FAIL "rc=$? see attach-$dev.log"; fi
+  if [ "$(driver_of "$bdf")" = pci-stub ]; then result "$dev" pcibackd held-by-pci-stub PASS ""
+  else result "$dev" pcibackd held-by-pci-stub FAIL "driver=$(driver_of "$bdf") override=$(cat /sys/bus/pci/devices/$bdf/driver_override)"; fi
+  xl unpause "$name"
+  collect "$dev" pcibackd "$name" "$d"
+  $DAEMONCTL tree "$DPID" > "$OUT/$dev.pcibackd.processes"
+  result "$dev" pcibackd worker-running INFO "$(comm -13 /tmp/tree.base <(awk '{print $1}' "$OUT/$dev.pcibackd.processes" | sort) | wc -l) new process(es) under the daemon"
+  destroy_and_check "$dev" pcibackd "$name" "$d"
+  if poll "$LANE_CLEAN_TIMEOUT" tree_within /tmp/tree.base; then result "$dev" pcibackd worker-gone PASS ""
+  else result "$dev" pcibackd worker-gone FAIL "left: $($DAEMONCTL tree "$DPID" | tr '\n' ';')"; fi
+  if [ "$(driver_of "$bdf")" = pci-stub ]; then result "$dev" pcibackd held-after-destroy PASS ""
+  else result "$dev" pcibackd held-after-destroy FAIL "driver=$(driver_of "$bdf")"; fi
+  if kill -0 "$DPID" 2>/dev/null; then result "$dev" pcibackd daemon-alive PASS ""
+  else result "$dev" pcibackd daemon-alive FAIL "pcibackd died"; fi
+}
+
+# ------------------------------------------------------------ scenarios
+if [[ " $LANE_MODES " == *" kernel "* ]]; then
+  kmod xen-pciback && log "xen-pciback loaded"
+  for dev in $LANE_DEVICES; do [ -n "${BDF[$dev]}" ] && run_kernel "$dev"; done
+  kmod -r xen-pciback && log "xen-pciback unloaded" || result all kernel rmmod-xen-pciback FAIL "$(lsmod | grep pciback)"
+fi
+if [[ " $LANE_MODES " == *" pcibackd "* ]]; then
+  if start_daemon; then
+    for dev in $LANE_DEVICES; do [ -n "${BDF[$dev]}" ] && run_pcibackd "$dev"; done
+    if $DAEMONCTL stop /run/lane-pcibackd.pid 10 >> $OUT/dom0.log 2>&1; then result all pcibackd daemon-stop PASS ""
+    else result all pcibackd daemon-stop FAIL "$(tail -1 $OUT/dom0.log)"; fi
+  fi
+fi
+leftover=$(xenstore-ls -f /local/domain/0/backend 2>/dev/null | grep -c '/backend/pci/')
+if [ "$leftover" = 0 ]; then result all all dom0-clean PASS ""; else result all all dom0-clean FAIL "$leftover backend/pci nodes left"; fi
+finish "scenarios done"

@@ -1,0 +1,154 @@
+"""Xen lane report (stdlib only): per device, the domU's view through pcibackd
+and its differences from the view through Linux xen-pciback, with a reason each.
+
+    report.py OUTDIR DEVICE...     exit 0 when every check passed and every
+                                   difference has a reason in REASONS
+
+Config-space bytes are compared per register (header fields by name,
+capabilities by the capability list the kernel view shows); the decoded
+``lspci -vvv`` lines are compared as text.  A difference is explained when a
+REASONS entry matches it; an unexplained one fails the lane.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from pathlib import Path
+
+VIDS = {"edu": "1234:11e8", "pci-testdev": "1b36:0005", "e1000e": "8086:10d3"}
+
+HEADER = [  # (offset, size, name) of a type 0 header
+    (0x00, 2, "VENDOR_ID"), (0x02, 2, "DEVICE_ID"), (0x04, 2, "COMMAND"), (0x06, 2, "STATUS"),
+    (0x08, 1, "REVISION"), (0x09, 3, "CLASS"), (0x0C, 1, "CACHE_LINE_SIZE"), (0x0D, 1, "LATENCY_TIMER"),
+    (0x0E, 1, "HEADER_TYPE"), (0x0F, 1, "BIST"),
+    *[(0x10 + 4 * i, 4, f"BAR{i}") for i in range(6)],
+    (0x28, 4, "CARDBUS_CIS"), (0x2C, 2, "SUBSYSTEM_VENDOR_ID"), (0x2E, 2, "SUBSYSTEM_ID"),
+    (0x30, 4, "ROM_ADDRESS"), (0x34, 1, "CAPABILITY_LIST"), (0x35, 7, "RESERVED"),
+    (0x3C, 1, "INTERRUPT_LINE"), (0x3D, 1, "INTERRUPT_PIN"), (0x3E, 1, "MIN_GNT"), (0x3F, 1, "MAX_LAT"),
+]
+CAP_NAMES = {0x01: "PM", 0x03: "VPD", 0x05: "MSI", 0x09: "VNDR", 0x10: "EXP", 0x11: "MSIX", 0x12: "SATA", 0x13: "AF"}
+
+# Differences that are virtualized on purpose: (kind, pattern, reason).  kind
+# "reg" matches a register name (e.g. "COMMAND", "CAP_MSI+0x2"), kind "line" a
+# decoded lspci line from either side.
+REASONS: list[tuple[str, str, str]] = [
+]
+
+RESULT_RE = re.compile(r"^(\S+) (\S+) (\S+) (PASS|FAIL|INFO) ?(.*)$")
+
+
+def parse_lspci(text: str) -> tuple[list[str], dict[int, int]]:
+    """Split a ``lspci -vvv -xxx`` dump into decoded lines and config bytes."""
+    lines, cfg = [], {}
+    for line in text.splitlines():
+        m = re.match(r"^([0-9a-f]{2,3}): ((?:[0-9a-f]{2} ?){1,16})$", line.strip())
+        if m:
+            base = int(m.group(1), 16)
+            for i, byte in enumerate(m.group(2).split()):
+                cfg[base + i] = int(byte, 16)
+        elif line.startswith(("LANE-DOMU-DEV", "LANE-DOMU-DEV-END")) or not line.strip():
+            continue
+        else:
+            lines.append(line.rstrip())
+    return lines, cfg
+
+
+def register_map(cfg: dict[int, int]) -> dict[int, str]:
+    """offset -> register name (header table plus the capability list)."""
+    names = {}
+    for off, size, name in HEADER:
+        for k in range(size):
+            names[off + k] = name if size == 1 or k == 0 else f"{name}+{k:#x}"
+    pos, seen = cfg.get(0x34, 0) & 0xFC, set()
+    while pos and pos not in seen and pos + 1 in cfg:
+        seen.add(pos)
+        cap = CAP_NAMES.get(cfg[pos], f"{cfg[pos]:#04x}")
+        nxt = cfg[pos + 1] & 0xFC
+        end = nxt if nxt > pos else min(pos + 0x40, 0x100)
+        for k in range(end - pos):
+            names.setdefault(pos + k, f"CAP_{cap}+{k:#x}")
+        pos = nxt
+    return names
+
+
+def reason_for(kind: str, subject: str) -> str | None:
+    for k, pattern, reason in REASONS:
+        if k == kind and re.search(pattern, subject):
+            return reason
+    return None
+
+
+def register_diffs(kcfg: dict[int, int], pcfg: dict[int, int]) -> list[tuple[str, str, str]]:
+    """(register, 'kernel -> pcibackd' bytes, reason or '') per differing register."""
+    names = register_map(kcfg)
+    groups: dict[str, list[int]] = {}
+    for off in sorted(set(kcfg) | set(pcfg)):
+        if kcfg.get(off) != pcfg.get(off):
+            reg = names.get(off, f"{off:#04x}")
+            groups.setdefault(re.sub(r"\+0x[0-9a-f]+$", "", reg) if not reg.startswith("CAP_") else reg, []).append(off)
+    out = []
+    for reg, offs in groups.items():
+        fmt = lambda cfg: " ".join(f"{cfg[o]:02x}" if o in cfg else "--" for o in offs)  # noqa: E731
+        out.append((f"{reg}@{offs[0]:#04x}", f"{fmt(kcfg)} -> {fmt(pcfg)}", reason_for("reg", reg) or ""))
+    return out
+
+
+def line_diffs(klines: list[str], plines: list[str]) -> list[tuple[str, str]]:
+    """('-kernel line' / '+pcibackd line', reason or '') for the decoded text."""
+    out = []
+    for d in difflib.unified_diff(klines, plines, lineterm="", n=0):
+        if d.startswith(("---", "+++", "@@")):
+            continue
+        out.append((d, reason_for("line", d[1:]) or ""))
+    return out
+
+
+def main(argv: list[str]) -> int:
+    outdir, devices = Path(argv[0]), argv[1:]
+    ok = True
+    results = []
+    if (outdir / "results.txt").exists():
+        for line in (outdir / "results.txt").read_text().splitlines():
+            m = RESULT_RE.match(line)
+            if m:
+                results.append(m.groups())
+    for dev in devices:
+        views = {}
+        for mode in ("kernel", "pcibackd"):
+            f = outdir / f"{dev}.{mode}.lspci"
+            text = f.read_text(errors="replace") if f.exists() else ""
+            views[mode] = text if VIDS[dev] in text else ""
+        print(f"\n===== {dev} ({VIDS[dev]}): domU view through pcibackd =====")
+        print(views["pcibackd"].rstrip() or "(none: the domU saw no such device through pcibackd)")
+        print(f"----- {dev}: differences kernel xen-pciback -> pcibackd -----")
+        if not views["kernel"] or not views["pcibackd"]:
+            missing = [m for m, v in views.items() if not v]
+            print(f"(cannot compare: no domU view in mode {', '.join(missing)})")
+            ok = False
+            continue
+        klines, kcfg = parse_lspci(views["kernel"])
+        plines, pcfg = parse_lspci(views["pcibackd"])
+        regs, lines = register_diffs(kcfg, pcfg), line_diffs(klines, plines)
+        for reg, change, reason in regs:
+            print(f"  config {reg:<24} {change:<30} {reason or 'UNEXPLAINED'}")
+            ok &= bool(reason)
+        for d, reason in lines:
+            print(f"  lspci  {d}\n         -> {reason or 'UNEXPLAINED'}")
+            ok &= bool(reason)
+        if not regs and not lines:
+            print("  none: identical")
+    print("\n===== checks =====")
+    for dev, mode, check, verdict, detail in results:
+        print(f"  {verdict:<5} {dev:<12} {mode:<9} {check:<24} {detail}")
+        ok &= verdict != "FAIL"
+    if not results:
+        print("  (no results: dom0 did not run the scenarios)")
+        ok = False
+    print(f"\nXEN LANE: {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,165 @@
+#!/bin/bash
+# xenlane/run.sh [--quick] [--devices "edu pci-testdev e1000e"] [--modes "kernel pcibackd"]
+#
+# The Xen lane: boots Debian's Xen 4.17 inside QEMU (TCG) with a PV dom0 and PV
+# domUs on Debian's 6.1 kernel, passes QEMU-emulated PCI devices to a domU once
+# through the kernel's xen-pciback and once through pcibackd, and prints per
+# device the domU's view through pcibackd and the differences with a reason each.
+#
+#   outer QEMU (q35, intel-iommu, edu + pci-testdev + e1000e, 9p: host / read-only, out dir)
+#     Xen 4.17 -> dom0 (busybox initramfs, then chroot into the host's / over 9p:
+#                       xl, xenstored, python + the project's venv, xenlane/dom0-main.sh)
+#              -> domU per device and mode (busybox initramfs, xenlane/domu-init.sh)
+#
+# Needs root.  Installs its Debian packages with apt-get, keeps downloaded .debs
+# and built images in $XENLANE_CACHE (default xenlane/.cache).  Exits 0 only when
+# every check passed and every difference has a reason.
+# Env: XENLANE_CACHE, XENLANE_PYTHON (python for dom0, default .venv/bin/python),
+#      XENLANE_TIMEOUT (seconds for QEMU), XENLANE_DAEMON_CMD, XENLANE_ATTACH_CMD
+#      (attach template with {domid} {bdf}), XENLANE_SKIP_APT=1.
+set -euo pipefail
+LANE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(dirname "$LANE")
+CACHE=${XENLANE_CACHE:-$LANE/.cache}
+DEVICES="edu pci-testdev e1000e"
+MODES="kernel pcibackd"
+while [ $# -gt 0 ]; do
+  case $1 in
+    --quick) DEVICES="edu" ;;
+    --devices) DEVICES=$2; shift ;;
+    --modes) MODES=$2; shift ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+T_START=$(date +%s)
+log() { echo "[xenlane $(date +%T) +$(( $(date +%s) - T_START ))s] $*"; }
+die() { log "ERROR: $*"; exit 1; }
+[ "$(id -u)" = 0 ] || die "needs root (QEMU 9p export of /, apt-get, dpkg -x)"
+case "$REPO$CACHE" in *[[:space:],]*) die "paths with spaces or commas are not supported: $REPO $CACHE" ;; esac
+for d in $DEVICES; do case $d in edu|pci-testdev|e1000e) ;; *) die "unknown device $d" ;; esac; done
+
+# ------------------------------------------------------------ 1. host packages
+# dom0 runs the host's own xl/xenstored/python (chroot over 9p), so they live on the host
+HOSTPKGS="qemu-system-x86 busybox-static xen-utils-4.17 xenstore-utils pciutils cpio kmod libatomic1 gzip"
+if [ -z "${XENLANE_SKIP_APT:-}" ]; then
+  missing=""; for p in $HOSTPKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+  if [ -n "$missing" ]; then
+    log "apt-get install$missing"
+    apt-get update -qq
+    # keep the Xen init scripts from starting daemons on this (non-Xen) host
+    ours=""; [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; ours=1; }
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+    [ -n "$ours" ] && rm -f /usr/sbin/policy-rc.d
+  fi
+fi
+
+# ------------------------------------------------------------ 2. hypervisor + kernel .debs (cached)
+mkdir -p "$CACHE/debs"
+have_deb() { compgen -G "$CACHE/debs/$1_*.deb" >/dev/null; }
+if ! have_deb xen-hypervisor-4.17-amd64 || ! have_deb 'linux-image-[0-9]*-amd64'; then
+  [ -n "$(ls /var/lib/apt/lists/*Packages 2>/dev/null)" ] || apt-get update -qq
+  KPKG=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+  [ -n "$KPKG" ] || { apt-get update -qq; KPKG=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}'); }
+  case $KPKG in linux-image-6.1.*) ;; *) die "linux-image-amd64 does not depend on a 6.1 kernel: '$KPKG'" ;; esac
+  log "apt-get download xen-hypervisor-4.17-amd64 $KPKG"
+  (cd "$CACHE/debs" && apt-get download xen-hypervisor-4.17-amd64 "$KPKG" 2>&1 | grep -v 'unsandboxed' || true)
+  have_deb xen-hypervisor-4.17-amd64 && have_deb 'linux-image-[0-9]*-amd64' || die "download failed"
+fi
+
+# ------------------------------------------------------------ 3. unpack (once per set of .debs)
+X=$CACHE/x
+STAMP=$(cd "$CACHE/debs" && ls ./*.deb | sort | tr '\n' ' ')
+if [ "$(cat "$X/.stamp" 2>/dev/null)" != "$STAMP" ]; then
+  log "unpacking $STAMP"
+  rm -rf "$X"; mkdir -p "$X"
+  for d in "$CACHE"/debs/*.deb; do dpkg -x "$d" "$X"; done
+  KV=$(ls "$X/lib/modules" | head -1)
+  depmod -b "$X" "$KV"
+  zcat "$X"/boot/xen-4.17-amd64.gz > "$X/xen.elf"   # QEMU's multiboot loader takes the plain ELF only
+  echo "$STAMP" > "$X/.stamp"
+fi
+KV=$(ls "$X/lib/modules" | head -1)
+RUN=$CACHE/run
+rm -rf "$RUN"; mkdir -p "$RUN/out" "$RUN/guest"
+cp "$X/xen.elf" "$RUN/xen.elf"; cp "$X/boot/vmlinuz-$KV" "$RUN/vmlinuz"; cp "$X/boot/vmlinuz-$KV" "$RUN/guest/vmlinuz"
+
+# ------------------------------------------------------------ 4. initramfs images
+copy_bin() { # binaries and the libraries ldd lists, at the same paths
+  local b l
+  for b in "$@"; do
+    mkdir -p "$R$(dirname "$b")"; cp -L "$b" "$R$b"
+    for l in $(ldd "$b" 2>/dev/null | grep -o '/[^ ]*'); do mkdir -p "$R$(dirname "$l")"; cp -L "$l" "$R$l"; done
+  done
+}
+copy_mods() { # modules and their dependencies from the unpacked kernel
+  local m f
+  for m in "$@"; do
+    for f in $(modprobe -d "$X" -S "$KV" --show-depends "$m" | awk '/^insmod/{print $2}'); do
+      mkdir -p "$R$(dirname "${f#"$X"}")"; cp "$f" "$R${f#"$X"}"
+    done
+  done
+  cp "$X"/lib/modules/"$KV"/modules.builtin* "$X"/lib/modules/"$KV"/modules.order "$R/lib/modules/$KV/"
+  depmod -b "$R" "$KV"
+}
+base_root() {
+  rm -rf "$R"; mkdir -p "$R"/{bin,sbin,etc,proc,sys,dev,run,tmp,root,usr/bin,usr/sbin}
+  cp /bin/busybox "$R/bin/busybox"
+  for a in $(/bin/busybox --list); do [ -e "$R/bin/$a" ] || ln -s busybox "$R/bin/$a"; done
+}
+pack() { (cd "$1" && find . | cpio -o -H newc 2>/dev/null | gzip -1) > "$2"; }
+
+R=$RUN/domUroot; base_root; copy_mods xen-pcifront
+copy_bin /usr/bin/lspci; mkdir -p "$R/usr/share/misc"; cp -L /usr/share/misc/pci.ids "$R/usr/share/misc/" 2>/dev/null || true
+cp "$LANE/domu-init.sh" "$R/init"; chmod +x "$R/init"; pack "$R" "$RUN/guest/domU.cpio.gz"
+R=$RUN/dom0root; base_root
+copy_mods xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs virtio_pci 9pnet_virtio 9p
+cp "$LANE/dom0-init.sh" "$R/init"; chmod +x "$R/init"; pack "$R" "$RUN/dom0.cpio.gz"
+rm -rf "$RUN/domUroot" "$RUN/dom0root"
+
+# ------------------------------------------------------------ 5. settings for dom0
+PY=${XENLANE_PYTHON:-}
+[ -n "$PY" ] || { [ -x "$REPO/.venv/bin/python" ] && PY=$REPO/.venv/bin/python; } || PY=$(command -v python3)
+"$PY" -c 'import pyxs, psutil, zmq' 2>/dev/null || log "WARNING: $PY lacks the project's dependencies (pyxs, psutil, pyzmq)"
+{
+  echo "LANE_REPO=$REPO"; echo "LANE_PY=$PY"; echo "LANE_KX=$X"; echo "LANE_GUEST=$RUN/guest"
+  echo "LANE_DEVICES='$DEVICES'"; echo "LANE_MODES='$MODES'"
+  [ -n "${XENLANE_DAEMON_CMD:-}" ] && printf 'LANE_DAEMON_CMD=%q\n' "$XENLANE_DAEMON_CMD"
+  [ -n "${XENLANE_ATTACH_CMD:-}" ] && printf 'LANE_ATTACH_CMD=%q\n' "$XENLANE_ATTACH_CMD"
+  true
+} > "$RUN/out/lane.conf"
+
+# ------------------------------------------------------------ 6. outer QEMU (one at a time: 2 cores)
+NDEV=$(echo $DEVICES | wc -w); NMODE=$(echo $MODES | wc -w)
+TMO=${XENLANE_TIMEOUT:-$(( 150 + 120 * NDEV * NMODE ))}
+XENARGS="console=com1 com1=115200 dom0_mem=1024M,max:1024M smap=0 loglvl=warning guest_loglvl=warning"
+DOM0ARGS="console=hvc0 earlyprintk=xen loglevel=4 lane.repo=$REPO"
+log "QEMU (TCG) with $DEVICES, modes: $MODES; bounded to ${TMO}s"
+cd "$RUN"
+T_QEMU=$(date +%s)
+timeout --kill-after=10 "$TMO" qemu-system-x86_64 -accel tcg -machine q35 -cpu max -smp 2 -m 3072 \
+  -display none -vga none -no-reboot -nic none -serial file:serial.log \
+  -device intel-iommu,intremap=on \
+  -device edu,addr=0x5 -device pci-testdev,addr=0x6 -device e1000e,addr=0x7 \
+  -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
+  -virtfs local,path="$RUN/out",mount_tag=laneout,security_model=none,multidevs=remap \
+  -kernel xen.elf -append "$XENARGS" -initrd "vmlinuz $DOM0ARGS,dom0.cpio.gz" > qemu.out 2>&1 &
+QPID=$!
+trap 'kill $QPID 2>/dev/null || true' EXIT
+(tail -n +1 -F serial.log 2>/dev/null | grep -a --line-buffered -E 'LANE|Panic|Kernel panic' | sed -u -e 's/\r//g' -e 's/^/  | /') &
+TPID=$!
+QRC=0; wait $QPID || QRC=$?
+trap - EXIT
+kill $TPID 2>/dev/null || true; wait $TPID 2>/dev/null || true
+T_END=$(date +%s)
+log "QEMU exited (rc $QRC) after $(( T_END - T_QEMU ))s; lane wall time so far $(( T_END - T_START ))s"
+[ "$QRC" = 124 ] && log "QEMU hit the ${TMO}s bound"
+[ -s qemu.out ] && sed 's/^/  qemu: /' qemu.out | head -20
+
+# ------------------------------------------------------------ 7. report
+RC=0
+"$PY" "$LANE/report.py" "$RUN/out" $DEVICES || RC=$?
+[ -f "$RUN/out/DONE" ] || { log "dom0 did not finish (no DONE); serial log tail:"; tail -40 serial.log | tr -d '\r'; RC=1; }
+log "lane wall time $(( $(date +%s) - T_START ))s (QEMU $(( T_END - T_QEMU ))s); artifacts in $RUN/out, serial log $RUN/serial.log"
+exit $RC

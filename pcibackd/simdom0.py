@@ -118,11 +118,8 @@ class SimDom0:
                      opts: str | None = None) -> None:
         """Toolstack: domain nodes and the PCI backend/frontend for ``devices``."""
         self.toolstack.create_domain(domid, name or f"guest{domid}")
-        for d in devices:
-            if opts is None:
-                self.toolstack.attach(domid, BDF.parse(str(d)), wait=False)
-            else:
-                self.toolstack.attach(domid, BDF.parse(str(d)), opts=opts, wait=False)
+        extra = {"opts": opts} if opts is not None else {}
+        self.toolstack.attach(domid, [BDF.parse(str(d)) for d in devices], starting=True, **extra)
 
     def frontend(self, domid: int, spin: bool = False):
         """A connected-ready PCIFront acting as guest ``domid`` (in this process)."""

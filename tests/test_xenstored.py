@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -253,12 +254,30 @@ def test_daemon_dies_with_its_parent(how):
     pid_s, workdir_s = out.split()
     assert wait_gone(int(pid_s))
     workdir = Path(workdir_s)
-    if how == "atexit":
-        assert not workdir.exists()
-    else:
-        assert workdir.exists()  # nobody could clean it: the next start sweeps it
+    if how == "hard":
+        # Nobody could clean up; the next start sweeps it (or a concurrent
+        # test run's start already did).
         with Xenstored.start():
-            assert not workdir.exists()
+            pass
+    assert not workdir.exists()
+
+
+def test_start_sweeps_only_dirs_of_dead_owners():
+    dead = Path(tempfile.mkdtemp(prefix="pcibackd-xs-"))
+    live = Path(tempfile.mkdtemp(prefix="pcibackd-xs-"))
+    foreign = Path(tempfile.mkdtemp(prefix="pcibackd-xs-"))  # no owner file: not ours
+    try:
+        (dead / "owner").write_text("999999999 12345\n")  # pid beyond pid_max: dead
+        with open(f"/proc/{os.getpid()}/stat") as f:
+            started = f.read().rsplit(")", 1)[1].split()[19]
+        (live / "owner").write_text(f"{os.getpid()} {started}\n")
+        with Xenstored.start():
+            pass
+        assert not dead.exists()
+        assert live.exists() and foreign.exists()
+    finally:
+        for d in (dead, live, foreign):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def test_forked_child_does_not_stop_parents_daemon(xenstored):

@@ -56,7 +56,7 @@ def _cap_ptr(b: "Builder", slot: "Slot") -> int:
 
 
 def _status(b: "Builder", slot: "Slot") -> int:
-    return STATUS_CAP_LIST if b.first_cap else 0
+    return STATUS_CAP_LIST if b.has_caps else 0
 
 
 # -- write hooks --------------------------------------------------------------

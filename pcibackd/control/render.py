@@ -25,12 +25,12 @@ def render_status(result: dict) -> str:
     rows = []
     for g in result["guests"]:
         served = sum(g["served"].values())
-        errors = sum(g["errors"].values())
+        errors = ",".join(f"{k}={v}" for k, v in sorted(g["errors"].items())) or "0"
         devs = ", ".join(f"{x['bdf']}->{x['vbdf']}" for x in g["devices"]) or "-"
         rss = f"{g['rss'] // 1024} KiB" if g.get("rss") else "-"
         rows.append([g["domid"], _state_name(g["xenbus_state"]), g["worker_state"], g["pid"] or "-",
                      g["restarts"], served, errors, rss, devs])
-    return head + "\n" + _table(["DOMID", "XENBUS", "WORKER", "PID", "RESTARTS", "OPS", "ERRORS", "RSS",
+    return head + "\n" + _table(["DOMID", "XENBUS", "WORKER", "PID", "RESTARTS", "OPS", "ERRORS (by code)", "RSS",
                                  "DEVICES (host->guest)"], rows)
 
 

@@ -19,7 +19,7 @@ from ..pcihost.bdf import BDF
 from ..simdom0 import SimDom0
 
 # (dump, host BDF) pool handed out round-robin; distinct BDFs per device.
-_DUMPS = ["edu", "pci-testdev", "e1000e", "nvme", "rtl8139", "virtio-net-pci", "intel-hda", "megasas-gen2"]
+_DUMPS = ["edu", "pci-testdev", "e1000e", "nvme", "rtl8139", "virtio-net", "intel-hda", "megasas-gen2"]
 
 
 def plan(guests: int) -> dict[int, list[tuple[str, BDF]]]:

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args, parser) -> int:
     from .. import logs
-    from ..xen.select import choose_platform_name
+    from ..xen.select import default_platform_name
     from .arbiter import Supervisor
     from .config import DaemonConfig
     try:
@@ -62,7 +62,7 @@ def _run(args, parser) -> int:
                                 log_level=args.log_level)
     except (OSError, ValueError) as exc:
         parser.error(str(exc))
-    cfg.platform = choose_platform_name(cfg.platform)
+    cfg.platform = cfg.platform or default_platform_name()
     if cfg.platform == "sim" and not cfg.sim_dir:
         parser.error("--platform sim needs --sim-dir (or use `pcibackd demo`)")
     logs.setup(cfg.log_level)

@@ -49,16 +49,24 @@ class Toolstack:
             t.set_perms(f"{dom}/device", [f"n{domid}", "r0"])
         self.xs.run_transaction(tx)
 
-    def attach(self, domid: int, bdf: BDF, opts: str = DEFAULT_OPTS, vdevfn: int | None = None,
-               name: str | None = None, wait: bool = True) -> int:
-        """Add one device; returns its index N.  Hot-plug when the backend runs."""
+    def attach(self, domid: int, bdf: BDF | list[BDF], opts: str = DEFAULT_OPTS, vdevfn: int | None = None,
+               name: str | None = None, starting: bool | None = None, wait: bool = True) -> list[int]:
+        """Add devices in one transaction; returns their indices N.
+
+        ``starting`` (default: the backend does not exist yet) is libxl's
+        domain-creation case; otherwise this is a hot-plug: wait for the
+        backend to be Connected, then write backend ``state=7``.
+        """
+        bdfs = [bdf] if isinstance(bdf, BDF) else list(bdf)
         be, fe = backend_path(domid), frontend_path(domid)
-        starting = self.xs.read(f"{be}/state") is None
+        if starting is None:
+            starting = self.xs.read(f"{be}/state") is None
         if not starting and wait:
             self.wait_state(domid, S.Connected)
-        result = {}
+        result: list[int] = []
 
         def tx(t):
+            result.clear()
             if t.read(f"{be}/state") is None:
                 domname = t.read(f"/local/domain/{domid}/name") or f"domain-{domid}"
                 for k, v in (("frontend", fe), ("frontend-id", str(domid)), ("online", "1"),
@@ -68,24 +76,23 @@ class Toolstack:
                 for k, v in (("backend", be), ("backend-id", "0"), ("state", str(int(S.Initialising)))):
                     t.write(f"{fe}/{k}", v)
                 t.set_perms(fe, [f"n{domid}", "r0"])
-                hotplug = False
-            else:
-                hotplug = True
             n = int(t.read(f"{be}/num_devs") or "0")
-            t.write(f"{be}/key-{n}", str(bdf))
-            t.write(f"{be}/dev-{n}", str(bdf))
-            if vdevfn is not None:
-                t.write(f"{be}/vdevfn-{n}", f"{vdevfn:x}")
-            if name:
-                t.write(f"{be}/name-{n}", name)
-            t.write(f"{be}/opts-{n}", opts)
-            t.write(f"{be}/state-{n}", str(int(S.Initialising)))
-            t.write(f"{be}/num_devs", str(n + 1))
-            if hotplug:
+            for b in bdfs:
+                t.write(f"{be}/key-{n}", str(b))
+                t.write(f"{be}/dev-{n}", str(b))
+                if vdevfn is not None:
+                    t.write(f"{be}/vdevfn-{n}", f"{vdevfn:x}")
+                if name:
+                    t.write(f"{be}/name-{n}", name)
+                t.write(f"{be}/opts-{n}", opts)
+                t.write(f"{be}/state-{n}", str(int(S.Initialising)))
+                result.append(n)
+                n += 1
+            t.write(f"{be}/num_devs", str(n))
+            if not starting:
                 t.write(f"{be}/state", str(int(S.Reconfiguring)))
-            result["n"] = n
         self.xs.run_transaction(tx)
-        return result["n"]
+        return result
 
     def detach(self, domid: int, bdf: BDF, wait: bool = True) -> None:
         """Hot-unplug: ``state-i=5`` + backend 7, wait for 4, then renumber."""

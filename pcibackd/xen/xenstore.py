@@ -74,6 +74,12 @@ def _check_watch_path(path: str) -> bytes:
     return _check_path(path)
 
 
+def _check_token(token: str) -> bytes:
+    if not token or "\0" in token:
+        raise ValueError(f"invalid watch token {token!r}")
+    return token.encode("ascii")
+
+
 def _decode(raw: bytes) -> str:
     # Guest-written bytes need not be UTF-8; surrogateescape keeps them
     # round-trippable instead of raising inside the caller.
@@ -91,12 +97,11 @@ def _error(code_name: bytes, path: str | None) -> OSError:
 class _Reply:
     """One outstanding request: a pre-acquired lock the router releases."""
 
-    __slots__ = ("lock", "op", "packet")
+    __slots__ = ("lock", "packet")
 
-    def __init__(self, op: int) -> None:
+    def __init__(self) -> None:
         self.lock = threading.Lock()
         self.lock.acquire()
-        self.op = op
         self.packet: tuple[int, int, bytes] | None = None  # (op, tx_id, payload)
 
 
@@ -142,7 +147,7 @@ class _Router:
     def request(self, op: int, payload: bytes, tx_id: int, timeout: float, path: str | None) -> bytes:
         if len(payload) > _PAYLOAD_MAX:
             raise ValueError(f"xenstore payload of {len(payload)} bytes exceeds {_PAYLOAD_MAX}")
-        reply = _Reply(op)
+        reply = _Reply()
         rq_id = next(self._ids) & 0xFFFFFFFF
         with self._lock:
             if self.error is not None:
@@ -151,7 +156,10 @@ class _Router:
             try:
                 self._send(_HEADER.pack(op, rq_id, tx_id, len(payload)) + payload)
             except OSError as exc:
+                # A stream with a failed send is unusable: fail everyone now.
                 del self._pending[rq_id]
+                self.error = exc
+                self._wake()
                 raise ConnectionError(exc.errno or errno.EPIPE, f"xenstore send failed: {exc}") from exc
         if not reply.lock.acquire(timeout=timeout):
             with self._lock:
@@ -184,6 +192,8 @@ class _Router:
                 buf += chunk
                 while len(buf) >= _HEADER.size:
                     op, rq_id, tx_id, size = _HEADER.unpack_from(buf)
+                    if size > _PAYLOAD_MAX:  # desynchronised stream: nothing after it is trustworthy
+                        raise OSError(errno.EPROTO, f"xenstore packet of {size} bytes")
                     end = _HEADER.size + size
                     if len(buf) < end:
                         break
@@ -218,12 +228,15 @@ class _Router:
     def alive(self) -> bool:
         return self.error is None and self._thread.is_alive()
 
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # pipe full: the router is being woken anyway
+
     def close(self, timeout: float) -> None:
         if self._thread.is_alive():
-            try:
-                os.write(self._wake_w, b"\0")
-            except BlockingIOError:
-                pass
+            self._wake()
             self._thread.join(timeout)
         self._connection.close(silent=True)
         os.close(self._wake_r)
@@ -370,7 +383,7 @@ class XenStore(XsHandle):
         self._tx_id = 0
         self._forked = False
         self._events: deque[tuple[str, str]] = deque()
-        self._watches: dict[str, set[str]] = {}
+        self._watches: dict[str, frozenset[str]] = {}
         self._signalled = False
         self._event_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         try:
@@ -443,28 +456,28 @@ class XenStore(XsHandle):
         """Watch ``path`` and its subtree. xenstored fires one event for
         ``path`` right away, then one per change (creation, write, removal,
         permission change) of it or any node below it."""
-        data = _check_watch_path(path) + b"\0" + token.encode("ascii") + b"\0"
-        paths = self._watches.setdefault(token, set())
-        fresh = path not in paths
-        paths.add(path)  # before the request: the first event can beat the reply
+        data = _check_watch_path(path) + b"\0" + _check_token(token) + b"\0"
+        # Register before the request (the first event can beat the reply);
+        # copy-on-write so events() never iterates a set being changed.
+        previous = self._watches.get(token, frozenset())
+        self._watches[token] = previous | {path}
         try:
             self._call(Op.WATCH, data, path)
         except BaseException:
-            if fresh:
-                paths.discard(path)
-                if not paths:
-                    del self._watches[token]
+            self._set_watch_paths(token, self._watches.get(token, frozenset()) - ({path} - previous))
             raise
 
     def unwatch(self, path: str, token: str) -> None:
         """Remove a watch; queued events for it are dropped by events()."""
-        data = _check_watch_path(path) + b"\0" + token.encode("ascii") + b"\0"
+        data = _check_watch_path(path) + b"\0" + _check_token(token) + b"\0"
         self._call(Op.UNWATCH, data, path)
-        paths = self._watches.get(token)
-        if paths is not None:
-            paths.discard(path)
-            if not paths:
-                del self._watches[token]
+        self._set_watch_paths(token, self._watches.get(token, frozenset()) - {path})
+
+    def _set_watch_paths(self, token: str, paths: frozenset[str]) -> None:
+        if paths:
+            self._watches[token] = paths
+        else:
+            self._watches.pop(token, None)
 
     def fileno(self) -> int:
         """An fd that polls readable while watch events are queued."""

@@ -1,0 +1,47 @@
+"""Shared fixtures: a simulated dom0 (private oxenstored + daemon), torn down
+even when the test fails; the daemon log is printed for failed tests."""
+
+from __future__ import annotations
+
+import pytest
+
+from pcibackd.simdom0 import SimDom0
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)
+
+
+def _report(request, dom0: SimDom0) -> None:
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        print("\n----- pcibackd log tail -----\n" + dom0.log_tail(80))
+
+
+@pytest.fixture
+def sim_dom0(request):
+    """A simulated dom0 without the daemon (start it with ``start_daemon``)."""
+    dom0 = SimDom0(log_level="DEBUG").start(daemon=False)
+    yield dom0
+    _report(request, dom0)
+    dom0.stop()
+
+
+@pytest.fixture
+def dom0(request):
+    """A simulated dom0 with ``pcibackd run`` up and answering."""
+    dom0 = SimDom0(log_level="DEBUG").start()
+    yield dom0
+    _report(request, dom0)
+    dom0.stop()
+
+
+@pytest.fixture
+def dom0_passthrough(request):
+    dom0 = SimDom0(log_level="DEBUG", topology="passthrough").start()
+    yield dom0
+    _report(request, dom0)
+    dom0.stop()

@@ -143,9 +143,9 @@ def test_hostile_frontend_nodes(dom0, nodes, needle):
 
 def test_device_cannot_be_given_twice(dom0):
     setup_guest(dom0, 1, [EDU])
-    dom0.create_guest(2, [EDU[1]])          # same host device to a second guest
     first = dom0.frontend(1)
     first.connect()
+    dom0.create_guest(2, [EDU[1]])          # the same host device to a second guest
     wait_for_value(dom0.xs, f"{backend_path(2)}/state", str(int(S.Closing)), 10)
     assert "already assigned" in dom0.xs.read(error_path(2))
     assert first.conf_read(BDF(0, 0, 0, 0), 0, 2) == (Err.success, 0x1234)

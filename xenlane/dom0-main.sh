@@ -13,7 +13,8 @@
 # without pci=, pcibackd's attach writes the nodes, pcibackd is the backend).
 set -u
 export PATH=/usr/lib/xen-4.17/bin:/usr/sbin:/usr/bin:/sbin:/bin
-export PYTHONDONTWRITEBYTECODE=1 LC_ALL=C
+# the host's / is read-only here: caches and homes go to the tmpfs /tmp
+export PYTHONDONTWRITEBYTECODE=1 LC_ALL=C HOME=/tmp XDG_CACHE_HOME=/tmp/.cache
 OUT=/tmp/out
 # shellcheck source=/dev/null
 . $OUT/lane.conf
@@ -22,7 +23,7 @@ LANE_MODES=${LANE_MODES:-kernel pcibackd}
 LANE_DOMU_TIMEOUT=${LANE_DOMU_TIMEOUT:-150}
 LANE_CLEAN_TIMEOUT=${LANE_CLEAN_TIMEOUT:-20}
 export PYTHONPATH=$LANE_REPO${PYTHONPATH:+:$PYTHONPATH}
-DAEMON_CMD=${LANE_DAEMON_CMD:-"$LANE_PY -m pcibackd.supervisor.cli run --platform xen --foreground"}
+DAEMON_CMD=${LANE_DAEMON_CMD:-"$LANE_PY -m pcibackd run --platform xen --foreground"}
 ATTACH_CMD=${LANE_ATTACH_CMD:-"$LANE_PY -m pcibackd.xen.toolstack attach {domid} {bdf}"}
 DAEMONCTL="$LANE_PY $LANE_REPO/xenlane/daemonctl.py"
 CON=/var/log/xen/console
@@ -58,6 +59,13 @@ xenconsoled --log=guest --log-dir=$CON --pid-file=/run/xenconsoled.pid || finish
 xl info > $OUT/xl-info.txt 2>&1
 ls -l /dev/xen >> $OUT/dom0.log 2>&1
 log "dom0 services up at $(up)s"
+
+# the real platform layer against real /dev/xen (grant to self, evtchn loopback)
+if (cd "$LANE_REPO" && timeout 120 "$LANE_PY" -m pytest -q -p no:cacheprovider tests/test_real_platform.py) > $OUT/pytest-real-platform.log 2>&1; then
+  result all xen real-platform-tests PASS "$(tail -1 $OUT/pytest-real-platform.log)"
+else
+  result all xen real-platform-tests FAIL "$(tail -1 $OUT/pytest-real-platform.log)"
+fi
 
 declare -A BDF
 for dev in $LANE_DEVICES; do

@@ -122,6 +122,10 @@ rm -rf "$RUN/domUroot" "$RUN/dom0root"
 PY=${XENLANE_PYTHON:-}
 [ -n "$PY" ] || { [ -x "$REPO/.venv/bin/python" ] && PY=$REPO/.venv/bin/python; } || PY=$(command -v python3)
 "$PY" -c 'import pyxs, psutil, zmq' 2>/dev/null || log "WARNING: $PY lacks the project's dependencies (pyxs, psutil, pyzmq)"
+# dom0 sees the checkout read-only: build the C helpers here, first
+if [ -f "$REPO/pcibackd/_native/build.py" ]; then
+  (cd "$REPO" && "$PY" -m pcibackd._native.build) > "$RUN/native-build.log" 2>&1 || die "building pcibackd/_native failed: $(tail -3 "$RUN/native-build.log")"
+fi
 {
   echo "LANE_REPO=$REPO"; echo "LANE_PY=$PY"; echo "LANE_KX=$X"; echo "LANE_GUEST=$RUN/guest"
   echo "LANE_DEVICES='$DEVICES'"; echo "LANE_MODES='$MODES'"

@@ -47,6 +47,10 @@ CAP_HEADER = Reg(0, 2, "cap_header", emu=0xFF00, init=_next_ptr)
 
 # -- power management ---------------------------------------------------------
 
+def _no_pme(b: "Builder", slot: "Slot") -> int:
+    return 0                                  # the guest is told the device cannot signal PME
+
+
 def _pm_setup(b: "Builder", base: int) -> None:
     """Clear PME enable in the device (it is shared with dom0), keeping PME status."""
     csr = b.port.read(base + 4, 2)
@@ -74,7 +78,7 @@ def pm_ctrl_write(cs: "ConfSpace", slot: "Slot", new: int, old: int, written: in
 
 PM = CapGroup(CAP_PM, "pm", static(
     CAP_HEADER,
-    Reg(2, 2, "pmc", emu=PMC_PME_SUPPORT),                        # init 0: no PME support
+    Reg(2, 2, "pmc", emu=PMC_PME_SUPPORT, init=_no_pme),
     Reg(4, 2, "pmcsr", wr=PMCSR_GUEST | PMCSR_STATE, rw1c=PMCSR_PME_STATUS, rsvd=0x00F4,
         write=pm_ctrl_write),
     Reg(6, 1, "pmcsr_bse"),
@@ -145,8 +149,9 @@ def msi_regs(read: Callable[[int, int], int]) -> tuple[Reg, ...]:
         regs.append(Reg(8, 4, "msi_address_hi"))
         at = 12
     regs.append(Reg(at, 2, "msi_data"))
-    if flags & MSI_EXT_DATA:
-        regs.append(Reg(at + 2, 2, "msi_ext_data"))
+    if flags & (MSI_EXT_DATA | MSI_MASKABLE):
+        # Extended data, or the reserved word before the mask register: read-only either way.
+        regs.append(Reg(at + 2, 2, "msi_ext_data" if flags & MSI_EXT_DATA else "msi_reserved"))
     if flags & MSI_MASKABLE:
         regs += [Reg(at + 4, 4, "msi_mask"), Reg(at + 8, 4, "msi_pending")]
     return tuple(regs)

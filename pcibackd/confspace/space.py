@@ -203,7 +203,9 @@ class ConfSpace:
         if reg.write is not None:
             written = FULL[size] << shift
             old = self.view(slot.offset, slot.size)
-            new = (old & ~written) | (value << shift)
+            # Unwritten RW1C bits merge as 0: a narrow write must not clear a status bit
+            # just because it reads 1.
+            new = (old & ~written & ~reg.rw1c) | (value << shift)
             return reg.write(self, slot, new, old, written)
         full = FULL[size]
         wr_hw = (slot.wr_hw | (slot.passable if self.permissive else 0)) >> shift & full

@@ -22,7 +22,6 @@ import os
 import random
 import re
 import select
-import socket
 import struct
 import threading
 import time

@@ -168,7 +168,7 @@ class Xenstored:
 
         ``workdir`` must be absent or empty (default: a fresh dir in $TMPDIR);
         it is removed by :meth:`stop` unless ``keep``. ``config`` adds or
-        overrides oxenstored.conf keys (e.g. ``{"quota-maxwatch": 1000}``).
+        overrides oxenstored.conf keys (e.g. ``{"xenstored-log-level": "debug"}``).
         """
         binary = binary or find_oxenstored()
         if binary is None:

@@ -63,3 +63,20 @@ def accesses_covering(offset: int, size: int, limit: int):
 def extract(value: int, value_off: int, off: int, size: int) -> int:
     """Bytes [off, off+size) of a little-endian ``value`` that starts at ``value_off``."""
     return (value >> (8 * (off - value_off))) & FULL[size]
+
+
+def custom_dump(tmp: Path, base: str, patches: dict[int, bytes], name: str | None = None) -> Path:
+    """A copy of shipped dump ``base`` with config bytes replaced at the given offsets."""
+    import shutil
+
+    from pcibackd.pcihost.dumps import list_dumps
+
+    src = list_dumps()[base]
+    dst = Path(tmp) / (name or f"{base}-custom")
+    shutil.copytree(src, dst)
+    config = bytearray((dst / "config.bin").read_bytes())
+    for off, data in patches.items():
+        config[off:off + len(data)] = data
+    (dst / "config.bin").chmod(0o644)
+    (dst / "config.bin").write_bytes(bytes(config))
+    return dst

@@ -15,3 +15,9 @@ def rig(tmp_path):
     def make(dump: str, policy=None, **kw) -> Rig:
         return make_rig(tmp_path / f"sim{next(count)}", dump, policy, **kw)
     return make
+
+
+@pytest.fixture
+def rig_e1000e(tmp_path):
+    """One e1000e rig for tests whose examples do not change device state."""
+    return make_rig(tmp_path / "e1000e", "e1000e")

@@ -1,0 +1,1 @@
+"""Small C helpers built with gcc at setup (see build.py)."""

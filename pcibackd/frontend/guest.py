@@ -36,17 +36,21 @@ def main(argv: list[str] | None = None) -> int:
     tag = f"dom{args.domid}"
     xs = XenStore(args.xenstored_path)
     front = PCIFront(xs, SimPlatform(args.sim_dir, args.domid), args.domid)
-    summary = {"domid": args.domid, "connected": False, "devices": [], "ops": 0, "errors": 0, "timeouts": 0}
+    summary = {"domid": args.domid, "connected": False, "devices": [], "ops": 0, "errors": 0, "timeouts": 0,
+               "changes": 0, "max_seen": 0}
     try:
         devices = front.connect()
         summary["connected"] = True
         for d in devices:
             print(f"{tag}: {d.lspci_line()}", flush=True)
+        summary["max_seen"] = len(devices)
         deadline = time.monotonic() + args.duration
         rng = random.Random(args.domid)
         while not stop["now"] and (time.monotonic() < deadline or args.until_closed):
             for change in front.follow():
                 print(f"{tag}: {change}", flush=True)
+                summary["changes"] += 1
+            summary["max_seen"] = max(summary["max_seen"], len(front.devices))
             if front.page is None:
                 break
             for d in front.devices:
@@ -56,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             if not front.devices:
                 front.follow(timeout=0.05)
         summary["devices"] = [d.lspci_line() for d in front.devices]
+        summary["state"] = front.state()
     except Exception as exc:
         summary["error"] = f"{type(exc).__name__}: {exc}"
     finally:

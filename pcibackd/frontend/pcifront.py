@@ -126,7 +126,8 @@ class PCIFront:
         elif be == S.Reconfigured and fe == S.Reconfiguring:
             changes = self._rescan()
             self._switch(S.Connected)
-        elif be in (S.Closing, S.Closed) and fe not in (S.Closed, None):
+        elif be in (S.Closing, S.Closed, S.Unknown, None) and fe not in (S.Closed, None):
+            # A vanished backend directory reads as Unknown: close like Closed.
             self.disconnect()
             changes = [f"- {d.lspci_line()}" for d in self.devices]
             self.devices = []

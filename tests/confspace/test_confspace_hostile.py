@@ -179,7 +179,7 @@ def test_random_write_sequences_stay_inside_policy(dump, data):
 
 
 FROZEN_CAP_REGS = {"cap_header", "msi_address_lo", "msi_address_hi", "msi_data", "msi_ext_data",
-                   "msi_reserved", "msi_mask", "msi_pending", "msix_table", "msix_pba", "msi_flags"}
+                   "msi_reserved", "msi_mask", "msi_pending", "msix_table", "msix_pba"}
 
 
 @settings(max_examples=40, deadline=None)

@@ -62,7 +62,7 @@ def test_ops_status_and_two_guests_isolated(dom0):
     assert st[1]["served"]["conf_read"] >= 50 + 256   # the scan probed every devfn
     assert st[1]["xenbus_state"] == S.Connected and st[1]["worker_state"] == "RUNNING"
     assert st[1]["pid"] != st[2]["pid"]
-    assert st[1]["devices"] == [{"bdf": EDU[1], "vbdf": "0000:00:00.0"}]
+    assert [(d["bdf"], d["vbdf"], d["permissive"]) for d in st[1]["devices"]] == [(EDU[1], "0000:00:00.0", False)]
 
 
 def _wait_beats(dom0, minimum):

@@ -486,21 +486,34 @@ def test_parallel_sims_are_isolated(sim_dir, tmp_path):
 
 
 def test_forked_child_does_not_keep_ports_alive(sim_dir):
-    guest = SimPlatform(sim_dir, 1)
-    fe = guest.open_evtchn()
+    fe = SimPlatform(sim_dir, 1).open_evtchn()
     fe_port = fe.alloc_unbound(0)
-    backend = SimPlatform(sim_dir, 0)
-    be = backend.open_evtchn()
+    be = SimPlatform(sim_dir, 0).open_evtchn()
     be.bind_interdomain(1, fe_port)
+    release_r, release_w = os.pipe()
+    ready_r, ready_w = os.pipe()
     pid = os.fork()
-    if pid == 0:                              # the child's copy is dead on arrival
+    if pid == 0:
+        os.close(release_w)
         try:
             be.pending()
-        except PlatformError:
-            os._exit(0)
-        os._exit(1)
-    assert os.waitpid(pid, 0)[1] == 0
-    be.close()
+            code = 1
+        except PlatformError:                 # the child's copy is dead on arrival
+            code = 0
+        os.write(ready_w, b"x")
+        os.read(release_r, 1)                 # stay alive until the parent has checked
+        os._exit(code)
+    os.close(release_r)
+    os.close(ready_w)
+    try:
+        assert os.read(ready_r, 1) == b"x"    # the child's fork hook has run
+        be._forget_inherited()                # the parent "crashes": fds gone, slots untouched
+        with SimPlatform(sim_dir, 0).open_evtchn() as new:
+            new.bind_interdomain(1, fe_port)  # EINVAL if the child still held the port
+    finally:
+        os.close(release_w)
+        os.close(ready_r)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
     fe.close()
 
 

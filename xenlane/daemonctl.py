@@ -1,8 +1,7 @@
 """Lane helper (stdlib only): start pcibackd and wait for its sd_notify READY=1,
-list a process's descendants, stop it with SIGTERM.  Runs inside the lane's dom0.
+stop it with SIGTERM.  Runs inside the lane's dom0.
 
     daemonctl.py start PIDFILE LOGFILE TIMEOUT -- CMD...   exit 0 once READY=1 arrived
-    daemonctl.py tree PID                                  one "pid cmdline" line per descendant
     daemonctl.py stop PIDFILE TIMEOUT                      SIGTERM, wait, print the exit status
 """
 
@@ -45,44 +44,12 @@ def _start(pidfile: str, logfile: str, timeout: float, cmd: list[str]) -> int:
     return 1
 
 
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        kids.setdefault(ppid, []).append(int(name))
-    return kids
-
-
 def _state(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return None
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return "?"
-
-
-def _tree(pid: int) -> int:
-    kids, todo = _children(), [pid]
-    while todo:
-        for child in sorted(kids.get(todo.pop(), [])):
-            print(child, _cmdline(child))
-            todo.append(child)
-    return 0
 
 
 def _stop(pidfile: str, timeout: float) -> int:
@@ -111,8 +78,6 @@ def main(argv: list[str]) -> int:
         sep = rest.index("--")
         pidfile, logfile, timeout = rest[:sep]
         return _start(pidfile, logfile, float(timeout), rest[sep + 1:])
-    if verb == "tree":
-        return _tree(int(rest[0]))
     if verb == "stop":
         return _stop(rest[0], float(rest[1]))
     print(__doc__)

@@ -20,7 +20,7 @@ OUT=/tmp/out
 . $OUT/lane.conf
 : "${LANE_REPO:?}" "${LANE_PY:?}" "${LANE_KX:?}" "${LANE_GUEST:?}" "${LANE_DEVICES:?}"
 LANE_MODES=${LANE_MODES:-kernel pcibackd}
-LANE_DOMU_TIMEOUT=${LANE_DOMU_TIMEOUT:-150}
+LANE_DOMU_TIMEOUT=${LANE_DOMU_TIMEOUT:-100}
 LANE_CLEAN_TIMEOUT=${LANE_CLEAN_TIMEOUT:-20}
 export PYTHONPATH=$LANE_REPO${PYTHONPATH:+:$PYTHONPATH}
 DAEMON_CMD=${LANE_DAEMON_CMD:-"$LANE_PY -m pcibackd run --platform xen --foreground"}
@@ -61,7 +61,9 @@ ls -l /dev/xen >> $OUT/dom0.log 2>&1
 log "dom0 services up at $(up)s"
 
 # the real platform layer against real /dev/xen (grant to self, evtchn loopback)
-if (cd "$LANE_REPO" && timeout 120 "$LANE_PY" -m pytest -q -p no:cacheprovider tests/test_real_platform.py) > $OUT/pytest-real-platform.log 2>&1; then
+# (no plugins, no conftest: every import costs seconds under TCG)
+if (cd "$LANE_REPO" && PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 timeout 150 "$LANE_PY" -m pytest -q -p no:cacheprovider \
+      --noconftest -o addopts= tests/test_real_platform.py) > $OUT/pytest-real-platform.log 2>&1; then
   result all xen real-platform-tests PASS "$(tail -1 $OUT/pytest-real-platform.log)"
 else
   result all xen real-platform-tests FAIL "$(tail -1 $OUT/pytest-real-platform.log)"
@@ -149,14 +151,22 @@ start_daemon() {
   fi
 }
 
+tree_of() { # pid -> "pid args" of each descendant (ps, not python: a python start costs seconds here)
+  ps -e -o pid=,ppid=,args= | awk -v root="$1" '
+    { pid[NR] = $1; ppid[NR] = $2; line[NR] = $0 }
+    END { want[root] = 1
+          do { changed = 0
+               for (i = 1; i <= NR; i++) if (want[ppid[i]] && !want[pid[i]]) { want[pid[i]] = 1; changed = 1 } } while (changed)
+          for (i = 1; i <= NR; i++) if (want[pid[i]] && pid[i] != root) print line[i] }'
+}
 tree_within() { # baseline-file: the daemon's descendants are back to the baseline
-  $DAEMONCTL tree "$DPID" | awk '{print $1}' | sort > /tmp/tree.now
+  tree_of "$DPID" | awk '{print $1}' | sort > /tmp/tree.now
   [ -z "$(comm -13 "$1" /tmp/tree.now)" ]
 }
 
 run_pcibackd() { # dev
   local dev=$1 bdf=${BDF[$1]} name=lane-$1-pcibackd d cmd
-  $DAEMONCTL tree "$DPID" | awk '{print $1}' | sort > /tmp/tree.base
+  tree_of "$DPID" | awk '{print $1}' | sort > /tmp/tree.base
   write_cfg "$name"; echo 'passthrough = "enabled"' >> "/tmp/$name.cfg"
   log "$dev/pcibackd: xl create -p (no pci=)"
   if ! xl create -p "/tmp/$name.cfg" >> "$OUT/xl-$dev-pcibackd.log" 2>&1; then
@@ -165,18 +175,26 @@ run_pcibackd() { # dev
   d=$(xl domid "$name"); log "$dev/pcibackd: domain $d created (paused)"
   cmd=${ATTACH_CMD//\{domid\}/$d}; cmd=${cmd//\{bdf\}/$bdf}
   log "$dev/pcibackd: $cmd"
-  # shellcheck disable=SC2086
-  if $cmd >> "$OUT/attach-$dev.log" 2>&1; then result "$dev" pcibackd attach PASS "domid $d"
-  else result "$dev" pcibackd attach FAIL "rc=$? see attach-$dev.log"; fi
+  if bash -c "$cmd" >> "$OUT/attach-$dev.log" 2>&1; then
+    if xenstore-exists "/local/domain/0/backend/pci/$d/0/dev-0" && xenstore-exists "/local/domain/$d/device/pci/0/backend"; then
+      result "$dev" pcibackd attach PASS "domid $d"
+    else
+      result "$dev" pcibackd attach FAIL "exit 0 but no backend/frontend nodes for domain $d"
+      xl destroy "$name" >> "$OUT/xl-$dev-pcibackd.log" 2>&1; return
+    fi
+  else
+    result "$dev" pcibackd attach FAIL "rc=$? see attach-$dev.log: $(tail -1 "$OUT/attach-$dev.log")"
+    xl destroy "$name" >> "$OUT/xl-$dev-pcibackd.log" 2>&1; return
+  fi
   if [ "$(driver_of "$bdf")" = pci-stub ]; then result "$dev" pcibackd held-by-pci-stub PASS ""
   else result "$dev" pcibackd held-by-pci-stub FAIL "driver=$(driver_of "$bdf") override=$(cat /sys/bus/pci/devices/$bdf/driver_override)"; fi
   xl unpause "$name"
   collect "$dev" pcibackd "$name" "$d"
-  $DAEMONCTL tree "$DPID" > "$OUT/$dev.pcibackd.processes"
+  tree_of "$DPID" > "$OUT/$dev.pcibackd.processes"
   result "$dev" pcibackd worker-running INFO "$(comm -13 /tmp/tree.base <(awk '{print $1}' "$OUT/$dev.pcibackd.processes" | sort) | wc -l) new process(es) under the daemon"
   destroy_and_check "$dev" pcibackd "$name" "$d"
   if poll "$LANE_CLEAN_TIMEOUT" tree_within /tmp/tree.base; then result "$dev" pcibackd worker-gone PASS ""
-  else result "$dev" pcibackd worker-gone FAIL "left: $($DAEMONCTL tree "$DPID" | tr '\n' ';')"; fi
+  else result "$dev" pcibackd worker-gone FAIL "left: $(tree_of "$DPID" | tr '\n' ';')"; fi
   if [ "$(driver_of "$bdf")" = pci-stub ]; then result "$dev" pcibackd held-after-destroy PASS ""
   else result "$dev" pcibackd held-after-destroy FAIL "driver=$(driver_of "$bdf")"; fi
   if kill -0 "$DPID" 2>/dev/null; then result "$dev" pcibackd daemon-alive PASS ""

@@ -136,7 +136,8 @@ fi
 
 # ------------------------------------------------------------ 6. outer QEMU (one at a time: 2 cores)
 NDEV=$(echo $DEVICES | wc -w); NMODE=$(echo $MODES | wc -w)
-TMO=${XENLANE_TIMEOUT:-$(( 150 + 120 * NDEV * NMODE ))}
+# worst case per scenario: xl create ~25 s, domU wait 100 s, teardown checks 2 x 20 s
+TMO=${XENLANE_TIMEOUT:-$(( 300 + 170 * NDEV * NMODE ))}
 XENARGS="console=com1 com1=115200 dom0_mem=1024M,max:1024M smap=0 loglvl=warning guest_loglvl=warning"
 DOM0ARGS="console=hvc0 earlyprintk=xen loglevel=4 lane.repo=$REPO"
 log "QEMU (TCG) with $DEVICES, modes: $MODES; bounded to ${TMO}s"

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import time
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import zmq
 from loguru import logger
@@ -17,9 +21,23 @@ from .commands import COMMANDS, CommandError
 from .protocol import MAX_MESSAGE, Errno, reply
 
 
+@dataclass
+class Pending:
+    """A reply that needs answers from workers: ``sends`` go out now, ``finish``
+    turns the replies (by domid; missing = no answer in time) into the result."""
+
+    sends: list[tuple[int, str, dict]]
+    finish: Callable[[dict[int, dict]], object]
+    timeout: float = 2.0
+    replies: dict[int, dict] = field(default_factory=dict)
+    deadline: float = 0.0
+    client: tuple = ()
+
+
 class ControlServer:
     def __init__(self, zctx, path: Path, supervisor):
         self.sup = supervisor
+        self.pending: dict[str, Pending] = {}
         self.path = Path(path)
         self.sock = zctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -42,12 +60,48 @@ class ControlServer:
             if len(frames) != 2:
                 continue
             ident, raw = frames
-            try:
-                self.sock.send_multipart([ident, self.handle(raw)], zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass      # a client that does not read is dropped, never waited for
+            answer = self.handle(raw)
+            if isinstance(answer, tuple):        # (request id, Pending)
+                self._start_pending(ident, *answer)
+            else:
+                self._send(ident, answer)
 
-    def handle(self, raw: bytes) -> bytes:
+    def _send(self, ident: bytes, data: bytes) -> None:
+        try:
+            self.sock.send_multipart([ident, data], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass      # a client that does not read is dropped, never waited for
+
+    def _start_pending(self, ident: bytes, req_id, pending: Pending) -> None:
+        key = uuid.uuid4().hex
+        pending.client, pending.deadline = (ident, req_id), time.monotonic() + pending.timeout
+        for domid, cmd, args in pending.sends:
+            if not self.sup.send_worker(domid, cmd, args, req_id=key):
+                pending.replies[domid] = {"ok": False, "result": "worker not reachable"}
+        self.pending[key] = pending
+        self.flush_pending()
+
+    def worker_reply(self, domid: int, msg: dict) -> None:
+        pending = self.pending.get(msg.get("id"))
+        if pending is not None:
+            pending.replies[domid] = msg
+
+    def flush_pending(self) -> None:
+        """Answer requests whose workers all replied or whose time is up."""
+        now = time.monotonic()
+        for key, p in list(self.pending.items()):
+            if len(p.replies) < len({d for d, _, _ in p.sends}) and now < p.deadline:
+                continue
+            del self.pending[key]
+            ident, req_id = p.client
+            try:
+                data = reply(req_id, p.finish(p.replies))
+            except CommandError as exc:
+                data = reply(req_id, errno=exc.errno, reason=exc.reason)
+            self._send(ident, data)
+
+    def handle(self, raw: bytes):
+        """One request -> reply bytes, or (request id, Pending) for worker round trips."""
         try:
             req = json.loads(raw)
             if not isinstance(req, dict):
@@ -62,7 +116,10 @@ class ControlServer:
         if not isinstance(args, dict):
             return reply(req_id, errno=Errno.BAD_ARGUMENTS, reason="args must be an object")
         try:
-            return reply(req_id, entry[0](self.sup, args))
+            result = entry[0](self.sup, args)
+            if isinstance(result, Pending):
+                return req_id, result
+            return reply(req_id, result)
         except CommandError as exc:
             return reply(req_id, errno=exc.errno, reason=exc.reason)
         except Exception as exc:       # a command bug must not take the daemon down

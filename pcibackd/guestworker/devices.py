@@ -1,9 +1,13 @@
 """The devices one worker serves: host ports, their ConfSpaces, and claims.
 
-A device is claimed with an ``flock`` on ``<lock_dir>/<bdf>.lock`` for as
-long as the worker serves it: a second guest asking for the same function
+A device is claimed with an ``flock`` on ``<runtime>/claims/<bdf>.lock`` for
+as long as the worker serves it: a second guest asking for the same function
 fails (EBUSY → xenbus fatal), and a crashed worker's claim is released by the
 kernel so its successor can take it again.
+
+The emulated config-space state of each device is saved outside the worker
+(``<runtime>/state/dom<N>-<bdf>.snap``, written atomically at every change) so
+a restarted worker continues where its predecessor stopped.
 """
 
 from __future__ import annotations
@@ -19,24 +23,30 @@ from ..pcihost.bdf import BDF
 from .ops import Dispatcher
 
 
-def lock_dir_for(cfg) -> Path:
-    base = cfg.state_dir or (os.path.join(cfg.sim_dir, "run") if cfg.sim_dir else "/run/pcibackd")
-    path = Path(base) / "claims"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def runtime_dir_for(cfg) -> Path:
+    return Path(cfg.state_dir or (os.path.join(cfg.sim_dir, "run") if cfg.sim_dir else "/run/pcibackd"))
+
+
+def _truthy(value: str | None) -> bool:
+    return value in ("1", "yes", "true", "on")
 
 
 class DeviceSet:
-    """host BDF -> (guest BDF, ConfSpace); keeps the dispatcher's map current."""
+    """host BDF -> (guest BDF, ConfSpace, claim fd); keeps the dispatcher's map current."""
 
     def __init__(self, cfg, dispatcher: Dispatcher):
+        from ..confspace import PolicyStore
         self.cfg, self.dispatcher = cfg, dispatcher
-        self.lock_dir = lock_dir_for(cfg)
-        self.entries: dict[BDF, tuple[BDF, object, int]] = {}   # host -> (guest, confspace, lock fd)
+        runtime = runtime_dir_for(cfg)
+        self.lock_dir = runtime / "claims"
+        self.state_dir = runtime / "state"
+        for d in (self.lock_dir, self.state_dir):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.policy = PolicyStore(cfg.policy_path)
+        self.entries: dict[BDF, tuple[BDF, object, int]] = {}
 
-    def export(self, placement, opts: dict) -> None:
+    def export(self, placement, opts: dict, resume: bool = False) -> None:
         """Claim, open and build every (host, guest) pair, all or nothing."""
-        from ..confspace import ConfSpace
         from ..pcihost import open_host_device
         sim_root = Path(self.cfg.sim_dir) / "pci" if self.cfg.sim_dir else None
         added: list[BDF] = []
@@ -45,26 +55,56 @@ class DeviceSet:
                 fd = self._claim(host)
                 try:
                     port = open_host_device(host, sim_root, writable=self.cfg.platform == "xen")
-                    conf = ConfSpace.build(port, None)
+                    conf = self._build(host, port, dict(opts.get(host, ())), resume)
                 except FileNotFoundError as exc:
                     os.close(fd)
                     raise OSError(errno.ENODEV, f"{host} is not an assignable device") from exc
-                except Exception:
+                except (OSError, ValueError) as exc:
                     os.close(fd)
-                    raise
+                    raise OSError(getattr(exc, "errno", None) or errno.EINVAL, f"{host}: {exc}") from exc
                 self.entries[host] = (guest, conf, fd)
                 added.append(host)
-                logger.info("exported {} as {}", host, guest)
+                logger.info("exported {} as {}{}", host, guest, " (resumed)" if resume else "")
         except OSError:
             self.remove(tuple(added))
             raise
         self._publish_map()
 
-    def remove(self, hosts) -> None:
+    def _build(self, host: BDF, port, opts: dict, resume: bool):
+        from ..confspace import ConfSpace
+        snap_path = self._snap_path(host)
+        snapshot = None
+        if resume:
+            try:
+                snapshot = snap_path.read_bytes()
+            except FileNotFoundError:
+                logger.warning("{}: no saved config-space state; starting from the captured state", host)
+        else:
+            snap_path.unlink(missing_ok=True)     # a fresh guest never inherits old state
+        conf = ConfSpace.build(port, self.policy.for_device(port.info), snapshot)
+        if _truthy(opts.get("permissive")):
+            conf.permissive = True                # libxl's permissive=1 (pciback/permissive)
+        conf.on_change = lambda: self._save(host, conf)
+        self._save(host, conf)
+        return conf
+
+    def _snap_path(self, host: BDF) -> Path:
+        return self.state_dir / f"dom{self.cfg.domid}-{host}.snap"
+
+    def _save(self, host: BDF, conf) -> None:
+        path = self._snap_path(host)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(conf.snapshot())
+        os.replace(tmp, path)
+
+    def remove(self, hosts, forget_state: bool = True) -> None:
         for host in hosts:
             entry = self.entries.pop(host, None)
             if entry:
                 os.close(entry[2])
+                self.policy.forget(host)
+                if forget_state:
+                    self._snap_path(host).unlink(missing_ok=True)
                 logger.info("removed {}", host)
         self._publish_map()
 
@@ -83,8 +123,31 @@ class DeviceSet:
         # Replace wholesale: the op path never sees a half-updated map.
         self.dispatcher.devices = {(g.domain, g.bus, g.devfn): conf for g, conf, _ in self.entries.values()}
 
-    def summary(self) -> list[dict]:
-        return [{"bdf": str(h), "vbdf": str(g)} for h, (g, _, _) in sorted(self.entries.items())]
+    # --- commands ------------------------------------------------------------
+    def set_permissive(self, bdf: str | None, on: bool) -> list[str]:
+        """Per-device permissive override; ``bdf`` None = every device of this guest."""
+        want = BDF.parse(bdf) if bdf else None
+        hit = []
+        for host, (_, conf, _) in self.entries.items():
+            if want is None or host == want:
+                conf.permissive = on
+                self._save(host, conf)
+                hit.append(str(host))
+        if want is not None and not hit:
+            raise LookupError(f"{bdf} is not served by this worker")
+        return hit
 
-    def close(self) -> None:
-        self.remove(tuple(self.entries))
+    def reload_policy(self) -> list[str]:
+        """Re-read the policy file and apply each device's new policy."""
+        new = self.policy.reload()
+        for host, (_, conf, _) in self.entries.items():
+            if host in new:
+                conf.set_policy(new[host])
+        return [str(h) for h in new]
+
+    def summary(self) -> list[dict]:
+        return [{"bdf": str(h), "vbdf": str(g), "permissive": conf.permissive,
+                 "denied_writes": conf.denied_writes} for h, (g, conf, _) in sorted(self.entries.items())]
+
+    def close(self, forget_state: bool = False) -> None:
+        self.remove(tuple(self.entries), forget_state=forget_state)

@@ -36,7 +36,7 @@ class Driver:
         self._token = f"be-{domid}"
         self._run: dict[type, Callable] = {
             xb.SwitchState: self._switch_state,
-            xb.ExportDevices: lambda e: actions.export(e.placement, dict(e.opts)),
+            xb.ExportDevices: lambda e: actions.export(e.placement, dict(e.opts), e.resume),
             xb.RemoveDevices: lambda e: actions.remove(e.hosts),
             xb.Publish: self._publish,
             xb.MapRing: lambda e: actions.map_ring(e.gref, e.port),

@@ -51,12 +51,27 @@ class Reporter:
         self.on_message()
 
     def on_message(self) -> None:
-        """Drain commands (the FD is edge-triggered: always read to EAGAIN)."""
+        """Run supervisor commands (the FD is edge-triggered: read to EAGAIN)."""
         while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             try:
-                self.sock.recv(zmq.NOBLOCK)
+                raw = self.sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
+            try:
+                msg = json.loads(raw)
+                handler = self.worker.COMMANDS[msg["cmd"]]
+                result, ok = handler(self.worker, msg.get("args") or {}), True
+            except Exception as exc:     # a bad command is answered, never fatal
+                result, ok = f"{type(exc).__name__}: {exc}", False
+                msg = msg if isinstance(msg, dict) else {}
+            if msg.get("id") is None:
+                continue
+            reply = {"type": "reply", "id": msg["id"], "domid": self.worker.cfg.domid,
+                     "pid": os.getpid(), "ok": ok, "result": result}
+            try:
+                self.sock.send(json.dumps(reply).encode(), zmq.NOBLOCK)
+            except zmq.Again:
+                pass
 
     def close(self) -> None:
         self.sock.close(0)

@@ -54,6 +54,7 @@ class WorkerConfig:
     policy_path: str | None = None
     log_level: str = "INFO"
     state_dir: str | None = None
+    orphan_grace: float = 30.0     # no supervisor ack for this long: exit cleanly
     extra: dict = field(default_factory=dict)
 
 
@@ -76,10 +77,11 @@ class Worker:
             from .report import Reporter
             self.reporter = Reporter(cfg, self)
         self.stopping = False
+        self.last_ack = time.monotonic()
 
     # --- actions the driver calls (raise OSError on failure) --------------
-    def export(self, placement, opts) -> None:
-        self.devices.export(placement, opts)
+    def export(self, placement, opts, resume: bool = False) -> None:
+        self.devices.export(placement, opts, resume)
 
     def remove(self, hosts: tuple[BDF, ...]) -> None:
         self.loop.flush()
@@ -112,6 +114,7 @@ class Worker:
         signal.set_wakeup_fd(wfd)
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
+        self._write_pidfile()
         self.driver.start()
         next_beat = 0.0
         while self.driver.exit_reason is None and not self.stopping:
@@ -125,6 +128,10 @@ class Worker:
             if now >= next_beat:
                 if self.reporter:
                     self.reporter.beat()
+                    if now - self.last_ack > self.cfg.orphan_grace:
+                        logger.warning("no supervisor for {:.0f} s: exiting", now - self.last_ack)
+                        self.driver.exit_reason = None
+                        break
                 next_beat = now + self.cfg.heartbeat_interval
             ready = select.select(fds, [], [], max(0.0, next_beat - now))[0]
             if ring_fd is not None and ring_fd in ready:
@@ -146,6 +153,38 @@ class Worker:
         self.close()
         return EXIT_DONE
 
+    def _pidfile(self):
+        from .devices import runtime_dir_for
+        return runtime_dir_for(self.cfg) / "workers" / f"dom{self.cfg.domid}.pid"
+
+    def _write_pidfile(self) -> None:
+        """``<runtime>/workers/dom<N>.pid``: lets a new supervisor adopt us."""
+        path = self._pidfile()
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(f"{os.getpid()}\n")
+        os.replace(tmp, path)
+
+    # --- supervisor commands (name -> method; see Reporter.on_message) ------
+    def cmd_ack(self, args: dict):
+        """The supervisor saw our beat (orphan detection)."""
+        self.last_ack = time.monotonic()
+
+    def cmd_permissive(self, args: dict):
+        """Turn permissive mode on/off for one of our host devices (or all)."""
+        return self.devices.set_permissive(args.get("bdf"), bool(args["on"]))
+
+    def cmd_policy_reload(self, args: dict):
+        """Re-read the config-space policy file and apply it to our devices."""
+        return self.devices.reload_policy()
+
+    def cmd_log_level(self, args: dict):
+        logs.setup(str(args["level"]), domid=self.cfg.domid)
+        return args["level"]
+
+    COMMANDS = {"ack": cmd_ack, "permissive": cmd_permissive, "policy-reload": cmd_policy_reload,
+                "log-level": cmd_log_level}
+
     def _on_term(self, signum, frame) -> None:
         self.stopping = True      # no logging in a signal handler
 
@@ -154,7 +193,9 @@ class Worker:
         if self.loop.ring:
             self.loop.ring.close()
             self.loop.ring = None
-        self.devices.close()
+        # Guest gone: drop the saved state; stopped by signal: keep it for a successor.
+        self.devices.close(forget_state=self.driver.exit_reason is not None)
+        self._pidfile().unlink(missing_ok=True)
         if self.reporter:
             self.reporter.close()
         self.xs.close()

@@ -110,6 +110,7 @@ class ExportDevices:
 
     placement: tuple[tuple[BDF, BDF], ...]
     opts: tuple[tuple[BDF, tuple[tuple[str, str], ...]], ...] = ()
+    resume: bool = False     # a restarted worker: continue from the saved emulated state
 
 
 @dataclass(frozen=True)
@@ -294,7 +295,7 @@ class BackendMachine:
             self.exported = topology.place(self.mode, [d.host for d in live], {},
                                            {d.host: d.vdevfn >> 3 for d in live if d.vdevfn is not None})
             effects: list = [ExportDevices(tuple(self.exported.items()),
-                                           tuple((d.host, d.opts) for d in live))] if live else []
+                                           tuple((d.host, d.opts) for d in live), resume=True)] if live else []
             fe = _uint(ev.frontend.untrusted_state, 8) if ev.frontend.exists else None
             if node == S.Initialised:
                 return effects + self._try_attach()

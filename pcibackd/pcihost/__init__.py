@@ -18,7 +18,27 @@ def open_host_device(bdf: BDF, sim_root: Path | None = None, writable: bool = Fa
     return SysfsDevice(bdf, writable=writable)
 
 
+STUB_DRIVERS = ("pciback", "pci-stub", "vfio-pci")
+
+
+def assignable_devices(sim_root: Path | None = None, root: Path = Path("/")) -> list[BDF]:
+    """Functions a guest may be given: every simulated device, or on a real
+    dom0 those bound to a stub driver (kept away from dom0's own drivers)."""
+    if sim_root is not None:
+        return SimHost(Path(sim_root)).devices() if Path(sim_root).exists() else []
+    found = set()
+    for drv in STUB_DRIVERS:
+        d = root / "sys/bus/pci/drivers" / drv
+        if d.is_dir():
+            for entry in d.iterdir():
+                try:
+                    found.add(BDF.parse(entry.name))
+                except ValueError:
+                    pass
+    return sorted(found)
+
+
 __all__ = [
     "BDF", "DeviceInfo", "Dump", "HostPort", "Resource", "SimDevice", "SimHost", "SysfsDevice",
-    "WriteRecord", "list_dumps", "list_host_devices", "load_dump", "open_host_device",
+    "WriteRecord", "assignable_devices", "list_dumps", "list_host_devices", "load_dump", "open_host_device",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import select
 import signal
 import time
 from dataclasses import dataclass, field
@@ -36,8 +37,10 @@ class Guest:
     domid: int
     backend_path: str
     state: WorkerState = WorkerState.STARTING
-    proc: object = None
+    proc: object = None              # our child (from the spawner), or None
     pid: int | None = None
+    sentinel: int | None = None      # readable when the worker exits (proc.sentinel or a pidfd)
+    adopted: bool = False            # left running by a previous supervisor
     restarts: int = 0
     failures: int = 0
     started_at: float = 0.0
@@ -100,7 +103,7 @@ class Supervisor:
         watchdog = systemd.watchdog_interval()
         next_dog = 0.0
         while not self.stopping:
-            sentinels = {g.proc.sentinel: g for g in self.guests.values() if g.proc is not None}
+            sentinels = {g.sentinel: g for g in self.guests.values() if g.sentinel is not None}
             for fd in sentinels:
                 poller.register(fd, zmq.POLLIN)
             ready = dict(poller.poll(timeout=self._next_timeout() * 1000))
@@ -114,6 +117,7 @@ class Supervisor:
                 self._on_worker_messages()
             if self.control.sock in ready:
                 self.control.handle_ready()
+            self.control.flush_pending()
             for fd, guest in sentinels.items():
                 if fd in ready:
                     self._reap(guest)
@@ -168,13 +172,14 @@ class Supervisor:
                 present[domid] = path
         for domid, path in present.items():
             if domid not in self.guests:
-                logger.info("new PCI backend for domain {}", domid)
                 self.guests[domid] = guest = Guest(domid, path)
-                self._start(guest)
+                if not self._adopt(guest):
+                    logger.info("new PCI backend for domain {}", domid)
+                    self._start(guest)
         for domid in list(self.guests):
             if domid not in present:
                 guest = self.guests[domid]
-                if guest.proc is None:
+                if guest.sentinel is None:
                     del self.guests[domid]
                     logger.info("domain {} forgotten", domid)
                 elif guest.state != WorkerState.STOPPING:
@@ -188,9 +193,31 @@ class Supervisor:
                             heartbeat_interval=c.heartbeat_interval, policy_path=c.policy_path,
                             log_level=c.log_level, state_dir=str(self.runtime))
 
+    def _adopt(self, guest: Guest) -> bool:
+        """Take over a live worker a previous supervisor left (pid file + pidfd)."""
+        pidfile = self.runtime / "workers" / f"dom{guest.domid}.pid"
+        try:
+            pid = int(pidfile.read_text().split()[0])
+            fd = os.pidfd_open(pid)
+        except (OSError, ValueError, IndexError):
+            return False
+        import psutil
+        try:
+            cmd = " ".join(psutil.Process(pid).cmdline())
+        except psutil.Error:
+            cmd = ""
+        if "pcibackd" not in cmd and "multiprocess" not in cmd:
+            os.close(fd)       # a recycled pid: not ours
+            return False
+        guest.pid, guest.sentinel, guest.adopted = pid, fd, True
+        guest.state = WorkerState.STARTING
+        guest.started_at = guest.last_beat = time.monotonic()
+        logger.info("adopted the running worker of domain {} (pid {})", guest.domid, pid)
+        return True
+
     def _start(self, guest: Guest) -> None:
         guest.proc = self.spawner.spawn(run_worker, self._worker_config(guest), name=f"pcibackd-dom{guest.domid}")
-        guest.pid = guest.proc.pid
+        guest.pid, guest.sentinel, guest.adopted = guest.proc.pid, guest.proc.sentinel, False
         guest.state = WorkerState.STARTING
         guest.started_at = guest.last_beat = time.monotonic()
         logger.info("worker for domain {} started: pid {}", guest.domid, guest.pid)
@@ -203,13 +230,16 @@ class Supervisor:
             pass
 
     def _reap(self, guest: Guest) -> None:
-        proc = guest.proc
-        proc.join(0)
-        code = proc.exitcode
-        guest.proc = None
+        if guest.proc is not None:
+            guest.proc.join(0)
+            code = guest.proc.exitcode
+        else:
+            os.close(guest.sentinel)      # adopted: no status; its last beat says if it finished
+            code = 0 if guest.beat.get("final") and guest.beat.get("pid") == guest.pid else None
+        guest.proc = guest.sentinel = None
         ran = time.monotonic() - guest.started_at
         guest.last_exit = (f"signal {signal.Signals(-code).name}" if code is not None and code < 0
-                           else f"exit {code}")
+                           else f"exit {code}" if code is not None else "exited (adopted; status unknown)")
         if guest.state == WorkerState.STOPPING or code == 0:
             guest.state = WorkerState.EXITED
             logger.info("worker for domain {} finished ({})", guest.domid, guest.last_exit)
@@ -232,7 +262,7 @@ class Supervisor:
             if guest.state == WorkerState.BACKOFF and now >= guest.restart_at:
                 guest.restarts += 1
                 self._start(guest)
-            elif (guest.state in (WorkerState.RUNNING, WorkerState.STARTING) and guest.proc is not None
+            elif (guest.state in (WorkerState.RUNNING, WorkerState.STARTING) and guest.sentinel is not None
                   and now - guest.last_beat > self.cfg.heartbeat_timeout):
                 logger.error("worker for domain {} (pid {}) missed heartbeats for {:.1f} s: killing",
                              guest.domid, guest.pid, now - guest.last_beat)
@@ -248,7 +278,7 @@ class Supervisor:
         if guest is None:
             return False
         guest.failures = 0
-        if guest.proc is not None:
+        if guest.sentinel is not None:
             os.kill(guest.pid, signal.SIGKILL)   # the reap path restarts it immediately
         else:
             guest.state, guest.restart_at = WorkerState.BACKOFF, 0.0
@@ -271,23 +301,50 @@ class Supervisor:
             guest = self.guests.get(domid)
             if guest is None or msg.get("pid") != guest.pid or ident != f"dom{domid}".encode():
                 continue
-            guest.beat, guest.last_beat = msg, time.monotonic()
+            guest.last_beat = time.monotonic()
+            if msg.get("type") == "reply":
+                self.control.worker_reply(domid, msg)
+                continue
+            guest.beat = msg
             if guest.state == WorkerState.STARTING:
                 guest.state = WorkerState.RUNNING
+            self.send_worker(domid, "ack")
+
+    def send_worker(self, domid: int, cmd: str, args: dict | None = None, req_id: str | None = None) -> bool:
+        """Queue a command for a worker (never blocks; False when it cannot be sent)."""
+        msg = {"cmd": cmd, "args": args or {}, "id": req_id}
+        try:
+            self.workers_sock.send_multipart([f"dom{domid}".encode(), json.dumps(msg).encode()], zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError:
+            return False
+
+    def set_log_level(self, level: str) -> None:
+        from .. import logs
+        logs.setup(level)
+        self.cfg.log_level = level
+
+    def devices(self) -> list[dict]:
+        """Assignable host functions (sim: the simulated host; xen: bound to pciback/pci-stub)."""
+        from ..pcihost import assignable_devices
+        held = {d["bdf"]: g["domid"] for g in self.status()["guests"] for d in g["devices"]}
+        sim_root = Path(self.cfg.sim_dir) / "pci" if self.cfg.sim_dir else None
+        return [{"bdf": str(b), "held_by": held.get(str(b))} for b in assignable_devices(sim_root)]
 
     # ---------------------------------------------------------- shutdown --
     def _shutdown(self) -> int:
         systemd.notify("STOPPING=1")
-        live = [g for g in self.guests.values() if g.proc is not None]
+        live = [g for g in self.guests.values() if g.sentinel is not None]
         for g in live:
             self._stop(g)
         deadline = time.monotonic() + self.cfg.stop_timeout
         for g in live:
-            g.proc.join(max(0.0, deadline - time.monotonic()))
-            if g.proc.exitcode is None:
+            if not select.select([g.sentinel], [], [], max(0.0, deadline - time.monotonic()))[0]:
                 logger.warning("worker for domain {} did not stop in time: killing", g.domid)
                 os.kill(g.pid, signal.SIGKILL)
-                g.proc.join(1.0)
+                select.select([g.sentinel], [], [], 1.0)
+            if g.proc is not None:
+                g.proc.join(0)
         self.control.close()
         self.workers_sock.close(0)
         self.zctx.term()
@@ -302,7 +359,7 @@ class Supervisor:
         guests = []
         for g in sorted(self.guests.values(), key=lambda g: g.domid):
             proc_info = {}
-            if g.proc is not None:
+            if g.sentinel is not None:
                 try:
                     p = psutil.Process(g.pid)
                     with p.oneshot():
@@ -313,12 +370,13 @@ class Supervisor:
                     pass
             beat = g.beat
             guests.append({
-                "domid": g.domid, "worker_state": g.state.value, "pid": g.pid if g.proc else None,
+                "domid": g.domid, "worker_state": g.state.value, "pid": g.pid if g.sentinel is not None else None,
+                "adopted": g.adopted,
                 "restarts": g.restarts, "last_exit": g.last_exit,
                 "xenbus_state": beat.get("xenbus_state"), "connected": beat.get("connected", False),
                 "served": beat.get("served", {}), "errors": beat.get("errors", {}),
                 "devices": beat.get("devices", []),
-                "heartbeat_age": round(time.monotonic() - g.last_beat, 3) if g.proc else None,
+                "heartbeat_age": round(time.monotonic() - g.last_beat, 3) if g.sentinel is not None else None,
                 **proc_info,
             })
         return {"daemon": {"version": __version__, "pid": os.getpid(),

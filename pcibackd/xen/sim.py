@@ -181,7 +181,11 @@ class _PortTable:
 
 
 class SimEventChannel:
-    """One event-channel handle; ``fileno()`` is an epoll fd over its ports."""
+    """One event-channel handle; ``fileno()`` is an epoll fd over its ports.
+
+    Not thread-safe.  A forked child gets a closed copy: inherited sockets
+    would otherwise keep the parent's ports alive after the parent died.
+    """
 
     def __init__(self, platform: SimPlatform):
         self._platform = platform
@@ -274,7 +278,9 @@ class SimEventChannel:
         self._check_open()
         sock, pending_address, name = self._owned(port)
         self._masked.discard(port)
-        if atomic.load(pending_address) & 1:
+        # A plain load suffices: a notify that our load misses sends its own
+        # wake-up, as it saw the 0 -> 1 edge.
+        if self._words[2 * port + 1] & 1:
             self._wake(sock, name)    # re-arm our own readiness for the latched event
 
     def unbind(self, port: int) -> None:

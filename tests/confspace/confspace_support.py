@@ -80,3 +80,32 @@ def custom_dump(tmp: Path, base: str, patches: dict[int, bytes], name: str | Non
     (dst / "config.bin").chmod(0o644)
     (dst / "config.bin").write_bytes(bytes(config))
     return dst
+
+
+class MemPort:
+    """A bare in-memory HostPort (no model, no log): for fuzzing layouts and counting reads."""
+
+    def __init__(self, config: bytes, info) -> None:
+        self.cfg = bytearray(config)
+        self.info = info
+        self.reads = 0
+        self.writes: list[tuple[int, int, int]] = []
+
+    def read(self, offset: int, size: int) -> int:
+        self.reads += 1
+        return int.from_bytes(self.cfg[offset:offset + size], "little")
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.writes.append((offset, size, value))
+        self.cfg[offset:offset + size] = value.to_bytes(size, "little")
+
+
+def mem_port(dump: str, config: bytes | None = None) -> MemPort:
+    from pcibackd.pcihost.dumps import load_dump
+    from pcibackd.pcihost.port import DeviceInfo
+
+    d = load_dump(dump)
+    ids = d.ids
+    info = DeviceInfo(d.bdf, ids["vendor"], ids["device"], ids["class"], ids["subsystem_vendor"],
+                      ids["subsystem_device"], ids["revision"], d.irq, len(d.config), d.resources)
+    return MemPort(config if config is not None else d.config, info)

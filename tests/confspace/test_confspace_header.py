@@ -8,7 +8,6 @@ from pcibackd.confspace import DevicePolicy
 from pcibackd.confspace.header import (COMMAND_GUEST, FAST_B2B, INTX_DISABLE, IO, MASTER, MEM,
                                        MWI, PARITY, SERR, SPECIAL)
 from pcibackd.pcihost.dumps import load_dump
-from pcibackd.xen.pciif import Err
 
 
 def test_vendor_device_are_cached_and_read_only(rig):

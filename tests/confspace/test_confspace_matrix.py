@@ -64,7 +64,8 @@ def reference_view(dump: str, hw: bytes) -> bytes:
                 i += 1
         v[off:off + 4] = value.to_bytes(4, "little")
         i += 1
-    v[rom:rom + 4] = (res[6].start | (res[6].flags & 1) if res[6].flags else 0).to_bytes(4, "little")
+    rom_value = res[6].start | (res[6].flags & 1) if res[6].flags else 0
+    v[rom:rom + 4] = rom_value.to_bytes(4, "little")
     v[0x3C] = d.irq & 0xFF
     if _u16(hw, 6) & 0x10:                                           # walk the legacy list
         ptr, seen = hw[0x34] & 0xFC, set()

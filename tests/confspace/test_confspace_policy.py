@@ -122,11 +122,6 @@ def test_quirk_removed_with_policy(rig):
 
 # -- capability hiding --------------------------------------------------------------------
 
-def _caps(text: str) -> list[str]:
-    return [line.strip().split(":")[0] + ":" + line.split("]")[1].split(":")[0]
-            for line in text.splitlines() if line.strip().startswith("Capabilities:")]
-
-
 def test_hiding_relinks_the_legacy_list(rig):
     r = rig("e1000e", DevicePolicy(hidden_caps=frozenset({0x05, 0x11})))
     text = lspci_vvv(r.cs.guest_config_dump(), "00:02.0")

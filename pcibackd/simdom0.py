@@ -23,6 +23,11 @@ from .pcihost.bdf import BDF
 from .xen.toolstack import Toolstack
 
 
+def _toml(v) -> str:
+    return ("true" if v else "false") if isinstance(v, bool) else repr(v) if isinstance(v, (int, float)) \
+        else '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def _base_dir() -> str | None:
     return "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
 
@@ -31,9 +36,11 @@ class SimDom0:
     """Start with :meth:`start`; use as a context manager."""
 
     def __init__(self, topology: str = "vpci", log_level: str = "INFO", poll_window_us: float = 50.0,
-                 daemon_log: Path | None = None, extra_args: list[str] | None = None):
+                 daemon_log: Path | None = None, extra_args: list[str] | None = None,
+                 config: dict | None = None, env: dict | None = None):
         self.topology, self.log_level, self.poll_window_us = topology, log_level, poll_window_us
         self.extra_args = extra_args or []
+        self.config, self.extra_env = config or {}, env or {}
         self.dir = Path(tempfile.mkdtemp(prefix="pcibackd-sim-", dir=_base_dir()))
         self.sim_dir = self.dir / "sim"
         self.sim_dir.mkdir()
@@ -63,10 +70,15 @@ class SimDom0:
         return self
 
     def daemon_argv(self) -> list[str]:
+        conf = []
+        if self.config:
+            path = self.dir / "pcibackd.toml"
+            path.write_text("[pcibackd]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in self.config.items()))
+            conf = ["--config", str(path)]
         return [sys.executable, "-m", "pcibackd", "run", "--platform", "sim", "--sim-dir", str(self.sim_dir),
                 "--xenstored-path", self.xenstored.socket_path, "--runtime-dir", str(self.runtime),
                 "--topology", self.topology, "--log-level", self.log_level,
-                "--poll-window-us", str(self.poll_window_us), *self.extra_args]
+                "--poll-window-us", str(self.poll_window_us), *conf, *self.extra_args]
 
     def start_daemon(self, timeout: float = 15.0) -> None:
         """Start ``pcibackd run`` and wait until its control socket answers."""
@@ -86,7 +98,7 @@ class SimDom0:
                 time.sleep(0.05)     # polling a condition with a deadline
 
     def _env(self) -> dict:
-        env = dict(os.environ, XENSTORED_PATH=self.xenstored.socket_path, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, XENSTORED_PATH=self.xenstored.socket_path, PYTHONUNBUFFERED="1", **self.extra_env)
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         return env

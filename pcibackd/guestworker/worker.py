@@ -21,6 +21,7 @@ from loguru import logger
 
 from .. import logs
 from ..pcihost.bdf import BDF
+from . import faults
 from .devices import DeviceSet
 from .driver import Driver
 from .ops import Dispatcher
@@ -65,11 +66,17 @@ class Worker:
         from ..xen.select import choose_platform
         from ..xen.xenstore import XenStore
         self.cfg = cfg
+        points = faults.active(cfg.domid)
+        if "boot-crash" in points:
+            raise faults.InjectedFault("injected boot crash")
         self.xs = XenStore(cfg.xenstored_path)
         self.platform = choose_platform(cfg.platform, sim_dir=cfg.sim_dir, domid=0)
         self.dispatcher = Dispatcher()
         self.loop = OpLoop(self.dispatcher, cfg.poll_window_us * 1e-6)
         self.devices = DeviceSet(cfg, self.dispatcher)
+        if points:
+            self.dispatcher.dispatch = faults.wrap_dispatch(self.dispatcher.dispatch, points,
+                                                            self.devices.state_dir, cfg.domid)
         self.machine = BackendMachine(mode=cfg.topology)
         self.driver = Driver(self.xs, cfg.domid, cfg.backend_path, self.machine, self)
         self.reporter = None

@@ -191,7 +191,7 @@ class Supervisor:
                             sim_dir=c.sim_dir, xenstored_path=c.xenstored_path, topology=c.topology,
                             poll_window_us=c.poll_window_us, supervisor_endpoint=self.workers_endpoint,
                             heartbeat_interval=c.heartbeat_interval, policy_path=c.policy_path,
-                            log_level=c.log_level, state_dir=str(self.runtime))
+                            log_level=c.log_level, state_dir=str(self.runtime), orphan_grace=c.orphan_grace)
 
     def _adopt(self, guest: Guest) -> bool:
         """Take over a live worker a previous supervisor left (pid file + pidfd)."""

@@ -23,6 +23,7 @@ class DaemonConfig:
     poll_window_us: float = 50.0         # worker busy-poll window after each op
     heartbeat_interval: float = 0.5      # worker -> supervisor beats
     heartbeat_timeout: float = 5.0       # a worker silent this long is killed and replaced
+    orphan_grace: float = 30.0           # a worker with no supervisor this long exits cleanly
     policy_path: str | None = None       # config-space policy TOML (permissive, quirks)
     log_level: str = "INFO"
     stop_timeout: float = 5.0            # graceful stop: wait this long for workers

@@ -219,7 +219,8 @@ class ConfSpace:
         if wr_hw:
             hw = self._pread(offset, size)
             out = (hw & ~wr_hw & ~rw1c) | (value & wr_hw)
-            if (out ^ hw) & ~rw1c or out & rw1c:
+            # A register the guest fully owns is written even unchanged (writes may act).
+            if wr_hw == full or (out ^ hw) & ~rw1c or out & rw1c:
                 self.port.write(offset, size, out)
         if wr_emu:
             vconfig = self._tables[1]

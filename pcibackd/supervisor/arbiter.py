@@ -55,7 +55,8 @@ class Supervisor:
 
     def __init__(self, cfg: DaemonConfig, policy: RestartPolicy | None = None):
         self.cfg = cfg
-        self.policy = policy or RestartPolicy()
+        self.policy = policy or RestartPolicy(max_failures=cfg.restart_max_failures,
+                                              stable_after=cfg.restart_stable_after)
         self.guests: dict[int, Guest] = {}
         self.signals: queue.SimpleQueue = queue.SimpleQueue()
         self.stopping = False

@@ -24,6 +24,8 @@ class DaemonConfig:
     heartbeat_interval: float = 0.5      # worker -> supervisor beats
     heartbeat_timeout: float = 5.0       # a worker silent this long is killed and replaced
     orphan_grace: float = 30.0           # a worker with no supervisor this long exits cleanly
+    restart_max_failures: int = 5        # failures in a row (each within restart_stable_after) -> FATAL
+    restart_stable_after: float = 10.0   # a worker up this long has its failure count reset
     policy_path: str | None = None       # config-space policy TOML (permissive, quirks)
     log_level: str = "INFO"
     stop_timeout: float = 5.0            # graceful stop: wait this long for workers

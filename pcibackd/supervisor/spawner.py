@@ -13,7 +13,11 @@ from __future__ import annotations
 import multiprocess as mp
 import multiprocess.forkserver as forkserver
 
-_PRELOAD = ["pcibackd.guestworker.worker"]
+# Everything a worker imports, so a restarted worker starts warm (a pending
+# op is waiting); none of these start threads at import time.
+_PRELOAD = ["pcibackd.guestworker.worker", "pcibackd.guestworker.report", "pcibackd.guestworker.devices",
+            "pcibackd.xen.xenstore", "pcibackd.xen.select", "pcibackd.xen.sim", "pcibackd.confspace",
+            "pcibackd.pcihost", "zmq", "psutil"]
 
 
 class Spawner:

@@ -61,6 +61,16 @@ def _wait_connected(dom0: SimDom0, domids, timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
+def _wait_beats_settled(dom0: SimDom0, summaries: dict, timeout: float = 5.0) -> None:
+    """Until every worker's last beat counts at least the ops its guest made."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        served = {g["domid"]: sum(g["served"].values()) for g in dom0.status()["guests"]}
+        if all(served.get(d, 0) >= s["ops"] for d, s in summaries.items()):
+            return
+        time.sleep(0.1)
+
+
 def hotplug_round(dom0: SimDom0, layout: dict, spare_base: int) -> dict[int, list[str]]:
     """Give every guest one more device, then take its first one away."""
     expected = {}
@@ -98,7 +108,7 @@ def run_demo(guests: int, duration: float, hotplug: bool = False, log_level: str
                 p = subprocess.Popen(
                     [sys.executable, "-m", "pcibackd.frontend.guest", "--sim-dir", str(dom0.sim_dir),
                      "--xenstored-path", dom0.xenstored.socket_path, "--domid", str(domid),
-                     "--duration", str(duration)] + (["--until-closed"] if hotplug else []),
+                     "--duration", str(duration)] + (["--until-closed"] if hotplug else ["--lspci"]),
                     stdout=subprocess.PIPE, text=True, env=dom0._env())
                 procs.append(p)
                 readers.append(_reader(p, summaries))
@@ -107,8 +117,8 @@ def run_demo(guests: int, duration: float, hotplug: bool = False, log_level: str
                 _wait_connected(dom0, layout)
                 expected = hotplug_round(dom0, layout, 3)
                 time.sleep(duration)          # let the guests run traffic on the new layout
-            status = dom0.status()
             if hotplug:
+                status = dom0.status()          # before teardown: the guests are still there
                 for domid in layout:
                     print(f"  toolstack: destroy dom{domid}", flush=True)
                     dom0.toolstack.destroy(domid)
@@ -119,6 +129,9 @@ def run_demo(guests: int, duration: float, hotplug: bool = False, log_level: str
                 except subprocess.TimeoutExpired:
                     p.kill()
                     hung.append(p.args[p.args.index("--domid") + 1])
+            if not hotplug:
+                _wait_beats_settled(dom0, summaries)
+                status = dom0.status()
             for t in readers:
                 t.join(5)
             print()

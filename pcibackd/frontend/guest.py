@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--domid", type=int, required=True)
     p.add_argument("--duration", type=float, default=2.0, help="seconds of traffic after connecting")
     p.add_argument("--until-closed", action="store_true", help="keep following xenbus until the backend closes")
+    p.add_argument("--lspci", action="store_true", help="print lspci -vvv of each device as this guest sees it")
     args = p.parse_args(argv)
     from ..xen.sim import SimPlatform
     from ..xen.xenstore import XenStore
@@ -44,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         for d in devices:
             print(f"{tag}: {d.lspci_line()}", flush=True)
         summary["max_seen"] = len(devices)
+        if args.lspci:
+            from ..confspace.render import lspci_vvv
+            for d in devices:
+                text = lspci_vvv(front.config_dump(d.bdf), d.bdf)
+                print("\n".join(f"{tag}:   {line}" for line in text.rstrip().splitlines()), flush=True)
         deadline = time.monotonic() + args.duration
         rng = random.Random(args.domid)
         while not stop["now"] and (time.monotonic() < deadline or args.until_closed):

@@ -204,6 +204,18 @@ class PCIFront:
     def conf_write(self, bdf: BDF, offset: int, size: int, value: int) -> int:
         return self.op(Op.conf_write, bdf.domain, bdf.bus, bdf.devfn, offset, size, value)[0]
 
+    def config_dump(self, bdf: BDF) -> bytes:
+        """The guest's whole view of a function's config space (256 or 4096 bytes)."""
+        out = bytearray()
+        for off in range(0, 4096, 4):
+            err, value = self.conf_read(bdf, off, 4)
+            if err:
+                if off == 0x100:
+                    break                    # conventional (256-byte) config space
+                raise FrontendError(f"{bdf}: conf_read at {off:#x} failed with {err}")
+            out += value.to_bytes(4, "little")
+        return bytes(out)
+
     def scan(self) -> list[GuestDevice]:
         """Probe every devfn 0..255 of each root, like pcifront_scan_bus."""
         found = []

@@ -176,3 +176,13 @@ def test_vpci_bus_full_is_fatal():
     devs = tuple((f"0000:01:{s:02x}.0", "1") for s in range(32)) + (("0000:02:00.0", "1"),)
     eff = m.handle(xb.Probe(nodes(devs=devs), front("1")))
     assert isinstance(eff[-1], xb.Fatal) and eff[-1].err == errno.ENOSPC
+
+
+@pytest.mark.parametrize("extra", [{"num_devs": "-1"}, {"num_devs": "lots"}, {"num_devs": "100000"},
+                                   {"dev-0": "not-a-bdf"}])
+def test_broken_device_list_is_fatal(extra):
+    m = xb.BackendMachine()
+    d = {"state": "1", "online": "1", "num_devs": "1", "dev-0": DEV0, "state-0": "1"}
+    d.update(extra)
+    eff = m.handle(xb.Probe(xb.parse_backend(d), front("1")))
+    assert isinstance(eff[-1], xb.Fatal) and eff[-1].err == errno.EINVAL and m.state == S.Closing

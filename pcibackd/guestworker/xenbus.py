@@ -54,6 +54,7 @@ class BackendNodes:
     online: bool
     devs: tuple[DevEntry, ...] = ()
     problems: tuple[str, ...] = ()     # entries ignored, one line each
+    broken: str | None = None          # the device list cannot be parsed: xenbus fatal
 
 
 @dataclass(frozen=True)
@@ -166,8 +167,10 @@ def parse_backend(untrusted_nodes: dict[str, str]) -> BackendNodes:
     online = untrusted_nodes.get("online") == "1"
     untrusted_num = untrusted_nodes.get("num_devs")
     num = _uint(untrusted_num, MAX_DEVS) if untrusted_num is not None else 0
+    broken = None
     if num is None:
-        problems.append(f"num_devs {untrusted_num[:20]!r} is not a count <= {MAX_DEVS}")
+        broken = f"error reading number of devices: num_devs {untrusted_num[:20]!r} is not a count <= {MAX_DEVS}"
+        problems.append(broken)
         num = 0
     devs: list[DevEntry] = []
     for i in range(num):
@@ -177,6 +180,7 @@ def parse_backend(untrusted_nodes: dict[str, str]) -> BackendNodes:
         try:
             host = BDF.parse(untrusted_dev)
         except ValueError:
+            broken = broken or f"error parsing pci device configuration: dev-{i} {untrusted_dev[:40]!r}"
             problems.append(f"dev-{i} {untrusted_dev[:40]!r} is not a PCI address")
             continue
         untrusted_vdevfn = untrusted_nodes.get(f"vdevfn-{i}")
@@ -191,7 +195,7 @@ def parse_backend(untrusted_nodes: dict[str, str]) -> BackendNodes:
                 vdevfn = None
         devs.append(DevEntry(i, host, _uint(untrusted_nodes.get(f"state-{i}"), 8), vdevfn,
                              parse_opts(untrusted_nodes.get(f"opts-{i}", ""), problems)))
-    return BackendNodes(state, online, tuple(devs), tuple(problems))
+    return BackendNodes(state, online, tuple(devs), tuple(problems), broken)
 
 
 def parse_opts(untrusted_opts: str, problems: list[str]) -> tuple[tuple[str, str], ...]:
@@ -237,6 +241,8 @@ class BackendMachine:
 
     def _export(self, wanted: list[DevEntry]) -> list:
         """Place and export ``wanted`` devices; publish every exported one."""
+        if self.backend.broken:
+            return self._fatal(errno.EINVAL, self.backend.broken)
         new = [d for d in wanted if d.host not in self.exported]
         try:
             placement = topology.place(
@@ -313,7 +319,7 @@ class BackendMachine:
     def setup(self) -> list:
         """InitWait: export every device with ``state-N=1`` then Initialised."""
         wanted = [d for d in self.backend.devs if d.state == S.Initialising]
-        if not wanted:
+        if not wanted and not self.backend.broken:
             return []    # libxl writes devices and num_devs in one transaction: wait for it
         effects = self._export(wanted)
         if self.state == S.Closing:      # placement failed: fatal already issued
@@ -328,7 +334,7 @@ class BackendMachine:
         """Devices added before the guest connected (no Reconfigured step)."""
         self.backend = ev.backend
         wanted = [d for d in ev.backend.devs if d.state == S.Initialising]
-        return self._export(wanted) if wanted else []
+        return self._export(wanted) if wanted or ev.backend.broken else []
 
     def on_backend_running(self, ev: BackendChanged) -> list:
         """Connected/Reconfigured/...: follow toolstack writes of our state node."""
@@ -368,7 +374,7 @@ class BackendMachine:
                 del self.exported[h]
             effects.append(RemoveDevices(gone))
         wanted = [d for d in self.backend.devs if d.state == S.Initialising]
-        effects += self._export(wanted) if wanted else [self._publish()]
+        effects += self._export(wanted) if wanted or self.backend.broken else [self._publish()]
         if self.state == S.Closing:      # placement failed → fatal
             return effects
         return effects + self._switch(S.Reconfigured)

@@ -139,26 +139,50 @@ NDEV=$(echo $DEVICES | wc -w); NMODE=$(echo $MODES | wc -w)
 # worst case per scenario: xl create ~25 s, domU wait 100 s, teardown checks 2 x 20 s
 TMO=${XENLANE_TIMEOUT:-$(( 300 + 170 * NDEV * NMODE ))}
 XENARGS="console=com1 com1=115200 dom0_mem=1024M,max:1024M smap=0 loglvl=warning guest_loglvl=warning"
-DOM0ARGS="console=hvc0 earlyprintk=xen loglevel=4 lane.repo=$REPO"
-log "QEMU (TCG) with $DEVICES, modes: $MODES; bounded to ${TMO}s"
+DOM0ARGS="console=hvc0 earlyprintk=xen loglevel=6 lane.repo=$REPO"
+BOOT_TMO=${XENLANE_BOOT_TIMEOUT:-240}
 cd "$RUN"
-T_QEMU=$(date +%s)
-timeout --kill-after=10 "$TMO" qemu-system-x86_64 -accel tcg -machine q35 -cpu max -smp 2 -m 3072 \
-  -display none -vga none -no-reboot -nic none -serial file:serial.log \
-  -device intel-iommu,intremap=on \
-  -device edu,addr=0x5 -device pci-testdev,addr=0x6 -device e1000e,addr=0x7 \
-  -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
-  -virtfs local,path="$RUN/out",mount_tag=laneout,security_model=none,multidevs=remap \
-  -kernel xen.elf -append "$XENARGS" -initrd "vmlinuz $DOM0ARGS,dom0.cpio.gz" > qemu.out 2>&1 &
-QPID=$!
-trap 'kill $QPID 2>/dev/null || true' EXIT
-(tail -n +1 -F serial.log 2>/dev/null | grep -a --line-buffered -E 'LANE|Panic|Kernel panic' | sed -u -e 's/\r//g' -e 's/^/  | /') &
-TPID=$!
-QRC=0; wait $QPID || QRC=$?
-trap - EXIT
-kill $TPID 2>/dev/null || true; wait $TPID 2>/dev/null || true
-T_END=$(date +%s)
-log "QEMU exited (rc $QRC) after $(( T_END - T_QEMU ))s; lane wall time so far $(( T_END - T_START ))s"
+run_qemu() { # one boot; rc 124 = overall bound, 125 = dom0 never came up (TCG boot hang)
+  rm -f serial.log qemu.out; : > serial.log
+  timeout --kill-after=10 "$TMO" qemu-system-x86_64 -accel tcg -machine q35 -cpu max -smp 2 -m 3072 \
+    -display none -vga none -no-reboot -nic none -serial file:serial.log \
+    -device intel-iommu,intremap=on \
+    -device edu,addr=0x5 -device pci-testdev,addr=0x6 -device e1000e,addr=0x7 \
+    -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
+    -virtfs local,path="$RUN/out",mount_tag=laneout,security_model=none,multidevs=remap \
+    -kernel xen.elf -append "$XENARGS" -initrd "vmlinuz $DOM0ARGS,dom0.cpio.gz" > qemu.out 2>&1 &
+  QPID=$!
+  trap 'kill $QPID 2>/dev/null || true' EXIT
+  (tail -n +1 -F serial.log 2>/dev/null | grep -a --line-buffered -E 'LANE|Panic|Kernel panic' | sed -u -e 's/\r//g' -e 's/^/  | /') &
+  TPID=$!
+  local t0 rc=0 w=0 booted=""
+  t0=$(date +%s)
+  while kill -0 $QPID 2>/dev/null; do
+    if [ -z "$booted" ]; then
+      if grep -a -q 'LANE: dom0 services up' serial.log; then booted=1
+      elif [ $(( $(date +%s) - t0 )) -ge "$BOOT_TMO" ]; then
+        log "dom0 not up after ${BOOT_TMO}s: killing QEMU"; kill $QPID 2>/dev/null; rc=125
+      fi
+    fi
+    sleep 1
+  done
+  wait $QPID || w=$?
+  [ $rc = 125 ] || rc=$w
+  trap - EXIT
+  kill $TPID 2>/dev/null || true; wait $TPID 2>/dev/null || true
+  return $rc
+}
+QRC=0
+for attempt in 1 2; do
+  log "QEMU (TCG) with $DEVICES, modes: $MODES; bounded to ${TMO}s (attempt $attempt)"
+  find "$RUN/out" -mindepth 1 ! -name lane.conf -delete
+  T_QEMU=$(date +%s)
+  QRC=0; run_qemu || QRC=$?
+  T_END=$(date +%s)
+  log "QEMU exited (rc $QRC) after $(( T_END - T_QEMU ))s; lane wall time so far $(( T_END - T_START ))s"
+  [ "$QRC" = 125 ] || break
+  cp serial.log "serial-hung-$attempt.log"
+done
 [ "$QRC" = 124 ] && log "QEMU hit the ${TMO}s bound"
 [ -s qemu.out ] && sed 's/^/  qemu: /' qemu.out | head -20
 

@@ -1,6 +1,17 @@
-"""``pcibackctl``: ask a running pcibackd about its guests, and steer it.
+"""pcibackctl: ask a running pcibackd about its guests, and steer it.
 
-exit codes: 0 ok, 1 the command failed, 2 usage error, 3 daemon not reachable
+Talks to ipc://<runtime-dir>/control.sock (root only), or to a TCP endpoint
+with CURVE keys (--endpoint tcp://HOST:PORT --curve-dir DIR).
+
+exit codes:
+  0  ok
+  1  the daemon could not do it (command failed, or a worker did not answer)
+  2  usage error (bad command line, or a request the daemon rejected)
+  3  pcibackd is not running
+  4  permission denied (not root, or this CURVE key is not allowed)
+  5  the daemon did not answer in time
+  6  no such guest or device
+  7  the daemon is busy (too many requests waiting for workers)
 """
 
 from __future__ import annotations
@@ -11,36 +22,84 @@ import sys
 
 from .client import DaemonUnreachable, call
 from .commands import COMMANDS
-from .render import RENDERERS
+from .protocol import Errno
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_BUSY = 0, 1, 2, 6, 7
+ERRNO_EXIT = {
+    Errno.OK: EXIT_OK, Errno.COMMAND_FAILED: EXIT_FAILED, Errno.TIMEOUT: EXIT_FAILED,
+    Errno.INVALID_JSON: EXIT_USAGE, Errno.UNKNOWN_COMMAND: EXIT_USAGE, Errno.BAD_ARGUMENTS: EXIT_USAGE,
+    Errno.BAD_MESSAGE: EXIT_USAGE, Errno.NOT_FOUND: EXIT_NOT_FOUND, Errno.BUSY: EXIT_BUSY,
+}
+RAW = argparse.RawDescriptionHelpFormatter
+
+
+def _add_command(sub, cmd, common) -> None:
+    """``cmd`` under its CLI words (``policy reload`` nests a second level)."""
+    for word in cmd.words[:-1]:
+        group = sub.choices.get(word) or sub.add_parser(word, help=f"{word} commands", formatter_class=RAW)
+        if group._subparsers is None:
+            group.add_subparsers(dest=f"{word}_command", required=True, metavar="COMMAND")
+        sub = group._subparsers._group_actions[0]
+    p = sub.add_parser(cmd.words[-1], help=cmd.short, description=cmd.doc, formatter_class=RAW,
+                       parents=[common])
+    for a in cmd.args:
+        p.add_argument(f"arg_{a.name}", type=a.type, choices=a.choices, help=a.help, metavar=a.metavar or a.name)
+    p.set_defaults(command=cmd.name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print the result as JSON (for scripts)")
+    parser = argparse.ArgumentParser(prog="pcibackctl", description=__doc__, formatter_class=RAW)
+    parser.add_argument("--runtime-dir", default="/run/pcibackd", help="the daemon's runtime dir (default %(default)s)")
+    parser.add_argument("--endpoint", help="tcp://HOST:PORT of a daemon with control_tcp set (needs --curve-dir)")
+    parser.add_argument("--curve-dir", help="server.key and client.key_secret for --endpoint")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON (for scripts)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the daemon (default 5)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for cmd in COMMANDS.values():
+        _add_command(sub, cmd, common)
+    kg = sub.add_parser("keygen", help="write a CURVE key pair for the TCP endpoint (local; no daemon)",
+                        description="Write NAME.key (public) and NAME.key_secret (0600) into DIR.\n"
+                                    "Daemon: NAME=server in control_curve_dir; allow a client by copying its\n"
+                                    "NAME.key into control_curve_dir/clients/ (read when the daemon starts).\n"
+                                    "Client: --curve-dir holds the daemon's server.key and its own client.key_secret.",
+                        formatter_class=RAW)
+    kg.add_argument("dir")
+    kg.add_argument("name")
+    kg.set_defaults(command="keygen")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pcibackctl", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runtime-dir", default="/run/pcibackd", help="daemon runtime dir (default /run/pcibackd)")
-    parser.add_argument("--json", action="store_true", help="print the raw JSON reply")
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the daemon (default 5)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (handler, spec) in COMMANDS.items():
-        p = sub.add_parser(name, help=handler.__doc__.splitlines()[0], description=handler.__doc__)
-        for arg, typ in spec.items():
-            p.add_argument(arg, type=typ)
-    args = parser.parse_args(argv)
-    spec = COMMANDS[args.command][1]
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.command == "keygen":
+        from .curve import keygen
+        for path in keygen(ns.dir, ns.name):
+            print(path)
+        return EXIT_OK
+    if ns.endpoint and not ns.endpoint.startswith("ipc://") and not ns.curve_dir:
+        parser.error("a TCP endpoint needs --curve-dir (the daemon speaks CURVE only on TCP)")
+    cmd = COMMANDS[ns.command]
+    args = {a.name: getattr(ns, f"arg_{a.name}") for a in cmd.args}
     try:
-        rep = call(args.runtime_dir, args.command, {k: getattr(args, k) for k in spec}, args.timeout)
+        rep = call(ns.runtime_dir, cmd.name, args, ns.timeout, endpoint=ns.endpoint, curve_dir=ns.curve_dir)
     except DaemonUnreachable as exc:
         print(f"pcibackctl: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
-    if rep["status"] != "ok":
-        print(f"pcibackctl: {args.command}: {rep['reason']} (errno {rep['errno']})", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:          # e.g. unreadable key files
+        print(f"pcibackctl: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    if args.json:
+    if rep.get("status") != "ok":
+        errno = rep.get("errno")
+        print(f"pcibackctl: {' '.join(cmd.words)}: {rep.get('reason')} (errno {errno})", file=sys.stderr)
+        return ERRNO_EXIT.get(errno, EXIT_FAILED)
+    if ns.json:
         print(json.dumps(rep["result"], indent=2, sort_keys=True))
     else:
-        print(RENDERERS.get(args.command, lambda r: json.dumps(r, indent=2))(rep["result"]))
+        print(cmd.render(rep["result"]))
     return EXIT_OK
 
 

@@ -1,80 +1,172 @@
-"""The daemon side of the control socket (``ipc://<runtime>/control.sock``).
+"""The daemon side of the control socket.
 
-The runtime directory is 0700 and the socket 0600, so only root (the owner)
-can connect; every request gets an answer, errors included.
+``ipc://<runtime>/control.sock``: the runtime directory is 0700 and the socket
+0600, both root's, so only root gets in.  With ``control_tcp`` configured the
+same ROUTER also listens on TCP, CURVE only, for the client keys allowed in
+``control_curve_dir`` (libzmq takes security options per bind, so the ipc
+endpoint stays plain).
+
+Every request gets exactly one reply, errors included; requests above
+:data:`MAX_REQUEST` cost the sender its connection (libzmq), and a client that
+does not read loses its replies, never blocking the daemon.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import socket
+import stat
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import zmq
 from loguru import logger
 
-from .commands import COMMANDS, CommandError
-from .protocol import MAX_MESSAGE, Errno, reply
+from . import curve
+from .commands import COMMANDS, CommandError, Pending
+from .protocol import MAX_REQUEST, BadRequest, Errno, parse_request, reply
+
+BATCH = 64               # requests per wake-up: the supervisor loop has other work
+MAX_PENDING = 64         # requests waiting for workers at once
+SNDHWM = 64              # replies queued per client; further ones are dropped
+HANDSHAKE_MS = 5000      # a connection that never completes the ZMTP handshake is closed
 
 
-@dataclass
-class Pending:
-    """A reply that needs answers from workers: ``sends`` go out now, ``finish``
-    turns the replies (by domid; missing = no answer in time) into the result."""
+class ControlSetupError(RuntimeError):
+    pass
 
-    sends: list[tuple[int, str, dict]]
-    finish: Callable[[dict[int, dict]], object]
-    timeout: float = 2.0
-    replies: dict[int, dict] = field(default_factory=dict)
-    deadline: float = 0.0
-    client: tuple = ()
+
+def _check_private_dir(path: Path) -> None:
+    st = path.stat()
+    if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077:
+        raise ControlSetupError(f"{path} must be owned by uid {os.geteuid()} with mode 0700 "
+                                f"(is uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})")
+
+
+def _refuse_if_live(path: Path) -> None:
+    """A socket someone still answers on belongs to another daemon: do not steal it."""
+    if not path.exists():
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return        # stale, left by a daemon that died; libzmq replaces it
+    raise ControlSetupError(f"another pcibackd is serving {path}")
 
 
 class ControlServer:
-    def __init__(self, zctx, path: Path, supervisor):
+    """Owned by the supervisor, which polls :attr:`sock` and calls
+    :meth:`handle_ready` and :meth:`flush_pending` from its loop."""
+
+    def __init__(self, zctx: zmq.Context, path: Path, supervisor):
         self.sup = supervisor
-        self.pending: dict[str, Pending] = {}
         self.path = Path(path)
+        self.pending: dict[str, Pending] = {}
+        self.auth = None
+        _check_private_dir(self.path.parent)
+        _refuse_if_live(self.path)
         self.sock = zctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
-        self.sock.setsockopt(zmq.SNDHWM, 64)
-        self.sock.setsockopt(zmq.SNDTIMEO, 0)
+        for opt, value in ((zmq.LINGER, 0), (zmq.MAXMSGSIZE, MAX_REQUEST), (zmq.SNDHWM, SNDHWM),
+                           (zmq.RCVHWM, BATCH), (zmq.HANDSHAKE_IVL, HANDSHAKE_MS)):
+            self.sock.setsockopt(opt, value)
         old = os.umask(0o177)
         try:
             self.sock.bind(f"ipc://{self.path}")
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
+        self.endpoints = {"ipc": str(self.path), "tcp": None}
+        tcp = getattr(supervisor.cfg, "control_tcp", None)
+        if tcp:
+            self._bind_curve(zctx, tcp, supervisor.cfg.control_curve_dir)
 
+    def _bind_curve(self, zctx, endpoint: str, curve_dir: str) -> None:
+        try:
+            public, secret = curve.server_keys(curve_dir)
+            self.auth = curve.start_authenticator(zctx, curve_dir)
+        except curve.CurveError as exc:
+            self.close()
+            raise ControlSetupError(f"control_tcp {endpoint}: {exc}") from None
+        self.sock.curve_server = True
+        self.sock.curve_publickey, self.sock.curve_secretkey = public, secret
+        self.sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        try:
+            self.sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            self.close()
+            raise ControlSetupError(f"control_tcp {endpoint}: {exc}") from None
+        self.endpoints["tcp"] = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        logger.info("control also on {} (CURVE; allowed client keys in {})", self.endpoints["tcp"],
+                    curve.clients_dir(curve_dir))
+
+    # ------------------------------------------------------------ input --
     def handle_ready(self) -> None:
-        for _ in range(64):
+        """Answer up to BATCH requests (the socket stays readable for the rest)."""
+        for _ in range(BATCH):
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if len(frames) != 2:
+            envelope, body = frames[:1], frames[1:]
+            if len(body) >= 2 and body[0] == b"":       # a REQ client: keep its delimiter
+                envelope, body = envelope + [b""], body[1:]
+            if len(body) != 1:
+                self._send(envelope, reply(None, errno=Errno.BAD_MESSAGE,
+                                           reason="a request is exactly one frame of JSON"))
                 continue
-            ident, raw = frames
-            answer = self.handle(raw)
-            if isinstance(answer, tuple):        # (request id, Pending)
-                self._start_pending(ident, *answer)
+            answer = self.dispatch(body[0])
+            if isinstance(answer, tuple):
+                self._start_pending(envelope, *answer)
             else:
-                self._send(ident, answer)
+                self._send(envelope, answer)
 
-    def _send(self, ident: bytes, data: bytes) -> None:
+    def dispatch(self, raw: bytes):
+        """One request frame -> reply bytes, or (request id, Pending) for worker round trips."""
+        req_id = None
         try:
-            self.sock.send_multipart([ident, data], zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass      # a client that does not read is dropped, never waited for
+            req_id, name, untrusted_args = parse_request(raw)
+            cmd = COMMANDS.get(name)
+            if cmd is None:
+                raise BadRequest(Errno.UNKNOWN_COMMAND, f"unknown command {name[:40]!r}", req_id)
+            args = cmd.check(untrusted_args)
+            if cmd.name not in ("status", "list", "devices"):
+                logger.info("control: {} {}", cmd.name, args)
+            result = cmd.execute(self.sup, args)
+            if isinstance(result, Pending):
+                if len(self.pending) >= MAX_PENDING:
+                    raise CommandError(Errno.BUSY, f"{len(self.pending)} requests already wait for workers")
+                return req_id, result
+            return self._encode(req_id, result)
+        except BadRequest as exc:
+            logger.debug("control: bad request: {}", exc.reason)
+            return reply(exc.req_id, errno=exc.errno, reason=exc.reason)
+        except CommandError as exc:
+            return reply(req_id, errno=exc.errno, reason=exc.reason)
+        except Exception as exc:       # a command bug must not take the daemon down
+            logger.exception("control command failed")
+            return reply(req_id, errno=Errno.COMMAND_FAILED, reason=f"internal error: {type(exc).__name__}: {exc}")
 
-    def _start_pending(self, ident: bytes, req_id, pending: Pending) -> None:
+    @staticmethod
+    def _encode(req_id, result) -> bytes:
+        try:
+            return reply(req_id, result)
+        except (TypeError, ValueError) as exc:
+            logger.error("control: result not JSON: {}", exc)
+            return reply(req_id, errno=Errno.COMMAND_FAILED, reason="internal error: result not JSON")
+
+    def _send(self, envelope: list[bytes], data: bytes) -> None:
+        try:
+            self.sock.send_multipart(envelope + [data], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass      # gone, or not reading: dropped, never waited for
+
+    # -------------------------------------------------- worker round trips --
+    def _start_pending(self, envelope: list[bytes], req_id, pending: Pending) -> None:
         key = uuid.uuid4().hex
-        pending.client, pending.deadline = (ident, req_id), time.monotonic() + pending.timeout
+        pending.client = (envelope, req_id)
+        pending.start()
         for domid, cmd, args in pending.sends:
             if not self.sup.send_worker(domid, cmd, args, req_id=key):
                 pending.replies[domid] = {"ok": False, "result": "worker not reachable"}
@@ -83,50 +175,34 @@ class ControlServer:
 
     def worker_reply(self, domid: int, msg: dict) -> None:
         pending = self.pending.get(msg.get("id"))
-        if pending is not None:
+        if pending is not None and any(d == domid for d, _, _ in pending.sends):
             pending.replies[domid] = msg
 
     def flush_pending(self) -> None:
         """Answer requests whose workers all replied or whose time is up."""
         now = time.monotonic()
         for key, p in list(self.pending.items()):
-            if len(p.replies) < len({d for d, _, _ in p.sends}) and now < p.deadline:
+            if not p.done(now):
                 continue
             del self.pending[key]
-            ident, req_id = p.client
+            envelope, req_id = p.client
             try:
-                data = reply(req_id, p.finish(p.replies))
+                data = self._encode(req_id, p.finish(p.replies))
             except CommandError as exc:
                 data = reply(req_id, errno=exc.errno, reason=exc.reason)
-            self._send(ident, data)
+            except Exception as exc:
+                logger.exception("control: finishing a worker round trip failed")
+                data = reply(req_id, errno=Errno.COMMAND_FAILED, reason=f"internal error: {exc}")
+            self._send(envelope, data)
 
-    def handle(self, raw: bytes):
-        """One request -> reply bytes, or (request id, Pending) for worker round trips."""
-        try:
-            req = json.loads(raw)
-            if not isinstance(req, dict):
-                raise ValueError("not an object")
-        except ValueError as exc:
-            return reply(None, errno=Errno.INVALID_JSON, reason=f"invalid JSON: {exc}")
-        req_id = req.get("id")
-        name, args = req.get("command"), req.get("args") or {}
-        entry = COMMANDS.get(name) if isinstance(name, str) else None
-        if entry is None:
-            return reply(req_id, errno=Errno.UNKNOWN_COMMAND, reason=f"unknown command {str(name)[:40]!r}")
-        if not isinstance(args, dict):
-            return reply(req_id, errno=Errno.BAD_ARGUMENTS, reason="args must be an object")
-        try:
-            result = entry[0](self.sup, args)
-            if isinstance(result, Pending):
-                return req_id, result
-            return reply(req_id, result)
-        except CommandError as exc:
-            return reply(req_id, errno=exc.errno, reason=exc.reason)
-        except Exception as exc:       # a command bug must not take the daemon down
-            logger.exception("control command {} failed", name)
-            return reply(req_id, errno=Errno.COMMAND_FAILED, reason=str(exc))
+    def next_deadline(self) -> float | None:
+        """Monotonic time the next pending request times out (for the loop's poll timeout)."""
+        return min((p.deadline for p in self.pending.values()), default=None)
 
     def close(self) -> None:
+        if self.auth is not None:
+            self.auth.stop()
+            self.auth = None
         self.sock.close(0)
         try:
             self.path.unlink()

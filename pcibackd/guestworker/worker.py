@@ -21,7 +21,7 @@ from loguru import logger
 
 from .. import logs
 from ..pcihost.bdf import BDF
-from . import faults
+from . import faults, privileges
 from .devices import DeviceSet
 from .driver import Driver
 from .ops import Dispatcher
@@ -122,6 +122,7 @@ class Worker:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
         self._write_pidfile()
+        privileges.drop()               # setup done: no capabilities from here on
         self.driver.start()
         next_beat = 0.0
         while self.driver.exit_reason is None and not self.stopping:

@@ -29,6 +29,8 @@ class DaemonConfig:
     policy_path: str | None = None       # config-space policy TOML (permissive, quirks)
     log_level: str = "INFO"
     stop_timeout: float = 5.0            # graceful stop: wait this long for workers
+    control_tcp: str | None = None       # "tcp://ADDR:PORT": pcibackctl over TCP too, CURVE only; unset = ipc only
+    control_curve_dir: str = "/etc/pcibackd/curve"   # server.key_secret + clients/*.key (see pcibackd.control.curve)
 
     @classmethod
     def load(cls, path: str | Path | None, **overrides) -> "DaemonConfig":
@@ -49,4 +51,6 @@ class DaemonConfig:
                 setattr(cfg, k, v)
         if cfg.topology not in ("vpci", "passthrough"):
             raise ValueError(f"topology must be vpci or passthrough, not {cfg.topology!r}")
+        if cfg.control_tcp is not None and not str(cfg.control_tcp).startswith("tcp://"):
+            raise ValueError(f"control_tcp must be tcp://ADDRESS:PORT, not {cfg.control_tcp!r}")
         return cfg

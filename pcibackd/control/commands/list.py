@@ -1,0 +1,25 @@
+"""List guests and the devices each one is given (host BDF -> guest BDF).
+
+  {"command": "list", "args": {}}
+"""
+
+from __future__ import annotations
+
+from ..table import table, xenbus_name
+
+NAME = "list"
+ARGS = ()
+
+
+def execute(sup, args: dict) -> list[dict]:
+    return [{"domid": g["domid"], "worker_state": g["worker_state"], "xenbus_state": g.get("xenbus_state"),
+             "devices": [{"bdf": d["bdf"], "vbdf": d["vbdf"]} for d in g.get("devices", [])]}
+            for g in sup.status()["guests"]]
+
+
+def render(result: list[dict]) -> str:
+    rows = []
+    for g in result:
+        for d in g["devices"] or [{"bdf": "-", "vbdf": "-"}]:
+            rows.append([g["domid"], g["worker_state"], xenbus_name(g["xenbus_state"]), d["bdf"], d["vbdf"]])
+    return table(["DOMID", "WORKER", "XENBUS", "HOST BDF", "GUEST BDF"], rows)

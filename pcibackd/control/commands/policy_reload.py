@@ -1,0 +1,35 @@
+"""Re-read the config-space policy file (permissive, hidden capabilities, quirks).
+
+The file (policy_path in pcibackd.toml) is checked in the daemon first: a
+malformed file changes nothing and the command fails (exit 1) saying why.
+Then every running worker applies it to its devices; their emulated state is
+kept.  Workers started later read the file themselves.
+
+  {"command": "policy-reload", "args": {}}
+"""
+
+from __future__ import annotations
+
+from ..protocol import Errno
+from .base import CommandError, fan_out, running_guests
+
+NAME = "policy-reload"
+WORDS = ("policy", "reload")
+ARGS = ()
+
+
+def execute(sup, args: dict):
+    from ...confspace import PolicyError, PolicyStore
+    path = sup.cfg.policy_path
+    try:
+        PolicyStore(path)
+    except PolicyError as exc:
+        raise CommandError(Errno.COMMAND_FAILED, f"policy not reloaded: {exc}") from None
+    domids = [g["domid"] for g in running_guests(sup)]
+    shape = lambda rs: {"policy": path, "workers": rs}    # noqa: E731
+    return fan_out(domids, "policy-reload", {}, "policy reload", shape) if domids else shape([])
+
+
+def render(result: dict) -> str:
+    return (f"policy {result['policy'] or '(built-in defaults)'} reloaded by "
+            f"{len(result['workers'])} worker(s)")

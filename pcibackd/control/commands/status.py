@@ -1,0 +1,92 @@
+"""Show the daemon and every guest: worker, xenbus state, memory, CPU, ops, latency, devices.
+
+Daemon: version, pid, uptime, platform (sim|xen), xenstore, topology (vpci|passthrough).
+Per guest: domid, xenbus state, worker state (STARTING RUNNING BACKOFF STOPPING
+EXITED FATAL), worker pid, restarts, RSS and USS, CPU (percent since the previous
+status, or since the worker started), ops served by type, errors by code, op
+latency p50/p99 (microseconds, from the worker), devices (host BDF -> guest BDF).
+"-" means not known (no worker, or no data yet).
+
+  {"command": "status", "args": {}}
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..table import counts, dash, duration, micros, size, table, xenbus_name
+
+NAME = "status"
+ARGS = ()
+
+
+class CpuSampler:
+    """CPU percent of each worker between two status calls (psutil's own
+    cpu_percent needs the same Process object kept across calls)."""
+
+    def __init__(self):
+        self.last: dict[int, tuple[float, float]] = {}
+
+    def percent(self, pid: int | None, cpu_seconds: float | None, now: float) -> float | None:
+        if pid is None or cpu_seconds is None:
+            return None
+        prev = self.last.get(pid)
+        self.last[pid] = (now, cpu_seconds)
+        if prev is not None and now - prev[0] > 0.05:
+            return round(100 * (cpu_seconds - prev[1]) / (now - prev[0]), 1)
+        return self._lifetime(pid, cpu_seconds)
+
+    @staticmethod
+    def _lifetime(pid: int, cpu_seconds: float) -> float | None:
+        import psutil
+        try:
+            age = time.time() - psutil.Process(pid).create_time()
+        except psutil.Error:
+            return None
+        return round(100 * cpu_seconds / age, 1) if age > 0 else None
+
+    def forget_others(self, pids: set) -> None:
+        for pid in set(self.last) - pids:
+            del self.last[pid]
+
+
+_cpu = CpuSampler()
+
+
+def execute(sup, args: dict) -> dict:
+    st = sup.status()
+    now = time.monotonic()
+    for g in st["guests"]:
+        g["cpu_percent"] = _cpu.percent(g.get("pid"), g.get("cpu_seconds"), now)
+        g.setdefault("latency_us", None)     # {"p50", "p99", ...} once workers report it
+    _cpu.forget_others({g["pid"] for g in st["guests"]})
+    control = getattr(sup, "control", None)
+    st["daemon"]["control"] = getattr(control, "endpoints", None)
+    return st
+
+
+def _latency(g: dict, key: str) -> str:
+    lat = g.get("latency_us") or {}
+    return dash(lat.get(key), micros)
+
+
+def render(result: dict) -> str:
+    d = result["daemon"]
+    guests = result["guests"]
+    head = (f"pcibackd {d['version']} (pid {d['pid']}), up {duration(d['uptime'])}, platform {d['platform']}, "
+            f"topology {d['topology']}, xenstore {d['xenstore']}\n{len(guests)} guest(s)")
+    if not guests:
+        return head
+    rows, detail = [], []
+    for g in guests:
+        devs = "\n".join(f"{x['bdf']} -> {x['vbdf']}" for x in g.get("devices", [])) or "-"
+        rows.append([g["domid"], xenbus_name(g.get("xenbus_state")), g["worker_state"], dash(g.get("pid")),
+                     g["restarts"], dash(g.get("rss"), size), dash(g.get("uss"), size),
+                     dash(g.get("cpu_percent"), lambda v: f"{v:.1f}%"), sum(g.get("served", {}).values()),
+                     sum(g.get("errors", {}).values()), _latency(g, "p50"), _latency(g, "p99"), devs])
+        detail.append([g["domid"], counts(g.get("served", {})), counts(g.get("errors", {})),
+                       g.get("last_exit") or "-"])
+    return "\n\n".join([head,
+                        table(["DOMID", "XENBUS", "WORKER", "PID", "RESTARTS", "RSS", "USS", "CPU", "OPS", "ERRORS",
+                               "P50", "P99", "DEVICES (host -> guest)"], rows),
+                        table(["DOMID", "OPS BY TYPE", "ERRORS BY CODE", "LAST EXIT"], detail)])

@@ -1,0 +1,72 @@
+"""Least privilege for a worker, applied once its setup is done.
+
+After :func:`drop`, a worker keeps uid 0 (its files and sockets are
+root-owned) but holds **no capabilities** (effective, permitted, inheritable
+and bounding sets cleared) and has ``no_new_privs`` set, so nothing it execs can
+regain any.  What it can still reach, and why:
+
+* its xenstore connection (already open) — xenstored treats it as dom0, so a
+  compromised worker could still write xenstore nodes: the remaining risk;
+* its mapped request page and bound event channel (already open);
+* its devices' config files (opened at export; on hot-plug it opens more
+  root-owned files under /sys/bus/pci/devices, which needs no capability);
+* the runtime directory (root-owned 0700): claims, state snapshots, its pid file;
+* the supervisor's ZeroMQ socket.
+It can no longer load modules, signal or trace other users' processes,
+mount, do raw I/O, bypass file permissions (CAP_DAC_OVERRIDE) or change
+host drivers.  Mapping a guest's page after a reconnect uses /dev/xen/gntdev
+(root-owned 0600), which needs no capability.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_CAPBSET_DROP = 24
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+_CAP_LAST_FALLBACK = 40
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _cap_last() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return _CAP_LAST_FALLBACK
+
+
+def drop() -> None:
+    """Clear the bounding set and all capability sets; set no_new_privs."""
+    for cap in range(_cap_last() + 1):
+        _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)     # EINVAL for unknown caps: ignore
+    if _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    if _libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
+
+def status(pid: int | None = None) -> dict[str, str]:
+    """CapEff/CapPrm/CapBnd/NoNewPrivs of a process (for tests and status)."""
+    out = {}
+    with open(f"/proc/{pid or os.getpid()}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("CapEff", "CapPrm", "CapInh", "CapBnd", "NoNewPrivs"):
+                out[key] = value.strip()
+    return out

@@ -22,6 +22,7 @@ import json
 import mmap
 import os
 import shutil
+import struct
 import threading
 import weakref
 from contextlib import contextmanager
@@ -37,6 +38,10 @@ from .sysfs import check_access, devices_dir, list_host_devices, read_device_inf
 
 MODEL_FILE = "sim-model.json"
 WRITE_LOG = "sim-writes.log"
+
+
+_UNPACK = {1: struct.Struct("<B").unpack_from, 2: struct.Struct("<H").unpack_from,
+           4: struct.Struct("<I").unpack_from}
 
 
 @dataclass(frozen=True)
@@ -163,10 +168,13 @@ class SimDevice:
     # --- HostPort --------------------------------------------------------
 
     def read(self, offset: int, size: int) -> int:
-        """Read naturally aligned ``size`` bytes (little-endian)."""
+        """Read naturally aligned ``size`` bytes (little-endian).
+
+        Lock-free, like a hardware config read: an aligned load of <= 4
+        bytes does not tear on x86, and writers hold the exclusive lock.
+        """
         check_access(offset, size, self.model.config_size)
-        with self._locked(fcntl.LOCK_SH):
-            return int.from_bytes(self._mm[offset:offset + size], "little")
+        return _UNPACK[size](self._mm, offset)[0]
 
     def write(self, offset: int, size: int, value: int) -> None:
         """Apply a config write through the model and log it (even if nothing changed)."""

@@ -79,7 +79,8 @@ def render(result: dict) -> str:
         return head
     rows, detail = [], []
     for g in guests:
-        devs = "\n".join(f"{x['bdf']} -> {x['vbdf']}" for x in g.get("devices", [])) or "-"
+        devs = "\n".join(f"{x['bdf']} -> {x['vbdf']}" + (" (permissive)" if x.get("permissive") else "")
+                         for x in g.get("devices", [])) or "-"
         rows.append([g["domid"], xenbus_name(g.get("xenbus_state")), g["worker_state"], dash(g.get("pid")),
                      g["restarts"], dash(g.get("rss"), size), dash(g.get("uss"), size),
                      dash(g.get("cpu_percent"), lambda v: f"{v:.1f}%"), sum(g.get("served", {}).values()),

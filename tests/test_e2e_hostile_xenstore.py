@@ -112,3 +112,57 @@ def test_non_domid_backend_entries_ignored(dom0, bystander):
     assert "bad frontend path" in dom0.xs.read(error_path(7))
     assert {g["domid"] for g in dom0.status()["guests"]} <= {2, 7}
     still_fine(dom0, bystander)
+
+
+def test_bridge_refused_on_virtual_bus(dom0, bystander):
+    dom0.add_device("pci-bridge", "0000:00:02.0")
+    dom0.create_guest(1, ["0000:00:02.0"])
+    wait_for_value(dom0.xs, f"{backend_path(1)}/state", str(int(S.Closing)), 10)
+    assert "can't export bridges" in dom0.xs.read(error_path(1))
+    still_fine(dom0, bystander)
+
+
+def test_frontend_directory_disappears(dom0, bystander):
+    dom0.add_device("edu", "0000:00:05.0")
+    dom0.create_guest(1, ["0000:00:05.0"])
+    f = dom0.frontend(1)
+    f.connect()
+    pid = dom0.guest_status(1)["pid"]
+    dom0.xs.rm(frontend_path(1))            # the guest died without closing
+    deadline = time.monotonic() + 10
+    while (g := dom0.guest_status(1)) is not None and g["pid"] == pid:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    g = dom0.guest_status(1)
+    assert g is None or (g["worker_state"] == "EXITED" and g["pid"] is None)
+    assert "frontend gone" in dom0.log_tail(200)
+    still_fine(dom0, bystander)
+
+
+def test_worker_socket_flood_is_contained(dom0, bystander):
+    """A process speaking for dom2 on the worker socket floods the supervisor."""
+    import json
+    import zmq
+    ctx = zmq.Context()
+    rogue = ctx.socket(zmq.DEALER)       # its own identity: ROUTER would refuse a duplicate "dom2"
+    rogue.setsockopt(zmq.SNDHWM, 0)
+    rogue.setsockopt(zmq.LINGER, 0)
+    rogue.connect(f"ipc://{dom0.runtime / 'workers.sock'}")
+    junk = [b"\xff" * 100, b"{}", json.dumps({"domid": 2, "pid": 1, "type": "beat"}).encode(),
+            json.dumps({"domid": 2, "pid": dom0.guest_status(2)["pid"], "type": "beat", "final": True}).encode(),
+            json.dumps({"domid": "x"}).encode(), b"x" * 70000]
+    try:
+        for i in range(20000):
+            rogue.send(junk[i % len(junk)], zmq.NOBLOCK)
+    except zmq.Again:
+        pass
+    from pcibackd.control.client import call
+    t0 = time.monotonic()
+    assert call(dom0.runtime, "status", timeout=5)["status"] == "ok"
+    assert time.monotonic() - t0 < 5
+    still_fine(dom0, bystander)
+    g = dom0.guest_status(2)
+    assert g["worker_state"] == "RUNNING" and g["pid"] != 1      # the forged beats were not believed
+    assert 1 <= dom0.log_tail(10000).count("malformed message on the worker socket") <= 16   # log2, not 20000
+    rogue.close(0)
+    ctx.term()

@@ -29,6 +29,10 @@ DAEMONCTL="$LANE_PY $LANE_REPO/xenlane/daemonctl.py"
 CON=/var/log/xen/console
 
 up() { cut -d' ' -f1 /proc/uptime; }
+# every toolstack call is bounded: a hang shows up as a failed check, not a stuck lane
+XL=/usr/lib/xen-4.17/bin/xl
+xl() { timeout 90 "$XL" "$@"; }
+for t in ls read exists; do eval "xenstore-$t() { timeout 20 /usr/bin/xenstore-$t \"\$@\"; }"; done
 log() { echo "LANE: $*"; echo "[$(up)] $*" >> $OUT/dom0.log; }
 result() { # device mode check verdict detail...
   local dev=$1 mode=$2 check=$3 verdict=$4; shift 4
@@ -49,6 +53,15 @@ finish() {
 # poll COMMAND until it succeeds or SECONDS pass (no fixed sleeps as synchronisation)
 poll() { local secs=$1; shift; local end=$(( $(date +%s) + secs )); until "$@"; do [ "$(date +%s)" -ge "$end" ] && return 1; sleep 0.25; done; }
 xs_gone() { ! xenstore-exists "$1" 2>/dev/null; }
+
+# a last resort before run.sh's QEMU bound: leave a picture of what hung, then stop
+if [ -n "${LANE_DEADLINE:-}" ]; then
+  ( sleep "$LANE_DEADLINE"
+    echo "LANE: dom0 deadline (${LANE_DEADLINE}s) hit: dumping state"
+    ps -eo pid,ppid,stat,wchan:30,etime,args > $OUT/ps-at-deadline.txt 2>&1
+    timeout 20 /usr/bin/xenstore-ls -fp > $OUT/xenstore-at-deadline.txt 2>&1
+    echo "deadline" > $OUT/DEADLINE; dmesg > $OUT/dmesg.txt 2>&1; sync; reboot -f ) &
+fi
 
 # ------------------------------------------------------------ dom0 services
 mkdir -p /run/xen /run/xenstored /var/lib/xen /var/log/xen/console
@@ -144,7 +157,7 @@ start_daemon() {
   result all pcibackd kernel-backend-absent PASS "xen_pciback not loaded"
   log "starting: $DAEMON_CMD"
   # shellcheck disable=SC2086
-  if $DAEMONCTL start /run/lane-pcibackd.pid "$OUT/pcibackd.log" 30 -- $DAEMON_CMD >> $OUT/dom0.log 2>&1; then
+  if $DAEMONCTL start /run/lane-pcibackd.pid "$OUT/pcibackd.log" 90 -- $DAEMON_CMD >> $OUT/dom0.log 2>&1; then
     DPID=$(cat /run/lane-pcibackd.pid); result all pcibackd daemon-ready PASS "pid $DPID"
   else
     result all pcibackd daemon-ready FAIL "$(tail -1 $OUT/dom0.log); see pcibackd.log"; return 1
@@ -188,7 +201,8 @@ run_pcibackd() { # dev
   fi
   if [ "$(driver_of "$bdf")" = pci-stub ]; then result "$dev" pcibackd held-by-pci-stub PASS ""
   else result "$dev" pcibackd held-by-pci-stub FAIL "driver=$(driver_of "$bdf") override=$(cat /sys/bus/pci/devices/$bdf/driver_override)"; fi
-  xl unpause "$name"
+  xl unpause "$name" || result "$dev" pcibackd xl-unpause FAIL "rc=$?"
+  log "$dev/pcibackd: domain $d unpaused"
   collect "$dev" pcibackd "$name" "$d"
   tree_of "$DPID" > "$OUT/$dev.pcibackd.processes"
   result "$dev" pcibackd worker-running INFO "$(comm -13 /tmp/tree.base <(awk '{print $1}' "$OUT/$dev.pcibackd.processes" | sort) | wc -l) new process(es) under the daemon"

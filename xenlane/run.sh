@@ -141,6 +141,7 @@ TMO=${XENLANE_TIMEOUT:-$(( 300 + 170 * NDEV * NMODE ))}
 XENARGS="console=com1 com1=115200 dom0_mem=1024M,max:1024M smap=0 loglvl=warning guest_loglvl=warning"
 DOM0ARGS="console=hvc0 earlyprintk=xen loglevel=6 lane.repo=$REPO"
 BOOT_TMO=${XENLANE_BOOT_TIMEOUT:-240}
+echo "LANE_DEADLINE=$(( TMO - 40 ))" >> "$RUN/out/lane.conf"
 cd "$RUN"
 run_qemu() { # one boot; rc 124 = overall bound, 125 = dom0 never came up (TCG boot hang)
   rm -f serial.log qemu.out; : > serial.log

@@ -24,6 +24,7 @@ from .layout import Layout, build_layout
 from .policy import DEFAULT_POLICY, DevicePolicy
 from .spec import FULL, Slot
 from .state import EmuState, decode, encode
+from ..ratelimit import worth_logging
 
 _OK = Err.success
 _INVALID = Err.invalid_offset
@@ -232,7 +233,7 @@ class ConfSpace:
     def _count_denied(self, slot: Slot, offset: int, size: int) -> None:
         self.state.denied_writes += 1
         count = self.state.denied_writes
-        if count & (count - 1) == 0 or count % 10000 == 0:     # 1, 2, 4, ... : bounded log volume
+        if worth_logging(count) or count % 10000 == 0:
             hint = "" if self.permissive or slot.reg.strict else " (permissive mode would allow it)"
             logger.warning("{}: guest write {:#x}/{} to {} dropped or refused{}; {} so far",
                            self.info.bdf, offset, size, slot.reg.name, hint, count)

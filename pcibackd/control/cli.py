@@ -22,6 +22,7 @@ import sys
 
 from .client import DaemonUnreachable, call
 from .commands import COMMANDS
+from .curve import CurveError
 from .protocol import Errno
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_BUSY = 0, 1, 2, 6, 7
@@ -89,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     except DaemonUnreachable as exc:
         print(f"pcibackctl: {exc}", file=sys.stderr)
         return exc.exit_code
-    except OSError as exc:          # e.g. unreadable key files
+    except CurveError as exc:
         print(f"pcibackctl: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_USAGE
     if rep.get("status") != "ok":
         errno = rep.get("errno")
         print(f"pcibackctl: {' '.join(cmd.words)}: {rep.get('reason')} (errno {errno})", file=sys.stderr)

@@ -77,24 +77,28 @@ def call(runtime_dir: str | Path | None, command: str, args: dict | None = None,
         _check_ipc(Path(endpoint[len("ipc://"):]))
     elif curve_dir is None:
         raise AccessDenied(f"{endpoint}: the daemon accepts TCP clients with CURVE keys only (--curve-dir)")
-    return _Call(endpoint, curve_dir).run(command, args or {}, timeout)
+    keys = None
+    if curve_dir is not None:
+        from .curve import client_keys
+        keys = client_keys(curve_dir)          # CurveError when missing or unreadable
+    return _Call(endpoint, keys).run(command, args or {}, timeout)
 
 
 class _Call:
-    def __init__(self, endpoint: str, curve_dir):
+    def __init__(self, endpoint: str, keys: tuple[bytes, bytes, bytes] | None):
         self.endpoint = endpoint
-        self.ctx = zmq.Context.instance()
-        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY)
-        if curve_dir is not None:
-            from .curve import client_keys
-            server_public, public, secret = client_keys(curve_dir)
-            self.sock.curve_serverkey, self.sock.curve_publickey, self.sock.curve_secretkey = \
-                server_public, public, secret
-        # connection events: a refused connection or a refused key ends the wait early
-        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-                                                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+        if keys is not None:
+            self.sock.curve_serverkey, self.sock.curve_publickey, self.sock.curve_secretkey = keys
+        # connection events tell "refused" and "key not allowed" from a slow daemon
+        self.monitor = self.sock.get_monitor_socket(
+            zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        self.seen: set[int] = set()
+        self.curve = keys is not None
 
     def run(self, command: str, args: dict, timeout: float) -> dict:
         try:
@@ -113,21 +117,28 @@ class _Call:
                     rep = self._decode(self.sock.recv())
                     if rep.get("id") == req_id:
                         return rep
-            raise NoAnswer(f"no answer from pcibackd at {self.endpoint} within {timeout:g} s "
-                           "(busy, hung, or this client's CURVE key not allowed)")
+            raise NoAnswer(f"no answer from pcibackd at {self.endpoint} within {timeout:g} s (busy or hung?)")
         finally:
             self.sock.disable_monitor()
             self.monitor.close(0)
             self.sock.close(0)
 
     def _on_event(self, event: dict) -> None:
-        if event["event"] == zmq.EVENT_CONNECT_RETRIED:
+        kind = event["event"]
+        self.seen.add(kind)
+        if kind == zmq.EVENT_CONNECT_RETRIED and zmq.EVENT_CONNECTED not in self.seen:
             raise NotRunning(f"pcibackd is not running: {self.endpoint} refused the connection")
-        if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             raise AccessDenied(f"{self.endpoint} refused this client's CURVE key (not in the daemon's "
                                "control_curve_dir/clients)")
-        raise AccessDenied(f"{self.endpoint}: security handshake failed (wrong server key, or not a "
-                           "CURVE endpoint)")
+        if kind in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL) or (
+                kind == zmq.EVENT_DISCONNECTED and zmq.EVENT_HANDSHAKE_SUCCEEDED not in self.seen):
+            if not self.curve:
+                raise NotRunning(f"{self.endpoint} closed the connection at once (pcibackd stopping?)")
+            raise AccessDenied(f"{self.endpoint} closed the connection during the CURVE handshake "
+                               "(is server.key in --curve-dir the daemon's?)")
+        if kind == zmq.EVENT_DISCONNECTED:
+            raise NoAnswer(f"{self.endpoint} closed the connection before answering")
 
     @staticmethod
     def _decode(raw: bytes) -> dict:

@@ -55,6 +55,10 @@ class DeviceSet:
                 fd = self._claim(host)
                 try:
                     port = open_host_device(host, sim_root, writable=self.cfg.platform == "xen")
+                    if self.cfg.topology == "vpci" and port.read(0x0E, 1) & 0x7F == 1:
+                        # Like xen-pciback: a bridge on the virtual bus would expose nothing
+                        # behind it and let the guest reprogram bus numbers.
+                        raise OSError(errno.EFAULT, f"{host}: can't export bridges on the virtual PCI bus")
                     conf = self._build(host, port, dict(opts.get(host, ())), resume)
                 except FileNotFoundError as exc:
                     os.close(fd)

@@ -21,6 +21,7 @@ import zmq
 from loguru import logger
 
 from .. import __version__
+from ..ratelimit import worth_logging
 from ..guestworker.worker import WorkerConfig, run_worker
 from . import systemd
 from .config import DaemonConfig
@@ -63,6 +64,7 @@ class Supervisor:
         self.started = time.time()
         self.spawner = Spawner()
         self.runtime = Path(cfg.runtime_dir)
+        self.malformed = 0
 
     # ------------------------------------------------------------ setup --
     def _setup(self) -> None:
@@ -297,7 +299,10 @@ class Supervisor:
                 msg = json.loads(raw)
                 domid = int(msg["domid"])
             except (ValueError, KeyError, TypeError):
-                logger.warning("malformed worker message from {!r}", ident[:16])
+                self.malformed += 1
+                if worth_logging(self.malformed):
+                    logger.warning("malformed message on the worker socket from {!r} ({} so far)",
+                                   ident[:16], self.malformed)
                 continue
             guest = self.guests.get(domid)
             if guest is None or msg.get("pid") != guest.pid or ident != f"dom{domid}".encode():

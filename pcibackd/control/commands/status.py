@@ -20,20 +20,47 @@ NAME = "status"
 ARGS = ()
 
 
-class CpuSampler:
-    """CPU percent of each worker between two status calls (psutil's own
-    cpu_percent needs the same Process object kept across calls)."""
+USS_TTL = 2.0     # seconds; USS walks every mapping of the worker (~0.7 ms each), RSS is cheap
+
+
+class ProcSampler:
+    """psutil figures of each worker.  CPU percent is measured between two
+    status calls (psutil's cpu_percent needs one Process object kept across
+    calls); RSS, USS and CPU seconds are filled in only when the supervisor's
+    status lacks them, USS at most every USS_TTL seconds."""
 
     def __init__(self):
-        self.last: dict[int, tuple[float, float]] = {}
+        self.procs: dict[int, object] = {}
+        self.uss: dict[int, tuple[float, int]] = {}
+        self.cpu: dict[int, tuple[float, float]] = {}
 
-    def percent(self, pid: int | None, cpu_seconds: float | None, now: float) -> float | None:
+    def fill(self, g: dict, now: float) -> None:
+        pid = g.get("pid")
+        if pid and not all(k in g for k in ("rss", "uss", "cpu_seconds")):
+            g.update(self._measure(pid, now))
+        g["cpu_percent"] = self._percent(pid, g.get("cpu_seconds"), now)
+
+    def _measure(self, pid: int, now: float) -> dict:
+        import psutil
+        try:
+            p = self.procs.get(pid) or self.procs.setdefault(pid, psutil.Process(pid))
+            with p.oneshot():
+                out = {"rss": p.memory_info().rss, "cpu_seconds": round(sum(p.cpu_times()[:2]), 3)}
+                at, uss = self.uss.get(pid, (0.0, 0))
+                if now - at >= USS_TTL:
+                    at, uss = self.uss[pid] = (now, p.memory_full_info().uss)
+                out["uss"] = uss
+            return out
+        except psutil.Error:
+            return {}
+
+    def _percent(self, pid: int | None, cpu_seconds: float | None, now: float) -> float | None:
         if pid is None or cpu_seconds is None:
             return None
-        prev = self.last.get(pid)
-        self.last[pid] = (now, cpu_seconds)
+        prev = self.cpu.get(pid)
+        self.cpu[pid] = (now, cpu_seconds)
         if prev is not None and now - prev[0] > 0.05:
-            return round(100 * (cpu_seconds - prev[1]) / (now - prev[0]), 1)
+            return round(max(0.0, 100 * (cpu_seconds - prev[1]) / (now - prev[0])), 1)
         return self._lifetime(pid, cpu_seconds)
 
     @staticmethod
@@ -46,20 +73,21 @@ class CpuSampler:
         return round(100 * cpu_seconds / age, 1) if age > 0 else None
 
     def forget_others(self, pids: set) -> None:
-        for pid in set(self.last) - pids:
-            del self.last[pid]
+        for table in (self.procs, self.uss, self.cpu):
+            for pid in set(table) - pids:
+                del table[pid]
 
 
-_cpu = CpuSampler()
+_procs = ProcSampler()
 
 
 def execute(sup, args: dict) -> dict:
     st = sup.status()
     now = time.monotonic()
     for g in st["guests"]:
-        g["cpu_percent"] = _cpu.percent(g.get("pid"), g.get("cpu_seconds"), now)
+        _procs.fill(g, now)
         g.setdefault("latency_us", None)     # {"p50", "p99", ...} once workers report it
-    _cpu.forget_others({g["pid"] for g in st["guests"]})
+    _procs.forget_others({g["pid"] for g in st["guests"]})
     control = getattr(sup, "control", None)
     st["daemon"]["control"] = getattr(control, "endpoints", None)
     return st

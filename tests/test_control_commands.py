@@ -107,7 +107,8 @@ def test_status_table(guests):
     st = {g["domid"]: g for g in dom0.status()["guests"]}
     g1 = next(x for x in r if x[:3] == ["1", "Connected", "RUNNING"])
     assert g1[3] == str(st[1]["pid"]) and g1[4] == "0" and g1[5].endswith("M") and g1[7].endswith("%")
-    assert g1[10:] == ["-", "-", EDU, "->", "0000:00:00.0"]
+    assert g1[10].endswith("us") and g1[11].endswith("us")          # op service time p50 / p99
+    assert g1[12:] == [EDU, "->", "0000:00:00.0"]
     assert ["0000:02:00.0", "->", "0000:00:01.0"] in r                  # continuation line of dom1
     g2 = next(x for x in r if x[:3] == ["2", "Initialised", "RUNNING"])
     assert g2[-3:] == [TESTDEV, "->", "0000:00:00.0"]
@@ -264,3 +265,27 @@ def test_daemon_not_running(sim_dom0):
     sim_dom0.stop_daemon()
     p = ctl(sim_dom0, "list", "--json")
     assert p.returncode == 3 and "pcibackd is not running" in p.stderr
+
+
+# ------------------------------------------------------- a stuck worker --
+def test_a_stuck_worker_times_out_a_fan_out_and_never_stalls_status(guests):
+    import signal
+    dom0, front = guests
+    stuck = dom0.guest_status(2)["pid"]
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        slow = subprocess.Popen([sys.executable, "-m", "pcibackd.control.cli", "--runtime-dir", str(dom0.runtime),
+                                 "log-level", "INFO"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env)
+        wait_for(lambda: "control: log-level" in dom0.log_tail(20), what="the log-level request in the daemon")
+        t0 = time.monotonic()
+        st = dom0.status()                            # answered while log-level waits for dom2
+        assert time.monotonic() - t0 < 2.0 and slow.poll() is None
+        assert [g["domid"] for g in st["guests"]] == [1, 2]
+        assert front.conf_read(G0, 0, 2) == (Err.success, 0x1234)
+        out, err = slow.communicate(timeout=10)
+        assert slow.returncode == 1 and out == ""
+        assert "no answer within 2.0 s from the worker(s) of domain(s) 2" in err
+    finally:
+        os.kill(stuck, signal.SIGCONT)

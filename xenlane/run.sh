@@ -145,7 +145,7 @@ echo "LANE_DEADLINE=$(( TMO - 40 ))" >> "$RUN/out/lane.conf"
 cd "$RUN"
 run_qemu() { # one boot; rc 124 = overall bound, 125 = dom0 never came up (TCG boot hang)
   rm -f serial.log qemu.out; : > serial.log
-  timeout --kill-after=10 "$TMO" qemu-system-x86_64 -accel tcg -machine q35 -cpu max -smp 2 -m 3072 \
+  timeout --kill-after=10 "$TMO" qemu-system-x86_64 -accel "tcg${XENLANE_TCG_OPTS:-}" -machine q35 -cpu max -smp 2 -m 3072 \
     -display none -vga none -no-reboot -nic none -serial file:serial.log \
     -device intel-iommu,intremap=on \
     -device edu,addr=0x5 -device pci-testdev,addr=0x6 -device e1000e,addr=0x7 \

@@ -9,6 +9,7 @@ only after the pending ops are served (XSA-332: a flood costs O(1)).
 from __future__ import annotations
 
 import time
+from collections import deque
 
 from ..xen import pciif
 from .ops import Dispatcher, snapshot_op, write_reply
@@ -39,6 +40,7 @@ class OpLoop:
         self.poll_window = poll_window
         self.ring: Ring | None = None
         self.spurious = 0
+        self.service_ns: deque[int] = deque(maxlen=1024)   # request seen -> reply posted
 
     def fileno(self) -> int | None:
         return self.ring.evtchn.fileno() if self.ring else None
@@ -50,13 +52,16 @@ class OpLoop:
             return 0
         buf, page = ring.page.buf, ring.page
         dispatch, window = self.dispatcher.dispatch, self.poll_window
+        clock, record = time.perf_counter_ns, self.service_ns.append
         served = 0
         while True:
             while buf[0] & 1:           # plain load: x86 TSO orders it after the frontend's writes
+                t0 = clock()
                 reply = dispatch(snapshot_op(buf))
                 write_reply(buf, reply)
                 page.clear_bit(_FLAGS, _ACTIVE)     # atomic, a full barrier after the writes
                 ring.evtchn.notify(ring.port)
+                record(clock() - t0)
                 served += 1
             if window <= 0:
                 return served
@@ -77,6 +82,13 @@ class OpLoop:
             if not served:
                 self.spurious += 1
         return served
+
+    def latency_us(self) -> dict | None:
+        """p50/p99 service time over the last 1024 ops, in microseconds."""
+        if not self.service_ns:
+            return None
+        s = sorted(self.service_ns)
+        return {"p50": s[len(s) // 2] / 1000, "p99": s[min(len(s) - 1, len(s) * 99 // 100)] / 1000, "n": len(s)}
 
     def flush(self) -> int:
         """Answer an op in flight before the ring goes away (teardown/stop)."""

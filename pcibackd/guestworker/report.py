@@ -42,6 +42,7 @@ class Reporter:
             "xenbus_state": int(w.machine.state), "connected": w.loop.ring is not None,
             "served": dict(stats.served), "errors": dict(stats.errors),
             "spurious": w.loop.spurious, "ignored_inputs": w.driver.ignored,
+            "latency_us": w.loop.latency_us(),
             "devices": w.devices.summary(), "started": self.started,
         }
         try:

@@ -133,6 +133,9 @@ class Supervisor:
     def _next_timeout(self) -> float:
         now = time.monotonic()
         due = [g.restart_at - now for g in self.guests.values() if g.state == WorkerState.BACKOFF]
+        control = self.control.next_deadline()
+        if control is not None:
+            due.append(control - now)
         return max(0.0, min([0.5, *due]))
 
     def _drain_signals(self) -> None:
@@ -360,35 +363,25 @@ class Supervisor:
 
     # ----------------------------------------------------------- status --
     def status(self) -> dict:
-        """The daemon and every guest, for pcibackctl status."""
-        import psutil
+        """The daemon and every guest, for pcibackctl status (no per-process
+        probing here: control/procstats adds memory and CPU figures)."""
         guests = []
         for g in sorted(self.guests.values(), key=lambda g: g.domid):
-            proc_info = {}
-            if g.sentinel is not None:
-                try:
-                    p = psutil.Process(g.pid)
-                    with p.oneshot():
-                        mem = p.memory_full_info()
-                        proc_info = {"rss": mem.rss, "uss": mem.uss, "cpu_percent": p.cpu_percent(0.0),
-                                     "cpu_seconds": sum(p.cpu_times()[:2])}
-                except psutil.Error:
-                    pass
             beat = g.beat
+            alive = g.sentinel is not None
             guests.append({
-                "domid": g.domid, "worker_state": g.state.value, "pid": g.pid if g.sentinel is not None else None,
-                "adopted": g.adopted,
-                "restarts": g.restarts, "last_exit": g.last_exit,
+                "domid": g.domid, "worker_state": g.state.value, "pid": g.pid if alive else None,
+                "adopted": g.adopted, "restarts": g.restarts, "last_exit": g.last_exit,
                 "xenbus_state": beat.get("xenbus_state"), "connected": beat.get("connected", False),
                 "served": beat.get("served", {}), "errors": beat.get("errors", {}),
-                "devices": beat.get("devices", []),
-                "heartbeat_age": round(time.monotonic() - g.last_beat, 3) if g.sentinel is not None else None,
-                **proc_info,
+                "latency_us": beat.get("latency_us"), "devices": beat.get("devices", []),
+                "heartbeat_age": round(time.monotonic() - g.last_beat, 3) if alive else None,
             })
         return {"daemon": {"version": __version__, "pid": os.getpid(),
                            "uptime": round(time.time() - self.started, 1),
                            "platform": self.cfg.platform, "topology": self.cfg.topology,
-                           "xenstore": self.cfg.xenstored_path or os.environ.get("XENSTORED_PATH", "default")},
+                           "xenstore": self.cfg.xenstored_path or os.environ.get("XENSTORED_PATH", "default"),
+                           "xenstore_connected": self.xs.connected},
                 "guests": guests}
 
 

@@ -66,7 +66,15 @@ def _run(args, parser) -> int:
     if cfg.platform == "sim" and not cfg.sim_dir:
         parser.error("--platform sim needs --sim-dir (or use `pcibackd demo`)")
     logs.setup(cfg.log_level)
-    return Supervisor(cfg).run()
+    from ..control.server import ControlSetupError
+    try:
+        return Supervisor(cfg).run()
+    except ControlSetupError as exc:
+        print(f"pcibackd: control socket: {exc}", file=sys.stderr)
+    except (ConnectionError, FileNotFoundError, TimeoutError) as exc:
+        where = cfg.xenstored_path or "the default xenstored socket (or $XENSTORED_PATH)"
+        print(f"pcibackd: cannot reach xenstored at {where}: {exc}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

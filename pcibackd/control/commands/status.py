@@ -14,69 +14,11 @@ from __future__ import annotations
 
 import time
 
+from ..procstats import ProcSampler
 from ..table import counts, dash, duration, micros, size, table, xenbus_name
 
 NAME = "status"
 ARGS = ()
-
-
-USS_TTL = 2.0     # seconds; USS walks every mapping of the worker (~0.7 ms each), RSS is cheap
-
-
-class ProcSampler:
-    """psutil figures of each worker.  CPU percent is measured between two
-    status calls (psutil's cpu_percent needs one Process object kept across
-    calls); RSS, USS and CPU seconds are filled in only when the supervisor's
-    status lacks them, USS at most every USS_TTL seconds."""
-
-    def __init__(self):
-        self.procs: dict[int, object] = {}
-        self.uss: dict[int, tuple[float, int]] = {}
-        self.cpu: dict[int, tuple[float, float]] = {}
-
-    def fill(self, g: dict, now: float) -> None:
-        pid = g.get("pid")
-        if pid and not all(k in g for k in ("rss", "uss", "cpu_seconds")):
-            g.update(self._measure(pid, now))
-        g["cpu_percent"] = self._percent(pid, g.get("cpu_seconds"), now)
-
-    def _measure(self, pid: int, now: float) -> dict:
-        import psutil
-        try:
-            p = self.procs.get(pid) or self.procs.setdefault(pid, psutil.Process(pid))
-            with p.oneshot():
-                out = {"rss": p.memory_info().rss, "cpu_seconds": round(sum(p.cpu_times()[:2]), 3)}
-                at, uss = self.uss.get(pid, (0.0, 0))
-                if now - at >= USS_TTL:
-                    at, uss = self.uss[pid] = (now, p.memory_full_info().uss)
-                out["uss"] = uss
-            return out
-        except psutil.Error:
-            return {}
-
-    def _percent(self, pid: int | None, cpu_seconds: float | None, now: float) -> float | None:
-        if pid is None or cpu_seconds is None:
-            return None
-        prev = self.cpu.get(pid)
-        self.cpu[pid] = (now, cpu_seconds)
-        if prev is not None and now - prev[0] > 0.05:
-            return round(max(0.0, 100 * (cpu_seconds - prev[1]) / (now - prev[0])), 1)
-        return self._lifetime(pid, cpu_seconds)
-
-    @staticmethod
-    def _lifetime(pid: int, cpu_seconds: float) -> float | None:
-        import psutil
-        try:
-            age = time.time() - psutil.Process(pid).create_time()
-        except psutil.Error:
-            return None
-        return round(100 * cpu_seconds / age, 1) if age > 0 else None
-
-    def forget_others(self, pids: set) -> None:
-        for table in (self.procs, self.uss, self.cpu):
-            for pid in set(table) - pids:
-                del table[pid]
-
 
 _procs = ProcSampler()
 

@@ -173,3 +173,70 @@ def wait_for_value(xs, path: str, value: str | None, timeout: float, raise_on_ti
             xs.events()
     finally:
         xs.unwatch(path, token)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pcibackd.xen.toolstack``: libxl's PCI xenstore writes from a shell.
+
+    For a guest created by ``xl create`` without ``pci=``: attach gives it a
+    device (hot-plug when it runs), detach takes one away, destroy tears the
+    PCI backend down.  ``--seize`` first keeps the function away from dom0's
+    drivers (unbind + driver_override=pci-stub; detach/destroy restore it).
+    """
+    import argparse
+    import sys
+    from pathlib import Path
+
+    from ..pcihost.seize import SeizeError, release, seize
+    from .xenstore import XenStore
+
+    p = argparse.ArgumentParser(prog="python -m pcibackd.xen.toolstack", description=main.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--xenstored-path", help="xenstored socket (default $XENSTORED_PATH or the system one)")
+    p.add_argument("--state-dir", default="/run/pcibackd", help="where seize records live (default /run/pcibackd)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the backend (default 10)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("attach", help="give DOMID the function BDF")
+    a.add_argument("domid", type=int)
+    a.add_argument("bdf")
+    a.add_argument("--opts", default=DEFAULT_OPTS, help=f"opts-N value (default {DEFAULT_OPTS})")
+    a.add_argument("--seize", action="store_true", help="unbind from dom0's driver, bind pci-stub first")
+    d = sub.add_parser("detach", help="take BDF away from DOMID (hot-unplug)")
+    d.add_argument("domid", type=int)
+    d.add_argument("bdf")
+    x = sub.add_parser("destroy", help="tear down DOMID's PCI backend and release seized devices")
+    x.add_argument("domid", type=int)
+    args = p.parse_args(argv)
+    state = Path(args.state_dir)
+    try:
+        with XenStore(args.xenstored_path) as xs:
+            ts = Toolstack(xs, timeout=args.timeout)
+            if args.cmd == "attach":
+                bdf = BDF.parse(args.bdf)
+                if args.seize:
+                    seize(bdf, state)
+                if xs.read(f"/local/domain/{args.domid}/name") is None:
+                    print(f"domain {args.domid} does not exist", file=sys.stderr)
+                    return 1
+                n = ts.attach(args.domid, bdf, opts=args.opts)
+                print(f"dom{args.domid}: {bdf} attached as dev-{n[0]}")
+            elif args.cmd == "detach":
+                bdf = BDF.parse(args.bdf)
+                ts.detach(args.domid, bdf)
+                release(bdf, state)
+                print(f"dom{args.domid}: {bdf} detached")
+            else:
+                devs = [xs.read(f"{backend_path(args.domid)}/dev-{i}")
+                        for i in range(int(xs.read(f"{backend_path(args.domid)}/num_devs") or "0"))]
+                closed = ts.destroy(args.domid)
+                for d in filter(None, devs):
+                    release(BDF.parse(d), state)
+                print(f"dom{args.domid}: PCI backend {'closed' if closed else 'removed after timeout'}")
+    except (OSError, TimeoutError, ValueError, LookupError, SeizeError) as exc:
+        print(f"toolstack: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

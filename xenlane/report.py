@@ -121,13 +121,20 @@ def main(argv: list[str]) -> int:
             text = f.read_text(errors="replace") if f.exists() else ""
             views[mode] = text if VIDS[dev] in text else ""
         print(f"\n===== {dev} ({VIDS[dev]}): domU view through pcibackd =====")
-        print(views["pcibackd"].rstrip() or "(none: the domU saw no such device through pcibackd)")
+        shown = "\n".join(l for l in views["pcibackd"].splitlines() if not l.startswith("LANE-DOMU-DEV"))
+        print(shown.rstrip() or "(none: the domU saw no such device through pcibackd)")
         print(f"----- {dev}: differences kernel xen-pciback -> pcibackd -----")
         if not views["kernel"] or not views["pcibackd"]:
             missing = [m for m, v in views.items() if not v]
             print(f"(cannot compare: no domU view in mode {', '.join(missing)})")
             ok = False
             continue
+        dom0 = outdir / f"{dev}.dom0.lspci"
+        if dom0.exists():
+            _, dcfg = parse_lspci(dom0.read_text(errors="replace"))
+            _, kcfg0 = parse_lspci(views["kernel"])
+            for reg, change, _ in register_diffs(dcfg, kcfg0):
+                print(f"  (info) xen-pciback virtualizes {reg}: dom0 -> domU {change}")
         klines, kcfg = parse_lspci(views["kernel"])
         plines, pcfg = parse_lspci(views["pcibackd"])
         regs, lines = register_diffs(kcfg, pcfg), line_diffs(klines, plines)

@@ -131,6 +131,7 @@ fi
   echo "LANE_DEVICES='$DEVICES'"; echo "LANE_MODES='$MODES'"
   [ -n "${XENLANE_DAEMON_CMD:-}" ] && printf 'LANE_DAEMON_CMD=%q\n' "$XENLANE_DAEMON_CMD"
   [ -n "${XENLANE_ATTACH_CMD:-}" ] && printf 'LANE_ATTACH_CMD=%q\n' "$XENLANE_ATTACH_CMD"
+  [ -n "${XENLANE_DOM0_PYTEST:-}" ] && echo "LANE_DOM0_PYTEST=$XENLANE_DOM0_PYTEST"
   true
 } > "$RUN/out/lane.conf"
 

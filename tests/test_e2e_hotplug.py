@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from pcibackd.guestworker.xenbus import parse_vdev
 from pcibackd.pcihost.bdf import BDF
 from pcibackd.xen.pciif import Err, XenbusState as S
 from pcibackd.xen.toolstack import Toolstack, backend_path
@@ -76,6 +77,9 @@ def test_hotplug_unplug_renumber(request, mode):
 
     # hot-unplug index 1: the toolstack renumbers 2->1, 3->2
     gone = DEVS[1]
+    gone_addr = parse_vdev(dom0.xs.read(f"{be}/vdev-1"))
+    kept_addresses = [d.bdf for d in front.devices if d.bdf != gone_addr]
+    assert len(kept_addresses) == 3
     t, box = in_thread(dom0, lambda ts: ts.detach(1, BDF.parse(gone[1])))
     pump(front, lambda: len(front.devices) == 3 and not t.is_alive())
     finish(t, box)
@@ -83,6 +87,7 @@ def test_hotplug_unplug_renumber(request, mode):
     assert [dom0.xs.read(f"{be}/dev-{i}") for i in range(3)] == [DEVS[0][1], DEVS[2][1], DEVS[3][1]]
     assert dom0.xs.read(f"{be}/dev-3") is None
     # the remaining devices keep their guest addresses and still answer
+    assert {str(d.bdf) for d in front.devices} == {str(b) for b in kept_addresses}
     for d in front.devices:
         assert front.conf_read(d.bdf, 0, 2)[0] == Err.success
     # a device that was unplugged can be given to another guest now
@@ -95,6 +100,20 @@ def test_hotplug_unplug_renumber(request, mode):
     t, box = in_thread(dom0, lambda ts: ts.attach(1, BDF.parse("0000:00:07.0")))
     pump(front, lambda: len(front.devices) == 4 and not t.is_alive())
     assert finish(t, box) == [3]
+
+    # a worker restart after renumbering keeps every device at its guest address
+    before = {d.bdf: front.conf_read(d.bdf, 0, 4) for d in front.devices}
+    import os
+    import signal
+    pid = dom0.guest_status(1)["pid"]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while (g := dom0.guest_status(1))["pid"] in (None, pid) or g["worker_state"] != "RUNNING":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert {b: front.conf_read(b, 0, 4) for b in before} == before
+    vdevs = [dom0.xs.read(f"{be}/vdev-{i}") for i in range(4)]
+    assert len(set(vdevs)) == 4 and None not in vdevs
 
     # teardown: the frontend follows, the worker exits, nodes go
     t, box = in_thread(dom0, lambda ts: ts.destroy(1))

@@ -100,7 +100,7 @@ def test_map_failure_is_fatal():
 def test_resume_after_worker_crash_does_not_change_state():
     m = xb.BackendMachine()
     eff = m.handle(xb.Probe(nodes(state="4", devs=((DEV0, "3"),)), front("4")))
-    assert kinds(eff) == ["ExportDevices", "MapRing"]
+    assert kinds(eff) == ["ExportDevices", "Publish", "MapRing"]
     assert m.state == S.Connected and m.exported == {BDF.parse(DEV0): BDF(0, 0, 0, 0)}
 
 
@@ -186,3 +186,61 @@ def test_broken_device_list_is_fatal(extra):
     d.update(extra)
     eff = m.handle(xb.Probe(xb.parse_backend(d), front("1")))
     assert isinstance(eff[-1], xb.Fatal) and eff[-1].err == errno.EINVAL and m.state == S.Closing
+
+
+def test_resume_keeps_published_guest_addresses_after_renumbering():
+    """Review #1: after unplug + renumber + hot-plug, dev-N order no longer matches
+    the slots; a restarted worker must keep each device where the guest saw it."""
+    m = xb.BackendMachine()
+    d = {"state": "4", "online": "1", "num_devs": "2",
+         "dev-0": "0000:00:06.0", "state-0": "3", "vdev-0": "0000:00:01.00",
+         "dev-1": "0000:02:00.0", "state-1": "3", "vdev-1": "0000:00:00.00"}
+    eff = m.handle(xb.Probe(xb.parse_backend(d), front("4")))
+    assert m.exported == {BDF.parse("0000:00:06.0"): BDF(0, 0, 1, 0), BDF.parse("0000:02:00.0"): BDF(0, 0, 0, 0)}
+    assert eff[1] == xb.Publish(((0, "0000:00:01.00"), (1, "0000:00:00.00")), ("0000:00",))
+
+
+@pytest.mark.parametrize("vdev0", [None, "garbage", "0000:00:01.09", "0001:00:01.00"])
+def test_resume_with_missing_or_bad_vdev_places_the_rest(vdev0):
+    m = xb.BackendMachine()
+    d = {"state": "4", "online": "1", "num_devs": "2",
+         "dev-0": "0000:00:06.0", "state-0": "3", "dev-1": "0000:02:00.0", "state-1": "3", "vdev-1": "0000:00:00.00"}
+    if vdev0 is not None:
+        d["vdev-0"] = vdev0
+    m.handle(xb.Probe(xb.parse_backend(d), front("4")))
+    assert m.exported[BDF.parse("0000:02:00.0")] == BDF(0, 0, 0, 0)       # kept
+    assert m.exported[BDF.parse("0000:00:06.0")] == BDF(0, 0, 1, 0)       # placed in a free slot
+
+
+def test_resume_placement_failure_is_fatal_not_a_crash():
+    m = xb.BackendMachine()
+    d = {"state": "4", "online": "1", "num_devs": "33"}
+    for i in range(33):
+        d[f"dev-{i}"], d[f"state-{i}"] = f"0000:{1 + i // 32:02x}:{i % 32:02x}.0", "3"
+    eff = m.handle(xb.Probe(xb.parse_backend(d), front("4")))
+    assert isinstance(eff[-1], xb.Fatal) and m.state == S.Closing
+
+
+def test_restart_during_setup_exports_already_published_devices():
+    """Review #6: predecessor died after Publish (state-N=3) but before Initialised."""
+    m = xb.BackendMachine()
+    eff = m.handle(xb.Probe(nodes(state="2", devs=((DEV0, "3"),)), front("3")))
+    assert kinds(eff) == ["SwitchState", "ExportDevices", "Publish", "SwitchState", "MapRing", "SwitchState"]
+
+
+@pytest.mark.parametrize("first", ["1", None])
+def test_toolstack_teardown_before_the_guest_connected(first):
+    m = xb.BackendMachine()
+    m.handle(xb.Probe(nodes(), front("1")))
+    assert m.state == S.Initialised
+    eff = m.handle(xb.BackendChanged(nodes(state="5", online="0", devs=((DEV0, "3"),))))
+    assert eff == [xb.SwitchState(S.Closed)] and m.state == S.Closed
+
+
+def test_resume_with_duplicate_vdevs_never_collides():
+    m = xb.BackendMachine()
+    d = {"state": "4", "online": "1", "num_devs": "2",
+         "dev-0": "0000:00:06.0", "state-0": "3", "vdev-0": "0000:00:00.00",
+         "dev-1": "0000:02:00.0", "state-1": "3", "vdev-1": "0000:00:00.00"}
+    m.handle(xb.Probe(xb.parse_backend(d), front("4")))
+    assert len(set(m.exported.values())) == 2

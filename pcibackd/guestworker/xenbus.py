@@ -44,6 +44,7 @@ class DevEntry:
     state: int | None
     vdevfn: int | None = None
     opts: tuple[tuple[str, str], ...] = ()
+    vdev: BDF | None = None       # our own published vdev-N (read back on resume)
 
 
 @dataclass(frozen=True)
@@ -194,8 +195,22 @@ def parse_backend(untrusted_nodes: dict[str, str]) -> BackendNodes:
                 problems.append(f"vdevfn-{i} {untrusted_vdevfn[:20]!r} ignored")
                 vdevfn = None
         devs.append(DevEntry(i, host, _uint(untrusted_nodes.get(f"state-{i}"), 8), vdevfn,
-                             parse_opts(untrusted_nodes.get(f"opts-{i}", ""), problems)))
+                             parse_opts(untrusted_nodes.get(f"opts-{i}", ""), problems),
+                             parse_vdev(untrusted_nodes.get(f"vdev-{i}"))))
     return BackendNodes(state, online, tuple(devs), tuple(problems), broken)
+
+
+def parse_vdev(untrusted: str | None) -> BDF | None:
+    """``vdev-N`` as published (``dddd:bb:dd.ff``, function in two digits); None if unusable."""
+    if untrusted is None:
+        return None
+    head, dot, fn = untrusted.rpartition(".")
+    if not dot or not fn.isascii() or not fn.isdigit() or len(fn) > 2:
+        return None
+    try:
+        return BDF.parse(f"{head}.{int(fn)}")
+    except ValueError:
+        return None
 
 
 def parse_opts(untrusted_opts: str, problems: list[str]) -> tuple[tuple[str, str], ...]:
@@ -292,16 +307,19 @@ class BackendMachine:
         """Fresh backend: InitWait then set up; a restarted worker resumes."""
         self.backend, self.frontend = ev.backend, ev.frontend
         node = ev.backend.state
-        if node in (None, S.Initialising, S.InitWait):
+        if node in (None, S.Unknown, S.Initialising, S.InitWait):
             return self._switch(S.InitWait) + self.setup()
         if node in RESUMABLE:
             # Worker restart: devices already published; re-serve them silently.
             self.state = node
             live = [d for d in ev.backend.devs if d.state == S.Initialised]
-            self.exported = topology.place(self.mode, [d.host for d in live], {},
-                                           {d.host: d.vdevfn >> 3 for d in live if d.vdevfn is not None})
+            try:
+                self.exported = self._resume_placement(live)
+            except topology.TopologyError as exc:
+                return self._fatal(errno.EINVAL, f"cannot resume device placement: {exc}")
             effects: list = [ExportDevices(tuple(self.exported.items()),
-                                           tuple((d.host, d.opts) for d in live), resume=True)] if live else []
+                                           tuple((d.host, d.opts) for d in live), resume=True),
+                             self._publish()] if live else []
             fe = _uint(ev.frontend.untrusted_state, 8) if ev.frontend.exists else None
             if node == S.Initialised:
                 return effects + self._try_attach()
@@ -316,9 +334,26 @@ class BackendMachine:
         self.state = node
         return [Exit(f"backend state {node} at start: nothing to serve")] if node == S.Closed else []
 
+    def _resume_placement(self, live: list[DevEntry]) -> dict[BDF, BDF]:
+        """Keep every guest address we published (vdev-N); place only the rest.
+
+        A restarted worker must never move a device the guest already uses.
+        """
+        kept: dict[BDF, BDF] = {}
+        for d in live:
+            v = d.vdev
+            if v is None or v in kept.values() or (self.mode == "vpci" and (v.domain, v.bus) != (0, 0)) \
+                    or (self.mode == "passthrough" and v != d.host):
+                continue
+            kept[d.host] = v
+        rest = [d for d in live if d.host not in kept]
+        return topology.place(self.mode, [d.host for d in rest], kept,
+                              {d.host: d.vdevfn >> 3 for d in rest if d.vdevfn is not None})
+
     def setup(self) -> list:
-        """InitWait: export every device with ``state-N=1`` then Initialised."""
-        wanted = [d for d in self.backend.devs if d.state == S.Initialising]
+        """InitWait: export every device with ``state-N`` 1 (or 3: published by a
+        predecessor that died before switching state), then Initialised."""
+        wanted = [d for d in self.backend.devs if d.state in (S.Initialising, S.Initialised)]
         if not wanted and not self.backend.broken:
             return []    # libxl writes devices and num_devs in one transaction: wait for it
         effects = self._export(wanted)
@@ -327,11 +362,23 @@ class BackendMachine:
         return effects + self._switch(S.Initialised) + self._try_attach()
 
     def on_backend_initwait(self, ev: BackendChanged) -> list:
+        closing = self._toolstack_closing(ev)
+        if closing is not None:
+            return closing
         self.backend = ev.backend
         return self.setup()
 
+    def _toolstack_closing(self, ev: BackendChanged) -> list | None:
+        """The toolstack tore us down before the guest connected."""
+        if ev.backend.state == S.Closing and (self.state, S.Closing) in TOOLSTACK_MOVES:
+            return self.on_backend_running(ev)
+        return None
+
     def on_backend_initialised(self, ev: BackendChanged) -> list:
         """Devices added before the guest connected (no Reconfigured step)."""
+        closing = self._toolstack_closing(ev)
+        if closing is not None:
+            return closing
         self.backend = ev.backend
         wanted = [d for d in ev.backend.devs if d.state == S.Initialising]
         return self._export(wanted) if wanted or ev.backend.broken else []

@@ -36,8 +36,11 @@ def test_connect_and_enumerate_equals_attached(dom0):
     assert dom0.xs.read(f"{be}/vdev-0") == "0000:00:00.00" and dom0.xs.read(f"{be}/state-0") == "3"
     assert dom0.xs.read(f"{be}/root_num") == "1" and dom0.xs.read(f"{be}/root-0") == "0000:00"
     # permissions exactly as libxl: backend owned by dom0 and readable by the guest
-    assert dom0.xs.get_perms(be) == ["n0", "r1"]
-    assert dom0.xs.get_perms(frontend_path(1)) == ["n1", "r0"]
+    # ...and so is every node in it (children inherit at creation), incl. what the backend publishes
+    for node in ["", "/state", "/frontend", "/online", "/num_devs", "/dev-0", "/state-0", "/vdev-0", "/root_num"]:
+        assert dom0.xs.get_perms(be + node) == ["n0", "r1"], node
+    for node in ["", "/backend", "/backend-id"]:          # toolstack-written frontend nodes
+        assert dom0.xs.get_perms(frontend_path(1) + node) == ["n1", "r0"], node
 
 
 def test_passthrough_topology_uses_real_addresses(dom0_passthrough):

@@ -145,3 +145,27 @@ def test_fuzz_op_fields(edu, cmd, domain, bus, devfn, offset, size, value, info)
     if cmd in (Op.conf_read, Op.conf_write) and (domain, bus, devfn) == (0, 0, 0):
         bad = size not in (1, 2, 4) or offset < 0 or offset % max(size, 1) or offset + size > 256
         assert (reply.err == Err.invalid_offset) == bad
+
+
+def test_a_guest_issuing_requests_back_to_back_cannot_monopolise_the_worker(edu):
+    """The op loop returns after max_batch ops with backlog set, so the worker
+    gets back to heartbeats, xenstore and signals (review finding #5)."""
+    _, conf = edu
+    page = BytePage()
+
+    class EagerGuest(CountingChannel):
+        eager = True
+
+        def notify(self, port):          # the answer is out: ask again at once
+            super().notify(port)
+            if self.eager:
+                page.set_bit(0, 0)
+    ch = EagerGuest()
+    loop = OpLoop(Dispatcher({(0, 0, 0): conf}), poll_window=50e-6, max_batch=64)
+    loop.ring = Ring(page, ch, 1)
+    pciif.OP_HEADER.pack_into(page.buf, pciif.SH_OP, Op.conf_read, 0, 0, 0, 0, 0, 4, 0, 0)
+    page.set_bit(0, 0)
+    assert loop.serve_pending() == 64 and loop.backlog
+    assert loop.serve_pending() == 64 and loop.backlog
+    ch.eager = False
+    assert loop.serve_pending() == 1 and not loop.backlog

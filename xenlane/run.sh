@@ -141,7 +141,7 @@ NDEV=$(echo $DEVICES | wc -w); NMODE=$(echo $MODES | wc -w)
 TMO=${XENLANE_TIMEOUT:-$(( 300 + 170 * NDEV * NMODE ))}
 XENARGS="console=com1 com1=115200 dom0_mem=1024M,max:1024M smap=0 loglvl=warning guest_loglvl=warning"
 DOM0ARGS="console=hvc0 earlyprintk=xen loglevel=6 lane.repo=$REPO"
-BOOT_TMO=${XENLANE_BOOT_TIMEOUT:-240}
+BOOT_TMO=${XENLANE_BOOT_TIMEOUT:-150}
 echo "LANE_DEADLINE=$(( TMO - 40 ))" >> "$RUN/out/lane.conf"
 cd "$RUN"
 run_qemu() { # one boot; rc 124 = overall bound, 125 = dom0 never came up (TCG boot hang)
@@ -155,7 +155,8 @@ run_qemu() { # one boot; rc 124 = overall bound, 125 = dom0 never came up (TCG b
     -kernel xen.elf -append "$XENARGS" -initrd "vmlinuz $DOM0ARGS,dom0.cpio.gz" > qemu.out 2>&1 &
   QPID=$!
   trap 'kill $QPID 2>/dev/null || true' EXIT
-  (tail -n +1 -F serial.log 2>/dev/null | grep -a --line-buffered -E 'LANE|Panic|Kernel panic' | sed -u -e 's/\r//g' -e 's/^/  | /') &
+  # --pid: tail ends with QEMU (killing the subshell would leave it following the next run's log)
+  (tail --pid=$QPID -n +1 -F serial.log 2>/dev/null | grep -a --line-buffered -E 'LANE|Panic|Kernel panic' | sed -u -e 's/\r//g' -e 's/^/  | /') &
   TPID=$!
   local t0 rc=0 w=0 booted=""
   t0=$(date +%s)

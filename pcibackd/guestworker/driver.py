@@ -91,7 +91,7 @@ class Driver:
         return xb.FrontendNodes(exists, values["state"], values["pci-op-ref"],
                                 values["event-channel"], values["magic"])
 
-    def feed(self, event) -> None:
+    def feed(self, event, depth: int = 0) -> None:
         """One input through the machine, then its effects in order."""
         try:
             effects = self.machine.handle(event)
@@ -104,7 +104,12 @@ class Driver:
                 self._run[type(effect)](effect)
             except OSError as exc:
                 logger.error("{} failed: {}", type(effect).__name__, exc)
-                self.feed(xb.EffectFailed(effect, exc.errno or errno_mod.EIO, f"{type(effect).__name__}: {exc}"))
+                if depth >= 2:
+                    # Even reporting the failure fails (xenstore unusable): crash, and
+                    # let the supervisor restart us with backoff.
+                    raise RuntimeError(f"cannot report xenbus failure: {exc}") from exc
+                self.feed(xb.EffectFailed(effect, exc.errno or errno_mod.EIO, f"{type(effect).__name__}: {exc}"),
+                          depth + 1)
                 return
 
     # ---------------------------------------------------------- effects --

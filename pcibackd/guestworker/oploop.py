@@ -15,6 +15,9 @@ from ..xen import pciif
 from .ops import Dispatcher, snapshot_op, write_reply
 
 _FLAGS, _ACTIVE = pciif.SH_FLAGS, pciif._XEN_PCIF_active
+# Ops served per call before the worker looks at xenstore, heartbeats and
+# signals again: a guest issuing requests back to back cannot starve them.
+MAX_BATCH = 64
 
 
 class Ring:
@@ -35,9 +38,11 @@ class Ring:
 class OpLoop:
     """Serves ops from a :class:`Ring` through a :class:`Dispatcher`."""
 
-    def __init__(self, dispatcher: Dispatcher, poll_window: float = 50e-6):
+    def __init__(self, dispatcher: Dispatcher, poll_window: float = 50e-6, max_batch: int = MAX_BATCH):
         self.dispatcher = dispatcher
         self.poll_window = poll_window
+        self.max_batch = max_batch
+        self.backlog = False      # stopped at max_batch with a request still pending
         self.ring: Ring | None = None
         self.spurious = 0
         self.service_ns: deque[int] = deque(maxlen=1024)   # request seen -> reply posted
@@ -46,14 +51,15 @@ class OpLoop:
         return self.ring.evtchn.fileno() if self.ring else None
 
     def serve_pending(self) -> int:
-        """Serve ops while the flag is set, then busy-poll the window."""
+        """Serve ops while the flag is set (at most ``max_batch``), then busy-poll the window."""
         ring = self.ring
+        self.backlog = False
         if ring is None:
             return 0
         buf, page = ring.page.buf, ring.page
         dispatch, window = self.dispatcher.dispatch, self.poll_window
         clock, record = time.perf_counter_ns, self.service_ns.append
-        served = 0
+        served, limit = 0, self.max_batch
         while True:
             while buf[0] & 1:           # plain load: x86 TSO orders it after the frontend's writes
                 t0 = clock()
@@ -63,6 +69,9 @@ class OpLoop:
                 ring.evtchn.notify(ring.port)
                 record(clock() - t0)
                 served += 1
+                if served >= limit:
+                    self.backlog = bool(buf[0] & 1)
+                    return served
             if window <= 0:
                 return served
             deadline = time.perf_counter() + window

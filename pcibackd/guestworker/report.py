@@ -38,7 +38,7 @@ class Reporter:
         w = self.worker
         stats = w.dispatcher.stats
         msg = {
-            "type": "beat", "pid": os.getpid(), "domid": w.cfg.domid, "final": final,
+            "type": "beat", "pid": os.getpid(), "domid": w.cfg.domid, "final": final, "token": w.cfg.token,
             "xenbus_state": int(w.machine.state), "connected": w.loop.ring is not None,
             "served": dict(stats.served), "errors": dict(stats.errors),
             "spurious": w.loop.spurious, "ignored_inputs": w.driver.ignored,
@@ -67,7 +67,7 @@ class Reporter:
                 msg = msg if isinstance(msg, dict) else {}
             if msg.get("id") is None:
                 continue
-            reply = {"type": "reply", "id": msg["id"], "domid": self.worker.cfg.domid,
+            reply = {"type": "reply", "id": msg["id"], "domid": self.worker.cfg.domid, "token": self.worker.cfg.token,
                      "pid": os.getpid(), "ok": ok, "result": result}
             try:
                 self.sock.send(json.dumps(reply).encode(), zmq.NOBLOCK)

@@ -29,13 +29,16 @@ from .oploop import OpLoop, Ring
 from .xenbus import BackendMachine
 
 EXIT_DONE = 0            # guest went away / teardown finished: do not restart
-EXIT_STOPPED = 0         # SIGTERM: stopped serving, xenbus state left as is
-EXIT_BOOT_FAILED = 3     # could not set up (xenstore, platform): restart with backoff
 EXIT_CRASHED = 1         # an exception escaped: restart
+EXIT_BOOT_FAILED = 3     # could not set up (xenstore, platform): restart with backoff
+EXIT_STOPPED = 4         # SIGTERM: stopped serving, xenbus state left for a successor
+EXIT_ORPHANED = 5        # no supervisor within the grace period: state left for a successor
 __doc__ += """
-    0  done (guest gone, teardown finished) or stopped by SIGTERM
-    1  crashed (an exception escaped the loop): restart
-    3  boot failed (xenstore or platform unavailable): restart with backoff
+    0  done (guest gone, teardown finished): not restarted
+    1  crashed (an exception escaped the loop): restarted
+    3  boot failed (xenstore or platform unavailable): restarted with backoff
+    4  stopped by SIGTERM (graceful stop): not restarted by this supervisor
+    5  orphaned (no supervisor acknowledged it within orphan_grace)
 """
 
 
@@ -51,11 +54,12 @@ class WorkerConfig:
     topology: str = "vpci"
     poll_window_us: float = 50.0
     supervisor_endpoint: str | None = None
-    heartbeat_interval: float = 0.5
+    heartbeat_interval: float = 0.2
     policy_path: str | None = None
     log_level: str = "INFO"
     state_dir: str | None = None
     orphan_grace: float = 30.0     # no supervisor ack for this long: exit cleanly
+    token: str = ""                # proves beats come from this worker (see supervisor)
     extra: dict = field(default_factory=dict)
 
 
@@ -84,6 +88,7 @@ class Worker:
             from .report import Reporter
             self.reporter = Reporter(cfg, self)
         self.stopping = False
+        self.orphaned = False
         self.last_ack = time.monotonic()
 
     # --- actions the driver calls (raise OSError on failure) --------------
@@ -121,9 +126,8 @@ class Worker:
         signal.set_wakeup_fd(wfd)
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
-        self._write_pidfile()
-        privileges.drop()               # setup done: no capabilities from here on
-        self.driver.start()
+        self.driver.start()              # the initial export opens device files
+        privileges.drop(keep=KEEP_CAPS.get(self.cfg.platform, ()))
         next_beat = 0.0
         while self.driver.exit_reason is None and not self.stopping:
             fds = [self.xs, rfd]
@@ -138,12 +142,15 @@ class Worker:
                     self.reporter.beat()
                     if now - self.last_ack > self.cfg.orphan_grace:
                         logger.warning("no supervisor for {:.0f} s: exiting", now - self.last_ack)
-                        self.driver.exit_reason = None
+                        self.orphaned = True
                         break
                 next_beat = now + self.cfg.heartbeat_interval
-            ready = select.select(fds, [], [], max(0.0, next_beat - now))[0]
+            timeout = 0.0 if self.loop.backlog else max(0.0, next_beat - now)
+            ready = select.select(fds, [], [], timeout)[0]
             if ring_fd is not None and ring_fd in ready:
                 self.loop.on_event()
+            elif self.loop.backlog:
+                self.loop.serve_pending()
             if self.xs in ready:
                 paths = [p for p, _ in self.xs.events()]
                 if paths:
@@ -156,22 +163,12 @@ class Worker:
         self.loop.flush()
         if self.reporter:
             self.reporter.beat(final=True)
-        reason = self.driver.exit_reason or "stopped by signal"
+        reason = self.driver.exit_reason or ("orphaned" if self.orphaned else "stopped by signal")
         logger.info("worker exiting: {}", reason)
         self.close()
-        return EXIT_DONE
-
-    def _pidfile(self):
-        from .devices import runtime_dir_for
-        return runtime_dir_for(self.cfg) / "workers" / f"dom{self.cfg.domid}.pid"
-
-    def _write_pidfile(self) -> None:
-        """``<runtime>/workers/dom<N>.pid``: lets a new supervisor adopt us."""
-        path = self._pidfile()
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(f"{os.getpid()}\n")
-        os.replace(tmp, path)
+        if self.driver.exit_reason is not None:
+            return EXIT_DONE
+        return EXIT_ORPHANED if self.orphaned else EXIT_STOPPED
 
     # --- supervisor commands (name -> method; see Reporter.on_message) ------
     def cmd_ack(self, args: dict):
@@ -203,15 +200,40 @@ class Worker:
             self.loop.ring = None
         # Guest gone: drop the saved state; stopped by signal: keep it for a successor.
         self.devices.close(forget_state=self.driver.exit_reason is not None)
-        self._pidfile().unlink(missing_ok=True)
+        pidfile(self.cfg).unlink(missing_ok=True)
         if self.reporter:
             self.reporter.close()
         self.xs.close()
 
 
+# On a real dom0, sysfs grants reads past the first 64 bytes of a config file
+# only to openers with CAP_SYS_ADMIN, and hot-plug opens new ones: a worker
+# keeps that one capability there (see privileges.py); in the simulation, none.
+KEEP_CAPS = {"xen": (privileges.CAP_SYS_ADMIN,)}
+
+
+def pidfile(cfg: WorkerConfig):
+    from .devices import runtime_dir_for
+    return runtime_dir_for(cfg) / "workers" / f"dom{cfg.domid}.pid"
+
+
+def write_pidfile(cfg: WorkerConfig) -> None:
+    """``<runtime>/workers/dom<N>.pid`` (pid, start time, token): lets a new
+    supervisor adopt this worker and authenticate its beats."""
+    import psutil
+    path = pidfile(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()} {psutil.Process().create_time()} {cfg.token}\n")
+    os.replace(tmp, path)
+
+
 def run_worker(cfg: WorkerConfig) -> None:
     """Process entry point (target of the spawner)."""
     logs.setup(cfg.log_level, domid=cfg.domid)
+    write_pidfile(cfg)          # first: a supervisor restarted now must find us
     try:
         worker = Worker(cfg)
     except Exception:

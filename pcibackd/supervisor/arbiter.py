@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import secrets
 import select
 import signal
 import time
@@ -22,7 +23,7 @@ from loguru import logger
 
 from .. import __version__
 from ..ratelimit import worth_logging
-from ..guestworker.worker import WorkerConfig, run_worker
+from ..guestworker.worker import EXIT_DONE, EXIT_ORPHANED, EXIT_STOPPED, WorkerConfig, run_worker
 from . import systemd
 from .config import DaemonConfig
 from .spawner import Spawner
@@ -41,7 +42,10 @@ class Guest:
     proc: object = None              # our child (from the spawner), or None
     pid: int | None = None
     sentinel: int | None = None      # readable when the worker exits (proc.sentinel or a pidfd)
+    pidfd: int | None = None         # signals go through this, never a bare (reusable) pid
     adopted: bool = False            # left running by a previous supervisor
+    token: str = ""                  # the worker proves its beats with this
+    stop_deadline: float = 0.0
     restarts: int = 0
     failures: int = 0
     started_at: float = 0.0
@@ -136,6 +140,9 @@ class Supervisor:
         control = self.control.next_deadline()
         if control is not None:
             due.append(control - now)
+        # wake when a heartbeat deadline passes: a hung worker's pending op is waiting
+        due += [g.last_beat + self.cfg.heartbeat_timeout - now for g in self.guests.values()
+                if g.sentinel is not None and g.state in (WorkerState.RUNNING, WorkerState.STARTING)]
         return max(0.0, min([0.5, *due]))
 
     def _drain_signals(self) -> None:
@@ -177,6 +184,10 @@ class Supervisor:
             if self.xs.read(f"{path}/frontend") is not None:
                 present[domid] = path
         for domid, path in present.items():
+            known = self.guests.get(domid)
+            if (known is not None and known.state == WorkerState.EXITED and known.sentinel is None
+                    and self.xs.read(f"{path}/state") in (None, "1")):
+                del self.guests[domid]       # a new backend in the same place: serve it afresh
             if domid not in self.guests:
                 self.guests[domid] = guest = Guest(domid, path)
                 if not self._adopt(guest):
@@ -203,35 +214,50 @@ class Supervisor:
         """Take over a live worker a previous supervisor left (pid file + pidfd)."""
         pidfile = self.runtime / "workers" / f"dom{guest.domid}.pid"
         try:
-            pid = int(pidfile.read_text().split()[0])
+            pid_text, started_text, token = pidfile.read_text().split()
+            pid, started = int(pid_text), float(started_text)
             fd = os.pidfd_open(pid)
-        except (OSError, ValueError, IndexError):
+        except (OSError, ValueError):
             return False
         import psutil
         try:
-            cmd = " ".join(psutil.Process(pid).cmdline())
+            same = abs(psutil.Process(pid).create_time() - started) < 0.01
         except psutil.Error:
-            cmd = ""
-        if "pcibackd" not in cmd and "multiprocess" not in cmd:
-            os.close(fd)       # a recycled pid: not ours
+            same = False
+        if not same:
+            os.close(fd)       # a stale pid file, the pid reused by another process
             return False
-        guest.pid, guest.sentinel, guest.adopted = pid, fd, True
+        guest.pid, guest.sentinel, guest.pidfd, guest.adopted, guest.token = pid, fd, fd, True, token
         guest.state = WorkerState.STARTING
         guest.started_at = guest.last_beat = time.monotonic()
         logger.info("adopted the running worker of domain {} (pid {})", guest.domid, pid)
         return True
 
     def _start(self, guest: Guest) -> None:
-        guest.proc = self.spawner.spawn(run_worker, self._worker_config(guest), name=f"pcibackd-dom{guest.domid}")
+        guest.token = secrets.token_hex(16)
+        cfg = self._worker_config(guest)
+        cfg.token = guest.token
+        guest.proc = self.spawner.spawn(run_worker, cfg, name=f"pcibackd-dom{guest.domid}")
         guest.pid, guest.sentinel, guest.adopted = guest.proc.pid, guest.proc.sentinel, False
+        try:
+            guest.pidfd = os.pidfd_open(guest.pid)
+        except OSError:
+            guest.pidfd = None          # already gone: the sentinel reports it
         guest.state = WorkerState.STARTING
         guest.started_at = guest.last_beat = time.monotonic()
         logger.info("worker for domain {} started: pid {}", guest.domid, guest.pid)
 
     def _stop(self, guest: Guest) -> None:
         guest.state = WorkerState.STOPPING
+        guest.stop_deadline = time.monotonic() + self.cfg.stop_timeout
+        self._signal(guest, signal.SIGTERM)
+
+    def _signal(self, guest: Guest, sig: int) -> None:
+        """Signal the worker through its pidfd: never a recycled pid."""
+        if guest.pidfd is None:
+            return
         try:
-            os.kill(guest.pid, signal.SIGTERM)
+            signal.pidfd_send_signal(guest.pidfd, sig)
         except ProcessLookupError:
             pass
 
@@ -240,13 +266,20 @@ class Supervisor:
             guest.proc.join(0)
             code = guest.proc.exitcode
         else:
-            os.close(guest.sentinel)      # adopted: no status; its last beat says if it finished
             code = 0 if guest.beat.get("final") and guest.beat.get("pid") == guest.pid else None
-        guest.proc = guest.sentinel = None
+        if guest.pidfd is not None:
+            os.close(guest.pidfd)         # (for adopted workers this is also the sentinel)
+        guest.proc = guest.sentinel = guest.pidfd = None
         ran = time.monotonic() - guest.started_at
         guest.last_exit = (f"signal {signal.Signals(-code).name}" if code is not None and code < 0
                            else f"exit {code}" if code is not None else "exited (adopted; status unknown)")
-        if guest.state == WorkerState.STOPPING or code == 0:
+        if code in (EXIT_STOPPED, EXIT_ORPHANED) and guest.state != WorkerState.STOPPING:
+            # Stopped from outside, or orphaned while we stalled: the guest still
+            # needs service; restart now, without counting a failure.
+            guest.state, guest.restart_at = WorkerState.BACKOFF, time.monotonic()
+            logger.warning("worker for domain {} left ({}); replacing it", guest.domid, guest.last_exit)
+            return
+        if guest.state == WorkerState.STOPPING or code == EXIT_DONE:
             guest.state = WorkerState.EXITED
             logger.info("worker for domain {} finished ({})", guest.domid, guest.last_exit)
             if self.xs.read(f"{guest.backend_path}/frontend") is None:
@@ -263,19 +296,22 @@ class Supervisor:
                        guest.last_exit, guest.restarts + 1, guest.restart_at - time.monotonic())
 
     def _manage(self) -> None:
+        self._on_worker_messages()      # judge heartbeats on fresh data, not a stalled iteration's
         now = time.monotonic()
         for guest in list(self.guests.values()):
-            if guest.state == WorkerState.BACKOFF and now >= guest.restart_at:
+            if guest.state == WorkerState.STOPPING and guest.sentinel is not None and now > guest.stop_deadline:
+                logger.error("worker for domain {} ignored SIGTERM for {:.0f} s: killing", guest.domid,
+                             self.cfg.stop_timeout)
+                self._signal(guest, signal.SIGKILL)
+                guest.stop_deadline = now + self.cfg.stop_timeout
+            elif guest.state == WorkerState.BACKOFF and now >= guest.restart_at:
                 guest.restarts += 1
                 self._start(guest)
             elif (guest.state in (WorkerState.RUNNING, WorkerState.STARTING) and guest.sentinel is not None
                   and now - guest.last_beat > self.cfg.heartbeat_timeout):
                 logger.error("worker for domain {} (pid {}) missed heartbeats for {:.1f} s: killing",
                              guest.domid, guest.pid, now - guest.last_beat)
-                try:
-                    os.kill(guest.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                self._signal(guest, signal.SIGKILL)
                 guest.last_beat = now   # once per timeout; the sentinel reports the death
 
     def restart_worker(self, domid: int) -> bool:
@@ -285,7 +321,7 @@ class Supervisor:
             return False
         guest.failures = 0
         if guest.sentinel is not None:
-            os.kill(guest.pid, signal.SIGKILL)   # the reap path restarts it immediately
+            self._signal(guest, signal.SIGKILL)   # the reap path restarts it immediately
         else:
             guest.state, guest.restart_at = WorkerState.BACKOFF, 0.0
         return True
@@ -299,16 +335,19 @@ class Supervisor:
             except ValueError:
                 continue
             try:
-                msg = json.loads(raw)
-                domid = int(msg["domid"])
-            except (ValueError, KeyError, TypeError):
+                msg = json.loads(raw, parse_constant=_reject_constant)
+                domid = msg["domid"]
+                if not isinstance(msg, dict) or type(domid) is not int:
+                    raise ValueError("not a worker message")
+            except Exception:       # anything a peer sends must not reach the loop
                 self.malformed += 1
                 if worth_logging(self.malformed):
                     logger.warning("malformed message on the worker socket from {!r} ({} so far)",
                                    ident[:16], self.malformed)
                 continue
             guest = self.guests.get(domid)
-            if guest is None or msg.get("pid") != guest.pid or ident != f"dom{domid}".encode():
+            if (guest is None or msg.get("pid") != guest.pid or ident != f"dom{domid}".encode()
+                    or not guest.token or msg.get("token") != guest.token):
                 continue
             guest.last_beat = time.monotonic()
             if msg.get("type") == "reply":
@@ -350,7 +389,7 @@ class Supervisor:
         for g in live:
             if not select.select([g.sentinel], [], [], max(0.0, deadline - time.monotonic()))[0]:
                 logger.warning("worker for domain {} did not stop in time: killing", g.domid)
-                os.kill(g.pid, signal.SIGKILL)
+                self._signal(g, signal.SIGKILL)
                 select.select([g.sentinel], [], [], 1.0)
             if g.proc is not None:
                 g.proc.join(0)
@@ -383,6 +422,10 @@ class Supervisor:
                            "xenstore": self.cfg.xenstored_path or os.environ.get("XENSTORED_PATH", "default"),
                            "xenstore_connected": self.xs.connected},
                 "guests": guests}
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not allowed")
 
 
 SIGNAL_HANDLERS = {

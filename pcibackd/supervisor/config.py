@@ -21,8 +21,8 @@ class DaemonConfig:
     runtime_dir: str = "/run/pcibackd"   # control and worker sockets, device claims
     topology: str = "vpci"               # "vpci" | "passthrough" (like xen-pciback's passthrough=)
     poll_window_us: float = 50.0         # worker busy-poll window after each op
-    heartbeat_interval: float = 0.5      # worker -> supervisor beats
-    heartbeat_timeout: float = 5.0       # a worker silent this long is killed and replaced
+    heartbeat_interval: float = 0.2      # worker -> supervisor beats
+    heartbeat_timeout: float = 1.0       # a silent worker is killed and replaced: well inside pcifront's 2 s
     orphan_grace: float = 30.0           # a worker with no supervisor this long exits cleanly
     restart_max_failures: int = 5        # failures in a row (each within restart_stable_after) -> FATAL
     restart_stable_after: float = 10.0   # a worker up this long has its failure count reset

@@ -42,4 +42,4 @@ class RestartPolicy:
         return min(self.max_delay, self.base_delay * 2 ** (failures - 2))
 
     def next_state(self, failures: int) -> WorkerState:
-        return WorkerState.FATAL if failures > self.max_failures else WorkerState.BACKOFF
+        return WorkerState.FATAL if failures >= self.max_failures else WorkerState.BACKOFF

@@ -42,9 +42,11 @@ class Toolstack:
         dom = f"/local/domain/{domid}"
 
         def tx(t):
+            # Permissions first: new nodes inherit their parent's (libxl__device_generic_add).
+            t.mkdir(dom)
+            t.set_perms(dom, ["n0", f"r{domid}"])
             t.write(f"{dom}/name", name)
             t.write(f"{dom}/domid", str(domid))
-            t.set_perms(dom, ["n0", f"r{domid}"])
             t.mkdir(f"{dom}/device")
             t.set_perms(f"{dom}/device", [f"n{domid}", "r0"])
         self.xs.run_transaction(tx)
@@ -69,13 +71,16 @@ class Toolstack:
             result.clear()
             if t.read(f"{be}/state") is None:
                 domname = t.read(f"/local/domain/{domid}/name") or f"domain-{domid}"
+                # Permissions before children: new nodes inherit their parent's.
+                t.mkdir(be)
+                t.set_perms(be, ["n0", f"r{domid}"])
                 for k, v in (("frontend", fe), ("frontend-id", str(domid)), ("online", "1"),
                              ("state", str(int(S.Initialising))), ("domain", domname)):
                     t.write(f"{be}/{k}", v)
-                t.set_perms(be, ["n0", f"r{domid}"])
+                t.mkdir(fe)
+                t.set_perms(fe, [f"n{domid}", "r0"])
                 for k, v in (("backend", be), ("backend-id", "0"), ("state", str(int(S.Initialising)))):
                     t.write(f"{fe}/{k}", v)
-                t.set_perms(fe, [f"n{domid}", "r0"])
             n = int(t.read(f"{be}/num_devs") or "0")
             for b in bdfs:
                 t.write(f"{be}/key-{n}", str(b))

@@ -37,9 +37,11 @@ def test_notify_without_socket_is_a_no_op(monkeypatch):
 
 
 def test_abstract_notify_socket(monkeypatch):
+    import os
+    name = f"pcibackd-test-notify-{os.getpid()}"      # unique: tests may run in parallel
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind("\0pcibackd-test-notify")
-    monkeypatch.setenv("NOTIFY_SOCKET", "@pcibackd-test-notify")
+    sock.bind("\0" + name)
+    monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
     assert systemd.notify("WATCHDOG=1") is True
     assert sock.recv(64) == b"WATCHDOG=1"
     sock.close()

@@ -70,7 +70,8 @@ class DeviceSet:
                 added.append(host)
                 logger.info("exported {} as {}{}", host, guest, " (resumed)" if resume else "")
         except OSError:
-            self.remove(tuple(added))
+            # A failed resume keeps the saved state: the next attempt may succeed.
+            self.remove(tuple(added), forget_state=not resume)
             raise
         self._publish_map()
 

@@ -288,4 +288,7 @@ def test_a_stuck_worker_times_out_a_fan_out_and_never_stalls_status(guests):
         assert slow.returncode == 1 and out == ""
         assert "no answer within 2.0 s from the worker(s) of domain(s) 2" in err
     finally:
-        os.kill(stuck, signal.SIGCONT)
+        try:
+            os.kill(stuck, signal.SIGCONT)
+        except ProcessLookupError:
+            pass      # the heartbeat check already replaced the stopped worker (1 s default)

@@ -166,3 +166,22 @@ def test_worker_socket_flood_is_contained(dom0, bystander):
     assert 1 <= dom0.log_tail(10000).count("malformed message on the worker socket") <= 16   # log2, not 20000
     rogue.close(0)
     ctx.term()
+
+
+def test_destroyed_domain_backend_nodes_are_removed(dom0, bystander):
+    """`xl destroy` of a guest whose devices our toolstack attached: libxl does
+    not know them, removes only /local/domain/<domid>; the daemon cleans up."""
+    dom0.add_device("edu", "0000:00:05.0")
+    dom0.create_guest(1, ["0000:00:05.0"])
+    dom0.frontend(1).connect()
+    dom0.xs.rm("/local/domain/1")
+    deadline = time.monotonic() + 10
+    while dom0.xs.exists("/local/domain/0/backend/pci/1"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    while dom0.guest_status(1) is not None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    still_fine(dom0, bystander)
+    dom0.create_guest(3, ["0000:00:05.0"])          # the device is free again
+    assert len(dom0.frontend(3).connect()) == 1

@@ -22,6 +22,7 @@ def fake(tmp_path):
     (drv / "unbind").write_text("")
     os.symlink(drv, dev / "driver")
     (root / "sys/bus/pci/drivers_probe").write_text("")
+    (dev / "enable").write_text("0\n")
     return root
 
 
@@ -33,6 +34,7 @@ def test_seize_records_unbinds_and_overrides(fake, tmp_path):
     assert (fake / "sys/bus/pci/drivers/e1000e/unbind").read_text() == str(B)
     assert (fake / "sys/bus/pci/drivers_probe").read_text() == str(B)
     assert json.loads((tmp_path / "state/seized" / str(B)).read_text())["driver"] == "e1000e"
+    assert (dev / "enable").read_text() == "1"                                   # IRQ routed, like pciback
     assert seize(B, tmp_path / "state", root=fake) == rec                        # idempotent
 
 
@@ -42,6 +44,7 @@ def test_release_restores(fake, tmp_path):
     rec = release(B, tmp_path / "state", root=fake)
     dev = fake / "sys/bus/pci/devices" / str(B)
     assert rec["override"] == "(null)" and (dev / "driver_override").read_text() == "(null)\n"
+    assert (dev / "enable").read_text() == "0"
     assert (fake / "sys/bus/pci/drivers_probe").read_text() == str(B)
     assert not (tmp_path / "state/seized" / str(B)).exists()
     assert release(B, tmp_path / "state", root=fake) is None

@@ -237,7 +237,16 @@ class Supervisor:
         guest.token = secrets.token_hex(16)
         cfg = self._worker_config(guest)
         cfg.token = guest.token
-        guest.proc = self.spawner.spawn(run_worker, cfg, name=f"pcibackd-dom{guest.domid}")
+        try:
+            guest.proc = self.spawner.spawn(run_worker, cfg, name=f"pcibackd-dom{guest.domid}")
+        except Exception as exc:       # e.g. the fork server died (EOFError): a failed start, not our crash
+            logger.error("cannot start a worker for domain {}: {!r}", guest.domid, exc)
+            self.spawner.restart()
+            guest.proc = guest.sentinel = guest.pidfd = None
+            guest.failures += 1
+            guest.state = self.policy.next_state(guest.failures)
+            guest.restart_at = time.monotonic() + max(0.1, self.policy.delay(guest.failures))
+            return
         guest.pid, guest.sentinel, guest.adopted = guest.proc.pid, guest.proc.sentinel, False
         try:
             guest.pidfd = os.pidfd_open(guest.pid)
@@ -282,6 +291,7 @@ class Supervisor:
         if guest.state == WorkerState.STOPPING or code == EXIT_DONE:
             guest.state = WorkerState.EXITED
             logger.info("worker for domain {} finished ({})", guest.domid, guest.last_exit)
+            self._forget_dead_domain(guest)
             if self.xs.read(f"{guest.backend_path}/frontend") is None:
                 del self.guests[guest.domid]
             return
@@ -294,6 +304,15 @@ class Supervisor:
         guest.restart_at = time.monotonic() + self.policy.delay(guest.failures)
         logger.warning("worker for domain {} died ({}); restart #{} in {:.2f} s", guest.domid,
                        guest.last_exit, guest.restarts + 1, guest.restart_at - time.monotonic())
+
+    def _forget_dead_domain(self, guest: Guest) -> None:
+        """The guest's domain is gone (xl destroy of a guest whose devices our
+        toolstack attached: libxl does not know them): remove its backend nodes."""
+        if self.xs.exists(f"/local/domain/{guest.domid}"):
+            return
+        self.xs.rm(f"{BACKEND_ROOT}/{guest.domid}")
+        self.xs.rm(f"/local/domain/0/error/backend/pci/{guest.domid}")
+        logger.info("domain {} is gone: its PCI backend nodes were removed", guest.domid)
 
     def _manage(self) -> None:
         self._on_worker_messages()      # judge heartbeats on fresh data, not a stalled iteration's

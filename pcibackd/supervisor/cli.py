@@ -24,6 +24,8 @@ def _run_parser(sub) -> None:
     p.add_argument("--topology", choices=("vpci", "passthrough"), help="guest PCI topology (default vpci)")
     p.add_argument("--poll-window-us", type=float, help="busy-poll window after each op (default 50)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR (default INFO)")
+    p.add_argument("--heartbeat-timeout", type=float,
+                   help="kill and replace a worker silent this long, seconds (default 1.0; raise on slow emulators)")
     p.add_argument("--foreground", action="store_true", help="accepted for compatibility; always foreground")
 
 
@@ -59,7 +61,7 @@ def _run(args, parser) -> int:
         cfg = DaemonConfig.load(args.config, platform=args.platform, sim_dir=args.sim_dir,
                                 xenstored_path=args.xenstored_path, runtime_dir=args.runtime_dir,
                                 topology=args.topology, poll_window_us=args.poll_window_us,
-                                log_level=args.log_level)
+                                log_level=args.log_level, heartbeat_timeout=args.heartbeat_timeout)
     except (OSError, ValueError) as exc:
         parser.error(str(exc))
     cfg.platform = cfg.platform or default_platform_name()

@@ -31,6 +31,13 @@ class Spawner:
         """Start the fork server now, while this process has no threads."""
         forkserver.ensure_running()
 
+    def restart(self) -> None:
+        """Forget a dead fork server; the next spawn starts a fresh one."""
+        try:
+            forkserver._forkserver._stop()
+        except Exception:
+            pass
+
     def spawn(self, target, *args, name: str | None = None):
         """A started worker process (``.pid``, ``.sentinel``, ``.exitcode``)."""
         proc = self.ctx.Process(target=target, args=args, name=name, daemon=False)

@@ -23,7 +23,8 @@ LANE_MODES=${LANE_MODES:-kernel pcibackd}
 LANE_DOMU_TIMEOUT=${LANE_DOMU_TIMEOUT:-100}
 LANE_CLEAN_TIMEOUT=${LANE_CLEAN_TIMEOUT:-20}
 export PYTHONPATH=$LANE_REPO${PYTHONPATH:+:$PYTHONPATH}
-DAEMON_CMD=${LANE_DAEMON_CMD:-"$LANE_PY -m pcibackd run --platform xen --foreground"}
+# Python under TCG is ~50x slower: give workers a long heartbeat budget.
+DAEMON_CMD=${LANE_DAEMON_CMD:-"$LANE_PY -m pcibackd run --platform xen --foreground --heartbeat-timeout 30"}
 ATTACH_CMD=${LANE_ATTACH_CMD:-"$LANE_PY -m pcibackd.xen.toolstack attach {domid} {bdf} --seize"}
 DAEMONCTL="$LANE_PY $LANE_REPO/xenlane/daemonctl.py"
 CON=/var/log/xen/console

@@ -55,3 +55,31 @@ def clear_bit(address: int, bit: int) -> bool:
 def set_bit(address: int, bit: int) -> bool:
     """Atomically set ``bit``; True if it was already set."""
     return bool(_fetch_or(address, 1 << bit, _SEQ_CST) & (1 << bit))
+
+
+class PageBits:
+    """``test_bit``/``set_bit``/``clear_bit`` of the SharedPage protocol, for a
+    page mapped at ``self._bit_base`` (None once closed).  Like Linux's bitops,
+    bit numbers past 31 continue into later words; offsets are word-aligned."""
+
+    _bit_base: int | None
+    _PAGE = 4096
+
+    def _word(self, offset: int, bit: int) -> tuple[int, int]:
+        base = self._bit_base
+        if base is None:
+            raise ValueError("shared page is closed")
+        word = offset + 4 * (bit >> 5)
+        if offset % 4 or bit < 0 or not 0 <= word <= self._PAGE - 4:
+            raise ValueError(f"bad bit address offset={offset} bit={bit}")
+        return base + word, bit & 31
+
+    def test_bit(self, offset: int, bit: int) -> bool:
+        address, bit = self._word(offset, bit)
+        return bool(load(address) >> bit & 1)
+
+    def set_bit(self, offset: int, bit: int) -> bool:
+        return set_bit(*self._word(offset, bit))
+
+    def clear_bit(self, offset: int, bit: int) -> bool:
+        return clear_bit(*self._word(offset, bit))

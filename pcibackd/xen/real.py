@@ -96,40 +96,22 @@ def _check_u32(what: str, value: int) -> None:
         raise PlatformError(errno.EINVAL, f"{what} {value} out of range")
 
 
-class MappedPage:
+class MappedPage(atomic.PageBits):
     """A 4 KiB page mapped into this process (a :class:`SharedPage`)."""
 
     def __init__(self, address: int, release: Callable[[int], None] | None):
-        self._address = address
+        self._address = self._bit_base = address
         self._raw = memoryview((ctypes.c_ubyte * PAGE_SIZE).from_address(address))
         self.buf = self._raw.cast("B")
         self._release = release
         self.closed = False
-
-    def _word(self, offset: int, bit: int) -> tuple[int, int]:
-        if self.closed:
-            raise ValueError("page is closed")
-        # as in Linux's bitops (and the simulator), bits past 31 continue into later words
-        word = offset + 4 * (bit >> 5)
-        if offset % 4 or bit < 0 or not 0 <= word <= PAGE_SIZE - 4:
-            raise ValueError(f"bad bit address offset={offset} bit={bit}")
-        return self._address + word, bit & 31
-
-    def test_bit(self, offset: int, bit: int) -> bool:
-        address, bit = self._word(offset, bit)
-        return bool(atomic.load(address) >> bit & 1)
-
-    def set_bit(self, offset: int, bit: int) -> bool:
-        return atomic.set_bit(*self._word(offset, bit))
-
-    def clear_bit(self, offset: int, bit: int) -> bool:
-        return atomic.clear_bit(*self._word(offset, bit))
 
     def close(self) -> None:
         """Drop the views, then unmap (idempotent)."""
         if self.closed:
             return
         self.closed = True
+        self._bit_base = None
         self.buf.release()
         self._raw.release()
         release, self._release = self._release, None

@@ -91,40 +91,21 @@ def _locked(fd: int, start: int, length: int):
             fcntl.lockf(fd, fcntl.LOCK_UN, length, start)
 
 
-class SimSharedPage:
+class SimSharedPage(atomic.PageBits):
     """A 4 KiB page of a grant file, mapped MAP_SHARED."""
 
     def __init__(self, fd: int):
         self._mmap = mmap.mmap(fd, PAGE_SIZE, mmap.MAP_SHARED,
                                mmap.PROT_READ | mmap.PROT_WRITE)
         self.buf = memoryview(self._mmap)
-        self._base, self._anchor = atomic.buffer_address(self._mmap)
-
-    def _address(self, offset: int, bit: int) -> tuple[int, int]:
-        if self._base is None:
-            raise ValueError("shared page is closed")
-        # Like Linux's bitops, bit numbers past 31 continue into later words.
-        word = offset + 4 * (bit >> 5)
-        if offset % 4 or bit < 0 or not 0 <= word <= PAGE_SIZE - 4:
-            raise ValueError(f"bad bit address offset={offset} bit={bit}")
-        return self._base + word, bit & 31
-
-    def test_bit(self, offset: int, bit: int) -> bool:
-        address, bit = self._address(offset, bit)
-        return bool(atomic.load(address) >> bit & 1)
-
-    def set_bit(self, offset: int, bit: int) -> bool:
-        return atomic.set_bit(*self._address(offset, bit))
-
-    def clear_bit(self, offset: int, bit: int) -> bool:
-        return atomic.clear_bit(*self._address(offset, bit))
+        self._bit_base, self._anchor = atomic.buffer_address(self._mmap)
 
     def close(self) -> None:
         """Unmap; if callers still hold slices of ``buf`` the mapping lives
         until they are gone."""
         if self._mmap is None:
             return
-        self._base = self._anchor = None   # drop the ctypes pin first
+        self._bit_base = self._anchor = None   # drop the ctypes pin first
         try:
             self.buf.release()
             self._mmap.close()

@@ -56,15 +56,17 @@ def seize(bdf: BDF, state_dir: Path, stub: str = STUB, root: Path = Path("/")) -
               "enabled": enable.read_text().strip() if enable.exists() else ""}
     record_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     record_path.write_text(json.dumps(record))
-    if driver != stub:
-        _write(dev / "driver_override", stub + "\n")
-        if driver is not None:
-            _write(dev / "driver" / "unbind", str(bdf))
-        _write(root / "sys/bus/pci/drivers_probe", str(bdf))
+    if driver == stub:
+        return record
+    _write(dev / "driver_override", stub + "\n")
+    if driver is not None:
+        _write(dev / "driver" / "unbind", str(bdf))
     # Like xen-pciback's pci_enable_device at seize: dom0 routes the legacy IRQ
-    # (what /sys/.../irq then shows and the guest reads as its PIRQ).
+    # (what /sys/.../irq then shows and the guest reads as its PIRQ).  sysfs
+    # accepts "enable" only while no driver is bound (else EBUSY): now.
     if enable.exists() and record["enabled"] == "0":
         _write(enable, "1")
+    _write(root / "sys/bus/pci/drivers_probe", str(bdf))
     return record
 
 
@@ -75,10 +77,10 @@ def release(bdf: BDF, state_dir: Path, root: Path = Path("/")) -> dict | None:
         return None
     record = json.loads(record_path.read_text())
     dev = _dev(root, bdf)
-    if record.get("enabled") == "0" and (dev / "enable").exists():
-        _write(dev / "enable", "0")
     if current_driver(bdf, root) is not None and current_driver(bdf, root) != record["driver"]:
         _write(dev / "driver" / "unbind", str(bdf))
+    if record.get("enabled") == "0" and (dev / "enable").exists():
+        _write(dev / "enable", "0")             # driverless now, as sysfs requires
     _write(dev / "driver_override", (record["override"] or "") + "\n")
     if record["driver"]:
         _write(root / "sys/bus/pci/drivers_probe", str(bdf))

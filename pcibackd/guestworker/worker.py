@@ -7,6 +7,12 @@ the supervisor socket and a signal wake-up pipe; signal handlers only set a
 flag.
 
 Exit codes (the supervisor's restart policy reads them):
+
+    0  done (guest gone, teardown finished): not restarted
+    1  crashed (an exception escaped the loop): restarted
+    3  boot failed (xenstore or platform unavailable): restarted with backoff
+    4  stopped by SIGTERM (graceful stop): not restarted by this supervisor
+    5  orphaned (no supervisor acknowledged it within orphan_grace)
 """
 
 from __future__ import annotations
@@ -33,13 +39,6 @@ EXIT_CRASHED = 1         # an exception escaped: restart
 EXIT_BOOT_FAILED = 3     # could not set up (xenstore, platform): restart with backoff
 EXIT_STOPPED = 4         # SIGTERM: stopped serving, xenbus state left for a successor
 EXIT_ORPHANED = 5        # no supervisor within the grace period: state left for a successor
-__doc__ += """
-    0  done (guest gone, teardown finished): not restarted
-    1  crashed (an exception escaped the loop): restarted
-    3  boot failed (xenstore or platform unavailable): restarted with backoff
-    4  stopped by SIGTERM (graceful stop): not restarted by this supervisor
-    5  orphaned (no supervisor acknowledged it within orphan_grace)
-"""
 
 
 @dataclass

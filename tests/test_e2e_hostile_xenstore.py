@@ -111,6 +111,7 @@ def test_non_domid_backend_entries_ignored(dom0, bystander):
         time.sleep(0.05)
     assert "bad frontend path" in dom0.xs.read(error_path(7))
     assert {g["domid"] for g in dom0.status()["guests"]} <= {2, 7}
+    assert dom0.log_tail(200).count("not a domid") == 1          # once, not on every watch event
     still_fine(dom0, bystander)
 
 

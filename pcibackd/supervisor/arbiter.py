@@ -69,6 +69,7 @@ class Supervisor:
         self.spawner = Spawner()
         self.runtime = Path(cfg.runtime_dir)
         self.malformed = 0
+        self.ignored_names: set[str] = set()
 
     # ------------------------------------------------------------ setup --
     def _setup(self) -> None:
@@ -175,7 +176,9 @@ class Supervisor:
         present = {}
         for untrusted_domid in self.xs.ls(BACKEND_ROOT):
             if not untrusted_domid.isdigit() or len(untrusted_domid) > 5:
-                logger.warning("ignoring {}/{!r}: not a domid", BACKEND_ROOT, untrusted_domid[:20])
+                if untrusted_domid not in self.ignored_names:       # once per name, not per event
+                    self.ignored_names.add(untrusted_domid)
+                    logger.warning("ignoring {}/{!r}: not a domid", BACKEND_ROOT, untrusted_domid[:20])
                 continue
             domid = int(untrusted_domid)
             if domid == 0 or domid >= 0x7FF0:
@@ -311,7 +314,7 @@ class Supervisor:
         if self.xs.exists(f"/local/domain/{guest.domid}"):
             return
         self.xs.rm(f"{BACKEND_ROOT}/{guest.domid}")
-        self.xs.rm(f"/local/domain/0/error/backend/pci/{guest.domid}")
+        # The error node (if any) stays: it tells the administrator what happened.
         logger.info("domain {} is gone: its PCI backend nodes were removed", guest.domid)
 
     def _manage(self) -> None:

@@ -206,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("bdf")
     a.add_argument("--opts", default=DEFAULT_OPTS, help=f"opts-N value (default {DEFAULT_OPTS})")
     a.add_argument("--seize", action="store_true", help="unbind from dom0's driver, bind pci-stub first")
+    a.add_argument("--permissions", action="store_true",
+                   help="grant the guest the function's BARs and legacy IRQ like libxl (real Xen)")
     d = sub.add_parser("detach", help="take BDF away from DOMID (hot-unplug)")
     d.add_argument("domid", type=int)
     d.add_argument("bdf")
@@ -223,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
                 if xs.read(f"/local/domain/{args.domid}/name") is None:
                     print(f"domain {args.domid} does not exist", file=sys.stderr)
                     return 1
+                if args.permissions:
+                    from .xenctrl import grant_device
+                    print(f"dom{args.domid}: granted " + ", ".join(grant_device(args.domid, bdf)))
                 n = ts.attach(args.domid, bdf, opts=args.opts)
                 print(f"dom{args.domid}: {bdf} attached as dev-{n[0]}")
             elif args.cmd == "detach":

@@ -164,6 +164,10 @@ def test_teardown_and_worker_exit(dom0):
     setup_guest(dom0, 1, [EDU])
     front = dom0.frontend(1)
     front.connect()
+    dev = dom0.host.open(BDF.parse(EDU[1]))
+    power_on = dev.config_bytes()
+    assert front.conf_write(BDF(0, 0, 0, 0), 0x04, 2, 0x0107) == Err.success   # the guest turns bus master on
+    assert dev.read(0x04, 2) & 0x4
     pid = dom0.guest_status(1)["pid"]
     assert dom0.toolstack.destroy(1) is True           # backend reached Closed
     import time
@@ -173,3 +177,4 @@ def test_teardown_and_worker_exit(dom0):
         time.sleep(0.05)
     import psutil
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert dev.config_bytes() == power_on           # reset before the claim was released

@@ -187,6 +187,9 @@ for attempt in 1 2; do
   cp serial.log "serial-hung-$attempt.log"
 done
 [ "$QRC" = 124 ] && log "QEMU hit the ${TMO}s bound"
+if [ "$QRC" = 125 ]; then   # dom0 hung early in boot twice: TCG, not pcibackd
+  log "dom0 did not boot in two attempts (TCG); no result"; exit 77
+fi
 [ -s qemu.out ] && sed 's/^/  qemu: /' qemu.out | head -20
 
 # ------------------------------------------------------------ 7. report

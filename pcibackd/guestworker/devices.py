@@ -106,12 +106,26 @@ class DeviceSet:
         for host in hosts:
             entry = self.entries.pop(host, None)
             if entry:
+                if forget_state:
+                    # The device leaves its guest: reset it before the claim goes,
+                    # so the next user never sees this guest's settings.
+                    self._reset(host, entry[1])
+                    self._snap_path(host).unlink(missing_ok=True)
                 os.close(entry[2])
                 self.policy.forget(host)
-                if forget_state:
-                    self._snap_path(host).unlink(missing_ok=True)
                 logger.info("removed {}", host)
         self._publish_map()
+
+    @staticmethod
+    def _reset(host: BDF, conf) -> None:
+        reset = getattr(conf.port, "reset", None)
+        if reset is None:
+            return
+        try:
+            reset()
+            logger.info("reset {}", host)
+        except OSError as exc:
+            logger.warning("{}: reset failed: {}", host, exc)
 
     def _claim(self, host: BDF) -> int:
         fd = os.open(self.lock_dir / f"{host}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)

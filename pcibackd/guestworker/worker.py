@@ -197,8 +197,13 @@ class Worker:
         if self.loop.ring:
             self.loop.ring.close()
             self.loop.ring = None
-        # Guest gone: drop the saved state; stopped by signal: keep it for a successor.
-        self.devices.close(forget_state=self.driver.exit_reason is not None)
+        # Guest gone (also when a SIGTERM raced our own watch event): reset the devices
+        # and drop the saved state; stopped with the guest still there: keep it for a successor.
+        try:
+            gone = self.driver.exit_reason is not None or not self.xs.exists(self.cfg.backend_path)
+        except OSError:
+            gone = False
+        self.devices.close(forget_state=gone)
         pidfile(self.cfg).unlink(missing_ok=True)
         if self.reporter:
             self.reporter.close()

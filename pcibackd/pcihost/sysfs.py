@@ -121,6 +121,14 @@ class SysfsDevice:
         if os.pwrite(self._fd, value.to_bytes(size, "little"), offset) != size:
             raise OSError(f"short config write at {offset:#x} on {self.bdf}")
 
+    def reset(self) -> None:
+        """Function reset through sysfs (the kernel saves and restores the
+        config state around it, like pciback's put path)."""
+        if not self.writable:
+            raise PermissionError(f"{self.bdf} was opened read-only: no reset")
+        with open(self.path / "reset", "w") as f:
+            f.write("1")
+
     def close(self) -> None:
         self._finalizer()
 

@@ -46,6 +46,7 @@ class Guest:
     adopted: bool = False            # left running by a previous supervisor
     token: str = ""                  # the worker proves its beats with this
     stop_deadline: float = 0.0
+    terminated: bool = False         # SIGTERM already sent while STOPPING
     restarts: int = 0
     failures: int = 0
     started_at: float = 0.0
@@ -203,7 +204,10 @@ class Supervisor:
                     del self.guests[domid]
                     logger.info("domain {} forgotten", domid)
                 elif guest.state != WorkerState.STOPPING:
-                    self._stop(guest)
+                    # The worker watches the same directory and finishes by itself
+                    # (resetting its devices); SIGTERM only if it has not within stop_timeout.
+                    guest.state, guest.terminated = WorkerState.STOPPING, False
+                    guest.stop_deadline = time.monotonic() + self.cfg.stop_timeout
 
     def _worker_config(self, guest: Guest) -> WorkerConfig:
         c = self.cfg
@@ -260,7 +264,7 @@ class Supervisor:
         logger.info("worker for domain {} started: pid {}", guest.domid, guest.pid)
 
     def _stop(self, guest: Guest) -> None:
-        guest.state = WorkerState.STOPPING
+        guest.state, guest.terminated = WorkerState.STOPPING, True
         guest.stop_deadline = time.monotonic() + self.cfg.stop_timeout
         self._signal(guest, signal.SIGTERM)
 
@@ -322,10 +326,15 @@ class Supervisor:
         now = time.monotonic()
         for guest in list(self.guests.values()):
             if guest.state == WorkerState.STOPPING and guest.sentinel is not None and now > guest.stop_deadline:
-                logger.error("worker for domain {} ignored SIGTERM for {:.0f} s: killing", guest.domid,
-                             self.cfg.stop_timeout)
-                self._signal(guest, signal.SIGKILL)
-                guest.stop_deadline = now + self.cfg.stop_timeout
+                if not guest.terminated:
+                    logger.warning("worker for domain {} did not finish after its backend went: SIGTERM",
+                                   guest.domid)
+                    self._stop(guest)
+                else:
+                    logger.error("worker for domain {} ignored SIGTERM for {:.0f} s: killing", guest.domid,
+                                 self.cfg.stop_timeout)
+                    self._signal(guest, signal.SIGKILL)
+                    guest.stop_deadline = now + self.cfg.stop_timeout
             elif guest.state == WorkerState.BACKOFF and now >= guest.restart_at:
                 guest.restarts += 1
                 self._start(guest)

@@ -20,10 +20,16 @@ mount -t sysfs sysfs $H/sys
 mount -t devtmpfs dev $H/dev
 mkdir -p $H/dev/pts; mount -t devpts devpts $H/dev/pts
 mount -t xenfs xenfs $H/proc/xen || die "mount xenfs"
+REPO=$(arg repo)
+# The checkout may live under a directory that gets a tmpfs below (a CI clone in
+# /tmp): keep it reachable by binding it aside and back at the same path.
+mkdir -p /repo
+mount -o bind "$H$REPO" /repo || die "bind $REPO"
 for d in run tmp var/lib/xen var/log; do mount -t tmpfs -o mode=0755 tmpfs $H/$d || die "tmpfs $d"; done
+mkdir -p "$H$REPO" 2>/dev/null
+mount -o bind /repo "$H$REPO" || die "rebind $REPO"
 chmod 1777 $H/tmp
 mkdir -p $H/tmp/out
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 laneout $H/tmp/out || die "mount laneout"
-REPO=$(arg repo)
 [ -f "$H$REPO/xenlane/dom0-main.sh" ] || die "no $REPO/xenlane/dom0-main.sh in the shared host root"
 exec chroot $H /bin/bash "$REPO/xenlane/dom0-main.sh"

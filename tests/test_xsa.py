@@ -11,7 +11,6 @@ from __future__ import annotations
 import random
 import sys
 import threading
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st

@@ -154,8 +154,7 @@ class ConfSpace:
                 return _OK, emu
             return _OK, (self._pread(untrusted_offset, untrusted_size) & ~mask) | emu
         except OSError as exc:
-            logger.opt(lazy=True).debug("{}: config read failed: {}", lambda: self.info.bdf,
-                                        lambda: exc)
+            logger.debug("{}: config read failed: {}", self.info.bdf, exc)
             return _FAILED, 0
 
     def write(self, untrusted_offset: int, untrusted_size: int, untrusted_value: int) -> int:

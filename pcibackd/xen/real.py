@@ -19,7 +19,7 @@ import errno
 import fcntl
 import mmap
 import os
-from ctypes import POINTER, c_int, c_uint, c_uint32, c_void_p
+from ctypes import POINTER, c_int, c_uint, c_uint8, c_uint32, c_ulong, c_void_p
 from typing import Callable
 
 from . import atomic
@@ -52,6 +52,15 @@ _LIBS: dict[str, tuple[str, str, dict[str, tuple[object, list[object]]]]] = {
         "xenevtchn_pending": (c_int, [c_void_p]),
         "xenevtchn_unmask": (c_int, [c_void_p, c_uint32]),
     }),
+    # toolstack-side grants (pcibackd.xen.xenctrl)
+    "ctrl": ("libxenctrl.so.4.17", "libxenctrl4.17", {
+        "xc_interface_open": (c_void_p, [c_void_p, c_void_p, c_uint]),
+        "xc_interface_close": (c_int, [c_void_p]),
+        "xc_domain_iomem_permission": (c_int, [c_void_p, c_uint32, c_ulong, c_ulong, c_uint8]),
+        "xc_domain_ioport_permission": (c_int, [c_void_p, c_uint32, c_uint32, c_uint32, c_uint32]),
+        "xc_physdev_map_pirq": (c_int, [c_void_p, c_uint32, c_int, POINTER(c_int)]),
+        "xc_domain_irq_permission": (c_int, [c_void_p, c_uint32, c_uint32, c_uint8]),
+    }),
 }
 
 # the device node each handle kind opens: checked first for a clear error
@@ -61,7 +70,7 @@ _loaded: dict[str, ctypes.CDLL] = {}
 
 
 def load_library(kind: str) -> ctypes.CDLL:
-    """The ctypes handle of ``kind`` ("gnttab" or "evtchn") with typed functions."""
+    """The ctypes handle of ``kind`` ("gnttab", "evtchn" or "ctrl") with typed functions."""
     if kind not in _loaded:
         soname, package, functions = _LIBS[kind]
         try:

@@ -15,42 +15,20 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import os
-from ctypes import POINTER, c_int, c_uint, c_uint8, c_uint32, c_ulong, c_void_p
 from pathlib import Path
 
 from ..pcihost.bdf import BDF
 from ..pcihost.sysfs import parse_resource_text
 from .platform import PlatformError
+from .real import _failure, load_library
 
-SONAME = "libxenctrl.so.4.17"
-_FUNCS = {
-    "xc_interface_open": (c_void_p, [c_void_p, c_void_p, c_uint]),
-    "xc_interface_close": (c_int, [c_void_p]),
-    "xc_domain_iomem_permission": (c_int, [c_void_p, c_uint32, c_ulong, c_ulong, c_uint8]),
-    "xc_domain_ioport_permission": (c_int, [c_void_p, c_uint32, c_uint32, c_uint32, c_uint32]),
-    "xc_physdev_map_pirq": (c_int, [c_void_p, c_uint32, c_int, POINTER(c_int)]),
-    "xc_domain_irq_permission": (c_int, [c_void_p, c_uint32, c_uint32, c_uint8]),
-}
 IORESOURCE_IO, IORESOURCE_MEM = 0x100, 0x200
 PAGE_SHIFT = 12
 
 
-def _lib() -> ctypes.CDLL:
-    try:
-        lib = ctypes.CDLL(SONAME, use_errno=True)
-    except OSError as exc:
-        raise PlatformError(errno.ENOENT, f"cannot load {SONAME} (Debian package libxenctrl4.17): {exc}") from exc
-    for name, (res, args) in _FUNCS.items():
-        fn = getattr(lib, name)
-        fn.restype, fn.argtypes = res, args
-    return lib
-
-
 def _check(rc: int, what: str) -> None:
     if rc < 0:
-        err = ctypes.get_errno() or errno.EIO
-        raise PlatformError(err, f"{what}: {os.strerror(err)}")
+        raise _failure(what)
 
 
 def grants_for(bdf: BDF, root: Path = Path("/")) -> list[tuple[str, int, int]]:
@@ -73,7 +51,7 @@ def grants_for(bdf: BDF, root: Path = Path("/")) -> list[tuple[str, int, int]]:
 
 def grant_device(domid: int, bdf: BDF, allow: bool = True, root: Path = Path("/")) -> list[str]:
     """Grant (or revoke) ``domid`` the function's BARs and legacy IRQ, as libxl does."""
-    lib = _lib()
+    lib = load_library("ctrl")
     xch = lib.xc_interface_open(None, None, 0)
     if not xch:
         raise PlatformError(ctypes.get_errno() or errno.EACCES, "xc_interface_open failed (not dom0?)")
@@ -86,7 +64,7 @@ def grant_device(domid: int, bdf: BDF, allow: bool = True, root: Path = Path("/"
                 _check(lib.xc_domain_ioport_permission(xch, domid, a, n, int(allow)), f"ioport {a:#x}+{n}")
             else:
                 if allow:
-                    pirq = c_int(a)
+                    pirq = ctypes.c_int(a)
                     _check(lib.xc_physdev_map_pirq(xch, domid, a, ctypes.byref(pirq)), f"map_pirq {a}")
                     a = pirq.value
                 _check(lib.xc_domain_irq_permission(xch, domid, a, int(allow)), f"irq_permission {a}")

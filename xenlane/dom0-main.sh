@@ -15,7 +15,12 @@ set -u
 export PATH=/usr/lib/xen-4.17/bin:/usr/sbin:/usr/bin:/sbin:/bin
 # the host's / is read-only here: caches and homes go to the tmpfs /tmp
 export PYTHONDONTWRITEBYTECODE=1 LC_ALL=C HOME=/tmp XDG_CACHE_HOME=/tmp/.cache
+# a crashing Python prints every thread's stack; any crashing process leaves a
+# core in out/ (the host's gdb reads it: dom0 runs the host's own binaries)
+export PYTHONFAULTHANDLER=1
 OUT=/tmp/out
+ulimit -c unlimited
+echo "$OUT/core.%e.%p" > /proc/sys/kernel/core_pattern
 # shellcheck source=/dev/null
 . $OUT/lane.conf
 : "${LANE_REPO:?}" "${LANE_PY:?}" "${LANE_KX:?}" "${LANE_GUEST:?}" "${LANE_DEVICES:?}"
@@ -46,7 +51,11 @@ driver_of() { local l; l=$(readlink "/sys/bus/pci/devices/$1/driver" 2>/dev/null
 finish() {
   log "finishing: $1"
   xl list > $OUT/xl-list-final.txt 2>&1
+  segv=$(dmesg | grep -E 'segfault at|general protection|traps:' | head -5)
+  if [ -z "$segv" ]; then result all dom0 no-crashed-process PASS ""
+  else result all dom0 no-crashed-process FAIL "$(echo "$segv" | tr '\n' ';')"; fi
   dmesg > $OUT/dmesg.txt 2>&1
+  xl dmesg > $OUT/xl-dmesg.txt 2>&1
   echo "$1" > $OUT/DONE
   sync; sleep 0.5
   reboot -f   # Xen resets the machine; QEMU runs with -no-reboot and exits

@@ -51,6 +51,12 @@ driver_of() { local l; l=$(readlink "/sys/bus/pci/devices/$1/driver" 2>/dev/null
 finish() {
   log "finishing: $1"
   xl list > $OUT/xl-list-final.txt 2>&1
+  if [ -n "${CANARY:-}" ]; then
+    kill -TERM "$CANARY" 2>/dev/null; poll 20 grep -q "canary stopped" $OUT/canary.txt
+    if grep -q CORRUPT $OUT/canary.txt; then result all dom0 memory-intact FAIL "$(grep -c CORRUPT $OUT/canary.txt) foreign write(s): $(grep -m1 CORRUPT $OUT/canary.txt); see canary.txt"
+    elif grep -q "canary stopped" $OUT/canary.txt; then result all dom0 memory-intact PASS "$(tail -1 $OUT/canary.txt | cut -d' ' -f2-)"
+    else result all dom0 memory-intact FAIL "the canary did not report (died?)"; fi
+  fi
   segv=$(dmesg | grep -E 'segfault at|general protection|traps:' | head -5)
   if [ -z "$segv" ]; then result all dom0 no-crashed-process PASS ""
   else result all dom0 no-crashed-process FAIL "$(echo "$segv" | tr '\n' ';')"; fi
@@ -82,6 +88,9 @@ xenconsoled --log=guest --log-dir=$CON --pid-file=/run/xenconsoled.pid || finish
 xl info > $OUT/xl-info.txt 2>&1
 ls -l /dev/xen >> $OUT/dom0.log 2>&1
 log "dom0 services up at $(up)s"
+# memory canary: reports any write into its pages (see canary.py)
+$LANE_PY "$LANE_REPO/xenlane/canary.py" $OUT/canary.txt "${LANE_CANARY_MB:-160}" &
+CANARY=$!
 
 # the real platform layer against real /dev/xen (grant to self, evtchn loopback)
 # (no plugins, no conftest: every import costs seconds under TCG)
@@ -176,6 +185,9 @@ start_daemon() {
   fi
 }
 
+header_of() { head -c 64 "/sys/bus/pci/devices/$1/config" | od -An -tx1 -w16; }
+backend_past_initwait() { local st; st=$(xenstore-read "/local/domain/0/backend/pci/$1/0/state" 2>/dev/null); [ "${st:-0}" -ge 3 ]; }
+
 tree_of() { # pid -> "pid args" of each descendant (ps, not python: a python start costs seconds here)
   ps -e -o pid=,ppid=,args= | awk -v root="$1" '
     { pid[NR] = $1; ppid[NR] = $2; line[NR] = $0 }
@@ -213,6 +225,9 @@ run_pcibackd() { # dev
   fi
   if [ "$(driver_of "$bdf")" = pci-stub ]; then result "$dev" pcibackd held-by-pci-stub PASS ""
   else result "$dev" pcibackd held-by-pci-stub FAIL "driver=$(driver_of "$bdf") override=$(cat /sys/bus/pci/devices/$bdf/driver_override)"; fi
+  # the header as the worker took it (it is exported before the backend leaves InitWait)
+  poll 30 backend_past_initwait "$d" || result "$dev" pcibackd backend-initialised FAIL "state $(xenstore-read "/local/domain/0/backend/pci/$d/0/state" 2>&1)"
+  header_of "$bdf" > "/tmp/$dev.header.seized"
   xl unpause "$name" || result "$dev" pcibackd xl-unpause FAIL "rc=$?"
   log "$dev/pcibackd: domain $d unpaused"
   collect "$dev" pcibackd "$name" "$d"
@@ -225,6 +240,11 @@ run_pcibackd() { # dev
   else result "$dev" pcibackd worker-gone FAIL "left: $(tree_of "$DPID" | tr '\n' ';')"; fi
   if [ "$(driver_of "$bdf")" = pci-stub ]; then result "$dev" pcibackd held-after-destroy PASS ""
   else result "$dev" pcibackd held-after-destroy FAIL "driver=$(driver_of "$bdf")"; fi
+  released=$(grep "released $bdf" "$OUT/pcibackd.log" | tail -1 | sed 's/.*released/released/')
+  header_of "$bdf" > "/tmp/$dev.header.after"
+  if [ -z "$released" ]; then result "$dev" pcibackd released-as-seized FAIL "no 'released $bdf' in pcibackd.log"
+  elif cmp -s "/tmp/$dev.header.seized" "/tmp/$dev.header.after"; then result "$dev" pcibackd released-as-seized PASS "$released"
+  else result "$dev" pcibackd released-as-seized FAIL "header differs: $(diff "/tmp/$dev.header.seized" "/tmp/$dev.header.after" | tr '\n' ' ')"; fi
   if kill -0 "$DPID" 2>/dev/null; then result "$dev" pcibackd daemon-alive PASS ""
   else result "$dev" pcibackd daemon-alive FAIL "pcibackd died"; fi
 }

@@ -8,6 +8,12 @@ kernel so its successor can take it again.
 The emulated config-space state of each device is saved outside the worker
 (``<runtime>/state/dom<N>-<bdf>.snap``, written atomically at every change) so
 a restarted worker continues where its predecessor stopped.
+
+The function's header as it was before any guest had it is kept in
+``<runtime>/state/<bdf>.orig`` from its first export until it has been reset
+and restored on leaving (:mod:`pcibackd.pcihost.release`); a guest whose
+worker was abandoned mid-way therefore never becomes the next guest's
+"original".
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from pathlib import Path
 from loguru import logger
 
 from ..pcihost.bdf import BDF
+from ..pcihost.release import capture_header, restore_header
 from .ops import Dispatcher
 
 
@@ -86,6 +93,9 @@ class DeviceSet:
                 logger.warning("{}: no saved config-space state; starting from the captured state", host)
         else:
             snap_path.unlink(missing_ok=True)     # a fresh guest never inherits old state
+        orig = self._orig_path(host)
+        if not orig.exists():
+            self._write_atomic(orig, capture_header(port))
         conf = ConfSpace.build(port, self.policy.for_device(port.info), snapshot)
         if _truthy(opts.get("permissive")):
             conf.permissive = True                # libxl's permissive=1 (pciback/permissive)
@@ -96,36 +106,56 @@ class DeviceSet:
     def _snap_path(self, host: BDF) -> Path:
         return self.state_dir / f"dom{self.cfg.domid}-{host}.snap"
 
-    def _save(self, host: BDF, conf) -> None:
-        path = self._snap_path(host)
+    def _orig_path(self, host: BDF) -> Path:
+        return self.state_dir / f"{host}.orig"
+
+    @staticmethod
+    def _write_atomic(path: Path, data: bytes) -> None:
         tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(conf.snapshot())
+        tmp.write_bytes(data)
         os.replace(tmp, path)
+
+    def _save(self, host: BDF, conf) -> None:
+        self._write_atomic(self._snap_path(host), conf.snapshot())
 
     def remove(self, hosts, forget_state: bool = True) -> None:
         for host in hosts:
             entry = self.entries.pop(host, None)
             if entry:
                 if forget_state:
-                    # The device leaves its guest: reset it before the claim goes,
-                    # so the next user never sees this guest's settings.
-                    self._reset(host, entry[1])
+                    # The device leaves its guest: reset and restore it before the
+                    # claim goes, so the next user never sees this guest's settings.
+                    self._release(host, entry[1].port)
                     self._snap_path(host).unlink(missing_ok=True)
                 os.close(entry[2])
                 self.policy.forget(host)
                 logger.info("removed {}", host)
         self._publish_map()
 
-    @staticmethod
-    def _reset(host: BDF, conf) -> None:
-        reset = getattr(conf.port, "reset", None)
-        if reset is None:
-            return
+    def _release(self, host: BDF, port) -> None:
+        """Reset (when the function has a method) and restore the seize-time header."""
         try:
+            reset = getattr(port, "reset", None)
+            if reset is None:
+                raise FileNotFoundError
             reset()
-            logger.info("reset {}", host)
+            how = "reset"
+        except FileNotFoundError:
+            how = "no reset method"
         except OSError as exc:
+            how = f"reset failed ({exc})"
             logger.warning("{}: reset failed: {}", host, exc)
+        orig = self._orig_path(host)
+        try:
+            restored = restore_header(port, orig.read_bytes())
+        except FileNotFoundError:
+            logger.warning("{}: no saved header to restore ({} missing)", host, orig)
+            return
+        except (OSError, ValueError) as exc:
+            logger.warning("{}: restoring its header failed: {}", host, exc)
+            return
+        orig.unlink(missing_ok=True)
+        logger.info("released {}: {}; {} header register(s) restored", host, how, len(restored))
 
     def _claim(self, host: BDF) -> int:
         fd = os.open(self.lock_dir / f"{host}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)

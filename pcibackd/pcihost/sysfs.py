@@ -122,12 +122,18 @@ class SysfsDevice:
             raise OSError(f"short config write at {offset:#x} on {self.bdf}")
 
     def reset(self) -> None:
-        """Function reset through sysfs (the kernel saves and restores the
-        config state around it, like pciback's put path)."""
+        """Function reset through sysfs ``reset`` (the kernel saves and restores
+        the current config state around it).  FileNotFoundError when the
+        function has no reset method: the kernel then hides the attribute."""
         if not self.writable:
             raise PermissionError(f"{self.bdf} was opened read-only: no reset")
-        with open(self.path / "reset", "w") as f:
-            f.write("1")
+        # No O_CREAT: creating a missing sysfs attribute fails with EACCES,
+        # which would hide the real reason (no reset method).
+        fd = os.open(self.path / "reset", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"1")
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         self._finalizer()

@@ -1,0 +1,74 @@
+"""A function leaves its guest as it was seized: reset when it can be, header restored always."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from pcibackd.guestworker.devices import DeviceSet
+from pcibackd.pcihost import BDF, SimHost, SysfsDevice
+from pcibackd.pcihost.release import HEADER_SIZE, capture_header, restore_header
+
+BDF_ = BDF(0, 0x42, 3, 0)
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> SimHost:
+    return SimHost(tmp_path / "sim")
+
+
+def _guest_scribbles(port) -> None:
+    port.write(0x04, 2, 0x0000)          # decoding off
+    port.write(0x10, 4, 0xFFFFFFFF)      # BAR sizing left behind
+    port.write(0x0C, 1, 0x10)
+    port.write(0x3C, 1, 0x05)
+
+
+def test_restore_header_puts_back_what_a_guest_changed(host):
+    dev = host.add("e1000e", BDF_)
+    dev.write(0x04, 2, 0x0007)
+    saved = capture_header(dev)
+    assert len(saved) == HEADER_SIZE and saved == dev.config_bytes()[:HEADER_SIZE]
+    _guest_scribbles(dev)
+    assert dev.config_bytes()[:HEADER_SIZE] != saved
+    dev.clear_write_log()
+    written = restore_header(dev, saved)
+    assert dev.config_bytes()[:HEADER_SIZE] == saved
+    assert set(written) == {0x04, 0x10, 0x0C, 0x3C}
+    assert written[-1] == 0x04                          # decoding back on only once BARs are right
+    assert all(r.offset != 0x0F and not (r.offset == 0x0C and r.size == 4) for r in dev.write_log())  # BIST
+    assert restore_header(dev, saved) == []             # nothing differs: nothing written
+
+
+def test_restore_header_rejects_a_torn_capture(host):
+    dev = host.add("edu", BDF_)
+    with pytest.raises(ValueError):
+        restore_header(dev, capture_header(dev)[:60])
+
+
+def test_sysfs_reset_without_a_reset_method_is_not_found_and_creates_nothing(host):
+    host.add("edu", BDF_)
+    with SysfsDevice(BDF_, root=host.root, writable=True) as dev:
+        with pytest.raises(FileNotFoundError):
+            dev.reset()
+        assert not (dev.path / "reset").exists()
+        (dev.path / "reset").write_text("")
+        dev.reset()
+        assert (dev.path / "reset").read_text() == "1"
+    with SysfsDevice(BDF_, root=host.root) as ro, pytest.raises(PermissionError):
+        ro.reset()
+
+
+def test_release_without_reset_method_restores_the_seize_time_header(host, tmp_path):
+    host.add("edu", BDF_)
+    cfg = SimpleNamespace(state_dir=str(tmp_path / "run"), sim_dir=None, policy_path=None, domid=7)
+    devices = DeviceSet(cfg, dispatcher=None)
+    with SysfsDevice(BDF_, root=host.root, writable=True) as dev:
+        seized = capture_header(dev)
+        devices._write_atomic(devices._orig_path(BDF_), seized)
+        _guest_scribbles(dev)
+        devices._release(BDF_, dev)
+        assert capture_header(dev) == seized
+    assert not devices._orig_path(BDF_).exists()        # the next guest captures afresh

@@ -20,3 +20,27 @@ def test_grants_from_resource_and_irq(tmp_path):
                                        ("iomem", 0xFEB00, 64), ("irq", 21, 0)]
     (dev / "irq").write_text("0\n")
     assert ("irq", 0, 0) not in grants_for(B, tmp_path)
+
+
+def test_sbdf_is_libxl_encoding():
+    from pcibackd.xen.xenctrl import sbdf
+    assert sbdf(BDF.parse("0001:02:1f.7")) == 0x1 << 16 | 0x02 << 8 | 0x1F << 3 | 7
+    assert sbdf(B) == 0x28
+
+
+def test_iommu_assignment_outside_xen_is_a_clear_error():
+    import os
+
+    import pytest
+
+    from pcibackd.xen import xenctrl
+    from pcibackd.xen.platform import PlatformError
+    if os.path.exists("/dev/xen/privcmd"):
+        pytest.skip("a real Xen domain: assignment would act")
+    try:
+        xenctrl.load_library("ctrl")
+    except PlatformError:
+        pytest.skip("libxenctrl not installed")
+    for call in (lambda: xenctrl.assign_device(xenctrl.DOMID_IO, B), lambda: xenctrl.deassign_device(3, B)):
+        with pytest.raises(PlatformError, match="xc_interface_open failed"):
+            call()

@@ -16,7 +16,7 @@
 # every check passed and every difference has a reason.
 # Env: XENLANE_CACHE, XENLANE_PYTHON (python for dom0, default .venv/bin/python),
 #      XENLANE_TIMEOUT (seconds for QEMU), XENLANE_DAEMON_CMD, XENLANE_ATTACH_CMD
-#      (attach template with {domid} {bdf}), XENLANE_SKIP_APT=1.
+#      (attach template with {domid} {bdf}), XENLANE_SKIP_APT=1, XENLANE_CPU (QEMU -cpu).
 set -euo pipefail
 LANE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(dirname "$LANE")
@@ -142,11 +142,12 @@ TMO=${XENLANE_TIMEOUT:-$(( 300 + 170 * NDEV * NMODE ))}
 XENARGS="console=com1 com1=115200 dom0_mem=1024M,max:1024M smap=0 loglvl=warning guest_loglvl=warning"
 DOM0ARGS="console=hvc0 earlyprintk=xen loglevel=6 lane.repo=$REPO"
 BOOT_TMO=${XENLANE_BOOT_TIMEOUT:-150}
+CPU=${XENLANE_CPU:-max}
 echo "LANE_DEADLINE=$(( TMO - 40 ))" >> "$RUN/out/lane.conf"
 cd "$RUN"
 run_qemu() { # one boot; rc 124 = overall bound, 125 = dom0 never came up (TCG boot hang)
   rm -f serial.log qemu.out; : > serial.log
-  timeout --kill-after=10 "$TMO" qemu-system-x86_64 -accel "tcg${XENLANE_TCG_OPTS:-}" -machine q35 -cpu max -smp 2 -m 3072 \
+  timeout --kill-after=10 "$TMO" qemu-system-x86_64 -accel "tcg${XENLANE_TCG_OPTS:-}" -machine q35 -cpu "$CPU" -smp 2 -m 3072 \
     -display none -vga none -no-reboot -nic none -serial file:serial.log \
     -device intel-iommu,intremap=on \
     -device edu,addr=0x5 -device pci-testdev,addr=0x6 -device e1000e,addr=0x7 \
@@ -177,7 +178,7 @@ run_qemu() { # one boot; rc 124 = overall bound, 125 = dom0 never came up (TCG b
 }
 QRC=0
 for attempt in 1 2; do
-  log "QEMU (TCG) with $DEVICES, modes: $MODES; bounded to ${TMO}s (attempt $attempt)"
+  log "QEMU (TCG, -cpu $CPU) with $DEVICES, modes: $MODES; bounded to ${TMO}s (attempt $attempt)"
   find "$RUN/out" -mindepth 1 ! -name lane.conf -delete
   T_QEMU=$(date +%s)
   QRC=0; run_qemu || QRC=$?

@@ -70,6 +70,11 @@ def seize(bdf: BDF, state_dir: Path, stub: str = STUB, root: Path = Path("/")) -
     return record
 
 
+def is_seized(bdf: BDF, state_dir: Path) -> bool:
+    """Whether :func:`seize` holds ``bdf`` (a record exists)."""
+    return (Path(state_dir) / "seized" / str(bdf)).exists()
+
+
 def release(bdf: BDF, state_dir: Path, root: Path = Path("/")) -> dict | None:
     """Undo :func:`seize` (unbind the stub, restore the override, re-probe)."""
     record_path = Path(state_dir) / "seized" / str(bdf)

@@ -60,6 +60,8 @@ _LIBS: dict[str, tuple[str, str, dict[str, tuple[object, list[object]]]]] = {
         "xc_domain_ioport_permission": (c_int, [c_void_p, c_uint32, c_uint32, c_uint32, c_uint32]),
         "xc_physdev_map_pirq": (c_int, [c_void_p, c_uint32, c_int, POINTER(c_int)]),
         "xc_domain_irq_permission": (c_int, [c_void_p, c_uint32, c_uint32, c_uint8]),
+        "xc_assign_device": (c_int, [c_void_p, c_uint32, c_uint32, c_uint32]),
+        "xc_deassign_device": (c_int, [c_void_p, c_uint32, c_uint32]),
     }),
 }
 

@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     import sys
     from pathlib import Path
 
-    from ..pcihost.seize import SeizeError, release, seize
+    from ..pcihost.seize import SeizeError, is_seized, seize
     from .xenstore import XenStore
 
     p = argparse.ArgumentParser(prog="python -m pcibackd.xen.toolstack", description=main.__doc__,
@@ -207,12 +207,17 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--opts", default=DEFAULT_OPTS, help=f"opts-N value (default {DEFAULT_OPTS})")
     a.add_argument("--seize", action="store_true", help="unbind from dom0's driver, bind pci-stub first")
     a.add_argument("--permissions", action="store_true",
-                   help="grant the guest the function's BARs and legacy IRQ like libxl (real Xen)")
+                   help="real Xen: do libxl's hypervisor part too: quarantine the function at seize, grant "
+                        "the guest its BARs and legacy IRQ, and assign it to the guest in the IOMMU")
     d = sub.add_parser("detach", help="take BDF away from DOMID (hot-unplug)")
     d.add_argument("domid", type=int)
     d.add_argument("bdf")
+    d.add_argument("--permissions", action="store_true",
+                   help="real Xen: revoke the grants and deassign the function (back to quarantine)")
     x = sub.add_parser("destroy", help="tear down DOMID's PCI backend and release seized devices")
     x.add_argument("domid", type=int)
+    x.add_argument("--permissions", action="store_true",
+                   help="real Xen: take released functions out of quarantine, back to dom0")
     args = p.parse_args(argv)
     state = Path(args.state_dir)
     try:
@@ -220,32 +225,51 @@ def main(argv: list[str] | None = None) -> int:
             ts = Toolstack(xs, timeout=args.timeout)
             if args.cmd == "attach":
                 bdf = BDF.parse(args.bdf)
-                if args.seize:
-                    seize(bdf, state)
                 if xs.read(f"/local/domain/{args.domid}/name") is None:
                     print(f"domain {args.domid} does not exist", file=sys.stderr)
                     return 1
+                newly_seized = args.seize and not is_seized(bdf, state)
+                if args.seize:
+                    seize(bdf, state)
                 if args.permissions:
-                    from .xenctrl import grant_device
-                    print(f"dom{args.domid}: granted " + ", ".join(grant_device(args.domid, bdf)))
+                    from . import xenctrl
+                    if newly_seized:
+                        print(xenctrl.assign_device(xenctrl.DOMID_IO, bdf))
+                    print(f"dom{args.domid}: granted " + ", ".join(xenctrl.grant_device(args.domid, bdf)))
+                    print(xenctrl.assign_device(args.domid, bdf))
                 n = ts.attach(args.domid, bdf, opts=args.opts)
                 print(f"dom{args.domid}: {bdf} attached as dev-{n[0]}")
             elif args.cmd == "detach":
                 bdf = BDF.parse(args.bdf)
                 ts.detach(args.domid, bdf)
-                release(bdf, state)
+                if args.permissions:
+                    from . import xenctrl
+                    print(xenctrl.deassign_device(args.domid, bdf))
+                    xenctrl.grant_device(args.domid, bdf, allow=False)
+                _release(bdf, state, args.permissions)
                 print(f"dom{args.domid}: {bdf} detached")
             else:
                 devs = [xs.read(f"{backend_path(args.domid)}/dev-{i}")
                         for i in range(int(xs.read(f"{backend_path(args.domid)}/num_devs") or "0"))]
                 closed = ts.destroy(args.domid)
                 for d in filter(None, devs):
-                    release(BDF.parse(d), state)
+                    _release(BDF.parse(d), state, args.permissions)
                 print(f"dom{args.domid}: PCI backend {'closed' if closed else 'removed after timeout'}")
     except (OSError, TimeoutError, ValueError, LookupError, SeizeError) as exc:
         print(f"toolstack: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _release(bdf: BDF, state, permissions: bool) -> None:
+    """Give a seized function back to dom0 (out of quarantine first, as pci-assignable-remove)."""
+    from ..pcihost.seize import is_seized, release
+    if not is_seized(bdf, state):
+        return                                  # not seized by us: nothing to hand back
+    if permissions:
+        from . import xenctrl
+        print(xenctrl.deassign_device(xenctrl.DOMID_IO, bdf))
+    release(bdf, state)
 
 
 if __name__ == "__main__":

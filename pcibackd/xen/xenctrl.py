@@ -1,14 +1,24 @@
-"""libxenctrl calls of the toolstack side (ctypes): what libxl grants a PV
-guest for each passed-through function before the backend exports it
-(docs: pciback-protocol.md §2.3 step 1, §6.3):
+"""libxenctrl calls of the toolstack side (ctypes): what libxl does in the
+hypervisor for each passed-through function (docs: pciback-protocol.md §2.3
+step 1, §2.6, §6.3):
 
-* ``xc_domain_iomem_permission`` for every memory BAR (and the ROM),
-* ``xc_domain_ioport_permission`` for every I/O BAR,
-* ``xc_physdev_map_pirq(domid, irq, &pirq=irq)`` + ``xc_domain_irq_permission``
+* on ``pci-assignable-add``: quarantine, ``xc_assign_device(DOMID_IO, sbdf,
+  RDM_RELAXED)``, so the function's DMA reaches no domain's memory while it
+  waits (XSA-302/306);
+* before the backend exports it to a guest (:func:`grant_device`):
+  ``xc_domain_iomem_permission`` for every memory BAR (and the ROM),
+  ``xc_domain_ioport_permission`` for every I/O BAR,
+  ``xc_physdev_map_pirq(domid, irq, &pirq=irq)`` + ``xc_domain_irq_permission``
   for the legacy IRQ when ``0 < irq < 0xff`` (pcifront reads it from the
-  interrupt line and binds it as a PIRQ).
+  interrupt line and binds it as a PIRQ), then ``xc_assign_device(domid, sbdf,
+  0)``: the IOMMU confines its DMA to the guest's memory;
+* on hot-unplug ``xc_deassign_device(domid)`` (Xen puts it back in quarantine;
+  a destroyed domain's functions go there by themselves), and on
+  ``pci-assignable-remove`` ``xc_deassign_device(DOMID_IO)`` hands it back to dom0.
 
-Real Xen only; the simulated platform has nothing to grant.
+Without these a passed-through function stays in dom0's IOMMU context: DMA it
+is made to do lands in dom0's memory.  Real Xen only; the simulated platform
+has nothing to grant.
 """
 
 from __future__ import annotations
@@ -24,6 +34,13 @@ from .real import _failure, load_library
 
 IORESOURCE_IO, IORESOURCE_MEM = 0x100, 0x200
 PAGE_SHIFT = 12
+DOMID_IO = 0x7FF1
+XEN_DOMCTL_DEV_RDM_RELAXED = 1
+
+
+def sbdf(bdf: BDF) -> int:
+    """libxl's machine_sbdf encoding: segment << 16 | bus << 8 | devfn."""
+    return bdf.domain << 16 | bdf.bus << 8 | bdf.dev << 3 | bdf.fn
 
 
 def _check(rc: int, what: str) -> None:
@@ -49,14 +66,54 @@ def grants_for(bdf: BDF, root: Path = Path("/")) -> list[tuple[str, int, int]]:
     return out
 
 
+class _Xc:
+    """An open libxenctrl handle (context manager)."""
+
+    def __enter__(self):
+        self.lib = load_library("ctrl")
+        self.xch = self.lib.xc_interface_open(None, None, 0)
+        if not self.xch:
+            raise PlatformError(ctypes.get_errno() or errno.EACCES, "xc_interface_open failed (not dom0?)")
+        return self.lib, self.xch
+
+    def __exit__(self, *exc) -> None:
+        self.lib.xc_interface_close(self.xch)
+
+
+def assign_device(domid: int, bdf: BDF) -> str:
+    """Put the function in ``domid``'s IOMMU context (``DOMID_IO``: quarantine).
+
+    Returns what was done; a Xen without an IOMMU (ENOSYS) is reported, not
+    raised, as libxl does for PV guests."""
+    relaxed = XEN_DOMCTL_DEV_RDM_RELAXED if domid == DOMID_IO else 0
+    with _Xc() as (lib, xch):
+        if lib.xc_assign_device(xch, domid, sbdf(bdf), relaxed) < 0:
+            err = ctypes.get_errno()
+            if err == errno.ENOSYS:
+                return f"{bdf}: no IOMMU (DMA not confined)"
+            raise _failure(f"xc_assign_device({_who(domid)}, {bdf})")
+    return f"{bdf} assigned to {_who(domid)}"
+
+
+def deassign_device(domid: int, bdf: BDF) -> str:
+    """Take the function out of ``domid``'s IOMMU context (ENODEV/EINVAL: it was not there)."""
+    with _Xc() as (lib, xch):
+        if lib.xc_deassign_device(xch, domid, sbdf(bdf)) < 0:
+            err = ctypes.get_errno()
+            if err in (errno.ENOSYS, errno.ENODEV, errno.EINVAL):
+                return f"{bdf} was not assigned to {_who(domid)}"
+            raise _failure(f"xc_deassign_device({_who(domid)}, {bdf})")
+    return f"{bdf} deassigned from {_who(domid)}"
+
+
+def _who(domid: int) -> str:
+    return "quarantine (DOMID_IO)" if domid == DOMID_IO else f"dom{domid}"
+
+
 def grant_device(domid: int, bdf: BDF, allow: bool = True, root: Path = Path("/")) -> list[str]:
     """Grant (or revoke) ``domid`` the function's BARs and legacy IRQ, as libxl does."""
-    lib = load_library("ctrl")
-    xch = lib.xc_interface_open(None, None, 0)
-    if not xch:
-        raise PlatformError(ctypes.get_errno() or errno.EACCES, "xc_interface_open failed (not dom0?)")
     done = []
-    try:
+    with _Xc() as (lib, xch):
         for kind, a, n in grants_for(bdf, root):
             if kind == "iomem":
                 _check(lib.xc_domain_iomem_permission(xch, domid, a, n, int(allow)), f"iomem {a:#x}+{n}")
@@ -69,6 +126,4 @@ def grant_device(domid: int, bdf: BDF, allow: bool = True, root: Path = Path("/"
                     a = pirq.value
                 _check(lib.xc_domain_irq_permission(xch, domid, a, int(allow)), f"irq_permission {a}")
             done.append(f"{kind} {a:#x}" + (f"+{n}" if n else ""))
-    finally:
-        lib.xc_interface_close(xch)
     return done

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -107,7 +108,8 @@ def test_status_table(guests):
     st = {g["domid"]: g for g in dom0.status()["guests"]}
     g1 = next(x for x in r if x[:3] == ["1", "Connected", "RUNNING"])
     assert g1[3] == str(st[1]["pid"]) and g1[4] == "0" and g1[5].endswith("M") and g1[7].endswith("%")
-    assert g1[10].endswith("us") and g1[11].endswith("us")          # op service time p50 / p99
+    # op service time p50 / p99: a duration in the table's units (a loaded machine may reach ms)
+    assert all(re.fullmatch(r"\d+us|\d+\.\dms", cell) for cell in g1[10:12]), g1[10:12]
     assert g1[12:] == [EDU, "->", "0000:00:00.0"]
     assert ["0000:02:00.0", "->", "0000:00:01.0"] in r                  # continuation line of dom1
     g2 = next(x for x in r if x[:3] == ["2", "Initialised", "RUNNING"])

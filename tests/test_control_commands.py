@@ -16,6 +16,7 @@ import pytest
 from pcibackd.pcihost.bdf import BDF
 from pcibackd.simdom0 import SimDom0
 from pcibackd.xen.pciif import Err
+from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 EDU, TESTDEV, E1000E, SPARE = "0000:00:05.0", "0000:00:06.0", "0000:02:00.0", "0000:00:07.0"
@@ -44,16 +45,6 @@ def rows(text: str) -> list[list[str]]:
     return [line.split() for line in text.splitlines() if line.strip()]
 
 
-def wait_for(fn, timeout=10.0, what=""):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)        # polling a condition with a deadline
-
-
 def two_guests(dom0: SimDom0):
     """dom1: edu + e1000e, connected; dom2: pci-testdev, not connected; one spare device."""
     for dump, bdf in (("edu", EDU), ("pci-testdev", TESTDEV), ("e1000e", E1000E), ("rtl8139", SPARE)):
@@ -62,8 +53,8 @@ def two_guests(dom0: SimDom0):
     dom0.create_guest(2, [TESTDEV])
     front = dom0.frontend(1)
     front.connect()
-    wait_for(lambda: [(g["worker_state"], bool(g["served"])) for g in dom0.status()["guests"]]
-             == [("RUNNING", True), ("RUNNING", False)], what="two RUNNING workers, dom1's scan in a heartbeat")
+    wait_until(lambda: [(g["worker_state"], bool(g["served"])) for g in dom0.status()["guests"]]
+               == [("RUNNING", True), ("RUNNING", False)], what="two RUNNING workers, dom1's scan in a heartbeat")
     return front
 
 
@@ -77,8 +68,8 @@ def test_status_json(guests):
     dom0, front = guests
     assert front.conf_read(G0, 0, 2) == (Err.success, 0x1234)
     assert front.conf_read(G0, 1, 2)[0] == Err.invalid_offset
-    st = wait_for(lambda: (s := ok_json(dom0, "status"))["guests"][0]["errors"].get("invalid_offset") and s,
-                  what="the error in a heartbeat")
+    st = wait_until(lambda: (s := ok_json(dom0, "status"))["guests"][0]["errors"].get("invalid_offset") and s,
+                    what="the error in a heartbeat")
     d = st["daemon"]
     assert d["platform"] == "sim" and d["topology"] == "vpci" and d["pid"] == dom0.daemon.pid
     assert d["uptime"] >= 0 and d["version"] and d["control"]["ipc"] == str(dom0.runtime / "control.sock")
@@ -151,12 +142,12 @@ def test_restart_table_and_json(guests):
     dom0, front = guests
     before = dom0.guest_status(2)["pid"]
     assert ok(dom0, "restart", "2") == "restarting the worker of domain 2\n"
-    g = wait_for(lambda: (g := dom0.guest_status(2))["restarts"] == 1 and g["worker_state"] == "RUNNING" and g,
-                 what="dom2 restarted")
+    g = wait_until(lambda: (g := dom0.guest_status(2))["restarts"] == 1 and g["worker_state"] == "RUNNING" and g,
+                   what="dom2 restarted")
     assert g["pid"] != before
     assert ok_json(dom0, "restart", "1") == {"domid": 1}
-    wait_for(lambda: (g := dom0.guest_status(1))["restarts"] == 1 and g["worker_state"] == "RUNNING",
-             what="dom1 restarted")
+    wait_until(lambda: (g := dom0.guest_status(1))["restarts"] == 1 and g["worker_state"] == "RUNNING",
+               what="dom1 restarted")
     assert front.conf_read(G0, 0, 2) == (Err.success, 0x1234)         # the new worker serves the guest
     assert dom0.guest_status(2)["restarts"] == 1
 
@@ -183,12 +174,12 @@ def test_permissive_on_off(guests):
     dom0, front = guests
     assert not _permissive(dom0, EDU)
     assert ok(dom0, "permissive", "on", EDU) == f"permissive on for {EDU} (domain 1)\n"
-    wait_for(lambda: _permissive(dom0, EDU), what="permissive on in a heartbeat")
+    wait_until(lambda: _permissive(dom0, EDU), what="permissive on in a heartbeat")
     assert not _permissive(dom0, E1000E)
     out = ok(dom0, "status")
     assert f"{EDU} -> 0000:00:00.0 (permissive)" in out and f"{E1000E} -> 0000:00:01.0 (permissive)" not in out
     assert ok_json(dom0, "permissive", "off", "00:05.0") == {"bdf": EDU, "domid": 1, "permissive": False}
-    wait_for(lambda: not _permissive(dom0, EDU), what="permissive off in a heartbeat")
+    wait_until(lambda: not _permissive(dom0, EDU), what="permissive off in a heartbeat")
     assert front.conf_read(G0, 0, 2) == (Err.success, 0x1234)
 
 
@@ -224,11 +215,11 @@ def test_policy_reload(policy_dom0):
     assert not _permissive(dom0, TESTDEV)
     policy.write_text(POLICY_OK)
     assert ok(dom0, "policy", "reload") == f"policy {policy} reloaded by 2 worker(s)\n"
-    wait_for(lambda: _permissive(dom0, TESTDEV), what="the reloaded policy in a heartbeat")
+    wait_until(lambda: _permissive(dom0, TESTDEV), what="the reloaded policy in a heartbeat")
     policy.write_text("permissive = false\n")
     rep = ok_json(dom0, "policy", "reload")
     assert rep["policy"] == str(policy) and [w["domid"] for w in rep["workers"]] == [1, 2]
-    wait_for(lambda: not _permissive(dom0, TESTDEV), what="the second reload")
+    wait_until(lambda: not _permissive(dom0, TESTDEV), what="the second reload")
 
 
 def test_policy_reload_of_a_broken_file_changes_nothing(policy_dom0):
@@ -236,7 +227,7 @@ def test_policy_reload_of_a_broken_file_changes_nothing(policy_dom0):
     two_guests(dom0)
     policy.write_text(POLICY_OK)
     ok(dom0, "policy", "reload")
-    wait_for(lambda: _permissive(dom0, TESTDEV), what="the reloaded policy")
+    wait_until(lambda: _permissive(dom0, TESTDEV), what="the reloaded policy")
     policy.write_text("permissive = [\n")
     p = ctl(dom0, "policy", "reload")
     assert p.returncode == 1 and "policy not reloaded" in p.stderr and p.stdout == ""
@@ -249,7 +240,8 @@ def test_log_level(guests):
     assert ok(dom0, "log-level", "warning") == "log level WARNING (daemon and 2 worker(s))\n"
     mark = len(dom0.log_tail(100000).splitlines())
     ok(dom0, "restart", "2")            # logs at INFO, now filtered out
-    wait_for(lambda: (g := dom0.guest_status(2))["restarts"] == 1 and g["worker_state"] == "RUNNING")
+    wait_until(lambda: (g := dom0.guest_status(2))["restarts"] == 1 and g["worker_state"] == "RUNNING",
+               what="dom2 restarted")
     new = dom0.log_tail(100000).splitlines()[mark:]
     assert not [line for line in new if " INFO " in line or " DEBUG " in line], new
     rep = ok_json(dom0, "log-level", "DEBUG")
@@ -280,7 +272,7 @@ def test_a_stuck_worker_times_out_a_fan_out_and_never_stalls_status(guests):
         slow = subprocess.Popen([sys.executable, "-m", "pcibackd.control.cli", "--runtime-dir", str(dom0.runtime),
                                  "log-level", "INFO"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=env)
-        wait_for(lambda: "control: log-level" in dom0.log_tail(20), what="the log-level request in the daemon")
+        wait_until(lambda: "control: log-level" in dom0.log_tail(20), what="the log-level request in the daemon")
         t0 = time.monotonic()
         st = dom0.status()                            # answered while log-level waits for dom2
         assert time.monotonic() - t0 < 2.0 and slow.poll() is None

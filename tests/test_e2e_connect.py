@@ -8,6 +8,7 @@ import pytest
 from pcibackd.pcihost.bdf import BDF
 from pcibackd.xen.pciif import Err, Op, XenbusState as S
 from pcibackd.xen.toolstack import backend_path, error_path, frontend_path, wait_for_value
+from waiting import wait_until
 
 EDU = ("edu", "0000:00:05.0")
 TESTDEV = ("pci-testdev", "0000:00:06.0")
@@ -69,14 +70,11 @@ def test_ops_status_and_two_guests_isolated(dom0):
 
 
 def _wait_beats(dom0, minimum):
-    import time
-    deadline = time.monotonic() + 10
-    while True:
+    def beats():
         guests = dom0.status()["guests"]
-        if all(sum(g["served"].values()) >= minimum.get(g["domid"], 0) for g in guests) and guests:
-            return guests
-        assert time.monotonic() < deadline, guests
-        time.sleep(0.1)
+        return all(sum(g["served"].values()) >= minimum.get(g["domid"], 0) for g in guests) and guests
+    return wait_until(beats, what=lambda: f"heartbeats with {minimum} ops served, have {dom0.status()['guests']}",
+                      interval=0.1)
 
 
 @pytest.mark.parametrize("offset,size,err", [
@@ -170,11 +168,7 @@ def test_teardown_and_worker_exit(dom0):
     assert dev.read(0x04, 2) & 0x4
     pid = dom0.guest_status(1)["pid"]
     assert dom0.toolstack.destroy(1) is True           # backend reached Closed
-    import time
-    deadline = time.monotonic() + 10
-    while dom0.guest_status(1) is not None:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: dom0.guest_status(1) is None, what="dom1's worker gone")
     import psutil
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert dev.config_bytes() == power_on           # reset before the claim was released

@@ -12,6 +12,7 @@ import pytest
 from pcibackd.pcihost.bdf import BDF
 from pcibackd.xen.pciif import Err, XenbusState as S
 from pcibackd.xen.toolstack import backend_path, error_path, frontend_path, wait_for_value
+from waiting import wait_until
 
 G0 = BDF(0, 0, 0, 0)
 
@@ -91,10 +92,7 @@ def test_backend_directory_deleted_mid_connect(dom0, bystander):
     dom0.create_guest(1, ["0000:00:05.0"])
     wait_for_value(dom0.xs, f"{backend_path(1)}/state", "3", 10)
     dom0.xs.rm(backend_path(1))
-    deadline = time.monotonic() + 10
-    while dom0.guest_status(1) is not None:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: dom0.guest_status(1) is None, what="dom1's worker gone")
     # the device was released: another guest can have it
     dom0.create_guest(3, ["0000:00:05.0"])
     assert len(dom0.frontend(3).connect()) == 1
@@ -105,10 +103,7 @@ def test_non_domid_backend_entries_ignored(dom0, bystander):
     dom0.xs.write("/local/domain/0/backend/pci/evil/0/frontend", "/local/domain/1/device/pci/0")
     dom0.xs.write("/local/domain/0/backend/pci/0/0/frontend", "/local/domain/0/device/pci/0")
     dom0.xs.write("/local/domain/0/backend/pci/7/0/frontend", "/local/domain/8/device/pci/0")  # not its own
-    deadline = time.monotonic() + 10
-    while dom0.xs.read(error_path(7)) is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: dom0.xs.read(error_path(7)) is not None, what="an error node for backend 7")
     assert "bad frontend path" in dom0.xs.read(error_path(7))
     assert {g["domid"] for g in dom0.status()["guests"]} <= {2, 7}
     assert dom0.log_tail(200).count("not a domid") == 1          # once, not on every watch event
@@ -130,10 +125,8 @@ def test_frontend_directory_disappears(dom0, bystander):
     f.connect()
     pid = dom0.guest_status(1)["pid"]
     dom0.xs.rm(frontend_path(1))            # the guest died without closing
-    deadline = time.monotonic() + 10
-    while (g := dom0.guest_status(1)) is not None and g["pid"] == pid:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: (g := dom0.guest_status(1)) is None or g["pid"] != pid,
+               what=f"dom1's worker (pid {pid}) gone or replaced")
     g = dom0.guest_status(1)
     assert g is None or (g["worker_state"] == "EXITED" and g["pid"] is None)
     assert "frontend gone" in dom0.log_tail(200)
@@ -176,13 +169,8 @@ def test_destroyed_domain_backend_nodes_are_removed(dom0, bystander):
     dom0.create_guest(1, ["0000:00:05.0"])
     dom0.frontend(1).connect()
     dom0.xs.rm("/local/domain/1")
-    deadline = time.monotonic() + 10
-    while dom0.xs.exists("/local/domain/0/backend/pci/1"):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    while dom0.guest_status(1) is not None:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: not dom0.xs.exists("/local/domain/0/backend/pci/1") and dom0.guest_status(1) is None,
+               what="dom1's backend nodes removed and its worker gone")
     still_fine(dom0, bystander)
     dom0.create_guest(3, ["0000:00:05.0"])          # the device is free again
     assert len(dom0.frontend(3).connect()) == 1

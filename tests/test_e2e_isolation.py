@@ -9,20 +9,16 @@ import os
 import psutil
 
 from pcibackd.guestworker import privileges
+from waiting import wait_until
 
 
 def connected_worker(dom0):
     dom0.add_device("edu", "0000:00:05.0")
     dom0.create_guest(1, ["0000:00:05.0"])
     dom0.frontend(1).connect()
-    import time
-    deadline = time.monotonic() + 10
-    while True:
-        g = dom0.guest_status(1)
-        if g and g["worker_state"] == "RUNNING":
-            return g["pid"]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    g = wait_until(lambda: (g := dom0.guest_status(1)) and g["worker_state"] == "RUNNING" and g,
+                   what="a RUNNING worker for dom1")
+    return g["pid"]
 
 
 def _socket_inodes(pid: int) -> set[str]:

@@ -13,6 +13,7 @@ import pytest
 from pcibackd.pcihost.bdf import BDF
 from pcibackd.xen.pciif import Err, XenbusState as S
 from pcibackd.xen.toolstack import backend_path
+from waiting import wait_until
 
 G0 = BDF(0, 0, 0, 0)
 
@@ -28,13 +29,8 @@ def two_guests(dom0):
 
 
 def wait_guest(dom0, domid, pred, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        g = dom0.guest_status(domid)
-        if g is not None and pred(g):
-            return g
-        assert time.monotonic() < deadline, g
-        time.sleep(0.05)
+    return wait_until(lambda: (g := dom0.guest_status(domid)) is not None and pred(g) and g, timeout=timeout,
+                      what=lambda: f"dom{domid}'s worker to match, have {dom0.guest_status(domid)}")
 
 
 def op_in_thread(front, *args):
@@ -50,9 +46,7 @@ def test_kill9_with_op_pending_is_answered_by_successor(dom0):
     pid = g["pid"]
     os.kill(pid, signal.SIGSTOP)                  # freeze it so the op stays pending
     t, box = op_in_thread(f1, G0, 0, 4)
-    deadline = time.monotonic() + 2
-    while not f1.page.test_bit(0, 0):
-        assert time.monotonic() < deadline
+    wait_until(lambda: f1.page.test_bit(0, 0), timeout=2, what="the op pending on the shared page")
     t0 = time.monotonic()
     os.kill(pid, signal.SIGKILL)
     t.join(5)
@@ -176,10 +170,8 @@ def test_orphaned_worker_exits_cleanly_after_grace(faulty_dom0):
     pid = wait_guest(dom0, 1, lambda g: g["worker_state"] == "RUNNING")["pid"]
     dom0.stop_daemon(signal.SIGKILL)
     import psutil
-    deadline = time.monotonic() + 10
-    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+               what=f"the orphaned worker (pid {pid}) to exit")
     assert dom0.xs.read(f"{backend_path(1)}/state") == "4"   # left for a successor, no state change
 
 

@@ -19,6 +19,7 @@ pyxs = pytest.importorskip("pyxs")
 
 from pcibackd._native import build  # noqa: E402
 from pcibackd.xen.xenstored import Xenstored, XenstoredError, find_oxenstored  # noqa: E402
+from waiting import wait_until  # noqa: E402
 
 pytestmark = pytest.mark.skipif(find_oxenstored() is None, reason="oxenstored not installed")
 
@@ -51,23 +52,18 @@ def bound_unix_paths() -> set[str]:
     return paths
 
 
-def wait_gone(pid: int, deadline_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        # Not our child in these tests (or already reaped): only a zombie-free
-        # disappearance counts; /proc/PID/stat shows Z for an unreaped one.
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return True
-        except FileNotFoundError:
-            return True
-        time.sleep(0.01)
-    return False
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # Not our child in these tests (or already reaped): only a zombie-free
+    # disappearance counts; /proc/PID/stat shows Z for an unreaped one.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 @pytest.fixture
@@ -207,13 +203,9 @@ def test_start_failure_reports_daemon_output(tmp_path):
     assert not workdir.exists()
 
 
-def poll_file_for(path: Path, needle: str, deadline_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        if path.exists() and needle in path.read_text(errors="replace"):
-            return True
-        time.sleep(0.01)
-    return False
+def wait_for_text(path: Path, needle: str) -> None:
+    wait_until(lambda: path.exists() and needle in path.read_text(errors="replace"), timeout=5.0,
+               what=f"{needle!r} in {path}")
 
 
 def test_config_overrides_and_access_log_reach_the_daemon():
@@ -222,8 +214,8 @@ def test_config_overrides_and_access_log_reach_the_daemon():
         assert "xenstored-log-level = debug\n" in text and "merge-activate = false\n" in text
         with pyxs.Client(unix_socket_path=xsd.socket_path) as c:
             c.write(b"/probe", b"1")
-        assert poll_file_for(xsd.workdir / "access.log", "write     /probe")
-        assert poll_file_for(xsd.log_path, "|debug|")  # only logged at the overridden level
+        wait_for_text(xsd.workdir / "access.log", "write     /probe")
+        wait_for_text(xsd.log_path, "|debug|")  # only logged at the overridden level
 
 
 def test_access_log_off_by_default(xenstored):
@@ -252,7 +244,7 @@ def test_daemon_dies_with_its_parent(how):
         [sys.executable, "-c", _CHILD, how], env=env, capture_output=True, text=True, timeout=30, check=True
     ).stdout
     pid_s, workdir_s = out.split()
-    assert wait_gone(int(pid_s))
+    wait_until(lambda: gone(int(pid_s)), timeout=5.0, what=f"the daemon (pid {pid_s}) gone")
     workdir = Path(workdir_s)
     if how == "hard":
         # Nobody could clean up; the next start sweeps it (or a concurrent

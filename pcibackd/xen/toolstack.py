@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     device (hot-plug when it runs), detach takes one away, destroy tears the
     PCI backend down.  ``--seize`` first keeps the function away from dom0's
     drivers (unbind + driver_override=pci-stub; detach/destroy restore it).
+    ``--permissions`` (real Xen) adds libxl's hypervisor part: quarantine, the
+    guest's BARs and IRQ, IOMMU assignment; and on detach/destroy its undoing.
     """
     import argparse
     import sys

@@ -42,3 +42,18 @@ def test_cli_attach_hotplug_detach_destroy(dom0):
         front.follow(timeout=0.05)
     assert box["r"].returncode == 0 and "closed" in box["r"].stdout
     assert dom0.xs.ls(backend_path(1)) == [] and front.state() in (S.Closed, None)
+
+
+def test_cli_permissions_outside_xen_fail_before_any_node_is_written(dom0):
+    import os
+
+    import pytest
+    if os.path.exists("/dev/xen/privcmd"):
+        pytest.skip("a real Xen domain: the hypervisor calls would act")
+    dom0.add_device("edu", "0000:00:05.0")
+    dom0.toolstack.create_domain(1, "cli")
+    r = ts(dom0, "attach", "1", "0000:00:05.0", "--permissions")
+    ours = [line for line in r.stderr.splitlines() if line.startswith("toolstack: ")]   # libxenctrl adds its own line
+    assert r.returncode == 1 and len(ours) == 1, r.stderr
+    assert "libxenctrl" in ours[0] or "xc_interface_open failed" in ours[0], r.stderr
+    assert dom0.xs.read(f"{backend_path(1)}/num_devs") is None     # no half-attached guest

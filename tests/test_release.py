@@ -72,3 +72,32 @@ def test_release_without_reset_method_restores_the_seize_time_header(host, tmp_p
         devices._release(BDF_, dev)
         assert capture_header(dev) == seized
     assert not devices._orig_path(BDF_).exists()        # the next guest captures afresh
+
+
+def test_bars_are_rewritten_with_decoding_off(host):
+    dev = host.add("e1000e", BDF_)
+    dev.write(0x04, 2, 0x0007)
+    saved = capture_header(dev)
+    dev.write(0x10, 4, 0xFFFFFFFF)                      # decoding still on, BAR moved
+    dev.clear_write_log()
+    assert restore_header(dev, saved) == [0x10, 0x04]
+    log = [(r.offset, r.size, r.value) for r in dev.write_log()]
+    assert log[0] == (0x04, 2, 0x0000) and log[-1] == (0x04, 2, 0x0007)    # off first, back on last
+    assert dev.config_bytes()[:HEADER_SIZE] == saved
+
+
+def test_a_header_from_another_function_is_refused(host):
+    edu, testdev = host.add("edu", BDF_), host.add("pci-testdev", BDF(0, 0x42, 4, 0))
+    foreign = capture_header(testdev)
+    before = edu.config_bytes()
+    with pytest.raises(ValueError, match="not this function's"):
+        restore_header(edu, foreign)
+    assert edu.config_bytes() == before
+
+
+def test_a_function_that_does_not_answer_is_not_captured():
+    class Gone:
+        def read(self, offset, size):
+            return (1 << (8 * size)) - 1
+    with pytest.raises(ValueError, match="0xffff"):
+        capture_header(Gone())

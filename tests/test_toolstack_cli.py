@@ -54,6 +54,6 @@ def test_cli_permissions_outside_xen_fail_before_any_node_is_written(dom0):
     dom0.toolstack.create_domain(1, "cli")
     r = ts(dom0, "attach", "1", "0000:00:05.0", "--permissions")
     ours = [line for line in r.stderr.splitlines() if line.startswith("toolstack: ")]   # libxenctrl adds its own line
-    assert r.returncode == 1 and len(ours) == 1, r.stderr
-    assert "libxenctrl" in ours[0] or "xc_interface_open failed" in ours[0], r.stderr
+    assert r.returncode == 1 and ours, r.stderr
+    assert "libxenctrl" in ours[-1] or "xc_interface_open failed" in ours[-1], r.stderr   # the cause, last
     assert dom0.xs.read(f"{backend_path(1)}/num_devs") is None     # no half-attached guest

@@ -44,3 +44,56 @@ def test_iommu_assignment_outside_xen_is_a_clear_error():
     for call in (lambda: xenctrl.assign_device(xenctrl.DOMID_IO, B), lambda: xenctrl.deassign_device(3, B)):
         with pytest.raises(PlatformError, match="xc_interface_open failed"):
             call()
+
+
+class _FakeXc:
+    """libxenctrl stand-in: every assign/deassign fails with ``err`` (errno set like the C library)."""
+
+    def __init__(self, err):
+        self.err, self.calls = err, []
+
+    def xc_interface_open(self, *a):
+        return 1
+
+    def xc_interface_close(self, xch):
+        return 0
+
+    def _fail(self, name, *args):
+        import ctypes
+        self.calls.append((name, args[1:]))
+        ctypes.set_errno(self.err)
+        return -1
+
+    def xc_assign_device(self, *args):
+        return self._fail("assign", *args)
+
+    def xc_deassign_device(self, *args):
+        return self._fail("deassign", *args)
+
+
+def test_errno_mapping_of_assignment(monkeypatch):
+    import errno
+
+    import pytest
+
+    from pcibackd.xen import xenctrl
+    from pcibackd.xen.platform import PlatformError
+    for err in (errno.EOPNOTSUPP, errno.ENXIO, errno.ENOSYS):        # no IOMMU context
+        fake = _FakeXc(err)
+        monkeypatch.setattr(xenctrl, "load_library", lambda kind, fake=fake: fake)
+        assert "not quarantined" in xenctrl.assign_device(xenctrl.DOMID_IO, B)
+        with pytest.raises(PlatformError, match="passthrough") as exc:
+            xenctrl.assign_device(5, B)                               # a guest's DMA must be confined
+        assert exc.value.errno == err
+        assert "was not assigned" in xenctrl.deassign_device(5, B)
+        assert fake.calls[0] == ("assign", (xenctrl.DOMID_IO, 0x28, xenctrl.XEN_DOMCTL_DEV_RDM_RELAXED))
+        assert fake.calls[1] == ("assign", (5, 0x28, 0))
+    fake = _FakeXc(errno.EBUSY)                                       # another guest has it
+    monkeypatch.setattr(xenctrl, "load_library", lambda kind: fake)
+    with pytest.raises(PlatformError) as exc:
+        xenctrl.assign_device(5, B)
+    assert exc.value.errno == errno.EBUSY
+    with pytest.raises(PlatformError):
+        xenctrl.deassign_device(5, B)
+    fake.err = errno.ENODEV                                           # not there: nothing to undo
+    assert "was not assigned" in xenctrl.deassign_device(5, B)

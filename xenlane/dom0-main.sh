@@ -197,7 +197,9 @@ start_daemon() {
   fi
 }
 
-header_of() { head -c 64 "/sys/bus/pci/devices/$1/config" | od -An -tx1 -w16; }
+# the header without STATUS (0x06-0x07: hardware-set, write-1-to-clear) and BIST
+# (0x0f), which a release never writes
+header_of() { head -c 64 "/sys/bus/pci/devices/$1/config" | od -An -v -tx1 -w16 | awk 'NR == 1 { $7 = $8 = $16 = "--" } 1'; }
 backend_past_initwait() { local st; st=$(xenstore-read "/local/domain/0/backend/pci/$1/0/state" 2>/dev/null); [ "${st:-0}" -ge 3 ]; }
 
 tree_of() { # pid -> "pid args" of each descendant (ps, not python: a python start costs seconds here)

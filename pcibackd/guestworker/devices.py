@@ -95,7 +95,10 @@ class DeviceSet:
             snap_path.unlink(missing_ok=True)     # a fresh guest never inherits old state
         orig = self._orig_path(host)
         if not orig.exists():
-            self._write_atomic(orig, capture_header(port))
+            try:
+                self._write_atomic(orig, capture_header(port))
+            except ValueError as exc:
+                logger.warning("{}: not saving its header for release: {}", host, exc)
         conf = ConfSpace.build(port, self.policy.for_device(port.info), snapshot)
         if _truthy(opts.get("permissive")):
             conf.permissive = True                # libxl's permissive=1 (pciback/permissive)
@@ -151,7 +154,11 @@ class DeviceSet:
         except FileNotFoundError:
             logger.warning("{}: no saved header to restore ({} missing)", host, orig)
             return
-        except (OSError, ValueError) as exc:
+        except ValueError as exc:
+            logger.warning("{}: saved header not restored, discarded: {}", host, exc)
+            orig.unlink(missing_ok=True)      # stale: the next export captures afresh
+            return
+        except OSError as exc:
             logger.warning("{}: restoring its header failed: {}", host, exc)
             return
         orig.unlink(missing_ok=True)

@@ -231,31 +231,39 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"domain {args.domid} does not exist", file=sys.stderr)
                     return 1
                 newly_seized = args.seize and not is_seized(bdf, state)
-                if args.seize:
-                    seize(bdf, state)
-                if args.permissions:
-                    from . import xenctrl
-                    if newly_seized:
-                        print(xenctrl.assign_device(xenctrl.DOMID_IO, bdf))
-                    print(f"dom{args.domid}: granted " + ", ".join(xenctrl.grant_device(args.domid, bdf)))
-                    print(xenctrl.assign_device(args.domid, bdf))
-                n = ts.attach(args.domid, bdf, opts=args.opts)
+                try:
+                    if args.seize:
+                        seize(bdf, state)
+                    if args.permissions:
+                        from . import xenctrl
+                        if newly_seized:
+                            print(xenctrl.assign_device(xenctrl.DOMID_IO, bdf))
+                        print(f"dom{args.domid}: granted " + ", ".join(xenctrl.grant_device(args.domid, bdf)))
+                        print(xenctrl.assign_device(args.domid, bdf))
+                    n = ts.attach(args.domid, bdf, opts=args.opts)
+                except BaseException:
+                    # all or nothing: no half-granted guest, no function left seized by this call
+                    try:
+                        _undo(args.domid, bdf, state, args.permissions, release=newly_seized)
+                    except OSError as exc:
+                        print(f"toolstack: undoing the failed attach: {exc}", file=sys.stderr)
+                    raise
                 print(f"dom{args.domid}: {bdf} attached as dev-{n[0]}")
             elif args.cmd == "detach":
                 bdf = BDF.parse(args.bdf)
-                ts.detach(args.domid, bdf)
-                if args.permissions:
-                    from . import xenctrl
-                    print(xenctrl.deassign_device(args.domid, bdf))
-                    xenctrl.grant_device(args.domid, bdf, allow=False)
-                _release(bdf, state, args.permissions)
+                try:
+                    ts.detach(args.domid, bdf)
+                finally:
+                    _undo(args.domid, bdf, state, args.permissions, release=True)
                 print(f"dom{args.domid}: {bdf} detached")
             else:
                 devs = [xs.read(f"{backend_path(args.domid)}/dev-{i}")
                         for i in range(int(xs.read(f"{backend_path(args.domid)}/num_devs") or "0"))]
-                closed = ts.destroy(args.domid)
-                for d in filter(None, devs):
-                    _release(BDF.parse(d), state, args.permissions)
+                try:
+                    closed = ts.destroy(args.domid)
+                finally:
+                    for d in filter(None, devs):
+                        _undo(args.domid, BDF.parse(d), state, args.permissions, release=True)
                 print(f"dom{args.domid}: PCI backend {'closed' if closed else 'removed after timeout'}")
     except (OSError, TimeoutError, ValueError, LookupError, SeizeError) as exc:
         print(f"toolstack: {exc}", file=sys.stderr)
@@ -263,15 +271,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _release(bdf: BDF, state, permissions: bool) -> None:
-    """Give a seized function back to dom0 (out of quarantine first, as pci-assignable-remove)."""
-    from ..pcihost.seize import is_seized, release
-    if not is_seized(bdf, state):
-        return                                  # not seized by us: nothing to hand back
+def _undo(domid: int, bdf: BDF, state, permissions: bool, release: bool) -> None:
+    """Take ``bdf`` back from ``domid`` (grants, IOMMU) and, if ``release``, give a
+    function seized here back to dom0: out of quarantine first, as
+    pci-assignable-remove does, and only once no guest holds it."""
+    from ..pcihost.seize import is_seized, release as unseize
+    if permissions:
+        from . import xenctrl
+        for line in xenctrl.revoke_device(domid, bdf):
+            print(line)
+    if not release or not is_seized(bdf, state):
+        return
     if permissions:
         from . import xenctrl
         print(xenctrl.deassign_device(xenctrl.DOMID_IO, bdf))
-    release(bdf, state)
+    unseize(bdf, state)
 
 
 if __name__ == "__main__":

@@ -80,30 +80,55 @@ class _Xc:
         self.lib.xc_interface_close(self.xch)
 
 
+# Xen 4.17 answers EOPNOTSUPP when the domain (or the whole host) has no IOMMU
+# context, later releases ENXIO; ENOSYS is a Xen without the domctl.
+_NO_IOMMU = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENXIO)
+# the function (or the domain) is not where deassign looks for it
+_NOT_THERE = (errno.ENODEV, errno.EINVAL, errno.ESRCH)
+
+
 def assign_device(domid: int, bdf: BDF) -> str:
     """Put the function in ``domid``'s IOMMU context (``DOMID_IO``: quarantine).
 
-    Returns what was done; a Xen without an IOMMU (ENOSYS) is reported, not
-    raised, as libxl does for PV guests."""
+    Quarantine on a host without an IOMMU is reported, not raised; a guest
+    without an IOMMU context (created without ``passthrough=``) is an error,
+    as with libxl: its DMA would not be confined."""
     relaxed = XEN_DOMCTL_DEV_RDM_RELAXED if domid == DOMID_IO else 0
     with _Xc() as (lib, xch):
         if lib.xc_assign_device(xch, domid, sbdf(bdf), relaxed) < 0:
             err = ctypes.get_errno()
-            if err == errno.ENOSYS:
-                return f"{bdf}: no IOMMU (DMA not confined)"
+            if err in _NO_IOMMU and domid == DOMID_IO:
+                return f"{bdf}: no IOMMU, not quarantined (its DMA is not confined)"
+            if err in _NO_IOMMU:
+                raise PlatformError(err, f"xc_assign_device(dom{domid}, {bdf}): dom{domid} has no IOMMU context "
+                                         "(create it with passthrough=\"enabled\"; or Xen runs without an IOMMU)")
             raise _failure(f"xc_assign_device({_who(domid)}, {bdf})")
     return f"{bdf} assigned to {_who(domid)}"
 
 
 def deassign_device(domid: int, bdf: BDF) -> str:
-    """Take the function out of ``domid``'s IOMMU context (ENODEV/EINVAL: it was not there)."""
+    """Take the function out of ``domid``'s IOMMU context; not being there is no error."""
     with _Xc() as (lib, xch):
         if lib.xc_deassign_device(xch, domid, sbdf(bdf)) < 0:
             err = ctypes.get_errno()
-            if err in (errno.ENOSYS, errno.ENODEV, errno.EINVAL):
-                return f"{bdf} was not assigned to {_who(domid)}"
+            if err in _NO_IOMMU + _NOT_THERE:
+                return f"{bdf} was not assigned to {_who(domid)} ({errno.errorcode.get(err, err)})"
             raise _failure(f"xc_deassign_device({_who(domid)}, {bdf})")
     return f"{bdf} deassigned from {_who(domid)}"
+
+
+def revoke_device(domid: int, bdf: BDF, root: Path = Path("/")) -> list[str]:
+    """Undo :func:`grant_device` and :func:`assign_device` for ``domid`` (hot-unplug,
+    teardown); a domain already gone has nothing left to revoke."""
+    done = [deassign_device(domid, bdf)]
+    try:
+        grant_device(domid, bdf, allow=False, root=root)
+        done.append(f"dom{domid}: grants revoked")
+    except PlatformError as exc:
+        if exc.errno != errno.ESRCH:
+            raise
+        done.append(f"dom{domid} is gone: no grants to revoke")
+    return done
 
 
 def _who(domid: int) -> str:

@@ -7,7 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from pcibackd.files import write_atomic
 from pcibackd.guestworker.devices import DeviceSet
+from pcibackd.guestworker.ops import Dispatcher
 from pcibackd.pcihost import BDF, SimHost, SysfsDevice
 from pcibackd.pcihost.release import HEADER_SIZE, capture_header, restore_header
 
@@ -67,7 +69,7 @@ def test_release_without_reset_method_restores_the_seize_time_header(host, tmp_p
     devices = DeviceSet(cfg, dispatcher=None)
     with SysfsDevice(BDF_, root=host.root, writable=True) as dev:
         seized = capture_header(dev)
-        devices._write_atomic(devices._orig_path(BDF_), seized)
+        write_atomic(devices._orig_path(BDF_), seized)
         _guest_scribbles(dev)
         devices._release(BDF_, dev)
         assert capture_header(dev) == seized
@@ -101,3 +103,56 @@ def test_a_function_that_does_not_answer_is_not_captured():
             return (1 << (8 * size)) - 1
     with pytest.raises(ValueError, match="0xffff"):
         capture_header(Gone())
+
+
+# --- DeviceSet: when the seize-time header is captured, kept and used ------------------
+
+@pytest.fixture
+def simdir(tmp_path):
+    return tmp_path / "simdir"
+
+
+def _devices(simdir, tmp_path) -> DeviceSet:
+    cfg = SimpleNamespace(state_dir=str(tmp_path / "run"), sim_dir=str(simdir), policy_path=None, domid=7,
+                          platform="sim", topology="vpci")
+    return DeviceSet(cfg, Dispatcher())
+
+
+def test_header_captured_at_first_export_survives_a_worker_restart(simdir, tmp_path):
+    dev = SimHost(simdir / "pci").add("e1000e", BDF_)
+    pristine = capture_header(dev)
+    first = _devices(simdir, tmp_path)
+    first.export([(BDF_, BDF(0, 0, 0, 0))], {})
+    assert first._orig_path(BDF_).read_bytes() == pristine
+    _guest_scribbles(dev)
+    first.close(forget_state=False)                     # the worker dies; the guest stays
+    successor = _devices(simdir, tmp_path)
+    successor.export([(BDF_, BDF(0, 0, 0, 0))], {}, resume=True)
+    assert successor._orig_path(BDF_).read_bytes() == pristine      # not the guest's settings
+    successor.close(forget_state=True)                  # the guest goes
+    assert capture_header(dev) == pristine and not successor._orig_path(BDF_).exists()
+
+
+def test_release_with_a_stale_or_missing_header_changes_nothing_and_goes_on(simdir, tmp_path):
+    host = SimHost(simdir / "pci")
+    dev, other = host.add("edu", BDF_), host.add("pci-testdev", BDF(0, 0x42, 4, 0))
+    devices = _devices(simdir, tmp_path)
+    power_on = dev.config_bytes()
+    _guest_scribbles(dev)
+    write_atomic(devices._orig_path(BDF_), capture_header(other))   # the address was reused
+    devices._release(BDF_, dev)
+    assert not devices._orig_path(BDF_).exists()        # discarded: the next export captures afresh
+    devices._release(BDF_, dev)                         # nothing saved at all: logged, no exception
+    assert dev.config_bytes() == power_on               # the reset itself still ran
+
+
+def test_a_function_that_does_not_answer_leaves_no_header_to_restore(simdir, tmp_path, monkeypatch):
+    SimHost(simdir / "pci").add("edu", BDF_)
+    from pcibackd.guestworker import devices as devices_mod
+
+    def gone(port):
+        raise ValueError("the function does not answer config reads (vendor ID 0xffff)")
+    monkeypatch.setattr(devices_mod, "capture_header", gone)
+    devices = _devices(simdir, tmp_path)
+    devices.export([(BDF_, BDF(0, 0, 0, 0))], {})       # the export itself goes on
+    assert not devices._orig_path(BDF_).exists()

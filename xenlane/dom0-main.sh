@@ -163,7 +163,7 @@ run_kernel() { # dev
   log "$dev/kernel: xl create (pci=$bdf)"
   local attempt ok
   for attempt in 1 2; do
-    : > "/tmp/xl-create.log"; ok=1
+    ok=1
     xl create "/tmp/$name.cfg" > /tmp/xl-create.log 2>&1 || ok=""
     cat /tmp/xl-create.log >> "$OUT/xl-$dev-kernel.log"
     # libxl waits a fixed 10 s for xen-pciback; a loaded TCG host can miss that

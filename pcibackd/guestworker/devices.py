@@ -25,6 +25,7 @@ from pathlib import Path
 
 from loguru import logger
 
+from ..files import write_atomic
 from ..pcihost.bdf import BDF
 from ..pcihost.release import capture_header, restore_header
 from .ops import Dispatcher
@@ -96,7 +97,7 @@ class DeviceSet:
         orig = self._orig_path(host)
         if not orig.exists():
             try:
-                self._write_atomic(orig, capture_header(port))
+                write_atomic(orig, capture_header(port))
             except ValueError as exc:
                 logger.warning("{}: not saving its header for release: {}", host, exc)
         conf = ConfSpace.build(port, self.policy.for_device(port.info), snapshot)
@@ -112,14 +113,8 @@ class DeviceSet:
     def _orig_path(self, host: BDF) -> Path:
         return self.state_dir / f"{host}.orig"
 
-    @staticmethod
-    def _write_atomic(path: Path, data: bytes) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-
     def _save(self, host: BDF, conf) -> None:
-        self._write_atomic(self._snap_path(host), conf.snapshot())
+        write_atomic(self._snap_path(host), conf.snapshot())
 
     def remove(self, hosts, forget_state: bool = True) -> None:
         for host in hosts:
@@ -137,17 +132,17 @@ class DeviceSet:
 
     def _release(self, host: BDF, port) -> None:
         """Reset (when the function has a method) and restore the seize-time header."""
-        try:
-            reset = getattr(port, "reset", None)
-            if reset is None:
-                raise FileNotFoundError
-            reset()
-            how = "reset"
-        except FileNotFoundError:
-            how = "no reset method"
-        except OSError as exc:
-            how = f"reset failed ({exc})"
-            logger.warning("{}: reset failed: {}", host, exc)
+        how = "no reset method"
+        reset = getattr(port, "reset", None)
+        if reset is not None:
+            try:
+                reset()
+                how = "reset"
+            except FileNotFoundError:
+                pass                              # sysfs hides `reset` when there is no method
+            except OSError as exc:
+                how = f"reset failed ({exc})"
+                logger.warning("{}: reset failed: {}", host, exc)
         orig = self._orig_path(host)
         try:
             restored = restore_header(port, orig.read_bytes())

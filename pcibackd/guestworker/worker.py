@@ -22,10 +22,12 @@ import select
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from loguru import logger
 
 from .. import logs
+from ..files import write_atomic
 from ..pcihost.bdf import BDF
 from . import faults, privileges
 from .devices import DeviceSet
@@ -216,22 +218,23 @@ class Worker:
 KEEP_CAPS = {"xen": (privileges.CAP_SYS_ADMIN,)}
 
 
-def pidfile(cfg: WorkerConfig):
+def pidfile_path(runtime_dir, domid: int) -> Path:
+    """``<runtime>/workers/dom<N>.pid``: written by the worker, read by a supervisor adopting it."""
+    return Path(runtime_dir) / "workers" / f"dom{domid}.pid"
+
+
+def pidfile(cfg: WorkerConfig) -> Path:
     from .devices import runtime_dir_for
-    return runtime_dir_for(cfg) / "workers" / f"dom{cfg.domid}.pid"
+    return pidfile_path(runtime_dir_for(cfg), cfg.domid)
 
 
 def write_pidfile(cfg: WorkerConfig) -> None:
-    """``<runtime>/workers/dom<N>.pid`` (pid, start time, token): lets a new
-    supervisor adopt this worker and authenticate its beats."""
+    """The pid file (pid, start time, token): lets a new supervisor adopt this
+    worker and authenticate its beats."""
     import psutil
     path = pidfile(cfg)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{os.getpid()} {psutil.Process().create_time()} {cfg.token}\n")
-    os.replace(tmp, path)
+    write_atomic(path, f"{os.getpid()} {psutil.Process().create_time()} {cfg.token}\n".encode())
 
 
 def run_worker(cfg: WorkerConfig) -> None:

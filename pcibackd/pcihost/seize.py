@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..files import write_atomic
 from .bdf import BDF
 
 STUB = "pci-stub"
@@ -55,7 +56,7 @@ def seize(bdf: BDF, state_dir: Path, stub: str = STUB, root: Path = Path("/")) -
               "override": (dev / "driver_override").read_text().strip() if (dev / "driver_override").exists() else "",
               "enabled": enable.read_text().strip() if enable.exists() else ""}
     record_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    record_path.write_text(json.dumps(record))
+    write_atomic(record_path, json.dumps(record).encode())
     if driver == stub:
         return record
     _write(dev / "driver_override", stub + "\n")

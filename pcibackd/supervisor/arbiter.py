@@ -23,7 +23,7 @@ from loguru import logger
 
 from .. import __version__
 from ..ratelimit import worth_logging
-from ..guestworker.worker import EXIT_DONE, EXIT_ORPHANED, EXIT_STOPPED, WorkerConfig, run_worker
+from ..guestworker.worker import EXIT_DONE, EXIT_ORPHANED, EXIT_STOPPED, WorkerConfig, pidfile_path, run_worker
 from . import systemd
 from .config import DaemonConfig
 from .spawner import Spawner
@@ -219,7 +219,7 @@ class Supervisor:
 
     def _adopt(self, guest: Guest) -> bool:
         """Take over a live worker a previous supervisor left (pid file + pidfd)."""
-        pidfile = self.runtime / "workers" / f"dom{guest.domid}.pid"
+        pidfile = pidfile_path(self.runtime, guest.domid)
         try:
             pid_text, started_text, token = pidfile.read_text().split()
             pid, started = int(pid_text), float(started_text)

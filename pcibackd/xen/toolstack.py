@@ -194,7 +194,6 @@ def main(argv: list[str] | None = None) -> int:
     import sys
     from pathlib import Path
 
-    from ..pcihost.seize import SeizeError, is_seized, seize
     from .xenstore import XenStore
 
     p = argparse.ArgumentParser(prog="python -m pcibackd.xen.toolstack", description=main.__doc__,
@@ -219,56 +218,71 @@ def main(argv: list[str] | None = None) -> int:
     x = sub.add_parser("destroy", help="tear down DOMID's PCI backend and release seized devices")
     x.add_argument("domid", type=int)
     x.add_argument("--permissions", action="store_true",
-                   help="real Xen: take released functions out of quarantine, back to dom0")
+                   help="real Xen: revoke the guest's grants and IOMMU assignment, then take released "
+                        "functions out of quarantine, back to dom0")
     args = p.parse_args(argv)
-    state = Path(args.state_dir)
     try:
         with XenStore(args.xenstored_path) as xs:
-            ts = Toolstack(xs, timeout=args.timeout)
-            if args.cmd == "attach":
-                bdf = BDF.parse(args.bdf)
-                if xs.read(f"/local/domain/{args.domid}/name") is None:
-                    print(f"domain {args.domid} does not exist", file=sys.stderr)
-                    return 1
-                newly_seized = args.seize and not is_seized(bdf, state)
-                try:
-                    if args.seize:
-                        seize(bdf, state)
-                    if args.permissions:
-                        from . import xenctrl
-                        if newly_seized:
-                            print(xenctrl.assign_device(xenctrl.DOMID_IO, bdf))
-                        print(f"dom{args.domid}: granted " + ", ".join(xenctrl.grant_device(args.domid, bdf)))
-                        print(xenctrl.assign_device(args.domid, bdf))
-                    n = ts.attach(args.domid, bdf, opts=args.opts)
-                except BaseException:
-                    # all or nothing: no half-granted guest, no function left seized by this call
-                    try:
-                        _undo(args.domid, bdf, state, args.permissions, release=newly_seized)
-                    except OSError as exc:
-                        print(f"toolstack: undoing the failed attach: {exc}", file=sys.stderr)
-                    raise
-                print(f"dom{args.domid}: {bdf} attached as dev-{n[0]}")
-            elif args.cmd == "detach":
-                bdf = BDF.parse(args.bdf)
-                try:
-                    ts.detach(args.domid, bdf)
-                finally:
-                    _undo(args.domid, bdf, state, args.permissions, release=True)
-                print(f"dom{args.domid}: {bdf} detached")
-            else:
-                devs = [xs.read(f"{backend_path(args.domid)}/dev-{i}")
-                        for i in range(int(xs.read(f"{backend_path(args.domid)}/num_devs") or "0"))]
-                try:
-                    closed = ts.destroy(args.domid)
-                finally:
-                    for d in filter(None, devs):
-                        _undo(args.domid, BDF.parse(d), state, args.permissions, release=True)
-                print(f"dom{args.domid}: PCI backend {'closed' if closed else 'removed after timeout'}")
-    except (OSError, TimeoutError, ValueError, LookupError, SeizeError) as exc:
+            return COMMANDS[args.cmd](Toolstack(xs, timeout=args.timeout), args, Path(args.state_dir))
+    except (OSError, TimeoutError, ValueError, LookupError) as exc:     # SeizeError and PlatformError are OSErrors
         print(f"toolstack: {exc}", file=sys.stderr)
         return 1
+
+
+def _cmd_attach(ts: Toolstack, args, state) -> int:
+    """Seize, grant and assign (as asked), then write the nodes; all or nothing."""
+    import sys
+
+    from ..pcihost.seize import is_seized, seize
+    bdf = BDF.parse(args.bdf)
+    if ts.xs.read(f"/local/domain/{args.domid}/name") is None:
+        print(f"domain {args.domid} does not exist", file=sys.stderr)
+        return 1
+    newly_seized = args.seize and not is_seized(bdf, state)
+    try:
+        if args.seize:
+            seize(bdf, state)
+        if args.permissions:
+            from . import xenctrl
+            if newly_seized:
+                print(xenctrl.assign_device(xenctrl.DOMID_IO, bdf))
+            print(f"dom{args.domid}: granted " + ", ".join(xenctrl.grant_device(args.domid, bdf)))
+            print(xenctrl.assign_device(args.domid, bdf))
+        n = ts.attach(args.domid, bdf, opts=args.opts)
+    except BaseException:
+        # no half-granted guest, no function left seized by this call
+        try:
+            _undo(args.domid, bdf, state, args.permissions, release=newly_seized)
+        except OSError as exc:
+            print(f"toolstack: undoing the failed attach: {exc}", file=sys.stderr)
+        raise
+    print(f"dom{args.domid}: {bdf} attached as dev-{n[0]}")
     return 0
+
+
+def _cmd_detach(ts: Toolstack, args, state) -> int:
+    bdf = BDF.parse(args.bdf)
+    try:
+        ts.detach(args.domid, bdf)
+    finally:
+        _undo(args.domid, bdf, state, args.permissions, release=True)
+    print(f"dom{args.domid}: {bdf} detached")
+    return 0
+
+
+def _cmd_destroy(ts: Toolstack, args, state) -> int:
+    base = backend_path(args.domid)
+    devs = [ts.xs.read(f"{base}/dev-{i}") for i in range(int(ts.xs.read(f"{base}/num_devs") or "0"))]
+    try:
+        closed = ts.destroy(args.domid)
+    finally:
+        for d in filter(None, devs):
+            _undo(args.domid, BDF.parse(d), state, args.permissions, release=True)
+    print(f"dom{args.domid}: PCI backend {'closed' if closed else 'removed after timeout'}")
+    return 0
+
+
+COMMANDS = {"attach": _cmd_attach, "detach": _cmd_detach, "destroy": _cmd_destroy}
 
 
 def _undo(domid: int, bdf: BDF, state, permissions: bool, release: bool) -> None:
@@ -276,14 +290,13 @@ def _undo(domid: int, bdf: BDF, state, permissions: bool, release: bool) -> None
     function seized here back to dom0: out of quarantine first, as
     pci-assignable-remove does, and only once no guest holds it."""
     from ..pcihost.seize import is_seized, release as unseize
+    from . import xenctrl
     if permissions:
-        from . import xenctrl
         for line in xenctrl.revoke_device(domid, bdf):
             print(line)
     if not release or not is_seized(bdf, state):
         return
     if permissions:
-        from . import xenctrl
         print(xenctrl.deassign_device(xenctrl.DOMID_IO, bdf))
     unseize(bdf, state)
 

@@ -52,7 +52,7 @@ def grants_for(bdf: BDF, root: Path = Path("/")) -> list[tuple[str, int, int]]:
     """("iomem", first_pfn, nr) / ("ioport", first, nr) / ("irq", irq, 0) for a function."""
     dev = root / "sys/bus/pci/devices" / str(bdf)
     out: list[tuple[str, int, int]] = []
-    for i, r in enumerate(parse_resource_text((dev / "resource").read_text())[:7]):
+    for r in parse_resource_text((dev / "resource").read_text())[:7]:       # BARs 0-5 and the ROM
         if r.start == 0 and r.end == 0:
             continue
         if r.flags & IORESOURCE_MEM:

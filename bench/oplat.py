@@ -25,11 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pcibackd.frontend.pcifront import PCIFront          # noqa: E402
-from pcibackd.pcihost.bdf import BDF                     # noqa: E402
-from pcibackd.simdom0 import SimDom0                     # noqa: E402
-from pcibackd.xen import pciif                           # noqa: E402
-from pcibackd.xen.pciif import Op                        # noqa: E402
+from simdom0.pcifront import PCIFront          # noqa: E402
+from pcibackd.wire.bdf import BDF                     # noqa: E402
+from simdom0.dom0 import SimDom0                     # noqa: E402
+from pcibackd.wire import pciif                           # noqa: E402
+from pcibackd.wire.pciif import Op                        # noqa: E402
 
 
 def measure(front: PCIFront, bdf: BDF, ops: int) -> list[int]:
@@ -52,7 +52,7 @@ def pct(values: list[int], p: float) -> float:
 
 def responder(sim_dir: str, domid: int, gref: int, port: int, spin: bool) -> None:
     """The floor: answer every op with a constant, as fast as the transport allows."""
-    from pcibackd.xen.sim import SimPlatform
+    from simdom0.platform import SimPlatform
     plat = SimPlatform(sim_dir, 0)
     page = plat.map_grant(domid, gref)
     ch = plat.open_evtchn()
@@ -77,7 +77,7 @@ def responder(sim_dir: str, domid: int, gref: int, port: int, spin: bool) -> Non
 
 
 def floor(dom0: SimDom0, domid: int, ops: int, spin: bool) -> list[int]:
-    from pcibackd.xen.sim import SimPlatform
+    from simdom0.platform import SimPlatform
     plat = SimPlatform(dom0.sim_dir, domid)
     front = PCIFront(None, plat, domid, spin=spin)
     front.gref, front.page = plat.grant_page(0)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pcibackd.pcihost.bdf import BDF        # noqa: E402
-from pcibackd.simdom0 import SimDom0        # noqa: E402
+from pcibackd.wire.bdf import BDF        # noqa: E402
+from simdom0.dom0 import SimDom0        # noqa: E402
 
 
 def running_pid(dom0: SimDom0, not_pid: int | None, timeout: float = 10.0) -> int:

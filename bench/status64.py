@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from pcibackd.control import cli                  # noqa: E402
 from pcibackd.control.client import call          # noqa: E402
-from pcibackd.simdom0 import SimDom0              # noqa: E402
+from simdom0.dom0 import SimDom0              # noqa: E402
 
 TARGET_MS = 100.0
 

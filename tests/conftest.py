@@ -1,11 +1,31 @@
 """Shared fixtures: a simulated dom0 (private oxenstored + daemon), torn down
-even when the test fails; the daemon log is printed for failed tests."""
+even when the test fails; the daemon log is printed for failed tests.
+
+Tests are grouped by directory, and each group carries the marker of its name:
+``unit`` (tests/unit), ``e2e`` (tests/e2e), ``lane`` (tests/lane), so
+``pytest -m 'not lane'`` runs everything but the real-Xen lane.  The lane
+always runs last: it holds both CPUs for many minutes.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from pcibackd.simdom0 import SimDom0
+from simdom0.dom0 import SimDom0
+
+
+GROUPS = ("unit", "e2e", "lane")
+_HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        group = Path(item.fspath).resolve().relative_to(_HERE).parts[0]
+        if group in GROUPS:
+            item.add_marker(getattr(pytest.mark, group))
+    items.sort(key=lambda item: item.get_closest_marker("lane") is not None)   # stable: lane last
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -30,7 +30,7 @@ LANE_CLEAN_TIMEOUT=${LANE_CLEAN_TIMEOUT:-20}
 export PYTHONPATH=$LANE_REPO${PYTHONPATH:+:$PYTHONPATH}
 # Python under TCG is ~50x slower: give workers a long heartbeat budget.
 DAEMON_CMD=${LANE_DAEMON_CMD:-"$LANE_PY -m pcibackd run --platform xen --foreground --heartbeat-timeout 30"}
-ATTACH_CMD=${LANE_ATTACH_CMD:-"$LANE_PY -m pcibackd.xen.toolstack attach {domid} {bdf} --seize --permissions"}
+ATTACH_CMD=${LANE_ATTACH_CMD:-"$LANE_PY -m pcibackd.xenstore.toolstack attach {domid} {bdf} --seize --permissions"}
 DAEMONCTL="$LANE_PY $LANE_REPO/xenlane/daemonctl.py"
 CON=/var/log/xen/console
 

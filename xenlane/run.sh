@@ -124,7 +124,7 @@ PY=${XENLANE_PYTHON:-}
 "$PY" -c 'import pyxs, psutil, zmq' 2>/dev/null || log "WARNING: $PY lacks the project's dependencies (pyxs, psutil, pyzmq)"
 # dom0 sees the checkout read-only: build the C helpers here, first
 if [ -f "$REPO/pcibackd/_native/build.py" ]; then
-  (cd "$REPO" && "$PY" -m pcibackd._native.build) > "$RUN/native-build.log" 2>&1 || die "building pcibackd/_native failed: $(tail -3 "$RUN/native-build.log")"
+  (cd "$REPO" && "$PY" -m simdom0.native.build) > "$RUN/native-build.log" 2>&1 || die "building simdom0/native failed: $(tail -3 "$RUN/native-build.log")"
 fi
 {
   echo "LANE_REPO=$REPO"; echo "LANE_PY=$PY"; echo "LANE_KX=$X"; echo "LANE_GUEST=$RUN/guest"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..pcihost.port import DeviceInfo, Resource
+from pcibackd.hostpci.port import DeviceInfo, Resource
 
 ROM_RESOURCE = 6
 # Low bits ignored when recognising a sizing write, per BAR kind.

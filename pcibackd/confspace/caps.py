@@ -14,14 +14,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-from ..xen.pciif import Err
-from .power import set_power_state
-from .spec import CapGroup, Reg, static
+from pcibackd.wire.pciif import Err
+from pcibackd.confspace.power import set_power_state
+from pcibackd.confspace.spec import CapGroup, Reg, static
 
 if TYPE_CHECKING:
-    from .layout import Builder
-    from .space import ConfSpace
-    from .spec import Slot
+    from pcibackd.confspace.layout import Builder
+    from pcibackd.confspace.space import ConfSpace
+    from pcibackd.confspace.spec import Slot
 
 CAP_PM, CAP_VPD, CAP_MSI, CAP_VENDOR, CAP_PCIE, CAP_MSIX = 0x01, 0x03, 0x05, 0x09, 0x10, 0x11
 

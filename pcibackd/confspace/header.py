@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..xen.pciif import Err
-from .spec import Reg
+from pcibackd.wire.pciif import Err
+from pcibackd.confspace.spec import Reg
 
 if TYPE_CHECKING:
-    from .layout import Builder
-    from .space import ConfSpace
-    from .spec import Slot
+    from pcibackd.confspace.layout import Builder
+    from pcibackd.confspace.space import ConfSpace
+    from pcibackd.confspace.spec import Slot
 
 # COMMAND bits
 IO, MEM, MASTER, SPECIAL, MWI, VGA_SNOOP = 0x1, 0x2, 0x4, 0x8, 0x10, 0x20

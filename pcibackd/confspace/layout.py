@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 
 from loguru import logger
 
-from ..pcihost.port import DeviceInfo, HostPort
-from .bars import Bar, capture_bars, decode_bits
-from .caps import GROUPS, HEADER_ONLY
-from .header import HEADERS, STATUS_CAP_LIST
-from .policy import DevicePolicy
-from .spec import ACCESS_SIZES, FULL, Reg, Slot
+from pcibackd.hostpci.port import DeviceInfo, HostPort
+from pcibackd.confspace.bars import Bar, capture_bars, decode_bits
+from pcibackd.confspace.caps import GROUPS, HEADER_ONLY
+from pcibackd.confspace.header import HEADERS, STATUS_CAP_LIST
+from pcibackd.confspace.policy import DevicePolicy
+from pcibackd.confspace.spec import ACCESS_SIZES, FULL, Reg, Slot
 
 LEGACY_END = 0x100
 EXT_START = 0x100

@@ -19,9 +19,9 @@ from typing import Any
 
 from loguru import logger
 
-from ..pcihost.bdf import BDF
-from ..pcihost.port import DeviceInfo
-from .caps import CAP_NAMES, EXT_CAP_NAMES
+from pcibackd.wire.bdf import BDF
+from pcibackd.hostpci.port import DeviceInfo
+from pcibackd.confspace.caps import CAP_NAMES, EXT_CAP_NAMES
 
 _HEX4 = re.compile(r"^[0-9a-fA-F]{4}$")
 _DEVICE_KEYS = {"permissive", "hide_capabilities", "hide_extended_capabilities", "quirks", "note"}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from ..pcihost.port import HostPort
+from pcibackd.hostpci.port import HostPort
 
 D0, D1, D2, D3HOT = 0, 1, 2, 3
 PMC_D1, PMC_D2 = 0x0200, 0x0400

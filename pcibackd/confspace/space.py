@@ -17,14 +17,14 @@ from typing import Callable
 
 from loguru import logger
 
-from ..pcihost.port import HostPort
-from ..xen.pciif import Err
-from .header import COMMAND_EMU
-from .layout import Layout, build_layout
-from .policy import DEFAULT_POLICY, DevicePolicy
-from .spec import FULL, Slot
-from .state import EmuState, decode, encode
-from ..ratelimit import worth_logging
+from pcibackd.hostpci.port import HostPort
+from pcibackd.wire.pciif import Err
+from pcibackd.confspace.header import COMMAND_EMU
+from pcibackd.confspace.layout import Layout, build_layout
+from pcibackd.confspace.policy import DEFAULT_POLICY, DevicePolicy
+from pcibackd.confspace.spec import FULL, Slot
+from pcibackd.confspace.state import EmuState, decode, encode
+from pcibackd.common.ratelimit import worth_logging
 
 _OK = Err.success
 _INVALID = Err.invalid_offset

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
 if TYPE_CHECKING:
-    from .layout import Builder
-    from .space import ConfSpace
+    from pcibackd.confspace.layout import Builder
+    from pcibackd.confspace.space import ConfSpace
 
 # hook(space, slot, new_register_value, old_register_value, written_bit_mask) -> XEN_PCI_ERR_*
 WriteHook = Callable[["ConfSpace", "Slot", int, int, int], int]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from ..pcihost.port import DeviceInfo
+from pcibackd.hostpci.port import DeviceInfo
 
 FORMAT = "pcibackd-confspace/1"
 _MAX_SNAPSHOT = 4096

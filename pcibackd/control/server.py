@@ -23,9 +23,9 @@ from pathlib import Path
 import zmq
 from loguru import logger
 
-from . import curve
-from .commands import COMMANDS, CommandError, Pending
-from .protocol import MAX_REQUEST, BadRequest, Errno, parse_request, reply
+from pcibackd.control import curve
+from pcibackd.control.commands import COMMANDS, CommandError, Pending
+from pcibackd.control.protocol import MAX_REQUEST, BadRequest, Errno, parse_request, reply
 
 BATCH = 64               # requests per wake-up: the supervisor loop has other work
 MAX_PENDING = 64         # requests waiting for workers at once

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..xen.pciif import XenbusState
+from pcibackd.wire.pciif import XenbusState
 
 
 def table(headers: list[str], rows: list[list]) -> str:

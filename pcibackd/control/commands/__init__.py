@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from .base import Arg, Command, CommandError, Pending
+from pcibackd.control.commands.base import Arg, Command, CommandError, Pending
 
 _MODULES = ("status", "list", "devices", "restart", "permissive", "policy_reload", "log_level")
 

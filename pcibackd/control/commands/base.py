@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Callable
 
-from ..protocol import Errno
+from pcibackd.control.protocol import Errno
 
 WORKER_TIMEOUT = 2.0     # seconds a fan-out waits for workers (the client waits 5)
 MAX_STR_ARG = 64

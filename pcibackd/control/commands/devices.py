@@ -8,7 +8,7 @@ function on the simulated platform.  HELD BY is the domid, "-" when free.
 
 from __future__ import annotations
 
-from ..table import dash, table
+from pcibackd.control.table import dash, table
 
 NAME = "devices"
 ARGS = ()

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from ..table import table, xenbus_name
+from pcibackd.control.table import table, xenbus_name
 
 NAME = "list"
 ARGS = ()

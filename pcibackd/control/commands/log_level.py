@@ -8,8 +8,8 @@ started later inherit it.  It lasts until the daemon restarts.
 
 from __future__ import annotations
 
-from ..protocol import Errno
-from .base import Arg, CommandError, fan_out, running_guests
+from pcibackd.control.protocol import Errno
+from pcibackd.control.commands.base import Arg, CommandError, fan_out, running_guests
 
 NAME = "log-level"
 LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")

@@ -10,9 +10,9 @@ address (dddd:bb:dd.f or bb:dd.f).  Exit 6 when no guest holds BDF.
 
 from __future__ import annotations
 
-from ...pcihost.bdf import BDF
-from ..protocol import Errno
-from .base import Arg, CommandError, fan_out
+from pcibackd.wire.bdf import BDF
+from pcibackd.control.protocol import Errno
+from pcibackd.control.commands.base import Arg, CommandError, fan_out
 
 NAME = "permissive"
 ARGS = (Arg("mode", str, "on or off", choices=("on", "off"), metavar="on|off"),

@@ -10,8 +10,8 @@ kept.  Workers started later read the file themselves.
 
 from __future__ import annotations
 
-from ..protocol import Errno
-from .base import CommandError, fan_out, running_guests
+from pcibackd.control.protocol import Errno
+from pcibackd.control.commands.base import CommandError, fan_out, running_guests
 
 NAME = "policy-reload"
 WORDS = ("policy", "reload")
@@ -19,7 +19,7 @@ ARGS = ()
 
 
 def execute(sup, args: dict):
-    from ...confspace import PolicyError, PolicyStore
+    from pcibackd.confspace import PolicyError, PolicyStore
     path = sup.cfg.policy_path
     try:
         PolicyStore(path)

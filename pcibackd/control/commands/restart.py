@@ -8,8 +8,8 @@ devices, serving an op left pending.  Exit 6 when DOMID has no PCI backend.
 
 from __future__ import annotations
 
-from ..protocol import Errno
-from .base import Arg, CommandError
+from pcibackd.control.protocol import Errno
+from pcibackd.control.commands.base import Arg, CommandError
 
 NAME = "restart"
 ARGS = (Arg("domid", int, "guest domain id", metavar="DOMID"),)

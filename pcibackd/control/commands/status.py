@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import time
 
-from ..procstats import ProcSampler
-from ..table import counts, dash, duration, micros, size, table, xenbus_name
+from pcibackd.control.procstats import ProcSampler
+from pcibackd.control.table import counts, dash, duration, micros, size, table, xenbus_name
 
 NAME = "status"
 ARGS = ()

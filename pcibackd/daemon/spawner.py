@@ -1,0 +1,46 @@
+"""A clean fork point for workers, created before any thread exists.
+
+pyxs, pyzmq and loguru's enqueue all start threads, and forking a threaded
+process can deadlock the child on a lock held by a thread that does not
+exist there.  The supervisor therefore starts multiprocess's *forkserver*
+first thing: a single-threaded process that has only imported the worker
+module, and that forks every worker.  Workers never inherit the supervisor's
+xenstore connection, ZeroMQ context or sockets.
+"""
+
+from __future__ import annotations
+
+import multiprocess as mp
+import multiprocess.forkserver as forkserver
+
+# Everything a worker imports, so a restarted worker starts warm (a pending
+# op is waiting); none of these start threads at import time.
+_PRELOAD = ["pcibackd.worker.main", "pcibackd.worker.link", "pcibackd.worker.devices",
+            "pcibackd.xenstore.client", "pcibackd.platform.select", "pcibackd.confspace",
+            "pcibackd.hostpci.sysfs", "zmq", "psutil"]
+
+
+class Spawner:
+    """Starts worker processes from the forkserver."""
+
+    def __init__(self, platform_module: str):
+        """``platform_module`` (the chosen platform's module) is preloaded too."""
+        self.ctx = mp.get_context("forkserver")
+        self.ctx.set_forkserver_preload([*_PRELOAD, platform_module])
+
+    def start(self) -> None:
+        """Start the fork server now, while this process has no threads."""
+        forkserver.ensure_running()
+
+    def restart(self) -> None:
+        """Forget a dead fork server; the next spawn starts a fresh one."""
+        try:
+            forkserver._forkserver._stop()
+        except Exception:
+            pass
+
+    def spawn(self, target, *args, name: str | None = None):
+        """A started worker process (``.pid``, ``.sentinel``, ``.exitcode``)."""
+        proc = self.ctx.Process(target=target, args=args, name=name, daemon=False)
+        proc.start()
+        return proc

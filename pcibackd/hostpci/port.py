@@ -1,0 +1,58 @@
+"""The host-device port: the only way pcibackd touches a physical function.
+
+``pcibackd.hostpci.sysfs`` reads real devices through
+``/sys/bus/pci/devices/BDF/config`` (read-only in tests); ``simdom0.hostpci``
+models a device built from a real dump with spec-based writable bits and keeps a
+write log.  confspace and the ops code use only this protocol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from pcibackd.wire.bdf import BDF
+
+
+@dataclass(frozen=True)
+class Resource:
+    """One line of sysfs ``resource``: start, end (inclusive), flags (IORESOURCE_*)."""
+
+    start: int
+    end: int
+    flags: int
+
+    IORESOURCE_IO = 0x100
+    IORESOURCE_MEM = 0x200
+    IORESOURCE_PREFETCH = 0x2000
+    IORESOURCE_MEM_64 = 0x100000
+
+    @property
+    def size(self) -> int:
+        return 0 if self.end <= self.start and self.start == 0 else self.end - self.start + 1
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What is known about a host function besides its config space."""
+
+    bdf: BDF
+    vendor: int
+    device: int
+    class_code: int          # 24-bit class/subclass/prog-if
+    subsystem_vendor: int
+    subsystem_device: int
+    revision: int
+    irq: int                 # dom0 IRQ (what pcifront will bind as the PIRQ)
+    config_size: int         # 256 or 4096
+    resources: tuple[Resource, ...] = field(default=())  # BAR0..5, ROM (index 6), ...
+
+
+@runtime_checkable
+class HostPort(Protocol):
+    """Config-space access to one host function (naturally aligned 1/2/4 bytes)."""
+
+    info: DeviceInfo
+
+    def read(self, offset: int, size: int) -> int: ...
+    def write(self, offset: int, size: int, value: int) -> None: ...

@@ -1,0 +1,202 @@
+"""The devices one worker serves: host ports, their ConfSpaces, and claims.
+
+A device is claimed with an ``flock`` on ``<runtime>/claims/<bdf>.lock`` for
+as long as the worker serves it: a second guest asking for the same function
+fails (EBUSY → xenbus fatal), and a crashed worker's claim is released by the
+kernel so its successor can take it again.
+
+The emulated config-space state of each device is saved outside the worker
+(``<runtime>/state/dom<N>-<bdf>.snap``, written atomically at every change) so
+a restarted worker continues where its predecessor stopped.
+
+The function's header as it was before any guest had it is kept in
+``<runtime>/state/<bdf>.orig`` from its first export until it has been reset
+and restored on leaving (:mod:`pcibackd.hostpci.release`); a guest whose
+worker was abandoned mid-way therefore never becomes the next guest's
+"original".
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from pathlib import Path
+
+from loguru import logger
+
+from pcibackd.common.files import write_atomic
+from pcibackd.confspace import ConfSpace, PolicyStore
+from pcibackd.hostpci.release import capture_header, restore_header
+from pcibackd.platform.api import Platform
+from pcibackd.wire.bdf import BDF
+from pcibackd.worker.ops import Dispatcher
+
+
+def runtime_dir_for(cfg) -> Path:
+    return Path(cfg.state_dir or "/run/pcibackd")
+
+
+def _truthy(value: str | None) -> bool:
+    return value in ("1", "yes", "true", "on")
+
+
+class DeviceSet:
+    """host BDF -> (guest BDF, ConfSpace, claim fd); keeps the dispatcher's map current."""
+
+    def __init__(self, cfg, dispatcher: Dispatcher, platform: Platform):
+        self.cfg, self.dispatcher, self.platform = cfg, dispatcher, platform
+        runtime = runtime_dir_for(cfg)
+        self.lock_dir = runtime / "claims"
+        self.state_dir = runtime / "state"
+        for d in (self.lock_dir, self.state_dir):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.policy = PolicyStore(cfg.policy_path)
+        self.entries: dict[BDF, tuple[BDF, object, int]] = {}
+
+    def export(self, placement, opts: dict, resume: bool = False) -> None:
+        """Claim, open and build every (host, guest) pair, all or nothing."""
+        added: list[BDF] = []
+        try:
+            for host, guest in placement:
+                fd = self._claim(host)
+                try:
+                    port = self.platform.open_device(host)
+                    if self.cfg.topology == "vpci" and port.read(0x0E, 1) & 0x7F == 1:
+                        # Like xen-pciback: a bridge on the virtual bus would expose nothing
+                        # behind it and let the guest reprogram bus numbers.
+                        raise OSError(errno.EFAULT, f"{host}: can't export bridges on the virtual PCI bus")
+                    conf = self._build(host, port, dict(opts.get(host, ())), resume)
+                except FileNotFoundError as exc:
+                    os.close(fd)
+                    raise OSError(errno.ENODEV, f"{host} is not an assignable device") from exc
+                except (OSError, ValueError) as exc:
+                    os.close(fd)
+                    raise OSError(getattr(exc, "errno", None) or errno.EINVAL, f"{host}: {exc}") from exc
+                self.entries[host] = (guest, conf, fd)
+                added.append(host)
+                logger.info("exported {} as {}{}", host, guest, " (resumed)" if resume else "")
+        except OSError:
+            # A failed resume keeps the saved state: the next attempt may succeed.
+            self.remove(tuple(added), forget_state=not resume)
+            raise
+        self._publish_map()
+
+    def _build(self, host: BDF, port, opts: dict, resume: bool):
+        snap_path = self._snap_path(host)
+        snapshot = None
+        if resume:
+            try:
+                snapshot = snap_path.read_bytes()
+            except FileNotFoundError:
+                logger.warning("{}: no saved config-space state; starting from the captured state", host)
+        else:
+            snap_path.unlink(missing_ok=True)     # a fresh guest never inherits old state
+        orig = self._orig_path(host)
+        if not orig.exists():
+            try:
+                write_atomic(orig, capture_header(port))
+            except ValueError as exc:
+                logger.warning("{}: not saving its header for release: {}", host, exc)
+        conf = ConfSpace.build(port, self.policy.for_device(port.info), snapshot)
+        if _truthy(opts.get("permissive")):
+            conf.permissive = True                # libxl's permissive=1 (pciback/permissive)
+        conf.on_change = lambda: self._save(host, conf)
+        self._save(host, conf)
+        return conf
+
+    def _snap_path(self, host: BDF) -> Path:
+        return self.state_dir / f"dom{self.cfg.domid}-{host}.snap"
+
+    def _orig_path(self, host: BDF) -> Path:
+        return self.state_dir / f"{host}.orig"
+
+    def _save(self, host: BDF, conf) -> None:
+        write_atomic(self._snap_path(host), conf.snapshot())
+
+    def remove(self, hosts, forget_state: bool = True) -> None:
+        for host in hosts:
+            entry = self.entries.pop(host, None)
+            if entry:
+                if forget_state:
+                    # The device leaves its guest: reset and restore it before the
+                    # claim goes, so the next user never sees this guest's settings.
+                    self._release(host, entry[1].port)
+                    self._snap_path(host).unlink(missing_ok=True)
+                os.close(entry[2])
+                self.policy.forget(host)
+                logger.info("removed {}", host)
+        self._publish_map()
+
+    def _release(self, host: BDF, port) -> None:
+        """Reset (when the function has a method) and restore the seize-time header."""
+        how = "no reset method"
+        reset = getattr(port, "reset", None)
+        if reset is not None:
+            try:
+                reset()
+                how = "reset"
+            except FileNotFoundError:
+                pass                              # sysfs hides `reset` when there is no method
+            except OSError as exc:
+                how = f"reset failed ({exc})"
+                logger.warning("{}: reset failed: {}", host, exc)
+        orig = self._orig_path(host)
+        try:
+            restored = restore_header(port, orig.read_bytes())
+        except FileNotFoundError:
+            logger.warning("{}: no saved header to restore ({} missing)", host, orig)
+            return
+        except ValueError as exc:
+            logger.warning("{}: saved header not restored, discarded: {}", host, exc)
+            orig.unlink(missing_ok=True)      # stale: the next export captures afresh
+            return
+        except OSError as exc:
+            logger.warning("{}: restoring its header failed: {}", host, exc)
+            return
+        orig.unlink(missing_ok=True)
+        logger.info("released {}: {}; {} header register(s) restored", host, how, len(restored))
+
+    def _claim(self, host: BDF) -> int:
+        fd = os.open(self.lock_dir / f"{host}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OSError(errno.EBUSY, f"{host} is already assigned to another guest") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{self.cfg.domid}\n".encode())
+        return fd
+
+    def _publish_map(self) -> None:
+        # Replace wholesale: the op path never sees a half-updated map.
+        self.dispatcher.devices = {(g.domain, g.bus, g.devfn): conf for g, conf, _ in self.entries.values()}
+
+    # --- commands ------------------------------------------------------------
+    def set_permissive(self, bdf: str | None, on: bool) -> list[str]:
+        """Per-device permissive override; ``bdf`` None = every device of this guest."""
+        want = BDF.parse(bdf) if bdf else None
+        hit = []
+        for host, (_, conf, _) in self.entries.items():
+            if want is None or host == want:
+                conf.permissive = on
+                self._save(host, conf)
+                hit.append(str(host))
+        if want is not None and not hit:
+            raise LookupError(f"{bdf} is not served by this worker")
+        return hit
+
+    def reload_policy(self) -> list[str]:
+        """Re-read the policy file and apply each device's new policy."""
+        new = self.policy.reload()
+        for host, (_, conf, _) in self.entries.items():
+            if host in new:
+                conf.set_policy(new[host])
+        return [str(h) for h in new]
+
+    def summary(self) -> list[dict]:
+        return [{"bdf": str(h), "vbdf": str(g), "permissive": conf.permissive,
+                 "denied_writes": conf.denied_writes} for h, (g, conf, _) in sorted(self.entries.items())]
+
+    def close(self, forget_state: bool = False) -> None:
+        self.remove(tuple(self.entries), forget_state=forget_state)

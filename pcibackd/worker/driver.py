@@ -1,0 +1,157 @@
+"""The thin xenstore shell around :class:`~.xenbus.BackendMachine`.
+
+Turns watch events into machine inputs (reading the backend and frontend
+directories whole) and carries out the machine's effects: state and node
+writes inside transactions (retried on EAGAIN by the XenStore wrapper),
+device export through the worker's callbacks, ring map/unmap, fatal errors.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+from typing import Callable
+
+from loguru import logger
+
+from pcibackd.xenstore.toolstack import error_path
+from pcibackd.worker import xenbus as xb
+
+FRONTEND_KEYS = ("state", "pci-op-ref", "event-channel", "magic")
+
+
+class Driver:
+    """Runs one guest's backend machine against xenstore.
+
+    ``actions`` supplies the effects that are not xenstore writes:
+    ``export(placement, opts)``, ``remove(hosts)``, ``map_ring(gref, port)``
+    and ``unmap_ring()``; each raises OSError on failure.
+    """
+
+    def __init__(self, xs, domid: int, backend_path: str, machine: xb.BackendMachine, actions):
+        self.xs, self.domid, self.be = xs, domid, backend_path
+        self.machine, self.actions = machine, actions
+        self.fe: str | None = None
+        self.exit_reason: str | None = None
+        self.ignored = 0
+        self._token = f"be-{domid}"
+        self._run: dict[type, Callable] = {
+            xb.SwitchState: self._switch_state,
+            xb.ExportDevices: lambda e: actions.export(e.placement, dict(e.opts), e.resume),
+            xb.RemoveDevices: lambda e: actions.remove(e.hosts),
+            xb.Publish: self._publish,
+            xb.MapRing: lambda e: actions.map_ring(e.gref, e.port),
+            xb.UnmapRing: lambda e: actions.unmap_ring(),
+            xb.Fatal: self._fatal,
+            xb.Exit: self._exit,
+        }
+
+    # ----------------------------------------------------------- inputs --
+    def start(self) -> None:
+        """Watch both directories and feed the first Probe."""
+        untrusted_fe = self.xs.read(f"{self.be}/frontend")
+        # The frontend path is toolstack-written (dom0-owned node) but still
+        # checked: it must be this guest's device directory.
+        if untrusted_fe != f"/local/domain/{self.domid}/device/pci/0":
+            self.fe = None
+        else:
+            self.fe = untrusted_fe
+        self.xs.watch(self.be, self._token)
+        if self.fe:
+            self.xs.watch(self.fe, self._token)
+        if self.fe is None:
+            self._fatal(xb.Fatal(errno_mod.EINVAL, f"bad frontend path {str(untrusted_fe)[:80]!r}"))
+            self.exit_reason = "bad frontend path"
+            return
+        self.feed(xb.Probe(self.read_backend(), self.read_frontend()))
+
+    def on_watch(self, paths: list[str]) -> None:
+        """Re-read what changed and feed the machine."""
+        be_hit = any(p == self.be or p.startswith(self.be + "/") for p in paths)
+        fe_hit = self.fe is not None and any(p == self.fe or p.startswith(self.fe + "/") for p in paths)
+        if be_hit:
+            if self.xs.read(f"{self.be}/frontend") is None and not self.xs.ls(self.be):
+                self.feed(xb.BackendGone())
+                return
+            self.feed(xb.BackendChanged(self.read_backend()))
+        if fe_hit and self.exit_reason is None:
+            self.feed(xb.FrontendChanged(self.read_frontend()))
+
+    def read_backend(self) -> xb.BackendNodes:
+        untrusted = {k: v for k in self.xs.ls(self.be) if (v := self.xs.read(f"{self.be}/{k}")) is not None}
+        nodes = xb.parse_backend(untrusted)
+        for problem in nodes.problems:
+            logger.warning("backend {}: {}", self.be, problem)
+        return nodes
+
+    def read_frontend(self) -> xb.FrontendNodes:
+        if self.fe is None:
+            return xb.FrontendNodes(False)
+        values = {k: self.xs.read(f"{self.fe}/{k}") for k in FRONTEND_KEYS}
+        exists = values["state"] is not None or bool(self.xs.ls(self.fe))
+        return xb.FrontendNodes(exists, values["state"], values["pci-op-ref"],
+                                values["event-channel"], values["magic"])
+
+    def feed(self, event, depth: int = 0) -> None:
+        """One input through the machine, then its effects in order."""
+        try:
+            effects = self.machine.handle(event)
+        except xb.ProtocolError as exc:
+            self.ignored += 1
+            logger.info("xenbus input ignored: {}", exc)
+            return
+        for effect in effects:
+            try:
+                self._run[type(effect)](effect)
+            except OSError as exc:
+                logger.error("{} failed: {}", type(effect).__name__, exc)
+                if depth >= 2:
+                    # Even reporting the failure fails (xenstore unusable): crash, and
+                    # let the supervisor restart us with backoff.
+                    raise RuntimeError(f"cannot report xenbus failure: {exc}") from exc
+                self.feed(xb.EffectFailed(effect, exc.errno or errno_mod.EIO, f"{type(effect).__name__}: {exc}"),
+                          depth + 1)
+                return
+
+    # ---------------------------------------------------------- effects --
+    def _switch_state(self, e: xb.SwitchState) -> None:
+        def tx(t):
+            # Like xenbus_switch_state: never recreate a vanished node.
+            if t.read(f"{self.be}/state") is None:
+                return
+            t.write(f"{self.be}/state", str(int(e.state)))
+        self.xs.run_transaction(tx)
+        logger.info("backend state -> {}", xb.S(e.state).name)
+
+    def _publish(self, e: xb.Publish) -> None:
+        def tx(t):
+            if t.read(f"{self.be}/state") is None:
+                return
+            for index, vdev in e.vdevs:
+                t.write(f"{self.be}/vdev-{index}", vdev)
+                t.write(f"{self.be}/state-{index}", str(int(xb.S.Initialised)))
+            old = t.read(f"{self.be}/root_num")
+            for k, root in enumerate(e.roots):
+                t.write(f"{self.be}/root-{k}", root)
+            if old is not None and old.isdigit():
+                for k in range(len(e.roots), min(int(old), xb.MAX_DEVS)):
+                    t.rm(f"{self.be}/root-{k}")
+            t.write(f"{self.be}/root_num", str(len(e.roots)))
+        self.xs.run_transaction(tx)
+
+    def _fatal(self, e: xb.Fatal) -> None:
+        logger.error("fatal: {} ({})", e.message, e.err)
+        self.xs.write(error_path(self.domid), f"{e.err} {e.message}")
+        self.machine.state = xb.S.Closing
+        self._switch_state(xb.SwitchState(xb.S.Closing))
+
+    def _exit(self, e: xb.Exit) -> None:
+        logger.info("worker done: {}", e.reason)
+        self.exit_reason = e.reason
+
+    def close(self) -> None:
+        try:
+            self.xs.unwatch(self.be, self._token)
+            if self.fe:
+                self.xs.unwatch(self.fe, self._token)
+        except OSError:
+            pass

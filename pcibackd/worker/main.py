@@ -1,0 +1,253 @@
+"""One guest's worker process: xenbus backend + op service for one frontend.
+
+Started by the supervisor from a clean (thread-free) spawner; everything that
+starts threads (the xenstore client, ZeroMQ, logging sinks) is created here,
+after the fork.  The loop blocks on the event channel, the xenstore watch fd,
+the supervisor socket and a signal wake-up pipe; signal handlers only set a
+flag.
+
+Exit codes (the supervisor's restart policy reads them):
+
+    0  done (guest gone, teardown finished): not restarted
+    1  crashed (an exception escaped the loop): restarted
+    3  boot failed (xenstore or platform unavailable): restarted with backoff
+    4  stopped by SIGTERM (graceful stop): not restarted by this supervisor
+    5  orphaned (no supervisor acknowledged it within orphan_grace)
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loguru import logger
+
+from pcibackd.common import logs
+from pcibackd.common.files import write_atomic
+from pcibackd.wire.bdf import BDF
+from pcibackd.worker import faults, privileges
+from pcibackd.worker.devices import DeviceSet
+from pcibackd.worker.driver import Driver
+from pcibackd.worker.ops import Dispatcher
+from pcibackd.worker.oploop import OpLoop, Ring
+from pcibackd.worker.xenbus import BackendMachine
+
+EXIT_DONE = 0            # guest went away / teardown finished: do not restart
+EXIT_CRASHED = 1         # an exception escaped: restart
+EXIT_BOOT_FAILED = 3     # could not set up (xenstore, platform): restart with backoff
+EXIT_STOPPED = 4         # SIGTERM: stopped serving, xenbus state left for a successor
+EXIT_ORPHANED = 5        # no supervisor within the grace period: state left for a successor
+
+
+@dataclass
+class WorkerConfig:
+    """Everything a worker needs; plain data so it crosses the spawner."""
+
+    domid: int
+    backend_path: str
+    platform: str = "xen"          # a platform spec (pcibackd.platform.select)
+    xenstored_path: str | None = None
+    topology: str = "vpci"
+    poll_window_us: float = 50.0
+    supervisor_endpoint: str | None = None
+    heartbeat_interval: float = 0.2
+    policy_path: str | None = None
+    log_level: str = "INFO"
+    state_dir: str | None = None
+    orphan_grace: float = 30.0     # no supervisor ack for this long: exit cleanly
+    token: str = ""                # proves beats come from this worker (see supervisor)
+    extra: dict = field(default_factory=dict)
+
+
+class Worker:
+    """The worker's objects and its main loop (see module docstring)."""
+
+    def __init__(self, cfg: WorkerConfig):
+        from pcibackd.platform.select import choose_platform
+        from pcibackd.xenstore.client import XenStore
+        self.cfg = cfg
+        points = faults.active(cfg.domid)
+        if "boot-crash" in points:
+            raise faults.InjectedFault("injected boot crash")
+        self.xs = XenStore(cfg.xenstored_path)
+        self.platform = choose_platform(cfg.platform, domid=0)
+        self.dispatcher = Dispatcher()
+        self.loop = OpLoop(self.dispatcher, cfg.poll_window_us * 1e-6)
+        self.devices = DeviceSet(cfg, self.dispatcher, self.platform)
+        if points:
+            self.dispatcher.dispatch = faults.wrap_dispatch(self.dispatcher.dispatch, points,
+                                                            self.devices.state_dir, cfg.domid)
+        self.machine = BackendMachine(mode=cfg.topology)
+        self.driver = Driver(self.xs, cfg.domid, cfg.backend_path, self.machine, self)
+        self.reporter = None
+        if cfg.supervisor_endpoint:
+            from pcibackd.worker.link import Reporter
+            self.reporter = Reporter(cfg, self)
+        self.stopping = False
+        self.orphaned = False
+        self.last_ack = time.monotonic()
+
+    # --- actions the driver calls (raise OSError on failure) --------------
+    def export(self, placement, opts, resume: bool = False) -> None:
+        self.devices.export(placement, opts, resume)
+
+    def remove(self, hosts: tuple[BDF, ...]) -> None:
+        self.loop.flush()
+        self.devices.remove(hosts)
+
+    def map_ring(self, gref: int, port: int) -> None:
+        page = self.platform.map_grant(self.cfg.domid, gref)
+        evtchn = self.platform.open_evtchn()
+        try:
+            local = evtchn.bind_interdomain(self.cfg.domid, port)
+        except OSError:
+            evtchn.close()
+            page.close()
+            raise
+        self.loop.ring = Ring(page, evtchn, local)
+        logger.info("connected: gref {} port {} -> local port {}", gref, port, local)
+        # A request left pending by a crashed predecessor is answered now.
+        if self.loop.serve_pending():
+            logger.info("served an op left pending before this worker started")
+
+    def unmap_ring(self) -> None:
+        if self.loop.ring:
+            self.loop.flush()
+            self.loop.ring.close()
+            self.loop.ring = None
+
+    # --- main loop --------------------------------------------------------
+    def run(self) -> int:
+        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wfd)
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, self._on_term)
+        self.driver.start()              # the initial export opens device files
+        privileges.drop(keep=KEEP_CAPS.get(self.cfg.platform, ()))
+        next_beat = 0.0
+        while self.driver.exit_reason is None and not self.stopping:
+            fds = [self.xs, rfd]
+            ring_fd = self.loop.fileno()
+            if ring_fd is not None:
+                fds.append(ring_fd)
+            if self.reporter:
+                fds.append(self.reporter)
+            now = time.monotonic()
+            if now >= next_beat:
+                if self.reporter:
+                    self.reporter.beat()
+                    if now - self.last_ack > self.cfg.orphan_grace:
+                        logger.warning("no supervisor for {:.0f} s: exiting", now - self.last_ack)
+                        self.orphaned = True
+                        break
+                next_beat = now + self.cfg.heartbeat_interval
+            timeout = 0.0 if self.loop.backlog else max(0.0, next_beat - now)
+            ready = select.select(fds, [], [], timeout)[0]
+            if ring_fd is not None and ring_fd in ready:
+                self.loop.on_event()
+            elif self.loop.backlog:
+                self.loop.serve_pending()
+            if self.xs in ready:
+                paths = [p for p, _ in self.xs.events()]
+                if paths:
+                    self.driver.on_watch(paths)
+            if self.reporter and self.reporter in ready:
+                self.reporter.on_message()
+            if rfd in ready:
+                os.read(rfd, 64)
+        # Graceful: answer the op in flight, leave xenbus state for a successor.
+        self.loop.flush()
+        if self.reporter:
+            self.reporter.beat(final=True)
+        reason = self.driver.exit_reason or ("orphaned" if self.orphaned else "stopped by signal")
+        logger.info("worker exiting: {}", reason)
+        self.close()
+        if self.driver.exit_reason is not None:
+            return EXIT_DONE
+        return EXIT_ORPHANED if self.orphaned else EXIT_STOPPED
+
+    # --- supervisor commands (name -> method; see Reporter.on_message) ------
+    def cmd_ack(self, args: dict):
+        """The supervisor saw our beat (orphan detection)."""
+        self.last_ack = time.monotonic()
+
+    def cmd_permissive(self, args: dict):
+        """Turn permissive mode on/off for one of our host devices (or all)."""
+        return self.devices.set_permissive(args.get("bdf"), bool(args["on"]))
+
+    def cmd_policy_reload(self, args: dict):
+        """Re-read the config-space policy file and apply it to our devices."""
+        return self.devices.reload_policy()
+
+    def cmd_log_level(self, args: dict):
+        logs.setup(str(args["level"]), domid=self.cfg.domid)
+        return args["level"]
+
+    COMMANDS = {"ack": cmd_ack, "permissive": cmd_permissive, "policy-reload": cmd_policy_reload,
+                "log-level": cmd_log_level}
+
+    def _on_term(self, signum, frame) -> None:
+        self.stopping = True      # no logging in a signal handler
+
+    def close(self) -> None:
+        self.driver.close()
+        if self.loop.ring:
+            self.loop.ring.close()
+            self.loop.ring = None
+        # Guest gone (also when a SIGTERM raced our own watch event): reset the devices
+        # and drop the saved state; stopped with the guest still there: keep it for a successor.
+        try:
+            gone = self.driver.exit_reason is not None or not self.xs.exists(self.cfg.backend_path)
+        except OSError:
+            gone = False
+        self.devices.close(forget_state=gone)
+        pidfile(self.cfg).unlink(missing_ok=True)
+        if self.reporter:
+            self.reporter.close()
+        self.xs.close()
+
+
+# On a real dom0, sysfs grants reads past the first 64 bytes of a config file
+# only to openers with CAP_SYS_ADMIN, and hot-plug opens new ones: a worker
+# keeps that one capability there (see privileges.py); in the simulation, none.
+KEEP_CAPS = {"xen": (privileges.CAP_SYS_ADMIN,)}
+
+
+def pidfile_path(runtime_dir, domid: int) -> Path:
+    """``<runtime>/workers/dom<N>.pid``: written by the worker, read by a supervisor adopting it."""
+    return Path(runtime_dir) / "workers" / f"dom{domid}.pid"
+
+
+def pidfile(cfg: WorkerConfig) -> Path:
+    from pcibackd.worker.devices import runtime_dir_for
+    return pidfile_path(runtime_dir_for(cfg), cfg.domid)
+
+
+def write_pidfile(cfg: WorkerConfig) -> None:
+    """The pid file (pid, start time, token): lets a new supervisor adopt this
+    worker and authenticate its beats."""
+    import psutil
+    path = pidfile(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_atomic(path, f"{os.getpid()} {psutil.Process().create_time()} {cfg.token}\n".encode())
+
+
+def run_worker(cfg: WorkerConfig) -> None:
+    """Process entry point (target of the spawner)."""
+    logs.setup(cfg.log_level, domid=cfg.domid)
+    write_pidfile(cfg)          # first: a supervisor restarted now must find us
+    try:
+        worker = Worker(cfg)
+    except Exception:
+        logger.exception("worker boot failed")
+        os._exit(EXIT_BOOT_FAILED)
+    try:
+        code = worker.run()
+    except Exception:
+        logger.exception("worker crashed")
+        os._exit(EXIT_CRASHED)
+    os._exit(code)

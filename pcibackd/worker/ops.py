@@ -1,0 +1,131 @@
+"""The request-page op dispatcher: bytes in, a reply out (no I/O).
+
+XSA-155: the loop copies ``xen_pci_op`` out of the shared page ONCE
+(:func:`snapshot_op`) and everything here works on that private copy; the
+reply carries only what the backend may write back (``err``, ``value`` and the
+used ``msix_entries[].vector``).
+
+Handlers are a table keyed by ``XEN_PCI_OP_*``:
+
+=================  ============================================================
+op                 handler
+=================  ============================================================
+conf_read (0)      device lookup, then ``ConfSpace.read`` (access checks there)
+conf_write (1)     device lookup, then ``ConfSpace.write``
+enable_msi (2)     ``not_implemented`` until the MSI issue
+disable_msi (3)    ``not_implemented`` until the MSI issue
+enable_msix (4)    ``not_implemented`` until the MSI issue
+disable_msix (5)   ``not_implemented`` until the MSI issue
+other              ``not_implemented`` (incl. AER ops 6..9, which only travel
+                   backend->frontend, and enable_multi_msi 10 like Linux)
+=================  ============================================================
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from pcibackd.wire import pciif
+from pcibackd.wire.pciif import Err, Op
+
+_HEADER = pciif.OP_HEADER
+
+
+class DeviceView(Protocol):
+    """What the dispatcher needs of a guest-visible device (a ConfSpace)."""
+
+    def read(self, untrusted_offset: int, untrusted_size: int) -> tuple[int, int]: ...
+    def write(self, untrusted_offset: int, untrusted_size: int, untrusted_value: int) -> int: ...
+
+
+@dataclass(slots=True)
+class Reply:
+    """What goes back into the page: err, value, and MSI-X vectors [0:nr)."""
+
+    err: int
+    value: int = 0
+    vectors: tuple[int, ...] = ()
+
+
+@dataclass
+class OpStats:
+    """Counters a worker reports to the supervisor."""
+
+    served: Counter = field(default_factory=Counter)   # by op name
+    errors: Counter = field(default_factory=Counter)   # by Err name
+
+    def count(self, untrusted_cmd: int, err: int) -> None:
+        self.served[_OP_NAMES.get(untrusted_cmd, "unknown")] += 1
+        if err:
+            self.errors[_ERR_NAMES.get(err, str(err))] += 1
+
+
+_OP_NAMES = {int(o): o.name for o in Op}
+_ERR_NAMES = {int(e): e.name for e in Err}
+
+Handler = Callable[["Dispatcher", tuple], Reply]
+
+
+def snapshot_op(page_buf) -> bytes:
+    """Copy xen_pci_op out of the shared page, once (XSA-155)."""
+    return bytes(page_buf[pciif.SH_OP:pciif.SH_OP + pciif.PCI_OP.size])
+
+
+class Dispatcher:
+    """Serves ops for one guest against its guest-visible device map.
+
+    ``devices`` maps the guest's (domain, bus, devfn) to a DeviceView; it is
+    replaced wholesale on hot-plug, so a lookup never sees a half-built map.
+    """
+
+    def __init__(self, devices: dict[tuple[int, int, int], DeviceView] | None = None):
+        self.devices: dict[tuple[int, int, int], DeviceView] = devices or {}
+        self.stats = OpStats()
+
+    def dispatch(self, op: bytes) -> Reply:
+        """Serve one op from its private snapshot."""
+        fields = _HEADER.unpack_from(op)
+        handler = HANDLERS.get(fields[0], _not_implemented)
+        reply = handler(self, fields)
+        self.stats.count(fields[0], reply.err)
+        return reply
+
+    def lookup(self, untrusted_domain: int, untrusted_bus: int, untrusted_devfn: int) -> DeviceView | None:
+        # Exact-key lookup: out-of-range values (devfn > 0xff ...) cannot alias.
+        return self.devices.get((untrusted_domain, untrusted_bus, untrusted_devfn))
+
+
+def _conf_read(d: Dispatcher, f: tuple) -> Reply:
+    dev = d.devices.get((f[2], f[3], f[4]))
+    if dev is None:
+        return Reply(Err.dev_not_found, 0)
+    err, value = dev.read(f[5], f[6])
+    return Reply(err, value)
+
+
+def _conf_write(d: Dispatcher, f: tuple) -> Reply:
+    dev = d.devices.get((f[2], f[3], f[4]))
+    if dev is None:
+        return Reply(Err.dev_not_found, 0)
+    # Linux leaves value untouched on a write; we echo the guest's own value.
+    return Reply(dev.write(f[5], f[6], f[7]), f[7])
+
+
+def _not_implemented(d: Dispatcher, f: tuple) -> Reply:
+    return Reply(Err.not_implemented, 0)
+
+
+HANDLERS: dict[int, Handler] = {
+    Op.conf_read: _conf_read,
+    Op.conf_write: _conf_write,
+}
+
+
+def write_reply(page_buf, reply: Reply) -> None:
+    """Write back only err, value and the used MSI-X vectors (never the rest)."""
+    pciif.I32.pack_into(page_buf, pciif.SH_OP_ERR, reply.err)
+    pciif.U32.pack_into(page_buf, pciif.SH_OP_VALUE, reply.value & 0xFFFFFFFF)
+    for i, vector in enumerate(reply.vectors):
+        pciif.U16.pack_into(page_buf, pciif.msix_vector_offset(i), vector)

@@ -1,0 +1,241 @@
+"""Simulated PCI functions built from real dumps, shared across processes like hardware.
+
+A simulated function lives in files under a simulation root laid out like
+sysfs, ``<root>/sys/bus/pci/devices/<bdf>/``:
+
+* ``config``: the config bytes, mmapped by every process that opens the device;
+* ``resource``, ``irq``, ``vendor``, ``device``, ``class``, ``subsystem_*``,
+  ``revision``: as sysfs shows them (so ``SysfsDevice(bdf, root)`` reads it too);
+* ``sim-model.json``: the compiled writable-bit model (:mod:`.model`) plus the
+  power-on config used by :meth:`SimDevice.reset`;
+* ``sim-writes.log``: one JSON line per write that reached the device.
+
+Accesses are serialised with ``flock`` on the config file, the way a real
+function sees one config cycle at a time, so a worker process can write while
+a test process asserts and a restarted worker sees the same state.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import mmap
+import os
+import shutil
+import struct
+import threading
+import weakref
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+from pcibackd.wire.bdf import BDF
+from simdom0.dumps import load_dump
+from simdom0.hwmodel import Model, compile_model, power_on_config
+from pcibackd.hostpci.port import DeviceInfo
+from pcibackd.hostpci.sysfs import check_access, devices_dir, list_host_devices, read_device_info
+
+MODEL_FILE = "sim-model.json"
+WRITE_LOG = "sim-writes.log"
+
+
+_UNPACK = {1: struct.Struct("<B").unpack_from, 2: struct.Struct("<H").unpack_from,
+           4: struct.Struct("<I").unpack_from}
+
+
+@dataclass(frozen=True)
+class WriteRecord:
+    """One config write that reached the simulated device."""
+
+    offset: int
+    size: int
+    value: int       # what was written
+    before: int      # the accessed bytes before the write
+    after: int       # ... and after the model applied it
+    register: str    # modelled register name ('' when the bytes are read-only)
+    pid: int         # writer process
+
+    @property
+    def changed(self) -> int:
+        """Bits that actually changed."""
+        return self.before ^ self.after
+
+
+def _id_files(dump) -> dict[str, str]:
+    ids = dump.ids
+    return {
+        "vendor": f"0x{ids['vendor']:04x}\n",
+        "device": f"0x{ids['device']:04x}\n",
+        "class": f"0x{ids['class']:06x}\n",
+        "subsystem_vendor": f"0x{ids['subsystem_vendor']:04x}\n",
+        "subsystem_device": f"0x{ids['subsystem_device']:04x}\n",
+        "revision": f"0x{ids['revision']:02x}\n",
+        "irq": f"{dump.irq}\n",
+    }
+
+
+def _release(mm: mmap.mmap, fds: tuple[int, ...]) -> None:
+    mm.close()
+    for fd in fds:
+        os.close(fd)
+
+
+class SimDevice:
+    """A HostPort whose config space follows the spec model and is shared through files."""
+
+    def __init__(self, root: Path, bdf: BDF) -> None:
+        """Attach to an existing simulated function (use :meth:`create` / :meth:`open`)."""
+        self.root = Path(root)
+        self.bdf = bdf
+        self.path = devices_dir(self.root) / str(bdf)
+        meta = json.loads((self.path / MODEL_FILE).read_text())
+        self.dump_name: str = meta["dump"]
+        self.model = Model.from_dict(meta["model"])
+        self._power_on = bytes.fromhex(meta["power_on_config"])
+        self._fd = os.open(self.path / "config", os.O_RDWR | os.O_CLOEXEC)
+        self._log_fd = os.open(self.path / WRITE_LOG, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        self._mm = mmap.mmap(self._fd, self.model.config_size, mmap.MAP_SHARED)
+        self._finalizer = weakref.finalize(self, _release, self._mm, (self._fd, self._log_fd))
+        self._thread_lock = threading.Lock()    # flock does not exclude threads sharing our fd
+        self.info: DeviceInfo = read_device_info(self.path, bdf, self.model.config_size)
+
+    # --- lifecycle ---------------------------------------------------------
+
+    @classmethod
+    def create(cls, root: Path, bdf: BDF, dump: str | Path) -> "SimDevice":
+        """Materialise ``dump`` at ``bdf`` under ``root``; FileExistsError if it is taken."""
+        d = load_dump(dump)
+        model = compile_model(d.config, d.resources)
+        config = power_on_config(d.config, model)
+        parent = devices_dir(Path(root))
+        parent.mkdir(parents=True, exist_ok=True)
+        final = parent / str(bdf)
+        if final.exists():
+            raise FileExistsError(f"simulated device {bdf} already exists under {root}")
+        # Build in a scratch directory and rename, so another process never sees half a device.
+        scratch = parent / f".creating-{bdf}-{os.getpid()}-{threading.get_ident()}"
+        scratch.mkdir()
+        try:
+            (scratch / "config").write_bytes(config)
+            shutil.copyfile(d.path / "resource", scratch / "resource")
+            for name, text in _id_files(d).items():
+                (scratch / name).write_text(text)
+            meta = {"dump": d.name, "dump_bdf": str(d.bdf), "power_on_config": config.hex(),
+                    "model": model.to_dict()}
+            (scratch / MODEL_FILE).write_text(json.dumps(meta, indent=1))
+            (scratch / WRITE_LOG).write_bytes(b"")
+            try:
+                os.rename(scratch, final)
+            except OSError as e:          # ENOTEMPTY/EEXIST: lost a race with another creator
+                raise FileExistsError(f"simulated device {bdf} already exists under {root}") from e
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return cls(Path(root), bdf)
+
+    @classmethod
+    def open(cls, root: Path, bdf: BDF) -> "SimDevice":
+        """Attach to a device another process created."""
+        return cls(Path(root), bdf)
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def __enter__(self) -> "SimDevice":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __reduce__(self):
+        # Sent to another process, a device is reopened there (it is the same hardware).
+        return (SimDevice.open, (self.root, self.bdf))
+
+    def __repr__(self) -> str:
+        return f"SimDevice({self.bdf}, dump={self.dump_name!r}, root={str(self.root)!r})"
+
+    # --- locking ---------------------------------------------------------
+
+    @contextmanager
+    def _locked(self, op: int) -> Iterator[None]:
+        with self._thread_lock:
+            fcntl.flock(self._fd, op)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    # --- HostPort --------------------------------------------------------
+
+    def read(self, offset: int, size: int) -> int:
+        """Read naturally aligned ``size`` bytes (little-endian).
+
+        Lock-free, like a hardware config read: an aligned load of <= 4
+        bytes does not tear on x86, and writers hold the exclusive lock.
+        """
+        check_access(offset, size, self.model.config_size)
+        return _UNPACK[size](self._mm, offset)[0]
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        """Apply a config write through the model and log it (even if nothing changed)."""
+        check_access(offset, size, self.model.config_size)
+        if not 0 <= value < 1 << (8 * size):
+            raise ValueError(f"value {value:#x} does not fit {size} bytes")
+        with self._locked(fcntl.LOCK_EX):
+            current = bytes(self._mm)
+            new = self.model.apply(current, offset, size, value)
+            self._mm[offset:offset + size] = new
+            record = WriteRecord(
+                offset=offset, size=size, value=value,
+                before=int.from_bytes(current[offset:offset + size], "little"),
+                after=int.from_bytes(new, "little"),
+                register=self.model.describe(offset), pid=os.getpid())
+            os.write(self._log_fd, (json.dumps(asdict(record)) + "\n").encode())
+
+    # --- simulation-only -------------------------------------------------
+
+    def write_log(self) -> list[WriteRecord]:
+        """Every write since creation (or the last clear), oldest first, from all processes."""
+        with self._locked(fcntl.LOCK_SH):
+            text = (self.path / WRITE_LOG).read_text()
+        return [WriteRecord(**json.loads(line)) for line in text.splitlines() if line]
+
+    def clear_write_log(self) -> None:
+        with self._locked(fcntl.LOCK_EX):
+            os.ftruncate(self._log_fd, 0)
+
+    def poke(self, offset: int, size: int, value: int) -> None:
+        """Hardware-side store (e.g. the device latching an error bit): no model, not logged."""
+        check_access(offset, size, self.model.config_size)
+        data = value.to_bytes(size, "little")
+        with self._locked(fcntl.LOCK_EX):
+            self._mm[offset:offset + size] = data
+
+    def reset(self) -> None:
+        """Return to the config the device was created with (a reset plus state restore); not logged."""
+        with self._locked(fcntl.LOCK_EX):
+            self._mm[:] = self._power_on
+
+    def config_bytes(self) -> bytes:
+        """Snapshot of the whole config space."""
+        with self._locked(fcntl.LOCK_SH):
+            return bytes(self._mm)
+
+
+class SimHost:
+    """A simulated PCI host: a root directory holding simulated functions."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def add(self, dump: str | Path, bdf: BDF | None = None) -> SimDevice:
+        """Attach ``dump`` at ``bdf`` (default: the address it was captured at)."""
+        return SimDevice.create(self.root, bdf or load_dump(dump).bdf, dump)
+
+    def devices(self) -> list[BDF]:
+        """Simulated functions present, sorted."""
+        base = devices_dir(self.root)
+        return [b for b in list_host_devices(self.root) if (base / str(b) / MODEL_FILE).is_file()]
+
+    def open(self, bdf: BDF) -> SimDevice:
+        return SimDevice.open(self.root, bdf)

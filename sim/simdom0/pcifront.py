@@ -1,0 +1,230 @@
+"""A Python pcifront with Linux xen-pcifront's semantics.
+
+It drives the tests, the demo and the benchmarks as a simulated guest:
+grants the shared page, allocates the event channel, publishes
+``pci-op-ref``/``event-channel``/``magic``, follows the backend's xenbus
+states, enumerates every devfn of each published root, and issues ops like
+``do_pci_op``: fill the op, set ``_XEN_PCIF_active``, notify, wait for the bit
+to clear; after 2 s it clears the bit itself and reports ``dev_not_found``.
+"""
+
+from __future__ import annotations
+
+import select
+import time
+from dataclasses import dataclass
+
+from pcibackd.wire.bdf import BDF
+from pcibackd.wire import pciif
+from pcibackd.wire.pciif import Err, Op, XenbusState as S
+
+OP_TIMEOUT = 2.0            # Linux: ns_timeout = now + 2 s
+ABSENT_VENDOR = {0xFFFFFFFF, 0x00000000, 0x0000FFFF, 0xFFFF0000}
+_VENDOR_ID, _CLASS_REV, _HEADER_TYPE = 0x00, 0x08, 0x0E
+
+
+@dataclass(frozen=True)
+class GuestDevice:
+    """What the guest's PCI core learns when it probes a function."""
+
+    bdf: BDF
+    vendor: int
+    device: int
+    class_code: int
+
+    def lspci_line(self) -> str:
+        return f"{self.bdf} [{self.class_code >> 8:04x}] {self.vendor:04x}:{self.device:04x}"
+
+
+class FrontendError(RuntimeError):
+    """The backend refused or did not answer the xenbus handshake."""
+
+
+class PCIFront:
+    """The frontend of one simulated guest (devid 0)."""
+
+    def __init__(self, xs, platform, domid: int, *, spin: bool = False, op_timeout: float = OP_TIMEOUT):
+        self.xs, self.platform, self.domid = xs, platform, domid
+        self.spin = spin
+        self.op_timeout = op_timeout
+        self.fe = f"/local/domain/{domid}/device/pci/0"
+        self.be: str | None = None
+        self.page = None
+        self.gref: int | None = None
+        self.evtchn = None
+        self.port: int | None = None
+        self.devices: list[GuestDevice] = []
+        self.timeouts = 0
+        self._token = f"pcifront-{domid}"
+
+    # ------------------------------------------------------------ xenbus --
+    def state(self) -> int | None:
+        v = self.xs.read(f"{self.fe}/state")
+        return int(v) if v is not None and v.isdigit() else None
+
+    def backend_state(self) -> int | None:
+        v = self.xs.read(f"{self.be}/state") if self.be else None
+        return int(v) if v is not None and v.isdigit() else None
+
+    def _switch(self, state: int) -> None:
+        self.xs.write(f"{self.fe}/state", str(int(state)))
+
+    def connect(self, timeout: float = 10.0) -> list[GuestDevice]:
+        """Probe (publish info, Initialised), wait for Connected, enumerate."""
+        self.be = self.xs.read(f"{self.fe}/backend")
+        if not self.be:
+            raise FrontendError(f"{self.fe}/backend is missing")
+        self.gref, self.page = self.platform.grant_page(0)
+        self.page.set_bit(pciif.SH_FLAGS, pciif._XEN_PCIB_AERHANDLER)
+        self.evtchn = self.platform.open_evtchn()
+        self.port = self.evtchn.alloc_unbound(0)
+
+        def publish(t):
+            t.write(f"{self.fe}/pci-op-ref", str(self.gref))
+            t.write(f"{self.fe}/event-channel", str(self.port))
+            t.write(f"{self.fe}/magic", pciif.XEN_PCI_MAGIC)
+        self.xs.run_transaction(publish)
+        self._switch(S.Initialised)
+        self.xs.watch(f"{self.be}/state", self._token)
+        self._wait(lambda: self.backend_state() in (S.Connected, S.Closing, S.Closed), timeout)
+        if self.backend_state() != S.Connected:
+            err = self.xs.read(f"/local/domain/0/error/backend/pci/{self.domid}/0/error")
+            raise FrontendError(f"backend state {self.backend_state()}: {err}")
+        self.devices = self.scan()
+        self._switch(S.Connected)
+        return self.devices
+
+    def _wait(self, cond, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise FrontendError(f"timed out after {timeout} s (backend state {self.backend_state()})")
+            select.select([self.xs], [], [], left)
+            self.xs.events()
+
+    def roots(self) -> list[tuple[int, int]]:
+        """``root_num``/``root-K`` (missing root_num: scan 0000:00, like Linux)."""
+        num = self.xs.read(f"{self.be}/root_num")
+        if num is None:
+            return [(0, 0)]
+        out = []
+        for k in range(int(num)):
+            dom, _, bus = (self.xs.read(f"{self.be}/root-{k}") or "").partition(":")
+            out.append((int(dom, 16), int(bus, 16)))
+        return out
+
+    def follow(self, timeout: float = 0.0) -> list[str]:
+        """Handle pending backend state changes (hot-plug, teardown); returns what changed."""
+        if timeout:
+            select.select([self.xs], [], [], timeout)
+        self.xs.events()
+        changes: list[str] = []
+        be, fe = self.backend_state(), self.state()
+        if be == S.Reconfiguring and fe == S.Connected:
+            self._switch(S.Reconfiguring)
+        elif be == S.Reconfigured and fe == S.Reconfiguring:
+            changes = self._rescan()
+            self._switch(S.Connected)
+        elif be in (S.Closing, S.Closed, S.Unknown, None) and fe not in (S.Closed, None):
+            # A vanished backend directory reads as Unknown: close like Closed.
+            self.disconnect()
+            changes = [f"- {d.lspci_line()}" for d in self.devices]
+            self.devices = []
+        return changes
+
+    def _rescan(self) -> list[str]:
+        old = {d.bdf: d for d in self.devices}
+        self.devices = self.scan()
+        new = {d.bdf: d for d in self.devices}
+        return ([f"- {old[b].lspci_line()}" for b in sorted(old.keys() - new.keys())]
+                + [f"+ {new[b].lspci_line()}" for b in sorted(new.keys() - old.keys())])
+
+    def disconnect(self) -> None:
+        """Closing then Closed, and give the page and channel back."""
+        self._switch(S.Closing)
+        self._release()
+        self._switch(S.Closed)
+
+    def _release(self) -> None:
+        if self.evtchn is not None:
+            self.evtchn.close()
+            self.evtchn = None
+        if self.page is not None:
+            self.platform.end_grant(self.gref)
+            self.page.close()
+            self.page = None
+
+    def close(self) -> None:
+        self._release()
+        try:
+            self.xs.unwatch(f"{self.be}/state", self._token)
+        except OSError:
+            pass
+
+    # ---------------------------------------------------------------- ops --
+    def op(self, cmd: int, domain: int = 0, bus: int = 0, devfn: int = 0, offset: int = 0,
+           size: int = 4, value: int = 0, info: int = 0) -> tuple[int, int]:
+        """One request/response round trip; returns (err, value)."""
+        buf = self.page.buf
+        pciif.OP_HEADER.pack_into(buf, pciif.SH_OP, cmd, 0, domain, bus, devfn, offset, size,
+                                  value & 0xFFFFFFFF, info)
+        self.page.set_bit(pciif.SH_FLAGS, pciif._XEN_PCIF_active)
+        self.evtchn.notify(self.port)
+        if not self._wait_answer():
+            self.timeouts += 1
+            self.page.clear_bit(pciif.SH_FLAGS, pciif._XEN_PCIF_active)
+            return Err.dev_not_found, 0
+        return pciif.I32.unpack_from(buf, pciif.SH_OP_ERR)[0], pciif.U32.unpack_from(buf, pciif.SH_OP_VALUE)[0]
+
+    def _wait_answer(self) -> bool:
+        page, flags, bit = self.page, pciif.SH_FLAGS, pciif._XEN_PCIF_active
+        buf = page.buf
+        if self.spin:
+            deadline = time.monotonic() + self.op_timeout
+            while buf[0] & 1:
+                if time.monotonic() > deadline:
+                    return False
+            return True
+        evtchn, fd = self.evtchn, self.evtchn.fileno()
+        deadline = time.monotonic() + self.op_timeout
+        while page.test_bit(flags, bit):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if select.select([fd], [], [], left)[0]:
+                port = evtchn.pending()
+                if port is not None:
+                    evtchn.unmask(port)
+        return True
+
+    def conf_read(self, bdf: BDF, offset: int, size: int) -> tuple[int, int]:
+        return self.op(Op.conf_read, bdf.domain, bdf.bus, bdf.devfn, offset, size)
+
+    def conf_write(self, bdf: BDF, offset: int, size: int, value: int) -> int:
+        return self.op(Op.conf_write, bdf.domain, bdf.bus, bdf.devfn, offset, size, value)[0]
+
+    def config_dump(self, bdf: BDF) -> bytes:
+        """The guest's whole view of a function's config space (256 or 4096 bytes)."""
+        out = bytearray()
+        for off in range(0, 4096, 4):
+            err, value = self.conf_read(bdf, off, 4)
+            if err:
+                if off == 0x100:
+                    break                    # conventional (256-byte) config space
+                raise FrontendError(f"{bdf}: conf_read at {off:#x} failed with {err}")
+            out += value.to_bytes(4, "little")
+        return bytes(out)
+
+    def scan(self) -> list[GuestDevice]:
+        """Probe every devfn 0..255 of each root, like pcifront_scan_bus."""
+        found = []
+        for domain, bus in self.roots():
+            for devfn in range(256):
+                bdf = BDF.from_devfn(domain, bus, devfn)
+                err, ids = self.conf_read(bdf, _VENDOR_ID, 4)
+                if err or ids in ABSENT_VENDOR:
+                    continue
+                err, cls = self.conf_read(bdf, _CLASS_REV, 4)
+                found.append(GuestDevice(bdf, ids & 0xFFFF, ids >> 16, (cls >> 8) if not err else 0))
+        return found

@@ -1,0 +1,289 @@
+"""Every pcibackctl command against a running daemon on the simulated dom0,
+as a subprocess, in table and JSON form, with its exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pcibackd.wire.bdf import BDF
+from simdom0.dom0 import SimDom0
+from pcibackd.wire.pciif import Err
+from waiting import wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+EDU, TESTDEV, E1000E, SPARE = "0000:00:05.0", "0000:00:06.0", "0000:02:00.0", "0000:00:07.0"
+G0 = BDF(0, 0, 0, 0)
+
+
+def ctl(dom0, *argv, timeout=30, **kw) -> subprocess.CompletedProcess:
+    """``pcibackctl --runtime-dir <dom0> ARGV`` in a subprocess."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "pcibackd.control.cli", "--runtime-dir", str(dom0.runtime), *argv],
+                          capture_output=True, text=True, timeout=timeout, env=env, **kw)
+
+
+def ok(dom0, *argv) -> str:
+    p = ctl(dom0, *argv)
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    assert p.stderr == ""
+    return p.stdout
+
+
+def ok_json(dom0, *argv):
+    return json.loads(ok(dom0, *argv, "--json"))
+
+
+def rows(text: str) -> list[list[str]]:
+    return [line.split() for line in text.splitlines() if line.strip()]
+
+
+def two_guests(dom0: SimDom0):
+    """dom1: edu + e1000e, connected; dom2: pci-testdev, not connected; one spare device."""
+    for dump, bdf in (("edu", EDU), ("pci-testdev", TESTDEV), ("e1000e", E1000E), ("rtl8139", SPARE)):
+        dom0.add_device(dump, bdf)
+    dom0.create_guest(1, [EDU, E1000E])
+    dom0.create_guest(2, [TESTDEV])
+    front = dom0.frontend(1)
+    front.connect()
+    wait_until(lambda: [(g["worker_state"], bool(g["served"])) for g in dom0.status()["guests"]]
+               == [("RUNNING", True), ("RUNNING", False)], what="two RUNNING workers, dom1's scan in a heartbeat")
+    return front
+
+
+@pytest.fixture
+def guests(dom0):
+    return dom0, two_guests(dom0)
+
+
+# --------------------------------------------------------------- status --
+def test_status_json(guests):
+    dom0, front = guests
+    assert front.conf_read(G0, 0, 2) == (Err.success, 0x1234)
+    assert front.conf_read(G0, 1, 2)[0] == Err.invalid_offset
+    st = wait_until(lambda: (s := ok_json(dom0, "status"))["guests"][0]["errors"].get("invalid_offset") and s,
+                    what="the error in a heartbeat")
+    d = st["daemon"]
+    assert d["platform"] == "sim" and d["topology"] == "vpci" and d["pid"] == dom0.daemon.pid
+    assert d["uptime"] >= 0 and d["version"] and d["control"]["ipc"] == str(dom0.runtime / "control.sock")
+    assert d["control"]["tcp"] is None
+    g1, g2 = st["guests"]
+    assert (g1["domid"], g1["xenbus_state"], g1["worker_state"], g1["restarts"]) == (1, 4, "RUNNING", 0)
+    assert (g2["domid"], g2["xenbus_state"], g2["worker_state"]) == (2, 3, "RUNNING")
+    assert g1["pid"] != g2["pid"] and g1["pid"] != dom0.daemon.pid
+    assert g1["served"]["conf_read"] >= 2 and g1["errors"]["invalid_offset"] == 1 and g2["served"] == {}
+    assert [(x["bdf"], x["vbdf"]) for x in g1["devices"]] == [(EDU, "0000:00:00.0"), (E1000E, "0000:00:01.0")]
+    assert [(x["bdf"], x["vbdf"]) for x in g2["devices"]] == [(TESTDEV, "0000:00:00.0")]
+    for g in (g1, g2):
+        # The kernel counts CPU time in clock ticks: an idle worker may not have used one yet.
+        assert 0 < g["uss"] <= g["rss"] and g["cpu_percent"] >= 0 and g["cpu_seconds"] >= 0
+        assert "latency_us" in g     # None until workers report latency
+
+
+def test_status_table(guests):
+    dom0, front = guests
+    out = ok(dom0, "status")
+    head = out.splitlines()[0]
+    assert head.startswith("pcibackd ") and f"(pid {dom0.daemon.pid})" in head and "platform sim" in head
+    assert "topology vpci" in head and "xenstore " in head
+    r = rows(out)
+    assert ["2", "guest(s)"] in r
+    header = next(x for x in r if x[:3] == ["DOMID", "XENBUS", "WORKER"])
+    assert header[3:12] == ["PID", "RESTARTS", "RSS", "USS", "CPU", "OPS", "ERRORS", "P50", "P99"]
+    st = {g["domid"]: g for g in dom0.status()["guests"]}
+    g1 = next(x for x in r if x[:3] == ["1", "Connected", "RUNNING"])
+    assert g1[3] == str(st[1]["pid"]) and g1[4] == "0" and g1[5].endswith("M") and g1[7].endswith("%")
+    # op service time p50 / p99: a duration in the table's units (a loaded machine may reach ms)
+    assert all(re.fullmatch(r"\d+us|\d+\.\dms", cell) for cell in g1[10:12]), g1[10:12]
+    assert g1[12:] == [EDU, "->", "0000:00:00.0"]
+    assert ["0000:02:00.0", "->", "0000:00:01.0"] in r                  # continuation line of dom1
+    g2 = next(x for x in r if x[:3] == ["2", "Initialised", "RUNNING"])
+    assert g2[-3:] == [TESTDEV, "->", "0000:00:00.0"]
+    assert ["DOMID", "OPS", "BY", "TYPE", "ERRORS", "BY", "CODE", "LAST", "EXIT"] in r
+    assert any(x[:1] == ["1"] and x[1].startswith("conf_read=") for x in r)
+
+
+def test_status_without_guests(dom0):
+    assert ok(dom0, "status").splitlines()[1] == "0 guest(s)"
+    assert ok_json(dom0, "status")["guests"] == []
+
+
+# ----------------------------------------------------------- list, devices --
+def test_list(guests):
+    dom0, _ = guests
+    assert rows(ok(dom0, "list")) == [
+        ["DOMID", "WORKER", "XENBUS", "HOST", "BDF", "GUEST", "BDF"],
+        ["1", "RUNNING", "Connected", EDU, "0000:00:00.0"],
+        ["1", "RUNNING", "Connected", E1000E, "0000:00:01.0"],
+        ["2", "RUNNING", "Initialised", TESTDEV, "0000:00:00.0"]]
+    assert ok_json(dom0, "list") == [
+        {"domid": 1, "worker_state": "RUNNING", "xenbus_state": 4,
+         "devices": [{"bdf": EDU, "vbdf": "0000:00:00.0"}, {"bdf": E1000E, "vbdf": "0000:00:01.0"}]},
+        {"domid": 2, "worker_state": "RUNNING", "xenbus_state": 3,
+         "devices": [{"bdf": TESTDEV, "vbdf": "0000:00:00.0"}]}]
+
+
+def test_devices(guests):
+    dom0, _ = guests
+    assert rows(ok(dom0, "devices")) == [["BDF", "HELD", "BY"], [EDU, "1"], [TESTDEV, "2"], [SPARE, "-"],
+                                          [E1000E, "1"]]
+    assert ok_json(dom0, "devices") == [{"bdf": EDU, "held_by": 1}, {"bdf": TESTDEV, "held_by": 2},
+                                        {"bdf": SPARE, "held_by": None}, {"bdf": E1000E, "held_by": 1}]
+
+
+# -------------------------------------------------------------- restart --
+def test_restart_table_and_json(guests):
+    dom0, front = guests
+    before = dom0.guest_status(2)["pid"]
+    assert ok(dom0, "restart", "2") == "restarting the worker of domain 2\n"
+    g = wait_until(lambda: (g := dom0.guest_status(2))["restarts"] == 1 and g["worker_state"] == "RUNNING" and g,
+                   what="dom2 restarted")
+    assert g["pid"] != before
+    assert ok_json(dom0, "restart", "1") == {"domid": 1}
+    wait_until(lambda: (g := dom0.guest_status(1))["restarts"] == 1 and g["worker_state"] == "RUNNING",
+               what="dom1 restarted")
+    assert front.conf_read(G0, 0, 2) == (Err.success, 0x1234)         # the new worker serves the guest
+    assert dom0.guest_status(2)["restarts"] == 1
+
+
+def test_restart_errors(guests):
+    dom0, _ = guests
+    p = ctl(dom0, "restart", "9")
+    assert p.returncode == 6 and "no guest with domid 9" in p.stderr and p.stdout == ""
+    p = ctl(dom0, "restart", "9", "--json")
+    assert p.returncode == 6 and p.stdout == ""
+    p = ctl(dom0, "restart", "0")
+    assert p.returncode == 2 and "domid must be 1.." in p.stderr
+    p = ctl(dom0, "restart", "dom1")
+    assert p.returncode == 2 and "invalid int value" in p.stderr
+    assert [g["restarts"] for g in dom0.status()["guests"]] == [0, 0]
+
+
+# ----------------------------------------------------------- permissive --
+def _permissive(dom0, bdf):
+    return next(d["permissive"] for g in dom0.status()["guests"] for d in g["devices"] if d["bdf"] == bdf)
+
+
+def test_permissive_on_off(guests):
+    dom0, front = guests
+    assert not _permissive(dom0, EDU)
+    assert ok(dom0, "permissive", "on", EDU) == f"permissive on for {EDU} (domain 1)\n"
+    wait_until(lambda: _permissive(dom0, EDU), what="permissive on in a heartbeat")
+    assert not _permissive(dom0, E1000E)
+    out = ok(dom0, "status")
+    assert f"{EDU} -> 0000:00:00.0 (permissive)" in out and f"{E1000E} -> 0000:00:01.0 (permissive)" not in out
+    assert ok_json(dom0, "permissive", "off", "00:05.0") == {"bdf": EDU, "domid": 1, "permissive": False}
+    wait_until(lambda: not _permissive(dom0, EDU), what="permissive off in a heartbeat")
+    assert front.conf_read(G0, 0, 2) == (Err.success, 0x1234)
+
+
+def test_permissive_errors(guests):
+    dom0, _ = guests
+    p = ctl(dom0, "permissive", "on", SPARE)
+    assert p.returncode == 6 and f"{SPARE} is not assigned to any guest" in p.stderr
+    p = ctl(dom0, "permissive", "on", "00:05")
+    assert p.returncode == 2 and "not a PCI address" in p.stderr
+    p = ctl(dom0, "permissive", "yes", EDU)
+    assert p.returncode == 2 and "invalid choice" in p.stderr
+    assert not _permissive(dom0, EDU)
+
+
+# -------------------------------------------------------- policy reload --
+POLICY_OK = 'permissive = false\n[device."0000:00:06.0"]\npermissive = true\n'
+
+
+@pytest.fixture
+def policy_dom0(request, tmp_path):
+    policy = tmp_path / "policy.toml"
+    policy.write_text("permissive = false\n")
+    dom0 = SimDom0(log_level="DEBUG", config={"policy_path": str(policy)}).start()
+    yield dom0, policy
+    if getattr(request.node, "rep_call", None) and request.node.rep_call.failed:
+        print(dom0.log_tail(80))
+    dom0.stop()
+
+
+def test_policy_reload(policy_dom0):
+    dom0, policy = policy_dom0
+    two_guests(dom0)
+    assert not _permissive(dom0, TESTDEV)
+    policy.write_text(POLICY_OK)
+    assert ok(dom0, "policy", "reload") == f"policy {policy} reloaded by 2 worker(s)\n"
+    wait_until(lambda: _permissive(dom0, TESTDEV), what="the reloaded policy in a heartbeat")
+    policy.write_text("permissive = false\n")
+    rep = ok_json(dom0, "policy", "reload")
+    assert rep["policy"] == str(policy) and [w["domid"] for w in rep["workers"]] == [1, 2]
+    wait_until(lambda: not _permissive(dom0, TESTDEV), what="the second reload")
+
+
+def test_policy_reload_of_a_broken_file_changes_nothing(policy_dom0):
+    dom0, policy = policy_dom0
+    two_guests(dom0)
+    policy.write_text(POLICY_OK)
+    ok(dom0, "policy", "reload")
+    wait_until(lambda: _permissive(dom0, TESTDEV), what="the reloaded policy")
+    policy.write_text("permissive = [\n")
+    p = ctl(dom0, "policy", "reload")
+    assert p.returncode == 1 and "policy not reloaded" in p.stderr and p.stdout == ""
+    assert _permissive(dom0, TESTDEV) and all(g["worker_state"] == "RUNNING" for g in dom0.status()["guests"])
+
+
+# ------------------------------------------------------------ log level --
+def test_log_level(guests):
+    dom0, _ = guests
+    assert ok(dom0, "log-level", "warning") == "log level WARNING (daemon and 2 worker(s))\n"
+    mark = len(dom0.log_tail(100000).splitlines())
+    ok(dom0, "restart", "2")            # logs at INFO, now filtered out
+    wait_until(lambda: (g := dom0.guest_status(2))["restarts"] == 1 and g["worker_state"] == "RUNNING",
+               what="dom2 restarted")
+    new = dom0.log_tail(100000).splitlines()[mark:]
+    assert not [line for line in new if " INFO " in line or " DEBUG " in line], new
+    rep = ok_json(dom0, "log-level", "DEBUG")
+    assert rep["level"] == "DEBUG" and [w["domid"] for w in rep["workers"]] == [1, 2]
+    p = ctl(dom0, "log-level", "chatty")
+    assert p.returncode == 2 and "level must be one of" in p.stderr
+
+
+# ------------------------------------------------------- daemon not there --
+def test_daemon_not_running(sim_dom0):
+    p = ctl(sim_dom0, "status")
+    assert p.returncode == 3 and "pcibackd is not running" in p.stderr and p.stdout == ""
+    sim_dom0.start_daemon()
+    assert ok_json(sim_dom0, "status")["guests"] == []
+    sim_dom0.stop_daemon()
+    p = ctl(sim_dom0, "list", "--json")
+    assert p.returncode == 3 and "pcibackd is not running" in p.stderr
+
+
+# ------------------------------------------------------- a stuck worker --
+def test_a_stuck_worker_times_out_a_fan_out_and_never_stalls_status(guests):
+    import signal
+    dom0, front = guests
+    stuck = dom0.guest_status(2)["pid"]
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        slow = subprocess.Popen([sys.executable, "-m", "pcibackd.control.cli", "--runtime-dir", str(dom0.runtime),
+                                 "log-level", "INFO"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env)
+        wait_until(lambda: "control: log-level" in dom0.log_tail(20), what="the log-level request in the daemon")
+        t0 = time.monotonic()
+        st = dom0.status()                            # answered while log-level waits for dom2
+        assert time.monotonic() - t0 < 2.0 and slow.poll() is None
+        assert [g["domid"] for g in st["guests"]] == [1, 2]
+        assert front.conf_read(G0, 0, 2) == (Err.success, 0x1234)
+        out, err = slow.communicate(timeout=10)
+        assert slow.returncode == 1 and out == ""
+        assert "no answer within 2.0 s from the worker(s) of domain(s) 2" in err
+    finally:
+        try:
+            os.kill(stuck, signal.SIGCONT)
+        except ProcessLookupError:
+            pass      # the heartbeat check already replaced the stopped worker (1 s default)

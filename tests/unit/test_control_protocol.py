@@ -1,0 +1,357 @@
+"""The control protocol without a daemon: request parsing, argument checks,
+worker round trips, framing, the command registry and the renderers."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import zmq
+
+from pcibackd.control import cli
+from pcibackd.control.client import NotRunning, call
+from pcibackd.control.commands import COMMANDS
+from pcibackd.control.commands.base import WORKER_TIMEOUT
+from pcibackd.control.protocol import Errno
+from pcibackd.control.server import MAX_PENDING, ControlServer, ControlSetupError
+from pcibackd.daemon.config import DaemonConfig
+
+
+def guest(domid, state="RUNNING", devices=(), **extra):
+    return {"domid": domid, "worker_state": state, "pid": 1000 + domid if state == "RUNNING" else None,
+            "restarts": 0, "last_exit": "", "xenbus_state": 4, "connected": True,
+            "served": {"conf_read": 10}, "errors": {"invalid_offset": 1},
+            "devices": [{"bdf": b, "vbdf": f"0000:00:{i:02x}.0", "permissive": False} for i, b in enumerate(devices)],
+            **extra}
+
+
+class FakeSupervisor:
+    """The supervisor hooks the commands use, recording what they were asked."""
+
+    def __init__(self, guests=None):
+        self.cfg = DaemonConfig()
+        self.guests = guests if guests is not None else [guest(1, devices=["0000:00:05.0"]), guest(2)]
+        self.sent, self.restarted, self.level = [], [], None
+        self.send_ok = True
+
+    def status(self):
+        return {"daemon": {"version": "0", "pid": 1, "uptime": 1.0, "platform": "sim", "topology": "vpci",
+                           "xenstore": "x"},
+                "guests": [dict(g) for g in self.guests]}
+
+    def restart_worker(self, domid):
+        self.restarted.append(domid)
+        return any(g["domid"] == domid for g in self.guests)
+
+    def set_log_level(self, level):
+        self.level = level
+
+    def devices(self):
+        return [{"bdf": "0000:00:05.0", "held_by": 1}, {"bdf": "0000:00:07.0", "held_by": None}]
+
+    def send_worker(self, domid, cmd, args, req_id=None):
+        self.sent.append((domid, cmd, args, req_id))
+        return self.send_ok
+
+
+@pytest.fixture
+def runtime(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir(mode=0o700)
+    return d
+
+
+@pytest.fixture
+def server(runtime):
+    ctx = zmq.Context()
+    srv = ControlServer(ctx, runtime / "control.sock", FakeSupervisor())
+    yield srv
+    srv.close()
+    ctx.term()
+
+
+def dispatch(server, req) -> dict:
+    raw = req if isinstance(req, bytes) else json.dumps(req).encode()
+    answer = server.dispatch(raw)
+    assert isinstance(answer, bytes), answer
+    rep = json.loads(answer)
+    assert set(rep) == {"id", "status", "errno", "reason", "result"}
+    assert (rep["status"] == "ok") == (rep["errno"] == 0)
+    return rep
+
+
+# ------------------------------------------------------------- requests --
+@pytest.mark.parametrize("raw,errno", [
+    (b"{", Errno.INVALID_JSON),
+    (b"", Errno.INVALID_JSON),
+    (b"\xff\xfe\x00", Errno.INVALID_JSON),
+    (b"[" * 200_000, Errno.INVALID_JSON),              # nests past the recursion limit
+    (b'{"command": "status"' + b" " * 10, Errno.INVALID_JSON),
+    (b"null", Errno.BAD_MESSAGE),
+    (b"[1, 2]", Errno.BAD_MESSAGE),
+    (b'"status"', Errno.BAD_MESSAGE),
+    (b'{"id": {"a": 1}, "command": "status"}', Errno.BAD_MESSAGE),
+    (b'{"id": "' + b"x" * 200 + b'", "command": "status"}', Errno.BAD_MESSAGE),
+    (b'{"id": 1, "command": 7}', Errno.BAD_MESSAGE),
+    (b'{"id": 1}', Errno.BAD_MESSAGE),
+    (b'{"id": 1, "command": "status", "args": [1]}', Errno.BAD_ARGUMENTS),
+    (b'{"id": 1, "command": "reboot-dom0"}', Errno.UNKNOWN_COMMAND),
+    (b'{"id": 1, "command": "STATUS"}', Errno.UNKNOWN_COMMAND),
+])
+def test_bad_requests_get_an_error_reply(server, raw, errno):
+    rep = dispatch(server, raw)
+    assert rep["status"] == "error" and rep["errno"] == errno and rep["reason"]
+    assert rep["result"] is None
+
+
+def test_request_id_is_echoed_even_on_errors(server):
+    assert dispatch(server, {"id": "abc", "command": "nope"})["id"] == "abc"
+    assert dispatch(server, {"id": 7, "command": "restart", "args": {}})["id"] == 7
+    assert dispatch(server, {"id": "s1", "command": "status"}) ["id"] == "s1"
+
+
+@pytest.mark.parametrize("command,args,fragment", [
+    ("restart", {}, "missing argument(s) domid"),
+    ("restart", {"domid": "3"}, "domid must be an integer"),
+    ("restart", {"domid": True}, "domid must be an integer"),
+    ("restart", {"domid": 3.0}, "domid must be an integer"),
+    ("restart", {"domid": None}, "domid must be an integer"),
+    ("restart", {"domid": 0}, "domid must be 1.."),
+    ("restart", {"domid": 0x7FF0}, "domid must be 1.."),
+    ("restart", {"domid": 1, "force": True}, "unknown argument(s) force"),
+    ("permissive", {"mode": "maybe", "bdf": "0000:00:05.0"}, "mode must be one of on, off"),
+    ("permissive", {"mode": "on", "bdf": 5}, "bdf must be a string"),
+    ("permissive", {"mode": "on", "bdf": "zz:00.0"}, "not a PCI address"),
+    ("permissive", {"mode": "on", "bdf": "0" * 1000}, "at most 64"),
+    ("log-level", {"level": ["DEBUG"]}, "level must be a string"),
+    ("log-level", {"level": "LOUD"}, "level must be one of"),
+    ("status", {"verbose": 1}, "unknown argument(s) verbose"),
+])
+def test_wrong_arguments_are_rejected(server, command, args, fragment):
+    rep = dispatch(server, {"id": 1, "command": command, "args": args})
+    assert rep["errno"] == Errno.BAD_ARGUMENTS and fragment in rep["reason"], rep
+    assert server.sup.restarted == [] and server.sup.sent == [] and server.sup.level is None
+
+
+def test_not_found_and_failing_command(server):
+    rep = dispatch(server, {"id": 1, "command": "restart", "args": {"domid": 9}})
+    assert rep["errno"] == Errno.NOT_FOUND and "domid 9" in rep["reason"]
+    rep = dispatch(server, {"id": 1, "command": "permissive", "args": {"mode": "on", "bdf": "00:07.0"}})
+    assert rep["errno"] == Errno.NOT_FOUND
+    server.sup.status = lambda: 1 / 0             # a bug in a hook: answered, not raised
+    rep = dispatch(server, {"id": 1, "command": "status"})
+    assert rep["errno"] == Errno.COMMAND_FAILED and "ZeroDivisionError" in rep["reason"]
+
+
+def test_permissive_on_a_worker_that_is_not_running(server):
+    server.sup.guests = [guest(3, state="BACKOFF", devices=["0000:00:05.0"])]
+    rep = dispatch(server, {"id": 1, "command": "permissive", "args": {"mode": "on", "bdf": "0000:00:05.0"}})
+    assert rep["errno"] == Errno.COMMAND_FAILED and "BACKOFF" in rep["reason"]
+
+
+# ---------------------------------------------------- worker round trips --
+def start(server, req):
+    answer = server.dispatch(json.dumps(req).encode())
+    assert isinstance(answer, tuple), answer
+    sent = []
+    server._send = lambda envelope, data: sent.append(json.loads(data))
+    server._start_pending([b"client"], *answer)
+    return sent
+
+
+def worker_ids(server):
+    return {domid: req_id for domid, _, _, req_id in server.sup.sent}
+
+
+def test_fan_out_collects_every_worker(server):
+    sent = start(server, {"id": "r", "command": "log-level", "args": {"level": "debug"}})
+    assert server.sup.level == "DEBUG"
+    assert sorted((d, c, a) for d, c, a, _ in server.sup.sent) == [(1, "log-level", {"level": "DEBUG"}),
+                                                                   (2, "log-level", {"level": "DEBUG"})]
+    ids = worker_ids(server)
+    server.worker_reply(1, {"id": ids[1], "ok": True, "result": "DEBUG"})
+    server.worker_reply(1, {"id": "someone-else", "ok": False})        # ignored
+    server.flush_pending()
+    assert sent == []                                                  # still waiting for dom2
+    server.worker_reply(2, {"id": ids[2], "ok": True, "result": "DEBUG"})
+    server.flush_pending()
+    assert sent == [{"id": "r", "status": "ok", "errno": 0, "reason": "",
+                     "result": {"level": "DEBUG", "workers": [{"domid": 1, "result": "DEBUG"},
+                                                              {"domid": 2, "result": "DEBUG"}]}}]
+    assert server.pending == {}
+
+
+def test_fan_out_worker_failure_and_timeout(server):
+    sent = start(server, {"id": "r", "command": "policy-reload"})
+    ids = worker_ids(server)
+    server.worker_reply(2, {"id": ids[2], "ok": True, "result": []})
+    server.flush_pending()
+    assert sent == []
+    for p in server.pending.values():
+        assert p.deadline <= time.monotonic() + WORKER_TIMEOUT
+        p.deadline = time.monotonic() - 1                               # time is up
+    server.flush_pending()
+    assert [(r["id"], r["errno"]) for r in sent] == [("r", Errno.TIMEOUT)] and "domain(s) 1" in sent[0]["reason"]
+
+    sent = start(server, {"id": "p", "command": "permissive", "args": {"mode": "on", "bdf": "00:05.0"}})
+    server.worker_reply(1, {"id": worker_ids(server)[1], "ok": False, "result": "LookupError: gone"})
+    server.flush_pending()
+    assert sent[0]["errno"] == Errno.COMMAND_FAILED and "LookupError: gone" in sent[0]["reason"]
+
+
+def test_unreachable_worker_fails_at_once(server):
+    server.sup.send_ok = False
+    sent = start(server, {"id": "r", "command": "log-level", "args": {"level": "INFO"}})
+    assert sent and sent[0]["errno"] == Errno.COMMAND_FAILED and "not reachable" in sent[0]["reason"]
+
+
+def test_no_running_worker_needs_no_round_trip(server):
+    server.sup.guests = [guest(4, state="FATAL")]
+    rep = dispatch(server, {"id": 1, "command": "policy-reload"})
+    assert rep["result"] == {"policy": None, "workers": []}
+
+
+def test_pending_requests_are_bounded(server):
+    for i in range(MAX_PENDING):
+        start(server, {"id": i, "command": "log-level", "args": {"level": "INFO"}})
+    rep = dispatch(server, {"id": "more", "command": "log-level", "args": {"level": "INFO"}})
+    assert rep["errno"] == Errno.BUSY and rep["id"] == "more"
+    assert dispatch(server, {"id": 1, "command": "status"})["status"] == "ok"     # reads still answered
+
+
+def test_policy_reload_checks_the_file_first(server, tmp_path):
+    bad = tmp_path / "policy.toml"
+    bad.write_text("permissive = maybe\n")
+    server.sup.cfg.policy_path = str(bad)
+    rep = dispatch(server, {"id": 1, "command": "policy-reload"})
+    assert rep["errno"] == Errno.COMMAND_FAILED and "not reloaded" in rep["reason"]
+    assert server.sup.sent == []
+
+
+# ------------------------------------------------------------- sockets --
+def test_socket_is_private_and_answers_dealer_and_req(server, runtime):
+    assert oct(os.stat(runtime / "control.sock").st_mode & 0o777) == "0o600"
+    ctx = zmq.Context.instance()
+    for kind in (zmq.DEALER, zmq.REQ):
+        s = ctx.socket(kind)
+        s.linger = 0
+        s.connect(f"ipc://{runtime}/control.sock")
+        s.send(b'{"id": "k", "command": "list"}')
+        rep = _serve_until_reply(server, s)
+        assert rep["id"] == "k" and rep["status"] == "ok" and [g["domid"] for g in rep["result"]] == [1, 2]
+        s.close()
+
+
+def test_multi_frame_request_gets_an_error_reply(server, runtime):
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.linger = 0
+    s.connect(f"ipc://{runtime}/control.sock")
+    s.send_multipart([b'{"id": 1, "command": "status"}', b"extra"])
+    rep = _serve_until_reply(server, s)
+    assert rep["errno"] == Errno.BAD_MESSAGE and "one frame" in rep["reason"]
+    s.close()
+
+
+def _serve_until_reply(server, sock, timeout=2.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.sock.poll(50):
+            server.handle_ready()
+        if sock.poll(0):
+            return json.loads(sock.recv())
+    raise AssertionError("no reply")
+
+
+def test_a_second_server_does_not_steal_a_live_socket(server, runtime):
+    with pytest.raises(ControlSetupError, match="another pcibackd"):
+        ControlServer(zmq.Context.instance(), runtime / "control.sock", FakeSupervisor())
+
+
+def test_refuses_an_open_runtime_dir(tmp_path):
+    d = tmp_path / "open"
+    d.mkdir()
+    os.chmod(d, 0o755)
+    with pytest.raises(ControlSetupError, match="mode 0700"):
+        ControlServer(zmq.Context.instance(), d / "control.sock", FakeSupervisor())
+
+
+def test_client_not_running_and_stale_socket(runtime):
+    with pytest.raises(NotRunning, match="no control socket"):
+        call(runtime, "status", timeout=1)
+    import socket
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(runtime / "control.sock"))
+    s.close()                                                   # a socket file nobody listens on
+    with pytest.raises(NotRunning, match="stale"):
+        call(runtime, "status", timeout=1)
+
+
+# ------------------------------------------------------------ registry --
+def test_registry_one_module_per_command_docstring_is_help(capsys):
+    assert set(COMMANDS) == {"status", "list", "devices", "restart", "permissive", "policy-reload", "log-level"}
+    for name, cmd in COMMANDS.items():
+        assert cmd.execute.__module__ == f"pcibackd.control.commands.{name.replace('-', '_')}"
+        assert cmd.doc == __import__(cmd.execute.__module__, fromlist=["x"]).__doc__.strip()
+        with pytest.raises(SystemExit) as exc:
+            cli.main([*cmd.words, "--help"])
+        assert exc.value.code == 0
+        out = capsys.readouterr().out
+        assert cmd.doc.splitlines()[0] in out and cmd.doc.splitlines()[-1].strip() in out
+    assert COMMANDS["policy-reload"].words == ("policy", "reload")
+
+
+@pytest.mark.parametrize("argv", [["policy-reload"], ["policy"], ["restart", "one"], ["permissive", "maybe", "00:05.0"],
+                                  ["restart"], ["frobnicate"], ["--endpoint", "tcp://127.0.0.1:1", "status"]])
+def test_cli_usage_errors_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+
+
+def test_cli_daemon_not_running_exit_3(runtime, capsys):
+    assert cli.main(["--runtime-dir", str(runtime), "status"]) == 3
+    assert "pcibackd is not running" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------- renderers --
+def test_status_render_latency_dash_until_workers_report_it():
+    sup = FakeSupervisor([guest(1, devices=["0000:00:05.0"], rss=30 << 20, uss=8 << 20, cpu_percent=1.5),
+                          guest(2, state="FATAL", last_exit="exit 1")])
+    st = sup.status()
+    st["guests"][1]["latency_us"] = {"p50": 12.4, "p99": 2500.0}
+    text = COMMANDS["status"].render(st)
+    lines = text.splitlines()
+    row1 = next(line for line in lines if line.startswith("1 ") and "RUNNING" in line)
+    assert "30.0M" in row1 and "8.0M" in row1 and "1.5%" in row1 and "0000:00:05.0 -> 0000:00:00.0" in row1
+    assert row1.split()[10:12] == ["-", "-"]                  # P50, P99 unknown
+    row2 = next(line for line in lines if line.startswith("2 ") and "FATAL" in line)
+    assert "12us" in row2 and "2.5ms" in row2
+    assert any("conf_read=10" in line and "invalid_offset=1" in line for line in lines)
+    assert any(line.startswith("2 ") and line.rstrip().endswith("exit 1") for line in lines)
+
+
+def test_renderers_of_empty_results():
+    st = FakeSupervisor([]).status()
+    assert COMMANDS["status"].render(st).endswith("0 guest(s)")
+    assert COMMANDS["list"].render([]).split() == ["DOMID", "WORKER", "XENBUS", "HOST", "BDF", "GUEST", "BDF"]
+    assert COMMANDS["list"].render([{"domid": 3, "worker_state": "RUNNING", "xenbus_state": None,
+                                     "devices": []}]).splitlines()[1].split() == ["3", "RUNNING", "-", "-", "-"]
+    assert COMMANDS["devices"].render([{"bdf": "0000:00:07.0", "held_by": None}]).splitlines()[1].split() == \
+        ["0000:00:07.0", "-"]
+
+
+def test_status_fills_process_figures_the_supervisor_lacks(server):
+    me = guest(5)
+    me["pid"] = os.getpid()
+    given = guest(6, rss=1, uss=1, cpu_seconds=0.5)
+    given["pid"] = os.getpid()
+    server.sup.guests = [me, given, guest(7, state="FATAL")]
+    g5, g6, g7 = dispatch(server, {"id": 1, "command": "status"})["result"]["guests"]
+    assert 0 < g5["uss"] <= g5["rss"] and g5["cpu_seconds"] > 0 and g5["cpu_percent"] >= 0
+    assert (g6["rss"], g6["uss"]) == (1, 1) and g6["cpu_percent"] is not None
+    assert g7["cpu_percent"] is None and "rss" not in g7
+    assert g5["latency_us"] is None
+    server.sup.control = server                     # as in the supervisor
+    assert dispatch(server, {"id": 1, "command": "status"})["result"]["daemon"]["control"]["tcp"] is None

@@ -27,7 +27,7 @@ echo "$OUT/core.%e.%p" > /proc/sys/kernel/core_pattern
 LANE_MODES=${LANE_MODES:-kernel pcibackd}
 LANE_DOMU_TIMEOUT=${LANE_DOMU_TIMEOUT:-100}
 LANE_CLEAN_TIMEOUT=${LANE_CLEAN_TIMEOUT:-20}
-export PYTHONPATH=$LANE_REPO${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$LANE_REPO:$LANE_REPO/sim${PYTHONPATH:+:$PYTHONPATH}
 # Python under TCG is ~50x slower: give workers a long heartbeat budget.
 DAEMON_CMD=${LANE_DAEMON_CMD:-"$LANE_PY -m pcibackd run --platform xen --foreground --heartbeat-timeout 30"}
 ATTACH_CMD=${LANE_ATTACH_CMD:-"$LANE_PY -m pcibackd.xenstore.toolstack attach {domid} {bdf} --seize --permissions"}
@@ -97,7 +97,7 @@ CANARY=$!
 if [ "${LANE_DOM0_PYTEST:-1}" = 0 ]; then
   result all xen real-platform-tests INFO "skipped (LANE_DOM0_PYTEST=0)"
 elif (cd "$LANE_REPO" && PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 timeout 150 "$LANE_PY" -m pytest -q -p no:cacheprovider \
-      --noconftest -o addopts= tests/test_real_platform.py) > $OUT/pytest-real-platform.log 2>&1; then
+      --noconftest -o addopts= tests/unit/test_real_platform.py) > $OUT/pytest-real-platform.log 2>&1; then
   result all xen real-platform-tests PASS "$(tail -1 $OUT/pytest-real-platform.log)"
 else
   result all xen real-platform-tests FAIL "$(tail -1 $OUT/pytest-real-platform.log)"

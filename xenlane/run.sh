@@ -123,7 +123,7 @@ PY=${XENLANE_PYTHON:-}
 [ -n "$PY" ] || { [ -x "$REPO/.venv/bin/python" ] && PY=$REPO/.venv/bin/python; } || PY=$(command -v python3)
 "$PY" -c 'import pyxs, psutil, zmq' 2>/dev/null || log "WARNING: $PY lacks the project's dependencies (pyxs, psutil, pyzmq)"
 # dom0 sees the checkout read-only: build the C helpers here, first
-if [ -f "$REPO/pcibackd/_native/build.py" ]; then
+if [ -f "$REPO/sim/simdom0/native/build.py" ]; then
   (cd "$REPO" && "$PY" -m simdom0.native.build) > "$RUN/native-build.log" 2>&1 || die "building simdom0/native failed: $(tail -3 "$RUN/native-build.log")"
 fi
 {

@@ -21,15 +21,12 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from simdom0.pcifront import PCIFront          # noqa: E402
-from pcibackd.wire.bdf import BDF                     # noqa: E402
-from simdom0.dom0 import SimDom0                     # noqa: E402
-from pcibackd.wire import pciif                           # noqa: E402
-from pcibackd.wire.pciif import Op                        # noqa: E402
+from simdom0.pcifront import PCIFront
+from pcibackd.wire.bdf import BDF
+from simdom0.dom0 import SimDom0
+from pcibackd.wire import pciif
+from pcibackd.wire.pciif import Op
 
 
 def measure(front: PCIFront, bdf: BDF, ops: int) -> list[int]:

@@ -17,12 +17,9 @@ import statistics
 import sys
 import threading
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pcibackd.wire.bdf import BDF        # noqa: E402
-from simdom0.dom0 import SimDom0        # noqa: E402
+from pcibackd.wire.bdf import BDF
+from simdom0.dom0 import SimDom0
 
 
 def running_pid(dom0: SimDom0, not_pid: int | None, timeout: float = 10.0) -> int:

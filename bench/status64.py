@@ -18,19 +18,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from pcibackd.control import cli                  # noqa: E402
-from pcibackd.control.client import call          # noqa: E402
-from simdom0.dom0 import SimDom0              # noqa: E402
+from pcibackd.control import cli
+from pcibackd.control.client import call
+from simdom0.dom0 import SimDom0
 
 TARGET_MS = 100.0
 
@@ -91,11 +86,9 @@ def main() -> int:
                 assert cli.main(["--runtime-dir", rt, "status"]) == 0
             assert f"{a.guests} guest(s)" in out.getvalue()
 
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-
         def process():
             subprocess.run([sys.executable, "-m", "pcibackd.control.cli", "--runtime-dir", rt, "status"],
-                           check=True, stdout=subprocess.DEVNULL, env=env)
+                           check=True, stdout=subprocess.DEVNULL)
 
         timed(request, 5)                                  # warm up (psutil, CPU samples)
         size = len(cli.json.dumps(call(rt, "status")["result"]))

@@ -10,12 +10,32 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pcibackd.hostpci.port import DeviceInfo, Resource
+from pcibackd.confspace.pciregs import (BASE_ADDRESS_0, COMMAND_IO, COMMAND_MEM, ROM_ADDRESS,
+                                        ROM_ADDRESS1, ROM_ADDRESS_MASK, ROM_ENABLE)
 
 ROM_RESOURCE = 6
-# Low bits ignored when recognising a sizing write, per BAR kind.
-SIZING_IGNORE = {"io": 0x3, "mem32": 0xF, "mem64": 0xF, "mem64hi": 0x0, "rom": 0x7FF, "none": 0xF}
 _FLAG_BITS = 0xF          # PCI_REGION_FLAG_MASK: the BAR's own low bits, kept in resource flags
 U32 = 0xFFFFFFFF
+U64 = 0xFFFFFFFFFFFFFFFF
+
+
+@dataclass(frozen=True)
+class BarKind:
+    """What the rules need to know about one kind of BAR."""
+
+    sizing_ignore: int     # low bits ignored when recognising a sizing write
+    decodes: int           # COMMAND bit that enabling the device turns on for it...
+    decodes_if: int = 0    # ...provided these bits of its value are set
+
+
+KINDS = {
+    "io": BarKind(0x3, COMMAND_IO),
+    "mem32": BarKind(0xF, COMMAND_MEM),
+    "mem64": BarKind(0xF, COMMAND_MEM),
+    "mem64hi": BarKind(0x0, 0),
+    "rom": BarKind(0x7FF, COMMAND_MEM, decodes_if=ROM_ENABLE),
+    "none": BarKind(0xF, 0),
+}
 
 
 @dataclass(frozen=True)
@@ -23,13 +43,13 @@ class Bar:
     """One BAR register of the guest's view."""
 
     offset: int
-    kind: str          # io | mem32 | mem64 | mem64hi | rom | none
+    kind: str          # a key of KINDS
     val: int           # what a normal read returns
     size_val: int      # what a read returns after a sizing write
 
     @property
     def sizing_ignore(self) -> int:
-        return SIZING_IGNORE[self.kind]
+        return KINDS[self.kind].sizing_ignore
 
     def is_sizing(self, value: int) -> bool:
         """True if ``value`` is the all-ones sizing write for this BAR."""
@@ -39,8 +59,8 @@ class Bar:
 def bar_offsets(header_type: int) -> tuple[tuple[int, ...], int]:
     """(BAR offsets, ROM offset) of a type-0 or type-1 header."""
     if header_type == 1:
-        return (0x10, 0x14), 0x38
-    return tuple(range(0x10, 0x28, 4)), 0x30
+        return (BASE_ADDRESS_0, BASE_ADDRESS_0 + 4), ROM_ADDRESS1
+    return tuple(range(BASE_ADDRESS_0, BASE_ADDRESS_0 + 24, 4)), ROM_ADDRESS
 
 
 def _resource(info: DeviceInfo, index: int) -> Resource | None:
@@ -58,7 +78,7 @@ def capture_bars(info: DeviceInfo, header_type: int) -> dict[int, Bar]:
     for index, offset in enumerate(offsets):
         if index in upper_of:
             res = upper_of[index]
-            neg = -res.size & 0xFFFFFFFFFFFFFFFF
+            neg = -res.size & U64
             bars[offset] = Bar(offset, "mem64hi", (res.start >> 32) & U32, neg >> 32)
             continue
         res = _resource(info, index)
@@ -66,7 +86,7 @@ def capture_bars(info: DeviceInfo, header_type: int) -> dict[int, Bar]:
             bars[offset] = Bar(offset, "none", 0, 0)
             continue
         flags = res.flags & _FLAG_BITS
-        neg = -res.size & 0xFFFFFFFFFFFFFFFF
+        neg = -res.size & U64
         if res.flags & Resource.IORESOURCE_IO:
             kind = "io"
         elif res.flags & Resource.IORESOURCE_MEM_64 and index + 1 < len(offsets):
@@ -79,18 +99,18 @@ def capture_bars(info: DeviceInfo, header_type: int) -> dict[int, Bar]:
     if rom is None:
         bars[rom_offset] = Bar(rom_offset, "none", 0, 0)
     else:
-        flags = rom.flags & _FLAG_BITS & 0x1          # only the enable bit is defined
+        flags = rom.flags & ROM_ENABLE               # only the enable bit is defined
         neg = -rom.size & U32
-        bars[rom_offset] = Bar(rom_offset, "rom", (rom.start & U32) | flags, (neg & ~0x7FF) | flags)
+        bars[rom_offset] = Bar(rom_offset, "rom", (rom.start & U32) | flags,
+                               (neg & ROM_ADDRESS_MASK) | flags)
     return bars
 
 
 def decode_bits(bars: dict[int, Bar]) -> int:
-    """COMMAND bits (IO=1, MEM=2) that enabling the device turns on in hardware."""
+    """COMMAND bits (IO, MEM) that enabling the device turns on in hardware."""
     bits = 0
     for bar in bars.values():
-        if bar.kind == "io":
-            bits |= 0x1
-        elif bar.kind in ("mem32", "mem64") or (bar.kind == "rom" and bar.val & 1):
-            bits |= 0x2
+        kind = KINDS[bar.kind]
+        if bar.val & kind.decodes_if == kind.decodes_if:
+            bits |= kind.decodes
     return bits

@@ -10,58 +10,50 @@ it).  Bridge bus numbers and windows stay read-only even in permissive mode.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from pcibackd.wire.pciif import Err
-from pcibackd.confspace.spec import Reg
+from pcibackd.confspace.pciregs import (
+    BIST_START, COMMAND_DEFINED, COMMAND_FAST_B2B, COMMAND_INTX_DISABLE, COMMAND_IO,
+    COMMAND_MASTER, COMMAND_MEM, COMMAND_MWI, COMMAND_SPECIAL, COMMAND_VGA_SNOOP, COMMAND_WAIT,
+    STATUS_CAP_LIST, STATUS_RW1C)
+from pcibackd.confspace.spec import BuildView, HookView, Reg, Slot
 
-if TYPE_CHECKING:
-    from pcibackd.confspace.layout import Builder
-    from pcibackd.confspace.space import ConfSpace
-    from pcibackd.confspace.spec import Slot
-
-# COMMAND bits
-IO, MEM, MASTER, SPECIAL, MWI, VGA_SNOOP = 0x1, 0x2, 0x4, 0x8, 0x10, 0x20
-PARITY, WAIT, SERR, FAST_B2B, INTX_DISABLE = 0x40, 0x80, 0x100, 0x200, 0x400
-COMMAND_GUEST = MASTER | SPECIAL | MWI | VGA_SNOOP | WAIT | FAST_B2B       # 0x02BC
-COMMAND_DEFINED = 0x07FF
+# COMMAND bits the guest owns: kept virtual, reaching hardware as the rules below say.
+COMMAND_GUEST = (COMMAND_MASTER | COMMAND_SPECIAL | COMMAND_MWI | COMMAND_VGA_SNOOP
+                 | COMMAND_WAIT | COMMAND_FAST_B2B)                          # 0x02BC
 COMMAND_EMU = COMMAND_DEFINED & ~COMMAND_GUEST                            # 0x0543
 # Guest bits the kernel backend changes in hardware even when not permissive.
-COMMAND_HW_STRICT = MASTER | MWI
-STATUS_CAP_LIST = 0x0010
-STATUS_RW1C = 0xF900
-BIST_START = 0x40
+COMMAND_HW_STRICT = COMMAND_MASTER | COMMAND_MWI
 
 
 # -- init hooks ---------------------------------------------------------------
 
-def _vendor(b: "Builder", slot: "Slot") -> int:
+def _vendor(b: BuildView, slot: Slot) -> int:
     return b.info.vendor
 
 
-def _device(b: "Builder", slot: "Slot") -> int:
+def _device(b: BuildView, slot: Slot) -> int:
     return b.info.device
 
 
-def _bar(b: "Builder", slot: "Slot") -> int:
-    return b.bars[slot.offset].val
+def _bar(b: BuildView, slot: Slot) -> int:
+    return b.bar(slot.offset).val
 
 
-def _irq(b: "Builder", slot: "Slot") -> int:
+def _irq(b: BuildView, slot: Slot) -> int:
     return b.info.irq & 0xFF            # what pcifront binds as the PIRQ
 
 
-def _cap_ptr(b: "Builder", slot: "Slot") -> int:
+def _cap_ptr(b: BuildView, slot: Slot) -> int:
     return b.first_cap
 
 
-def _status(b: "Builder", slot: "Slot") -> int:
+def _status(b: BuildView, slot: Slot) -> int:
     return STATUS_CAP_LIST if b.has_caps else 0
 
 
 # -- write hooks --------------------------------------------------------------
 
-def command_write(cs: "ConfSpace", slot: "Slot", new: int, old: int, written: int) -> int:
+def command_write(cs: HookView, slot: Slot, new: int, old: int, written: int) -> int:
     """Virtual COMMAND; hardware sees only enable, bus master, MWI (and more if allowed)."""
     if new & ~COMMAND_DEFINED:
         cs.note_denied(slot, new & ~COMMAND_DEFINED)
@@ -72,17 +64,17 @@ def command_write(cs: "ConfSpace", slot: "Slot", new: int, old: int, written: in
     hw = cs.hw_read(slot.offset, 2)
     out = hw
     state = cs.state
-    if new & (IO | MEM):
+    if new & (COMMAND_IO | COMMAND_MEM):
         if not state.enabled:
             # Enabling decodes what the device owns; never a partial or guest-chosen set.
-            out |= cs.layout.decode_bits
+            out |= cs.decode_bits
             state.enabled = True
     elif state.enabled:
         state.enabled = False
-        out &= ~MASTER                  # disabling only stops DMA: decode stays on (XSA-120)
+        out &= ~COMMAND_MASTER          # disabling only stops DMA: decode stays on (XSA-120)
     out = (out & ~COMMAND_HW_STRICT) | (new & COMMAND_HW_STRICT)
     if cs.allow_interrupt_control:
-        out = (out & ~INTX_DISABLE) | (new & INTX_DISABLE)
+        out = (out & ~COMMAND_INTX_DISABLE) | (new & COMMAND_INTX_DISABLE)
     if permissive:
         out = (out & ~COMMAND_GUEST) | (new & COMMAND_GUEST)
     if out != hw:
@@ -92,9 +84,9 @@ def command_write(cs: "ConfSpace", slot: "Slot", new: int, old: int, written: in
     return Err.success
 
 
-def bar_write(cs: "ConfSpace", slot: "Slot", new: int, old: int, written: int) -> int:
+def bar_write(cs: HookView, slot: Slot, new: int, old: int, written: int) -> int:
     """All-ones enters sizing; the captured value is accepted (and repaired); all else ignored."""
-    bar = cs.layout.bars[slot.offset]
+    bar = cs.bar(slot.offset)
     sizing = cs.state.sizing
     if bar.is_sizing(new):
         sizing.add(slot.offset)
@@ -109,7 +101,7 @@ def bar_write(cs: "ConfSpace", slot: "Slot", new: int, old: int, written: int) -
     return Err.success
 
 
-def bist_write(cs: "ConfSpace", slot: "Slot", new: int, old: int, written: int) -> int:
+def bist_write(cs: HookView, slot: Slot, new: int, old: int, written: int) -> int:
     """The guest may only start BIST: other bits must stay as the device has them."""
     hw = cs.hw_read(slot.offset, 1)
     if new == BIST_START or (new & ~BIST_START) == (hw & ~BIST_START):

@@ -6,7 +6,9 @@ capability tables to absolute offsets, relinks the lists past hidden
 capabilities, adds policy quirks, fills the remaining gaps with "unowned"
 registers and precomputes, for every aligned (offset, size), the mask of bits
 that come from the emulated copy.  The result is an immutable :class:`Layout`
-plus the initial emulated bytes.
+plus the initial emulated bytes.  The only device write at build time is a
+capability's setup hook (clearing PM's PME enable).  Init and setup hooks see
+the Builder as a :class:`~.spec.BuildView`.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from loguru import logger
 from pcibackd.hostpci.port import DeviceInfo, HostPort
 from pcibackd.confspace.bars import Bar, capture_bars, decode_bits
 from pcibackd.confspace.caps import GROUPS, HEADER_ONLY
-from pcibackd.confspace.header import HEADERS, STATUS_CAP_LIST
+from pcibackd.confspace.header import HEADERS
+from pcibackd.confspace.pciregs import (CAPABILITY_LIST, EXT_CAP_START, HEADER_END, HEADER_TYPE,
+                                        HEADER_TYPE_MASK, STATUS, STATUS_CAP_LIST)
 from pcibackd.confspace.policy import DevicePolicy
-from pcibackd.confspace.spec import ACCESS_SIZES, FULL, Reg, Slot
+from pcibackd.confspace.spec import ACCESS_SIZES, FULL, BuildView, Reg, Slot
 
-LEGACY_END = 0x100
-EXT_START = 0x100
+LEGACY_END = EXT_CAP_START
 _MAX_CAPS = 48                 # (256 - 64) / 4: more means a loop or garbage
 _MAX_EXT_CAPS = (4096 - 256) // 4
 EXT_NEXT_MASK = 0xFFF00000
@@ -35,16 +38,16 @@ class UnsupportedDevice(ValueError):
     """The function cannot be virtualized (unknown header type or config size)."""
 
 
-def _zero(b: "Builder", slot: Slot) -> int:
+def _zero(b: BuildView, slot: Slot) -> int:
     return 0
 
 
-def _ext_next(b: "Builder", slot: Slot) -> int:
-    return b.next_ext[slot.base] << 20
+def _ext_next(b: BuildView, slot: Slot) -> int:
+    return b.next_ext(slot.base) << 20
 
 
-def _ext_null_head(b: "Builder", slot: Slot) -> int:
-    return b.next_ext[slot.base] << 20        # ID 0, version 0: only the link survives
+def _ext_null_head(b: BuildView, slot: Slot) -> int:
+    return b.next_ext(slot.base) << 20        # ID 0, version 0: only the link survives
 
 
 def _hidden(reg: Reg) -> Reg:
@@ -93,18 +96,18 @@ class Layout:
 def walk_caps(read, config_size: int) -> list[tuple[int, int, bool]]:
     """(offset, id, extended) of the legacy then extended lists, in chain order."""
     out: list[tuple[int, int, bool]] = []
-    if read(0x06, 2) & STATUS_CAP_LIST:
-        ptr, seen = read(0x34, 1) & 0xFC, set()
-        while ptr >= 0x40 and ptr not in seen and len(seen) < _MAX_CAPS:
+    if read(STATUS, 2) & STATUS_CAP_LIST:
+        ptr, seen = read(CAPABILITY_LIST, 1) & 0xFC, set()
+        while ptr >= HEADER_END and ptr not in seen and len(seen) < _MAX_CAPS:
             seen.add(ptr)
             hdr = read(ptr, 2)
             if hdr & 0xFF == 0xFF:
                 break
             out.append((ptr, hdr & 0xFF, False))
             ptr = (hdr >> 8) & 0xFC
-    if config_size > EXT_START:
-        pos, seen = EXT_START, set()
-        while pos >= EXT_START and pos not in seen and len(seen) < _MAX_EXT_CAPS:
+    if config_size > EXT_CAP_START:
+        pos, seen = EXT_CAP_START, set()
+        while pos >= EXT_CAP_START and pos not in seen and len(seen) < _MAX_EXT_CAPS:
             seen.add(pos)
             hdr = read(pos, 4)
             if hdr in (0, 0xFFFFFFFF):
@@ -125,7 +128,7 @@ class Builder:
         if size not in (256, 4096):
             raise UnsupportedDevice(f"config size {size} is neither 256 nor 4096")
         self.config_size = size
-        self.header_type = port.read(0x0E, 1) & 0x7F
+        self.header_type = port.read(HEADER_TYPE, 1) & HEADER_TYPE_MASK
         if self.header_type not in HEADERS:
             raise UnsupportedDevice(f"header type {self.header_type} is not 0 or 1")
         self.bars = capture_bars(self.info, self.header_type)
@@ -140,13 +143,35 @@ class Builder:
         self.has_caps = bool(legacy)
         if legacy or any(not c.extended for c in self.caps):
             self.first_cap = legacy[0] if legacy else 0
-        else:
-            self.first_cap = port.read(0x34, 1)   # no list (Cap-List clear): show the byte as is
-        self.next_cap = dict(zip(legacy, legacy[1:] + [0]))
+        else:                                     # no list (Cap-List clear): show the byte as is
+            self.first_cap = port.read(CAPABILITY_LIST, 1)
+        self._next_cap = dict(zip(legacy, legacy[1:] + [0]))
         ext = [c.offset for c in self.caps if c.extended and not c.hidden]
-        self.next_ext = dict(zip(ext, ext[1:] + [0]))
+        self._next_ext = dict(zip(ext, ext[1:] + [0]))
         # A hidden cap at 0x100 still heads the list: it becomes a null entry linking on.
-        self.next_ext.setdefault(EXT_START, ext[0] if ext else 0)
+        self._next_ext.setdefault(EXT_CAP_START, ext[0] if ext else 0)
+
+    # -- the view hooks see (spec.BuildView) ------------------------------------
+
+    def next_cap(self, offset: int) -> int:
+        """The visible legacy capability after the visible one at ``offset`` (0: end)."""
+        return self._next_cap[offset]
+
+    def next_ext(self, offset: int) -> int:
+        """The visible extended capability after the one at ``offset`` (0: end)."""
+        return self._next_ext[offset]
+
+    def bar(self, offset: int) -> Bar:
+        """The captured BAR or ROM at ``offset``."""
+        return self.bars[offset]
+
+    def hw_read(self, offset: int, size: int) -> int:
+        """Read the device."""
+        return self.port.read(offset, size)
+
+    def hw_write(self, offset: int, size: int, value: int) -> None:
+        """Write the device (setup side effects only)."""
+        self.port.write(offset, size, value)
 
     # -- placement ------------------------------------------------------------
 
@@ -171,7 +196,7 @@ class Builder:
         for cap in self.caps:
             if cap.extended:
                 if cap.hidden:
-                    head = EXT_NULL_HEAD if cap.offset == EXT_START else EXT_HIDDEN
+                    head = EXT_NULL_HEAD if cap.offset == EXT_CAP_START else EXT_HIDDEN
                     self.place(cap.offset, head, self.config_size)
                 else:
                     self.place(cap.offset, EXT_HEADER, self.config_size)
@@ -209,7 +234,7 @@ class Builder:
     def build(self) -> Layout:
         header = HEADERS[self.header_type]
         for reg in header:
-            self.place(0, reg, 0x40)
+            self.place(0, reg, HEADER_END)
         self._place_caps()
         self._place_quirks()
         self._fill_gaps()

@@ -6,6 +6,8 @@ The TOML file (see etc/pcibackd-policy.toml) has a global ``permissive`` and
 tables apply, least specific first (id, id+subsystem, BDF): a more specific
 ``permissive`` overrides, hide lists and quirks accumulate.  Files are parsed
 strictly: an unknown key or a bad value is an error, never a silent default.
+:class:`PolicyStore` reads the file; it is the only part of confspace that
+opens a file.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from loguru import logger
 
 from pcibackd.wire.bdf import BDF
 from pcibackd.hostpci.port import DeviceInfo
-from pcibackd.confspace.caps import CAP_NAMES, EXT_CAP_NAMES
+from pcibackd.confspace.pciregs import CAP_NAMES, EXT_CAP_NAMES
 
 _HEX4 = re.compile(r"^[0-9a-fA-F]{4}$")
 _DEVICE_KEYS = {"permissive", "hide_capabilities", "hide_extended_capabilities", "quirks", "note"}

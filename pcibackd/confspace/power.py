@@ -2,8 +2,9 @@
 
 A port may provide ``set_power_state(state) -> bool`` (the host device layer,
 e.g. a sysfs-backed implementation that asks the kernel); otherwise the
-PMCSR power-state field is written here, honouring the transition rules and
-the settle times of the PCI PM specification.
+PMCSR power-state field is written here through the port, honouring the
+transition rules and the settle times of the PCI PM specification (the one
+place in confspace that sleeps).
 """
 
 from __future__ import annotations
@@ -11,10 +12,9 @@ from __future__ import annotations
 import time
 
 from pcibackd.hostpci.port import HostPort
+from pcibackd.confspace.pciregs import (D0, D1, D2, D3HOT, PM_CTRL, PMC_D1, PMC_D2,
+                                        PMCSR_PME_STATUS, PMCSR_STATE)
 
-D0, D1, D2, D3HOT = 0, 1, 2, 3
-PMC_D1, PMC_D2 = 0x0200, 0x0400
-PMCSR_STATE, PMCSR_PME_STATUS = 0x0003, 0x8000
 # Recovery time after leaving/entering a state before the next config access.
 _SETTLE_S = {D3HOT: 0.010, D2: 0.0002}
 
@@ -28,7 +28,7 @@ def transition_allowed(current: int, target: int, pmc: int) -> bool:
 
 def set_power_state(port: HostPort, pm_base: int, pmc: int, target: int) -> bool:
     """Move the device to ``target`` (0-3); False if the change is not allowed or failed."""
-    csr = port.read(pm_base + 4, 2)
+    csr = port.read(pm_base + PM_CTRL, 2)
     current = csr & PMCSR_STATE
     if target == current:
         return True
@@ -37,8 +37,8 @@ def set_power_state(port: HostPort, pm_base: int, pmc: int, target: int) -> bool
     host = getattr(port, "set_power_state", None)
     if callable(host):
         return bool(host(target))
-    port.write(pm_base + 4, 2, (csr & ~(PMCSR_STATE | PMCSR_PME_STATUS)) | target)
+    port.write(pm_base + PM_CTRL, 2, (csr & ~(PMCSR_STATE | PMCSR_PME_STATUS)) | target)
     settle = _SETTLE_S.get(max(current, target), 0.0)
     if settle:
         time.sleep(settle)       # spec-mandated recovery time, not synchronisation
-    return (port.read(pm_base + 4, 2) & PMCSR_STATE) == target
+    return (port.read(pm_base + PM_CTRL, 2) & PMCSR_STATE) == target

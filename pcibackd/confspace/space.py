@@ -7,7 +7,9 @@ naturally aligned, so every piece is an aligned 1/2/4-byte access) and each
 piece goes through its register's hook or the generic masked write; bits no
 rule lets the guest change are dropped, success is returned and the write is
 counted in ``denied_writes`` (pciback-protocol.md §3.1).  Errors from a hook
-stop the access at that register, as the kernel backend does.
+stop the access at that register, as the kernel backend does.  Hooks see a
+ConfSpace only as a :class:`~.spec.HookView`.  Every device access goes
+through the injected :class:`~pcibackd.hostpci.port.HostPort`.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ from loguru import logger
 
 from pcibackd.hostpci.port import HostPort
 from pcibackd.wire.pciif import Err
+from pcibackd.confspace import power
+from pcibackd.confspace.bars import Bar
 from pcibackd.confspace.header import COMMAND_EMU
 from pcibackd.confspace.layout import Layout, build_layout
+from pcibackd.confspace.pciregs import COMMAND, PM_PMC
 from pcibackd.confspace.policy import DEFAULT_POLICY, DevicePolicy
 from pcibackd.confspace.spec import FULL, Slot
 from pcibackd.confspace.state import EmuState, decode, encode
@@ -58,7 +63,7 @@ class ConfSpace:
         """
         policy = policy or DEFAULT_POLICY
         layout = build_layout(port, policy)
-        state = EmuState(command=port.read(0x04, 2) & COMMAND_EMU)
+        state = EmuState(command=port.read(COMMAND, 2) & COMMAND_EMU)
         if snapshot is not None:
             try:
                 state = decode(snapshot, port.info, COMMAND_EMU, set(layout.bars))
@@ -70,7 +75,7 @@ class ConfSpace:
     def _install(self, layout: Layout) -> None:
         """Make ``layout`` current and lay the guest state over its initial values."""
         vconfig = bytearray(layout.initial)
-        vconfig[0x04:0x06] = self.state.command.to_bytes(2, "little")
+        vconfig[COMMAND:COMMAND + 2] = self.state.command.to_bytes(2, "little")
         for offset in self.state.sizing:
             vconfig[offset:offset + 4] = layout.bars[offset].size_val.to_bytes(4, "little")
         self.layout = layout
@@ -237,16 +242,25 @@ class ConfSpace:
             logger.warning("{}: guest write {:#x}/{} to {} dropped or refused{}; {} so far",
                            self.info.bdf, offset, size, slot.reg.name, hint, count)
 
-    # -- helpers for hooks -----------------------------------------------------------
+    # -- the view hooks see (spec.HookView) ------------------------------------------
 
-    def view(self, offset: int, size: int) -> int:
-        """The guest's current view of an aligned (offset, size); no validation."""
-        masks, vconfig = self._tables
-        mask = masks[size][offset]
-        emu = int.from_bytes(vconfig[offset:offset + size], "little") if mask else 0
-        if mask == FULL[size]:
-            return emu
-        return (self._pread(offset, size) & ~mask) | emu
+    @property
+    def decode_bits(self) -> int:
+        """COMMAND bits that enabling the device turns on (what its BARs decode)."""
+        return self.layout.decode_bits
+
+    def bar(self, offset: int) -> Bar:
+        """The captured BAR or ROM at ``offset``."""
+        return self.layout.bars[offset]
+
+    def cap_offset(self, cap_id: int) -> int | None:
+        """Offset of the first legacy capability ``cap_id`` on the device (hidden or not)."""
+        return self.layout.cap_offset(cap_id)
+
+    def set_power_state(self, pm_base: int, target: int) -> bool:
+        """Move the device to D-state ``target`` through its PM capability at ``pm_base``."""
+        pmc = self._pread(pm_base + PM_PMC, 2)
+        return power.set_power_state(self.port, pm_base, pmc, target)
 
     def hw_read(self, offset: int, size: int) -> int:
         """Read the device (hooks use this, never the guest view)."""
@@ -265,6 +279,17 @@ class ConfSpace:
         """Record that part of the current write was dropped or refused."""
         if bits:
             self._denied_in_op = slot
+
+    # -- the guest view ----------------------------------------------------------------
+
+    def view(self, offset: int, size: int) -> int:
+        """The guest's current view of an aligned (offset, size); no validation."""
+        masks, vconfig = self._tables
+        mask = masks[size][offset]
+        emu = int.from_bytes(vconfig[offset:offset + size], "little") if mask else 0
+        if mask == FULL[size]:
+            return emu
+        return (self._pread(offset, size) & ~mask) | emu
 
     def guest_config_dump(self) -> bytes:
         """The guest's whole view of config space (for golden tests and lspci)."""

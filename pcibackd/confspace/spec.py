@@ -1,4 +1,4 @@
-"""Register descriptors: the vocabulary the config-space tables are written in.
+"""Register descriptors, and the views of a device their hooks are given.
 
 A :class:`Reg` describes one register of a group (the header or one
 capability) by bit masks, in the style of QEMU's XenPTRegInfo and Xen vPCI:
@@ -15,25 +15,82 @@ capability) by bit masks, in the style of QEMU's XenPTRegInfo and Xen vPCI:
 ``init`` computes the initial emulated value (default: the device's value) and
 ``write`` replaces the generic masked write with a hook.  A :class:`CapGroup`
 lists the registers of one capability, possibly depending on the device.
+
+Hooks never see the engine.  As Linux's config-field handlers get the device
+and the field, a write hook gets a :class:`HookView` of the device as a guest
+rule may use it, and an init or setup hook a :class:`BuildView` of the device
+being captured; ``ConfSpace`` and ``Builder`` satisfy these protocols.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
-if TYPE_CHECKING:
-    from pcibackd.confspace.layout import Builder
-    from pcibackd.confspace.space import ConfSpace
+from pcibackd.hostpci.port import DeviceInfo
+from pcibackd.confspace.bars import Bar
+from pcibackd.confspace.state import EmuState
 
-# hook(space, slot, new_register_value, old_register_value, written_bit_mask) -> XEN_PCI_ERR_*
-WriteHook = Callable[["ConfSpace", "Slot", int, int, int], int]
-# init(builder, slot) -> initial emulated value of the register
-InitHook = Callable[["Builder", "Slot"], int]
+
+class HookView(Protocol):
+    """What a write hook may use: the run-time knobs, the guest state and the device."""
+
+    @property
+    def permissive(self) -> bool: ...
+    @property
+    def allow_interrupt_control(self) -> bool: ...
+    @property
+    def state(self) -> EmuState: ...
+    @property
+    def decode_bits(self) -> int:
+        """COMMAND bits that enabling the device turns on (what its BARs decode)."""
+    def bar(self, offset: int) -> Bar:
+        """The captured BAR or ROM at ``offset``."""
+    def cap_offset(self, cap_id: int) -> int | None:
+        """Offset of the first legacy capability ``cap_id`` on the device (hidden or not)."""
+    def hw_read(self, offset: int, size: int) -> int:
+        """Read the device."""
+    def hw_write(self, offset: int, size: int, value: int) -> None:
+        """Write the device, once the hook has applied its rule."""
+    def set_emu(self, slot: Slot, value: int) -> None:
+        """Store ``value``'s emulated bits as the register's emulated copy."""
+    def note_denied(self, slot: Slot, bits: int) -> None:
+        """Record that ``bits`` of the current write were dropped or refused."""
+    def set_power_state(self, pm_base: int, target: int) -> bool:
+        """Move the device to D-state ``target`` through its PM capability at ``pm_base``."""
+
+
+class BuildView(Protocol):
+    """What an init or setup hook may use while a device is captured."""
+
+    @property
+    def info(self) -> DeviceInfo: ...
+    @property
+    def has_caps(self) -> bool:
+        """Whether the guest sees a legacy capability list."""
+    @property
+    def first_cap(self) -> int:
+        """The capability pointer the guest sees."""
+    def next_cap(self, offset: int) -> int:
+        """The visible legacy capability after the one at ``offset`` (0: end of list)."""
+    def next_ext(self, offset: int) -> int:
+        """The visible extended capability after the one at ``offset`` (0: end of list)."""
+    def bar(self, offset: int) -> Bar:
+        """The captured BAR or ROM at ``offset``."""
+    def hw_read(self, offset: int, size: int) -> int:
+        """Read the device."""
+    def hw_write(self, offset: int, size: int, value: int) -> None:
+        """Write the device (setup side effects only)."""
+
+
+# hook(view, slot, new_register_value, old_register_value, written_bit_mask) -> XEN_PCI_ERR_*
+WriteHook = Callable[[HookView, "Slot", int, int, int], int]
+# init(view, slot) -> initial emulated value of the register
+InitHook = Callable[[BuildView, "Slot"], int]
 # regs(read_rel) -> registers of a capability; read_rel(offset_in_cap, size) reads the device
 RegsFn = Callable[[Callable[[int, int], int]], Sequence["Reg"]]
-# setup(builder, cap_offset): side effects at build time (e.g. clear PME enable)
-SetupFn = Callable[["Builder", int], None]
+# setup(view, cap_offset): side effects at build time (e.g. clear PME enable)
+SetupFn = Callable[[BuildView, int], None]
 
 ACCESS_SIZES = (1, 2, 4)
 FULL = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF}

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from pcibackd.confspace import ConfSpace, DevicePolicy
-from pcibackd.confspace.header import INTX_DISABLE, MEM, SERR
+from pcibackd.confspace.pciregs import (COMMAND_INTX_DISABLE as INTX_DISABLE, COMMAND_MEM as MEM,
+                                        COMMAND_SERR as SERR)
 
 
 def _guest_activity(r):

@@ -6,7 +6,7 @@ sysfs, ``<root>/sys/bus/pci/devices/<bdf>/``:
 * ``config``: the config bytes, mmapped by every process that opens the device;
 * ``resource``, ``irq``, ``vendor``, ``device``, ``class``, ``subsystem_*``,
   ``revision``: as sysfs shows them (so ``SysfsDevice(bdf, root)`` reads it too);
-* ``sim-model.json``: the compiled writable-bit model (:mod:`.model`) plus the
+* ``sim-model.json``: the compiled writable-bit model (:mod:`.hwmodel`) plus the
   power-on config used by :meth:`SimDevice.reset`;
 * ``sim-writes.log``: one JSON line per write that reached the device.
 

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+import zmq
 
 from pcibackd import __version__
 from pcibackd.common import logs
-from pcibackd.control.server import ControlSetupError
+from pcibackd.control.face import DaemonFace
+from pcibackd.control.protocol import ENDPOINT_NAME
+from pcibackd.control.server import ControlServer, ControlSetupError
 from pcibackd.daemon.arbiter import Supervisor
 from pcibackd.daemon.config import DaemonConfig
 from pcibackd.platform.api import PlatformError
@@ -49,6 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     return _run(args, parser)
 
 
+def control_opener(cfg: DaemonConfig):
+    """How the supervisor makes its control endpoint, once its ZeroMQ context
+    exists (the daemon package does not know the control package)."""
+    def open_control(zctx: zmq.Context, face: DaemonFace) -> ControlServer:
+        return ControlServer(zctx, Path(cfg.runtime_dir) / ENDPOINT_NAME, face,
+                             tcp=cfg.control_tcp, curve_dir=cfg.control_curve_dir)
+    return open_control
+
+
 def _run(args, parser) -> int:
     try:
         cfg = DaemonConfig.load(args.config, platform=args.platform,
@@ -59,7 +73,7 @@ def _run(args, parser) -> int:
         parser.error(str(exc))
     try:
         cfg.platform = cfg.platform or default_spec()
-        supervisor = Supervisor(cfg)
+        supervisor = Supervisor(cfg, control_opener(cfg))
     except NotADom0 as exc:
         print(f"pcibackd: {exc}", file=sys.stderr)
         return 1

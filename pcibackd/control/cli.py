@@ -22,7 +22,7 @@ import sys
 
 from pcibackd.control.client import DaemonUnreachable, call
 from pcibackd.control.commands import COMMANDS
-from pcibackd.control.curve import CurveError
+from pcibackd.control.curve import CurveError, keygen
 from pcibackd.control.protocol import Errno
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_BUSY = 0, 1, 2, 6, 7
@@ -77,7 +77,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     if ns.command == "keygen":
-        from pcibackd.control.curve import keygen
         for path in keygen(ns.dir, ns.name):
             print(path)
         return EXIT_OK

@@ -18,6 +18,7 @@ from pathlib import Path
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from pcibackd.control.curve import client_keys
 from pcibackd.control.protocol import ENDPOINT_NAME, MAX_REPLY, request
 
 
@@ -79,7 +80,6 @@ def call(runtime_dir: str | Path | None, command: str, args: dict | None = None,
         raise AccessDenied(f"{endpoint}: the daemon accepts TCP clients with CURVE keys only (--curve-dir)")
     keys = None
     if curve_dir is not None:
-        from pcibackd.control.curve import client_keys
         keys = client_keys(curve_dir)          # CurveError when missing or unreadable
     return _Call(endpoint, keys).run(command, args or {}, timeout)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import zmq
 import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
 
 
 class CurveError(RuntimeError):
@@ -52,7 +53,6 @@ def clients_dir(curve_dir: str | Path) -> Path:
 
 def start_authenticator(zctx: zmq.Context, curve_dir: str | Path):
     """A ZAP handler (pyzmq's, in its own thread) letting in only the clients/ keys."""
-    from zmq.auth.thread import ThreadAuthenticator
     allowed = clients_dir(curve_dir)
     if not allowed.is_dir():
         raise CurveError(f"no {allowed} directory of allowed client keys")

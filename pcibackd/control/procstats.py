@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import time
 
+import psutil
+
 USS_TTL = 2.0     # seconds; USS walks every mapping of the worker (~0.7 ms each), RSS is cheap
 
 
 class ProcSampler:
     """psutil figures of each worker.  CPU percent is measured between two
     status calls (psutil's cpu_percent needs one Process object kept across
-    calls); RSS, USS and CPU seconds are filled in only when the supervisor's
-    status lacks them, USS at most every USS_TTL seconds."""
+    calls); USS is measured at most every USS_TTL seconds."""
 
     def __init__(self):
         self.procs: dict[int, object] = {}
@@ -20,12 +21,11 @@ class ProcSampler:
 
     def fill(self, g: dict, now: float) -> None:
         pid = g.get("pid")
-        if pid and not all(k in g for k in ("rss", "uss", "cpu_seconds")):
+        if pid:
             g.update(self._measure(pid, now))
         g["cpu_percent"] = self._percent(pid, g.get("cpu_seconds"), now)
 
     def _measure(self, pid: int, now: float) -> dict:
-        import psutil
         try:
             p = self.procs.get(pid) or self.procs.setdefault(pid, psutil.Process(pid))
             with p.oneshot():
@@ -49,7 +49,6 @@ class ProcSampler:
 
     @staticmethod
     def _lifetime(pid: int, cpu_seconds: float) -> float | None:
-        import psutil
         try:
             age = time.time() - psutil.Process(pid).create_time()
         except psutil.Error:

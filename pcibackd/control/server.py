@@ -24,8 +24,10 @@ import zmq
 from loguru import logger
 
 from pcibackd.control import curve
-from pcibackd.control.commands import COMMANDS, CommandError, Pending
+from pcibackd.control.commands import COMMANDS, Answer, CommandError, Pending
+from pcibackd.control.face import DaemonFace
 from pcibackd.control.protocol import MAX_REQUEST, BadRequest, Errno, parse_request, reply
+from pcibackd.worker.link import WorkerReply
 
 BATCH = 64               # requests per wake-up: the supervisor loop has other work
 MAX_PENDING = 64         # requests waiting for workers at once
@@ -57,11 +59,15 @@ def _refuse_if_live(path: Path) -> None:
 
 
 class ControlServer:
-    """Owned by the supervisor, which polls :attr:`sock` and calls
-    :meth:`handle_ready` and :meth:`flush_pending` from its loop."""
+    """Made by ``pcibackd run`` and handed to the supervisor (the daemon's
+    ``ControlEndpoint``), which polls :attr:`sock` and calls :meth:`handle_ready`
+    and :meth:`flush_pending` from its loop.  Commands act on ``face``.
 
-    def __init__(self, zctx: zmq.Context, path: Path, supervisor):
-        self.sup = supervisor
+    ``tcp``: also listen there, CURVE only, for the client keys in ``curve_dir``."""
+
+    def __init__(self, zctx: zmq.Context, path: Path, face: DaemonFace, tcp: str | None = None,
+                 curve_dir: str | Path | None = None):
+        self.face = face
         self.path = Path(path)
         self.pending: dict[str, Pending] = {}
         self.auth = None
@@ -78,12 +84,13 @@ class ControlServer:
             os.umask(old)
         os.chmod(self.path, 0o600)
         self.endpoints = {"ipc": str(self.path), "tcp": None}
-        tcp = getattr(supervisor.cfg, "control_tcp", None)
         if tcp:
-            self._bind_curve(zctx, tcp, supervisor.cfg.control_curve_dir)
+            self._bind_curve(zctx, tcp, curve_dir)
 
-    def _bind_curve(self, zctx, endpoint: str, curve_dir: str) -> None:
+    def _bind_curve(self, zctx, endpoint: str, curve_dir: str | Path | None) -> None:
         try:
+            if curve_dir is None:
+                raise curve.CurveError("no directory of CURVE keys")
             public, secret = curve.server_keys(curve_dir)
             self.auth = curve.start_authenticator(zctx, curve_dir)
         except curve.CurveError as exc:
@@ -133,7 +140,7 @@ class ControlServer:
             args = cmd.check(untrusted_args)
             if cmd.name not in ("status", "list", "devices"):
                 logger.info("control: {} {}", cmd.name, args)
-            result = cmd.execute(self.sup, args)
+            result = cmd.execute(self.face, args)
             if isinstance(result, Pending):
                 if len(self.pending) >= MAX_PENDING:
                     raise CommandError(Errno.BUSY, f"{len(self.pending)} requests already wait for workers")
@@ -168,15 +175,16 @@ class ControlServer:
         pending.client = (envelope, req_id)
         pending.start()
         for domid, cmd, args in pending.sends:
-            if not self.sup.send_worker(domid, cmd, args, req_id=key):
-                pending.replies[domid] = {"ok": False, "result": "worker not reachable"}
+            if not self.face.send_worker(domid, cmd, args, req_id=key):
+                pending.replies[domid] = Answer(False, "worker not reachable")
         self.pending[key] = pending
         self.flush_pending()
 
-    def worker_reply(self, domid: int, msg: dict) -> None:
-        pending = self.pending.get(msg.get("id"))
-        if pending is not None and any(d == domid for d, _, _ in pending.sends):
-            pending.replies[domid] = msg
+    def worker_reply(self, reply: WorkerReply) -> None:
+        """A worker's (authenticated) answer: counted if its request still waits for it."""
+        pending = self.pending.get(reply.id)
+        if pending is not None and any(d == reply.domid for d, _, _ in pending.sends):
+            pending.replies[reply.domid] = Answer(reply.ok, reply.result)
 
     def flush_pending(self) -> None:
         """Answer requests whose workers all replied or whose time is up."""

@@ -1,70 +1,60 @@
 """The supervisor: one loop that watches xenstore and keeps one worker per guest.
 
 Wake sources, all polled in one place: the xenstore watch on
-``/local/domain/0/backend/pci``, worker exit sentinels, worker heartbeats
-(ZeroMQ ROUTER), ``pcibackctl`` requests (ZeroMQ ROUTER) and a signal pipe.
-Signal handlers only enqueue; all work happens in :meth:`Supervisor.run`.
+``/local/domain/0/backend/pci``, worker exit sentinels, worker messages
+(ZeroMQ ROUTER), the control endpoint and a signal pipe.  Signal handlers
+only enqueue; all work happens in :meth:`Supervisor.run`.
+
+The control endpoint (pcibackctl's socket) is made by the caller through
+``open_control`` (see endpoint.py); its commands see the supervisor through
+the methods under "what pcibackctl sees".
 """
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import secrets
 import select
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq
 from loguru import logger
 
 from pcibackd import __version__
+from pcibackd.common import logs
 from pcibackd.common.ratelimit import worth_logging
-from pcibackd.worker.main import EXIT_DONE, EXIT_ORPHANED, EXIT_STOPPED, WorkerConfig, pidfile_path, run_worker
+from pcibackd.confspace import PolicyError, PolicyStore
 from pcibackd.daemon import systemd
+from pcibackd.daemon.adopt import find_live_worker
+from pcibackd.daemon.backends import BACKEND_ROOT, list_backends, remove_if_domain_gone
 from pcibackd.daemon.config import DaemonConfig
+from pcibackd.daemon.endpoint import OpenControl
+from pcibackd.daemon.guests import Guest, GuestEvent, describe_exit, exit_event
 from pcibackd.daemon.spawner import Spawner
 from pcibackd.daemon.states import RestartPolicy, WorkerState
+from pcibackd.daemon.views import DaemonInfo, GuestInfo
 from pcibackd.platform.select import choose_platform, platform_module
+from pcibackd.wire.bdf import BDF
+from pcibackd.worker.link import MAX_FRAME, WorkerCommand, WorkerReply, parse_worker_message
+from pcibackd.worker.main import EXIT_DONE, WorkerConfig, run_worker
+from pcibackd.xenstore.client import XenStore
 
-BACKEND_ROOT = "/local/domain/0/backend/pci"
-
-
-@dataclass
-class Guest:
-    """The supervisor's record of one frontend and its worker."""
-
-    domid: int
-    backend_path: str
-    state: WorkerState = WorkerState.STARTING
-    proc: object = None              # our child (from the spawner), or None
-    pid: int | None = None
-    sentinel: int | None = None      # readable when the worker exits (proc.sentinel or a pidfd)
-    pidfd: int | None = None         # signals go through this, never a bare (reusable) pid
-    adopted: bool = False            # left running by a previous supervisor
-    token: str = ""                  # the worker proves its beats with this
-    stop_deadline: float = 0.0
-    terminated: bool = False         # SIGTERM already sent while STOPPING
-    restarts: int = 0
-    failures: int = 0
-    started_at: float = 0.0
-    restart_at: float = 0.0
-    last_beat: float = 0.0
-    beat: dict = field(default_factory=dict)
-    last_exit: str = ""
+MESSAGE_BATCH = 256      # worker messages per wake-up: a flooding worker cannot starve the loop
+LIVE = (WorkerState.STARTING, WorkerState.RUNNING)      # states that expect heartbeats
 
 
 class Supervisor:
     """Owns the guests table; see the module docstring for the loop."""
 
-    def __init__(self, cfg: DaemonConfig, policy: RestartPolicy | None = None):
+    def __init__(self, cfg: DaemonConfig, open_control: OpenControl, policy: RestartPolicy | None = None):
         self.cfg = cfg
+        self.open_control = open_control
         self.policy = policy or RestartPolicy(max_failures=cfg.restart_max_failures,
                                               stable_after=cfg.restart_stable_after)
-        self.guests: dict[int, Guest] = {}
+        self._guests: dict[int, Guest] = {}
         self.signals: queue.SimpleQueue = queue.SimpleQueue()
         self.stopping = False
         self.started = time.time()
@@ -76,23 +66,20 @@ class Supervisor:
 
     # ------------------------------------------------------------ setup --
     def _setup(self) -> None:
-        from pcibackd.xenstore.client import XenStore
-        from pcibackd.control.server import ControlServer
         self.spawner.start()            # before any thread exists
         self.runtime.mkdir(parents=True, exist_ok=True)
         os.chmod(self.runtime, 0o700)
         self.xs = XenStore(self.cfg.xenstored_path)
         self.zctx = zmq.Context()
         self.workers_sock = self.zctx.socket(zmq.ROUTER)
-        self.workers_sock.setsockopt(zmq.LINGER, 0)
-        self.workers_sock.setsockopt(zmq.RCVHWM, 256)
-        self.workers_sock.setsockopt(zmq.MAXMSGSIZE, 1 << 16)
+        for opt, value in ((zmq.LINGER, 0), (zmq.RCVHWM, 256), (zmq.MAXMSGSIZE, MAX_FRAME)):
+            self.workers_sock.setsockopt(opt, value)
         self.workers_endpoint = f"ipc://{self.runtime / 'workers.sock'}"
         self.workers_sock.bind(self.workers_endpoint)
-        self.control = ControlServer(self.zctx, self.runtime / "control.sock", self)
+        self.control = self.open_control(self.zctx, self)
         self.sig_r, sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(sig_w)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        for sig in SIGNAL_HANDLERS:
             signal.signal(sig, self._on_signal)
         self.xs.watch(BACKEND_ROOT, "backends")
 
@@ -103,18 +90,16 @@ class Supervisor:
     def run(self) -> int:
         self._setup()
         self.scan()
-        systemd.notify(f"READY=1\nSTATUS=serving {len(self.guests)} guest(s)")
+        systemd.notify(f"READY=1\nSTATUS=serving {len(self._guests)} guest(s)")
         logger.info("pcibackd {} ready: platform {}, topology {}, runtime {}", __version__,
                     self.cfg.platform, self.cfg.topology, self.runtime)
         poller = zmq.Poller()
-        poller.register(self.workers_sock, zmq.POLLIN)
-        poller.register(self.control.sock, zmq.POLLIN)
-        poller.register(self.xs.fileno(), zmq.POLLIN)
-        poller.register(self.sig_r, zmq.POLLIN)
+        for source in (self.workers_sock, self.control.sock, self.xs.fileno(), self.sig_r):
+            poller.register(source, zmq.POLLIN)
         watchdog = systemd.watchdog_interval()
         next_dog = 0.0
         while not self.stopping:
-            sentinels = {g.sentinel: g for g in self.guests.values() if g.sentinel is not None}
+            sentinels = {g.sentinel: g for g in self._guests.values() if g.alive}
             for fd in sentinels:
                 poller.register(fd, zmq.POLLIN)
             ready = dict(poller.poll(timeout=self._next_timeout() * 1000))
@@ -140,13 +125,13 @@ class Supervisor:
 
     def _next_timeout(self) -> float:
         now = time.monotonic()
-        due = [g.restart_at - now for g in self.guests.values() if g.state == WorkerState.BACKOFF]
+        due = [g.restart_at - now for g in self._guests.values() if g.state is WorkerState.BACKOFF]
         control = self.control.next_deadline()
         if control is not None:
             due.append(control - now)
         # wake when a heartbeat deadline passes: a hung worker's pending op is waiting
-        due += [g.last_beat + self.cfg.heartbeat_timeout - now for g in self.guests.values()
-                if g.sentinel is not None and g.state in (WorkerState.RUNNING, WorkerState.STARTING)]
+        due += [g.last_beat + self.cfg.heartbeat_timeout - now for g in self._guests.values()
+                if g.alive and g.state in LIVE]
         return max(0.0, min([0.5, *due]))
 
     def _drain_signals(self) -> None:
@@ -156,10 +141,7 @@ class Supervisor:
         except BlockingIOError:
             pass
         while not self.signals.empty():
-            signum = self.signals.get_nowait()
-            handler = SIGNAL_HANDLERS.get(signum)
-            if handler:
-                handler(self)
+            SIGNAL_HANDLERS[self.signals.get_nowait()](self)
 
     def handle_term(self) -> None:
         """SIGTERM/SIGINT: graceful stop; workers finish the op in flight."""
@@ -167,7 +149,17 @@ class Supervisor:
         self.stopping = True
 
     def handle_hup(self) -> None:
-        """SIGHUP: rescan xenstore (policy reload comes with confspace)."""
+        """SIGHUP: reload the config-space policy in every running worker (as
+        ``pcibackctl policy reload`` does, without waiting for answers), then
+        rescan xenstore.  A malformed policy file changes nothing."""
+        try:
+            PolicyStore(self.cfg.policy_path)
+        except PolicyError as exc:
+            logger.error("SIGHUP: policy not reloaded: {}", exc)
+        else:
+            domids = [g.domid for g in self._guests.values() if g.alive and g.state is WorkerState.RUNNING]
+            sent = sum(self.send_worker(domid, "policy-reload") for domid in domids)
+            logger.info("SIGHUP: policy {} sent to {} worker(s)", self.cfg.policy_path or "(built-in)", sent)
         self.scan()
 
     def handle_chld(self) -> None:
@@ -176,40 +168,26 @@ class Supervisor:
     # ----------------------------------------------------------- guests --
     def scan(self) -> None:
         """Start workers for new backend directories, forget removed ones."""
-        present = {}
-        for untrusted_domid in self.xs.ls(BACKEND_ROOT):
-            if not untrusted_domid.isdigit() or len(untrusted_domid) > 5:
-                if untrusted_domid not in self.ignored_names:       # once per name, not per event
-                    self.ignored_names.add(untrusted_domid)
-                    logger.warning("ignoring {}/{!r}: not a domid", BACKEND_ROOT, untrusted_domid[:20])
-                continue
-            domid = int(untrusted_domid)
-            if domid == 0 or domid >= 0x7FF0:
-                continue
-            path = f"{BACKEND_ROOT}/{domid}/0"
-            if self.xs.read(f"{path}/frontend") is not None:
-                present[domid] = path
+        present = list_backends(self.xs, self.ignored_names)
         for domid, path in present.items():
-            known = self.guests.get(domid)
-            if (known is not None and known.state == WorkerState.EXITED and known.sentinel is None
+            known = self._guests.get(domid)
+            if (known is not None and known.state is WorkerState.EXITED and not known.alive
                     and self.xs.read(f"{path}/state") in (None, "1")):
-                del self.guests[domid]       # a new backend in the same place: serve it afresh
-            if domid not in self.guests:
-                self.guests[domid] = guest = Guest(domid, path)
+                del self._guests[domid]       # a new backend in the same place: serve it afresh
+            if domid not in self._guests:
+                self._guests[domid] = guest = Guest(domid, path)
                 if not self._adopt(guest):
                     logger.info("new PCI backend for domain {}", domid)
                     self._start(guest)
-        for domid in list(self.guests):
-            if domid not in present:
-                guest = self.guests[domid]
-                if guest.sentinel is None:
-                    del self.guests[domid]
-                    logger.info("domain {} forgotten", domid)
-                elif guest.state != WorkerState.STOPPING:
-                    # The worker watches the same directory and finishes by itself
-                    # (resetting its devices); SIGTERM only if it has not within stop_timeout.
-                    guest.state, guest.terminated = WorkerState.STOPPING, False
-                    guest.stop_deadline = time.monotonic() + self.cfg.stop_timeout
+        for domid in [d for d in self._guests if d not in present]:
+            guest = self._guests[domid]
+            if not guest.alive:
+                del self._guests[domid]
+                logger.info("domain {} forgotten", domid)
+            elif guest.state is not WorkerState.STOPPING:
+                # The worker watches the same directory and finishes by itself
+                # (resetting its devices); SIGTERM only if it has not within stop_timeout.
+                guest.request_stop(time.monotonic() + self.cfg.stop_timeout, terminated=False)
 
     def _worker_config(self, guest: Guest) -> WorkerConfig:
         c = self.cfg
@@ -217,117 +195,84 @@ class Supervisor:
                             xenstored_path=c.xenstored_path, topology=c.topology,
                             poll_window_us=c.poll_window_us, supervisor_endpoint=self.workers_endpoint,
                             heartbeat_interval=c.heartbeat_interval, policy_path=c.policy_path,
-                            log_level=c.log_level, state_dir=str(self.runtime), orphan_grace=c.orphan_grace)
+                            log_level=c.log_level, state_dir=str(self.runtime), orphan_grace=c.orphan_grace,
+                            token=guest.token)
 
     def _adopt(self, guest: Guest) -> bool:
-        """Take over a live worker a previous supervisor left (pid file + pidfd)."""
-        pidfile = pidfile_path(self.runtime, guest.domid)
-        try:
-            pid_text, started_text, token = pidfile.read_text().split()
-            pid, started = int(pid_text), float(started_text)
-            fd = os.pidfd_open(pid)
-        except (OSError, ValueError):
+        """Take over a live worker a previous supervisor left (see adopt.py)."""
+        found = find_live_worker(self.runtime, guest.domid)
+        if found is None:
             return False
-        import psutil
-        try:
-            same = abs(psutil.Process(pid).create_time() - started) < 0.01
-        except psutil.Error:
-            same = False
-        if not same:
-            os.close(fd)       # a stale pid file, the pid reused by another process
-            return False
-        guest.pid, guest.sentinel, guest.pidfd, guest.adopted, guest.token = pid, fd, fd, True, token
-        guest.state = WorkerState.STARTING
-        guest.started_at = guest.last_beat = time.monotonic()
-        logger.info("adopted the running worker of domain {} (pid {})", guest.domid, pid)
+        guest.token = found.token
+        guest.attach(found.pid, found.pidfd, found.pidfd, adopted=True, now=time.monotonic())
+        logger.info("adopted the running worker of domain {} (pid {})", guest.domid, found.pid)
         return True
 
     def _start(self, guest: Guest) -> None:
         guest.token = secrets.token_hex(16)
-        cfg = self._worker_config(guest)
-        cfg.token = guest.token
         try:
-            guest.proc = self.spawner.spawn(run_worker, cfg, name=f"pcibackd-dom{guest.domid}")
+            guest.proc = self.spawner.spawn(run_worker, self._worker_config(guest), name=f"pcibackd-dom{guest.domid}")
         except Exception as exc:       # e.g. the fork server died (EOFError): a failed start, not our crash
             logger.error("cannot start a worker for domain {}: {!r}", guest.domid, exc)
             self.spawner.restart()
-            guest.proc = guest.sentinel = guest.pidfd = None
+            guest.proc = None
             guest.failures += 1
-            guest.state = self.policy.next_state(guest.failures)
+            guest.change_state(GuestEvent.GAVE_UP if self.policy.gives_up(guest.failures)
+                               else GuestEvent.SPAWN_FAILED)
             guest.restart_at = time.monotonic() + max(0.1, self.policy.delay(guest.failures))
             return
-        guest.pid, guest.sentinel, guest.adopted = guest.proc.pid, guest.proc.sentinel, False
         try:
-            guest.pidfd = os.pidfd_open(guest.pid)
+            pidfd = os.pidfd_open(guest.proc.pid)
         except OSError:
-            guest.pidfd = None          # already gone: the sentinel reports it
-        guest.state = WorkerState.STARTING
-        guest.started_at = guest.last_beat = time.monotonic()
+            pidfd = None          # already gone: the sentinel reports it
+        guest.attach(guest.proc.pid, guest.proc.sentinel, pidfd, adopted=False, now=time.monotonic())
         logger.info("worker for domain {} started: pid {}", guest.domid, guest.pid)
 
     def _stop(self, guest: Guest) -> None:
-        guest.state, guest.terminated = WorkerState.STOPPING, True
-        guest.stop_deadline = time.monotonic() + self.cfg.stop_timeout
-        self._signal(guest, signal.SIGTERM)
-
-    def _signal(self, guest: Guest, sig: int) -> None:
-        """Signal the worker through its pidfd: never a recycled pid."""
-        if guest.pidfd is None:
-            return
-        try:
-            signal.pidfd_send_signal(guest.pidfd, sig)
-        except ProcessLookupError:
-            pass
+        guest.request_stop(time.monotonic() + self.cfg.stop_timeout, terminated=True)
+        guest.send_signal(signal.SIGTERM)
 
     def _reap(self, guest: Guest) -> None:
         if guest.proc is not None:
             guest.proc.join(0)
             code = guest.proc.exitcode
-        else:
-            code = 0 if guest.beat.get("final") and guest.beat.get("pid") == guest.pid else None
-        if guest.pidfd is not None:
-            os.close(guest.pidfd)         # (for adopted workers this is also the sentinel)
-        guest.proc = guest.sentinel = guest.pidfd = None
+        else:       # adopted, not our child: only its final beat tells a deliberate exit
+            r = guest.report
+            code = EXIT_DONE if r is not None and r.final and r.pid == guest.pid else None
+        guest.detach()
         ran = time.monotonic() - guest.started_at
-        guest.last_exit = (f"signal {signal.Signals(-code).name}" if code is not None and code < 0
-                           else f"exit {code}" if code is not None else "exited (adopted; status unknown)")
-        if code in (EXIT_STOPPED, EXIT_ORPHANED) and guest.state != WorkerState.STOPPING:
+        guest.last_exit = describe_exit(code)
+        event = exit_event(code, stopping=guest.state is WorkerState.STOPPING)
+        if event is GuestEvent.LEFT:
             # Stopped from outside, or orphaned while we stalled: the guest still
             # needs service; restart now, without counting a failure.
-            guest.state, guest.restart_at = WorkerState.BACKOFF, time.monotonic()
+            guest.change_state(event)
+            guest.restart_at = time.monotonic()
             logger.warning("worker for domain {} left ({}); replacing it", guest.domid, guest.last_exit)
             return
-        if guest.state == WorkerState.STOPPING or code == EXIT_DONE:
-            guest.state = WorkerState.EXITED
+        if event is GuestEvent.FINISHED:
+            guest.change_state(event)
             logger.info("worker for domain {} finished ({})", guest.domid, guest.last_exit)
-            self._forget_dead_domain(guest)
+            remove_if_domain_gone(self.xs, guest.domid)
             if self.xs.read(f"{guest.backend_path}/frontend") is None:
-                del self.guests[guest.domid]
+                del self._guests[guest.domid]
             return
         guest.failures = 1 if ran >= self.policy.stable_after else guest.failures + 1
-        guest.state = self.policy.next_state(guest.failures)
-        if guest.state == WorkerState.FATAL:
+        if self.policy.gives_up(guest.failures):
+            guest.change_state(GuestEvent.GAVE_UP)
             logger.error("worker for domain {} failed {} times in a row ({}): FATAL, not restarting",
                          guest.domid, guest.failures, guest.last_exit)
             return
+        guest.change_state(GuestEvent.CRASHED)
         guest.restart_at = time.monotonic() + self.policy.delay(guest.failures)
         logger.warning("worker for domain {} died ({}); restart #{} in {:.2f} s", guest.domid,
                        guest.last_exit, guest.restarts + 1, guest.restart_at - time.monotonic())
 
-    def _forget_dead_domain(self, guest: Guest) -> None:
-        """The guest's domain is gone (xl destroy of a guest whose devices our
-        toolstack attached: libxl does not know them): remove its backend nodes."""
-        if self.xs.exists(f"/local/domain/{guest.domid}"):
-            return
-        self.xs.rm(f"{BACKEND_ROOT}/{guest.domid}")
-        # The error node (if any) stays: it tells the administrator what happened.
-        logger.info("domain {} is gone: its PCI backend nodes were removed", guest.domid)
-
     def _manage(self) -> None:
         self._on_worker_messages()      # judge heartbeats on fresh data, not a stalled iteration's
         now = time.monotonic()
-        for guest in list(self.guests.values()):
-            if guest.state == WorkerState.STOPPING and guest.sentinel is not None and now > guest.stop_deadline:
+        for guest in list(self._guests.values()):
+            if guest.state is WorkerState.STOPPING and guest.alive and now > guest.stop_deadline:
                 if not guest.terminated:
                     logger.warning("worker for domain {} did not finish after its backend went: SIGTERM",
                                    guest.domid)
@@ -335,32 +280,19 @@ class Supervisor:
                 else:
                     logger.error("worker for domain {} ignored SIGTERM for {:.0f} s: killing", guest.domid,
                                  self.cfg.stop_timeout)
-                    self._signal(guest, signal.SIGKILL)
+                    guest.send_signal(signal.SIGKILL)
                     guest.stop_deadline = now + self.cfg.stop_timeout
-            elif guest.state == WorkerState.BACKOFF and now >= guest.restart_at:
+            elif guest.state is WorkerState.BACKOFF and now >= guest.restart_at:
                 guest.restarts += 1
                 self._start(guest)
-            elif (guest.state in (WorkerState.RUNNING, WorkerState.STARTING) and guest.sentinel is not None
-                  and now - guest.last_beat > self.cfg.heartbeat_timeout):
+            elif guest.state in LIVE and guest.alive and now - guest.last_beat > self.cfg.heartbeat_timeout:
                 logger.error("worker for domain {} (pid {}) missed heartbeats for {:.1f} s: killing",
                              guest.domid, guest.pid, now - guest.last_beat)
-                self._signal(guest, signal.SIGKILL)
+                guest.send_signal(signal.SIGKILL)
                 guest.last_beat = now   # once per timeout; the sentinel reports the death
 
-    def restart_worker(self, domid: int) -> bool:
-        """Replace a guest's worker (pcibackctl restart); FATAL guests get a fresh start."""
-        guest = self.guests.get(domid)
-        if guest is None:
-            return False
-        guest.failures = 0
-        if guest.sentinel is not None:
-            self._signal(guest, signal.SIGKILL)   # the reap path restarts it immediately
-        else:
-            guest.state, guest.restart_at = WorkerState.BACKOFF, 0.0
-        return True
-
     def _on_worker_messages(self) -> None:
-        for _ in range(256):     # bounded: a flooding worker cannot starve the loop
+        for _ in range(MESSAGE_BATCH):
             try:
                 ident, raw = self.workers_sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -368,59 +300,81 @@ class Supervisor:
             except ValueError:
                 continue
             try:
-                msg = json.loads(raw, parse_constant=_reject_constant)
-                domid = msg["domid"]
-                if not isinstance(msg, dict) or type(domid) is not int:
-                    raise ValueError("not a worker message")
-            except Exception:       # anything a peer sends must not reach the loop
+                msg = parse_worker_message(raw)
+            except Exception as exc:       # anything a peer sends must not reach the loop
                 self.malformed += 1
                 if worth_logging(self.malformed):
-                    logger.warning("malformed message on the worker socket from {!r} ({} so far)",
-                                   ident[:16], self.malformed)
+                    logger.warning("malformed message on the worker socket from {!r} ({} so far): {}",
+                                   ident[:16], self.malformed, str(exc)[:120])
                 continue
-            guest = self.guests.get(domid)
-            if (guest is None or msg.get("pid") != guest.pid or ident != f"dom{domid}".encode()
-                    or not guest.token or msg.get("token") != guest.token):
+            guest = self._guests.get(msg.domid)
+            if guest is None or not guest.sent(ident, msg):
                 continue
             guest.last_beat = time.monotonic()
-            if msg.get("type") == "reply":
-                self.control.worker_reply(domid, msg)
+            if isinstance(msg, WorkerReply):
+                self.control.worker_reply(msg)
                 continue
-            guest.beat = msg
-            if guest.state == WorkerState.STARTING:
-                guest.state = WorkerState.RUNNING
-            self.send_worker(domid, "ack")
+            guest.report = msg
+            guest.change_state(GuestEvent.BEAT)
+            self.send_worker(guest.domid, "ack")
+
+    # ---------------------------------------------- what pcibackctl sees --
+    def about(self) -> DaemonInfo:
+        return DaemonInfo(version=__version__, pid=os.getpid(), uptime=round(time.time() - self.started, 1),
+                          platform=self.platform.name, topology=self.cfg.topology,
+                          xenstore=self.cfg.xenstored_path or os.environ.get("XENSTORED_PATH", "default"),
+                          xenstore_connected=self.xs.connected, control=dict(self.control.endpoints))
+
+    def guests(self) -> list[GuestInfo]:
+        """Every guest by domid, with its worker's last report (never waits for a worker)."""
+        now = time.monotonic()
+        return [self._guests[d].info(now) for d in sorted(self._guests)]
+
+    def assignable(self) -> list[BDF]:
+        """Assignable host functions (the platform's: on Xen those bound to a stub driver)."""
+        return self.platform.assignable()
+
+    def restart(self, domid: int) -> bool:
+        """Replace a guest's worker; FATAL guests get a fresh start.  False: no such guest."""
+        guest = self._guests.get(domid)
+        if guest is None:
+            return False
+        guest.failures = 0
+        if guest.alive:
+            guest.send_signal(signal.SIGKILL)   # the reap path restarts it immediately
+        else:
+            guest.change_state(GuestEvent.REVIVED)
+            guest.restart_at = 0.0
+        return True
 
     def send_worker(self, domid: int, cmd: str, args: dict | None = None, req_id: str | None = None) -> bool:
         """Queue a command for a worker (never blocks; False when it cannot be sent)."""
-        msg = {"cmd": cmd, "args": args or {}, "id": req_id}
+        data = WorkerCommand(cmd, args or {}, req_id).to_json()
         try:
-            self.workers_sock.send_multipart([f"dom{domid}".encode(), json.dumps(msg).encode()], zmq.NOBLOCK)
+            self.workers_sock.send_multipart([f"dom{domid}".encode(), data], zmq.NOBLOCK)
             return True
         except zmq.ZMQError:
             return False
 
     def set_log_level(self, level: str) -> None:
-        from pcibackd.common import logs
         logs.setup(level)
         self.cfg.log_level = level
 
-    def devices(self) -> list[dict]:
-        """Assignable host functions (the platform's: on Xen those bound to a stub driver)."""
-        held = {d["bdf"]: g["domid"] for g in self.status()["guests"] for d in g["devices"]}
-        return [{"bdf": str(b), "held_by": held.get(str(b))} for b in self.platform.assignable()]
+    @property
+    def policy_path(self) -> str | None:
+        return self.cfg.policy_path
 
     # ---------------------------------------------------------- shutdown --
     def _shutdown(self) -> int:
         systemd.notify("STOPPING=1")
-        live = [g for g in self.guests.values() if g.sentinel is not None]
+        live = [g for g in self._guests.values() if g.alive]
         for g in live:
             self._stop(g)
         deadline = time.monotonic() + self.cfg.stop_timeout
         for g in live:
             if not select.select([g.sentinel], [], [], max(0.0, deadline - time.monotonic()))[0]:
                 logger.warning("worker for domain {} did not stop in time: killing", g.domid)
-                self._signal(g, signal.SIGKILL)
+                g.send_signal(signal.SIGKILL)
                 select.select([g.sentinel], [], [], 1.0)
             if g.proc is not None:
                 g.proc.join(0)
@@ -430,33 +384,6 @@ class Supervisor:
         self.xs.close()
         logger.info("stopped")
         return 0
-
-    # ----------------------------------------------------------- status --
-    def status(self) -> dict:
-        """The daemon and every guest, for pcibackctl status (no per-process
-        probing here: control/procstats adds memory and CPU figures)."""
-        guests = []
-        for g in sorted(self.guests.values(), key=lambda g: g.domid):
-            beat = g.beat
-            alive = g.sentinel is not None
-            guests.append({
-                "domid": g.domid, "worker_state": g.state.value, "pid": g.pid if alive else None,
-                "adopted": g.adopted, "restarts": g.restarts, "last_exit": g.last_exit,
-                "xenbus_state": beat.get("xenbus_state"), "connected": beat.get("connected", False),
-                "served": beat.get("served", {}), "errors": beat.get("errors", {}),
-                "latency_us": beat.get("latency_us"), "devices": beat.get("devices", []),
-                "heartbeat_age": round(time.monotonic() - g.last_beat, 3) if alive else None,
-            })
-        return {"daemon": {"version": __version__, "pid": os.getpid(),
-                           "uptime": round(time.time() - self.started, 1),
-                           "platform": self.platform.name, "topology": self.cfg.topology,
-                           "xenstore": self.cfg.xenstored_path or os.environ.get("XENSTORED_PATH", "default"),
-                           "xenstore_connected": self.xs.connected},
-                "guests": guests}
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not allowed")
 
 
 SIGNAL_HANDLERS = {

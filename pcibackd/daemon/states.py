@@ -1,9 +1,12 @@
 """Worker process states and the restart policy (supervisord's model).
 
+The transitions between the states are one table, in ``guests.py``.
+
+    NEW       the record exists, no worker yet (never outlives one scan)
     STARTING  spawned, not yet heard from
     RUNNING   heartbeats arriving
     BACKOFF   exited abnormally; restarts after a growing delay
-    STOPPING  asked to stop (SIGTERM sent)
+    STOPPING  its backend went, or the daemon stops: finishing (SIGTERM if it takes too long)
     EXITED    finished on purpose (guest gone / teardown done)
     FATAL     failed too often in a row; not restarted until asked
 """
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 
 
 class WorkerState(enum.Enum):
+    NEW = "NEW"
     STARTING = "STARTING"
     RUNNING = "RUNNING"
     BACKOFF = "BACKOFF"
@@ -41,5 +45,6 @@ class RestartPolicy:
             return self.first_delay
         return min(self.max_delay, self.base_delay * 2 ** (failures - 2))
 
-    def next_state(self, failures: int) -> WorkerState:
-        return WorkerState.FATAL if failures >= self.max_failures else WorkerState.BACKOFF
+    def gives_up(self, failures: int) -> bool:
+        """True once ``failures`` in a row are too many: the guest becomes FATAL."""
+        return failures >= self.max_failures

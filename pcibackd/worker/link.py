@@ -1,8 +1,15 @@
-"""The worker's ZeroMQ link to its supervisor: heartbeats with statistics.
+"""The worker's ZeroMQ link to its supervisor, and the messages it carries.
 
 A DEALER socket (identity ``dom<domid>``) with a bounded send queue: when the
 supervisor is slow or gone, beats are dropped, never queued without limit,
 so the op path never blocks on it.
+
+Three message types, each a dataclass serialized here and nowhere else:
+:class:`WorkerReport` (the heartbeat, with statistics) and
+:class:`WorkerReply` go to the supervisor; :class:`WorkerCommand` comes back.
+The supervisor reads worker messages with :func:`parse_worker_message`, which
+treats them as untrusted: anything not exactly of the declared types is a
+:class:`BadMessage`.
 """
 
 from __future__ import annotations
@@ -10,14 +17,235 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass, field
 
 import zmq
 
+from pcibackd.wire.bdf import BDF
+
 HWM = 16
+MAX_FRAME = 1 << 16      # both ends refuse larger frames (ZMQ_MAXMSGSIZE)
+MAX_NAME = 64            # counter names, tokens, request ids
 
 
+class BadMessage(ValueError):
+    """A worker-socket frame that is not a well-formed worker message."""
+
+
+# ------------------------------------------------------------ validators --
+def _reject_constant(name: str):
+    raise BadMessage(f"{name} is not allowed")
+
+
+def _int(v, name: str) -> int:
+    if type(v) is not int or not -2 ** 63 <= v < 2 ** 63:
+        raise BadMessage(f"{name} must be an integer")
+    return v
+
+
+def _count(v, name: str) -> int:
+    if _int(v, name) < 0:
+        raise BadMessage(f"{name} must not be negative")
+    return v
+
+
+def _bool(v, name: str) -> bool:
+    if type(v) is not bool:
+        raise BadMessage(f"{name} must be true or false")
+    return v
+
+
+def _number(v, name: str) -> float:
+    if type(v) not in (int, float):
+        raise BadMessage(f"{name} must be a number")
+    return v
+
+
+def _str(v, name: str) -> str:
+    if type(v) is not str or len(v) > MAX_NAME:
+        raise BadMessage(f"{name} must be a string of at most {MAX_NAME} characters")
+    return v
+
+
+def _bdf(v, name: str) -> BDF:
+    try:
+        return BDF.parse(_str(v, name))
+    except ValueError as exc:
+        raise BadMessage(f"{name}: {exc}") from None
+
+
+def _counts(v, name: str) -> dict[str, int]:
+    if type(v) is not dict:
+        raise BadMessage(f"{name} must be an object")
+    return {_str(k, f"{name} key"): _count(n, f"{name}[{k[:20]!r}]") for k, n in v.items()}
+
+
+def _fields(table: dict, untrusted: dict, what: str) -> dict:
+    """Each field of ``table`` checked by its validator (absent = None, which most refuse)."""
+    if type(untrusted) is not dict:
+        raise BadMessage(f"{what} must be an object")
+    return {name: check(untrusted.get(name), name) for name, check in table.items()}
+
+
+# -------------------------------------------------------------- messages --
+@dataclass(frozen=True)
+class DeviceReport:
+    """One assigned function as its worker serves it."""
+
+    bdf: BDF                 # host address
+    vbdf: BDF                # address the guest sees
+    permissive: bool
+    denied_writes: int
+
+    def to_dict(self) -> dict:
+        return {"bdf": str(self.bdf), "vbdf": str(self.vbdf), "permissive": self.permissive,
+                "denied_writes": self.denied_writes}
+
+    @classmethod
+    def from_dict(cls, untrusted: dict) -> "DeviceReport":
+        return cls(**_fields(_DEVICE_FIELDS, untrusted, "a device"))
+
+
+_DEVICE_FIELDS = {"bdf": _bdf, "vbdf": _bdf, "permissive": _bool, "denied_writes": _count}
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Op service time over the worker's last ops, in microseconds."""
+
+    p50: float
+    p99: float
+    n: int
+
+    def to_dict(self) -> dict:
+        return {"p50": self.p50, "p99": self.p99, "n": self.n}
+
+    @classmethod
+    def from_dict(cls, untrusted: dict) -> "Latency":
+        return cls(**_fields(_LATENCY_FIELDS, untrusted, "latency_us"))
+
+
+_LATENCY_FIELDS = {"p50": _number, "p99": _number, "n": _count}
+
+
+def _latency(v, name: str) -> Latency | None:
+    return None if v is None else Latency.from_dict(v)
+
+
+def _devices(v, name: str) -> tuple[DeviceReport, ...]:
+    if type(v) is not list:
+        raise BadMessage(f"{name} must be a list")
+    return tuple(DeviceReport.from_dict(d) for d in v)
+
+
+@dataclass(frozen=True)
+class WorkerReport:
+    """A heartbeat: who sends it (``domid``, ``pid``, ``token``) and what it serves."""
+
+    domid: int
+    pid: int
+    token: str
+    final: bool = False                  # the last beat before a deliberate exit
+    xenbus_state: int = 0
+    connected: bool = False              # the guest's ring is mapped
+    served: dict[str, int] = field(default_factory=dict)     # ops by name
+    errors: dict[str, int] = field(default_factory=dict)     # error replies by code name
+    spurious: int = 0                    # event-channel wake-ups with nothing to serve
+    ignored_inputs: int = 0              # xenbus inputs the driver refused
+    latency_us: Latency | None = None
+    devices: tuple[DeviceReport, ...] = ()
+    started: float = 0.0                 # wall-clock start of the worker
+
+    TYPE = "beat"
+
+    def to_dict(self) -> dict:
+        return {"type": self.TYPE, "domid": self.domid, "pid": self.pid, "token": self.token,
+                "final": self.final, "xenbus_state": self.xenbus_state, "connected": self.connected,
+                "served": dict(self.served), "errors": dict(self.errors), "spurious": self.spurious,
+                "ignored_inputs": self.ignored_inputs,
+                "latency_us": self.latency_us.to_dict() if self.latency_us else None,
+                "devices": [d.to_dict() for d in self.devices], "started": self.started}
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict()).encode()
+
+    @classmethod
+    def from_dict(cls, untrusted: dict) -> "WorkerReport":
+        return cls(**_fields(_REPORT_FIELDS, untrusted, "a report"))
+
+
+_REPORT_FIELDS = {"domid": _int, "pid": _int, "token": _str, "final": _bool, "xenbus_state": _int,
+                  "connected": _bool, "served": _counts, "errors": _counts, "spurious": _count,
+                  "ignored_inputs": _count, "latency_us": _latency, "devices": _devices, "started": _number}
+
+
+def _any(v, name: str):
+    return v
+
+
+@dataclass(frozen=True)
+class WorkerReply:
+    """A worker's answer to a :class:`WorkerCommand` that carried an id."""
+
+    domid: int
+    pid: int
+    token: str
+    id: str
+    ok: bool
+    result: object = None                # any JSON value (the command's result, or why it failed)
+
+    TYPE = "reply"
+
+    def to_json(self) -> bytes:
+        return json.dumps({"type": self.TYPE, "domid": self.domid, "pid": self.pid, "token": self.token,
+                           "id": self.id, "ok": self.ok, "result": self.result}).encode()
+
+    @classmethod
+    def from_dict(cls, untrusted: dict) -> "WorkerReply":
+        return cls(**_fields(_REPLY_FIELDS, untrusted, "a reply"))
+
+
+_REPLY_FIELDS = {"domid": _int, "pid": _int, "token": _str, "id": _str, "ok": _bool, "result": _any}
+_MESSAGE_TYPES = {WorkerReport.TYPE: WorkerReport, WorkerReply.TYPE: WorkerReply}
+
+
+def parse_worker_message(untrusted_raw: bytes) -> WorkerReport | WorkerReply:
+    """One frame from the worker socket, typed; BadMessage on anything else.
+    (Authenticating the sender is the supervisor's part.)"""
+    try:
+        untrusted = json.loads(untrusted_raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise BadMessage(f"not JSON: {str(exc)[:60]}") from None
+    untrusted_type = untrusted.get("type") if type(untrusted) is dict else None
+    kind = _MESSAGE_TYPES.get(untrusted_type) if type(untrusted_type) is str else None
+    if kind is None:
+        raise BadMessage("not a worker message")
+    return kind.from_dict(untrusted)
+
+
+@dataclass(frozen=True)
+class WorkerCommand:
+    """The supervisor's request to a worker; ``id`` None asks for no reply."""
+
+    cmd: str
+    args: dict = field(default_factory=dict)
+    id: str | None = None
+
+    def to_json(self) -> bytes:
+        return json.dumps({"cmd": self.cmd, "args": self.args, "id": self.id}).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> "WorkerCommand":
+        msg = json.loads(raw)
+        if type(msg) is not dict or type(msg.get("cmd")) is not str or type(msg.get("args", {})) is not dict:
+            raise BadMessage("not a worker command")
+        req_id = msg.get("id")
+        return cls(msg["cmd"], msg.get("args") or {}, req_id if type(req_id) is str else None)
+
+
+# ----------------------------------------------------------------- link --
 class Reporter:
-    """Sends ``beat`` messages; ``fileno()`` lets the worker's select see commands."""
+    """Sends beats and replies; ``fileno()`` lets the worker's select see commands."""
 
     def __init__(self, cfg, worker):
         self.worker = worker
@@ -27,28 +255,30 @@ class Reporter:
         self.sock.setsockopt(zmq.SNDHWM, HWM)
         self.sock.setsockopt(zmq.RCVHWM, HWM)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, 1 << 16)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
         self.sock.connect(cfg.supervisor_endpoint)
         self.started = time.time()
 
     def fileno(self) -> int:
         return self.sock.getsockopt(zmq.FD)
 
-    def beat(self, final: bool = False) -> None:
+    def report(self, final: bool = False) -> WorkerReport:
+        """This worker's heartbeat, from its live objects."""
         w = self.worker
         stats = w.dispatcher.stats
-        msg = {
-            "type": "beat", "pid": os.getpid(), "domid": w.cfg.domid, "final": final, "token": w.cfg.token,
-            "xenbus_state": int(w.machine.state), "connected": w.loop.ring is not None,
-            "served": dict(stats.served), "errors": dict(stats.errors),
-            "spurious": w.loop.spurious, "ignored_inputs": w.driver.ignored,
-            "latency_us": w.loop.latency_us(),
-            "devices": w.devices.summary(), "started": self.started,
-        }
-        try:
-            self.sock.send(json.dumps(msg).encode(), zmq.NOBLOCK)
-        except zmq.Again:
-            pass
+        latency = w.loop.latency_us()
+        return WorkerReport(
+            domid=w.cfg.domid, pid=os.getpid(), token=w.cfg.token, final=final,
+            xenbus_state=int(w.machine.state), connected=w.loop.ring is not None,
+            served=dict(stats.served), errors=dict(stats.errors),
+            spurious=w.loop.spurious, ignored_inputs=w.driver.ignored,
+            latency_us=Latency(latency["p50"], latency["p99"], latency["n"]) if latency else None,
+            devices=tuple(DeviceReport(BDF.parse(d["bdf"]), BDF.parse(d["vbdf"]), d["permissive"],
+                                       d["denied_writes"]) for d in w.devices.summary()),
+            started=self.started)
+
+    def beat(self, final: bool = False) -> None:
+        self._send(self.report(final).to_json())
         self.on_message()
 
     def on_message(self) -> None:
@@ -58,21 +288,24 @@ class Reporter:
                 raw = self.sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
+            req_id = None
             try:
-                msg = json.loads(raw)
-                handler = self.worker.COMMANDS[msg["cmd"]]
-                result, ok = handler(self.worker, msg.get("args") or {}), True
+                command = WorkerCommand.from_json(raw)
+                req_id = command.id
+                handler = self.worker.COMMANDS[command.cmd]
+                result, ok = handler(self.worker, command.args), True
             except Exception as exc:     # a bad command is answered, never fatal
                 result, ok = f"{type(exc).__name__}: {exc}", False
-                msg = msg if isinstance(msg, dict) else {}
-            if msg.get("id") is None:
+            if req_id is None:
                 continue
-            reply = {"type": "reply", "id": msg["id"], "domid": self.worker.cfg.domid, "token": self.worker.cfg.token,
-                     "pid": os.getpid(), "ok": ok, "result": result}
-            try:
-                self.sock.send(json.dumps(reply).encode(), zmq.NOBLOCK)
-            except zmq.Again:
-                pass
+            cfg = self.worker.cfg
+            self._send(WorkerReply(cfg.domid, os.getpid(), cfg.token, req_id, ok, result).to_json())
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self.sock.send(data, zmq.NOBLOCK)
+        except zmq.Again:
+            pass
 
     def close(self) -> None:
         self.sock.close(0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -235,6 +236,21 @@ def test_policy_reload_of_a_broken_file_changes_nothing(policy_dom0):
     assert _permissive(dom0, TESTDEV) and all(g["worker_state"] == "RUNNING" for g in dom0.status()["guests"])
 
 
+def test_sighup_reloads_the_policy_in_every_worker(policy_dom0):
+    dom0, policy = policy_dom0
+    two_guests(dom0)
+    assert not _permissive(dom0, TESTDEV)
+    policy.write_text(POLICY_OK)
+    dom0.daemon.send_signal(signal.SIGHUP)
+    wait_until(lambda: _permissive(dom0, TESTDEV), what="the policy reloaded on SIGHUP in a heartbeat")
+    assert "SIGHUP: policy" in dom0.log_tail(200) and "sent to 2 worker(s)" in dom0.log_tail(200)
+    policy.write_text("permissive = [\n")
+    dom0.daemon.send_signal(signal.SIGHUP)
+    wait_until(lambda: "SIGHUP: policy not reloaded" in dom0.log_tail(200), what="the broken file refused")
+    assert _permissive(dom0, TESTDEV) and all(g["worker_state"] == "RUNNING" for g in dom0.status()["guests"])
+    assert dom0.daemon.poll() is None
+
+
 # ------------------------------------------------------------ log level --
 def test_log_level(guests):
     dom0, _ = guests
@@ -264,7 +280,6 @@ def test_daemon_not_running(sim_dom0):
 
 # ------------------------------------------------------- a stuck worker --
 def test_a_stuck_worker_times_out_a_fan_out_and_never_stalls_status(guests):
-    import signal
     dom0, front = guests
     stuck = dom0.guest_status(2)["pid"]
     os.kill(stuck, signal.SIGSTOP)

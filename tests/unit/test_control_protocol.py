@@ -16,44 +16,58 @@ from pcibackd.control.commands import COMMANDS
 from pcibackd.control.commands.base import WORKER_TIMEOUT
 from pcibackd.control.protocol import Errno
 from pcibackd.control.server import MAX_PENDING, ControlServer, ControlSetupError
-from pcibackd.daemon.config import DaemonConfig
+from pcibackd.daemon.states import WorkerState
+from pcibackd.daemon.views import DaemonInfo, GuestInfo
+from pcibackd.wire.bdf import BDF
+from pcibackd.worker.link import DeviceReport, Latency, WorkerReply, WorkerReport
 
 
-def guest(domid, state="RUNNING", devices=(), **extra):
-    return {"domid": domid, "worker_state": state, "pid": 1000 + domid if state == "RUNNING" else None,
-            "restarts": 0, "last_exit": "", "xenbus_state": 4, "connected": True,
-            "served": {"conf_read": 10}, "errors": {"invalid_offset": 1},
-            "devices": [{"bdf": b, "vbdf": f"0000:00:{i:02x}.0", "permissive": False} for i, b in enumerate(devices)],
-            **extra}
+def guest(domid, state="RUNNING", devices=(), pid=None, latency=None, last_exit="", beat=True) -> GuestInfo:
+    """A guest as the daemon shows it, with a heartbeat listing ``devices`` (host BDFs)."""
+    running = state == "RUNNING"
+    report = WorkerReport(domid=domid, pid=1000 + domid, token="t", xenbus_state=4, connected=True,
+                          served={"conf_read": 10}, errors={"invalid_offset": 1}, latency_us=latency,
+                          devices=tuple(DeviceReport(BDF.parse(b), BDF(0, 0, i, 0), False, 0)
+                                        for i, b in enumerate(devices)))
+    return GuestInfo(domid=domid, state=WorkerState(state), pid=(pid or 1000 + domid) if running else None,
+                     adopted=False, restarts=0, last_exit=last_exit, heartbeat_age=0.1 if running else None,
+                     report=report if beat else None)
 
 
-class FakeSupervisor:
-    """The supervisor hooks the commands use, recording what they were asked."""
+class FakeDaemon:
+    """A DaemonFace recording what the commands asked of it."""
 
     def __init__(self, guests=None):
-        self.cfg = DaemonConfig()
-        self.guests = guests if guests is not None else [guest(1, devices=["0000:00:05.0"]), guest(2)]
+        self.policy_path = None
+        self.guest_list = guests if guests is not None else [guest(1, devices=["0000:00:05.0"]), guest(2)]
         self.sent, self.restarted, self.level = [], [], None
         self.send_ok = True
+        self.control = None
 
-    def status(self):
-        return {"daemon": {"version": "0", "pid": 1, "uptime": 1.0, "platform": "sim", "topology": "vpci",
-                           "xenstore": "x"},
-                "guests": [dict(g) for g in self.guests]}
+    def about(self):
+        return DaemonInfo(version="0", pid=1, uptime=1.0, platform="sim", topology="vpci", xenstore="x",
+                          xenstore_connected=True, control=self.control and self.control.endpoints)
 
-    def restart_worker(self, domid):
+    def guests(self):
+        return list(self.guest_list)
+
+    def assignable(self):
+        return [BDF.parse("0000:00:05.0"), BDF.parse("0000:00:07.0")]
+
+    def restart(self, domid):
         self.restarted.append(domid)
-        return any(g["domid"] == domid for g in self.guests)
+        return any(g.domid == domid for g in self.guest_list)
 
     def set_log_level(self, level):
         self.level = level
 
-    def devices(self):
-        return [{"bdf": "0000:00:05.0", "held_by": 1}, {"bdf": "0000:00:07.0", "held_by": None}]
-
-    def send_worker(self, domid, cmd, args, req_id=None):
+    def send_worker(self, domid, cmd, args=None, req_id=None):
         self.sent.append((domid, cmd, args, req_id))
         return self.send_ok
+
+
+def reply(domid, req_id, ok=True, result=None) -> WorkerReply:
+    return WorkerReply(domid=domid, pid=1000 + domid, token="t", id=req_id, ok=ok, result=result)
 
 
 @pytest.fixture
@@ -66,7 +80,7 @@ def runtime(tmp_path):
 @pytest.fixture
 def server(runtime):
     ctx = zmq.Context()
-    srv = ControlServer(ctx, runtime / "control.sock", FakeSupervisor())
+    srv = ControlServer(ctx, runtime / "control.sock", FakeDaemon())
     yield srv
     srv.close()
     ctx.term()
@@ -132,7 +146,7 @@ def test_request_id_is_echoed_even_on_errors(server):
 def test_wrong_arguments_are_rejected(server, command, args, fragment):
     rep = dispatch(server, {"id": 1, "command": command, "args": args})
     assert rep["errno"] == Errno.BAD_ARGUMENTS and fragment in rep["reason"], rep
-    assert server.sup.restarted == [] and server.sup.sent == [] and server.sup.level is None
+    assert server.face.restarted == [] and server.face.sent == [] and server.face.level is None
 
 
 def test_not_found_and_failing_command(server):
@@ -140,13 +154,13 @@ def test_not_found_and_failing_command(server):
     assert rep["errno"] == Errno.NOT_FOUND and "domid 9" in rep["reason"]
     rep = dispatch(server, {"id": 1, "command": "permissive", "args": {"mode": "on", "bdf": "00:07.0"}})
     assert rep["errno"] == Errno.NOT_FOUND
-    server.sup.status = lambda: 1 / 0             # a bug in a hook: answered, not raised
+    server.face.guests = lambda: 1 / 0            # a bug in a hook: answered, not raised
     rep = dispatch(server, {"id": 1, "command": "status"})
     assert rep["errno"] == Errno.COMMAND_FAILED and "ZeroDivisionError" in rep["reason"]
 
 
 def test_permissive_on_a_worker_that_is_not_running(server):
-    server.sup.guests = [guest(3, state="BACKOFF", devices=["0000:00:05.0"])]
+    server.face.guest_list = [guest(3, state="BACKOFF", devices=["0000:00:05.0"])]
     rep = dispatch(server, {"id": 1, "command": "permissive", "args": {"mode": "on", "bdf": "0000:00:05.0"}})
     assert rep["errno"] == Errno.COMMAND_FAILED and "BACKOFF" in rep["reason"]
 
@@ -162,20 +176,21 @@ def start(server, req):
 
 
 def worker_ids(server):
-    return {domid: req_id for domid, _, _, req_id in server.sup.sent}
+    return {domid: req_id for domid, _, _, req_id in server.face.sent}
 
 
 def test_fan_out_collects_every_worker(server):
     sent = start(server, {"id": "r", "command": "log-level", "args": {"level": "debug"}})
-    assert server.sup.level == "DEBUG"
-    assert sorted((d, c, a) for d, c, a, _ in server.sup.sent) == [(1, "log-level", {"level": "DEBUG"}),
+    assert server.face.level == "DEBUG"
+    assert sorted((d, c, a) for d, c, a, _ in server.face.sent) == [(1, "log-level", {"level": "DEBUG"}),
                                                                    (2, "log-level", {"level": "DEBUG"})]
     ids = worker_ids(server)
-    server.worker_reply(1, {"id": ids[1], "ok": True, "result": "DEBUG"})
-    server.worker_reply(1, {"id": "someone-else", "ok": False})        # ignored
+    server.worker_reply(reply(1, ids[1], result="DEBUG"))
+    server.worker_reply(reply(1, "someone-else", ok=False))            # ignored
+    server.worker_reply(reply(3, ids[1], ok=False))                    # not asked: ignored
     server.flush_pending()
     assert sent == []                                                  # still waiting for dom2
-    server.worker_reply(2, {"id": ids[2], "ok": True, "result": "DEBUG"})
+    server.worker_reply(reply(2, ids[2], result="DEBUG"))
     server.flush_pending()
     assert sent == [{"id": "r", "status": "ok", "errno": 0, "reason": "",
                      "result": {"level": "DEBUG", "workers": [{"domid": 1, "result": "DEBUG"},
@@ -186,7 +201,7 @@ def test_fan_out_collects_every_worker(server):
 def test_fan_out_worker_failure_and_timeout(server):
     sent = start(server, {"id": "r", "command": "policy-reload"})
     ids = worker_ids(server)
-    server.worker_reply(2, {"id": ids[2], "ok": True, "result": []})
+    server.worker_reply(reply(2, ids[2], result=[]))
     server.flush_pending()
     assert sent == []
     for p in server.pending.values():
@@ -196,19 +211,19 @@ def test_fan_out_worker_failure_and_timeout(server):
     assert [(r["id"], r["errno"]) for r in sent] == [("r", Errno.TIMEOUT)] and "domain(s) 1" in sent[0]["reason"]
 
     sent = start(server, {"id": "p", "command": "permissive", "args": {"mode": "on", "bdf": "00:05.0"}})
-    server.worker_reply(1, {"id": worker_ids(server)[1], "ok": False, "result": "LookupError: gone"})
+    server.worker_reply(reply(1, worker_ids(server)[1], ok=False, result="LookupError: gone"))
     server.flush_pending()
     assert sent[0]["errno"] == Errno.COMMAND_FAILED and "LookupError: gone" in sent[0]["reason"]
 
 
 def test_unreachable_worker_fails_at_once(server):
-    server.sup.send_ok = False
+    server.face.send_ok = False
     sent = start(server, {"id": "r", "command": "log-level", "args": {"level": "INFO"}})
     assert sent and sent[0]["errno"] == Errno.COMMAND_FAILED and "not reachable" in sent[0]["reason"]
 
 
 def test_no_running_worker_needs_no_round_trip(server):
-    server.sup.guests = [guest(4, state="FATAL")]
+    server.face.guest_list = [guest(4, state="FATAL")]
     rep = dispatch(server, {"id": 1, "command": "policy-reload"})
     assert rep["result"] == {"policy": None, "workers": []}
 
@@ -224,10 +239,10 @@ def test_pending_requests_are_bounded(server):
 def test_policy_reload_checks_the_file_first(server, tmp_path):
     bad = tmp_path / "policy.toml"
     bad.write_text("permissive = maybe\n")
-    server.sup.cfg.policy_path = str(bad)
+    server.face.policy_path = str(bad)
     rep = dispatch(server, {"id": 1, "command": "policy-reload"})
     assert rep["errno"] == Errno.COMMAND_FAILED and "not reloaded" in rep["reason"]
-    assert server.sup.sent == []
+    assert server.face.sent == []
 
 
 # ------------------------------------------------------------- sockets --
@@ -266,7 +281,7 @@ def _serve_until_reply(server, sock, timeout=2.0) -> dict:
 
 def test_a_second_server_does_not_steal_a_live_socket(server, runtime):
     with pytest.raises(ControlSetupError, match="another pcibackd"):
-        ControlServer(zmq.Context.instance(), runtime / "control.sock", FakeSupervisor())
+        ControlServer(zmq.Context.instance(), runtime / "control.sock", FakeDaemon())
 
 
 def test_refuses_an_open_runtime_dir(tmp_path):
@@ -274,7 +289,7 @@ def test_refuses_an_open_runtime_dir(tmp_path):
     d.mkdir()
     os.chmod(d, 0o755)
     with pytest.raises(ControlSetupError, match="mode 0700"):
-        ControlServer(zmq.Context.instance(), d / "control.sock", FakeSupervisor())
+        ControlServer(zmq.Context.instance(), d / "control.sock", FakeDaemon())
 
 
 def test_client_not_running_and_stale_socket(runtime):
@@ -316,11 +331,15 @@ def test_cli_daemon_not_running_exit_3(runtime, capsys):
 
 
 # ----------------------------------------------------------- renderers --
+def status_of(*guests) -> dict:
+    """What the status command returns (as its client gets it) for these guests."""
+    return json.loads(json.dumps(COMMANDS["status"].execute(FakeDaemon(list(guests)), {})))
+
+
 def test_status_render_latency_dash_until_workers_report_it():
-    sup = FakeSupervisor([guest(1, devices=["0000:00:05.0"], rss=30 << 20, uss=8 << 20, cpu_percent=1.5),
-                          guest(2, state="FATAL", last_exit="exit 1")])
-    st = sup.status()
-    st["guests"][1]["latency_us"] = {"p50": 12.4, "p99": 2500.0}
+    st = status_of(guest(1, devices=["0000:00:05.0"]),
+                   guest(2, state="FATAL", last_exit="exit 1", latency=Latency(12.4, 2500.0, 7)))
+    st["guests"][0].update(rss=30 << 20, uss=8 << 20, cpu_percent=1.5)
     text = COMMANDS["status"].render(st)
     lines = text.splitlines()
     row1 = next(line for line in lines if line.startswith("1 ") and "RUNNING" in line)
@@ -333,8 +352,8 @@ def test_status_render_latency_dash_until_workers_report_it():
 
 
 def test_renderers_of_empty_results():
-    st = FakeSupervisor([]).status()
-    assert COMMANDS["status"].render(st).endswith("0 guest(s)")
+    st = status_of()
+    assert st["guests"] == [] and COMMANDS["status"].render(st).endswith("0 guest(s)")
     assert COMMANDS["list"].render([]).split() == ["DOMID", "WORKER", "XENBUS", "HOST", "BDF", "GUEST", "BDF"]
     assert COMMANDS["list"].render([{"domid": 3, "worker_state": "RUNNING", "xenbus_state": None,
                                      "devices": []}]).splitlines()[1].split() == ["3", "RUNNING", "-", "-", "-"]
@@ -342,16 +361,44 @@ def test_renderers_of_empty_results():
         ["0000:00:07.0", "-"]
 
 
-def test_status_fills_process_figures_the_supervisor_lacks(server):
-    me = guest(5)
-    me["pid"] = os.getpid()
-    given = guest(6, rss=1, uss=1, cpu_seconds=0.5)
-    given["pid"] = os.getpid()
-    server.sup.guests = [me, given, guest(7, state="FATAL")]
-    g5, g6, g7 = dispatch(server, {"id": 1, "command": "status"})["result"]["guests"]
+GUEST_KEYS = {"domid", "worker_state", "pid", "adopted", "restarts", "last_exit", "xenbus_state", "connected",
+              "served", "errors", "latency_us", "devices", "heartbeat_age", "cpu_percent"}
+
+
+def test_status_json_shape():
+    st = status_of(guest(1, devices=["0000:00:05.0"], latency=Latency(12.5, 99.0, 3)), guest(2, beat=False))
+    assert set(st) == {"daemon", "guests"}
+    assert set(st["daemon"]) == {"version", "pid", "uptime", "platform", "topology", "xenstore",
+                                 "xenstore_connected", "control"}
+    g1, g2 = st["guests"]
+    assert set(g1) == set(g2) == GUEST_KEYS            # no process figures: pids 1001, 1002 are not ours
+    assert g1["devices"] == [{"bdf": "0000:00:05.0", "vbdf": "0000:00:00.0", "permissive": False,
+                              "denied_writes": 0}]
+    assert (g1["worker_state"], g1["xenbus_state"], g1["connected"], g1["latency_us"]) == \
+        ("RUNNING", 4, True, {"p50": 12.5, "p99": 99.0, "n": 3})
+    assert (g1["served"], g1["errors"]) == ({"conf_read": 10}, {"invalid_offset": 1})
+    # no heartbeat yet: nothing known
+    assert (g2["xenbus_state"], g2["connected"], g2["served"], g2["errors"], g2["latency_us"], g2["devices"]) == \
+        (None, False, {}, {}, None, [])
+
+
+def test_list_and_devices_read_the_reports(server):
+    server.face.guest_list = [guest(1, devices=["0000:00:05.0", "0000:02:00.0"]), guest(2, beat=False)]
+    assert dispatch(server, {"id": 1, "command": "list"})["result"] == [
+        {"domid": 1, "worker_state": "RUNNING", "xenbus_state": 4,
+         "devices": [{"bdf": "0000:00:05.0", "vbdf": "0000:00:00.0"}, {"bdf": "0000:02:00.0", "vbdf": "0000:00:01.0"}]},
+        {"domid": 2, "worker_state": "RUNNING", "xenbus_state": None, "devices": []}]
+    assert dispatch(server, {"id": 1, "command": "devices"})["result"] == [
+        {"bdf": "0000:00:05.0", "held_by": 1}, {"bdf": "0000:00:07.0", "held_by": None}]
+
+
+def test_status_fills_process_figures(server):
+    server.face.guest_list = [guest(5, pid=os.getpid()), guest(7, state="FATAL")]
+    g5, g7 = dispatch(server, {"id": 1, "command": "status"})["result"]["guests"]
     assert 0 < g5["uss"] <= g5["rss"] and g5["cpu_seconds"] > 0 and g5["cpu_percent"] >= 0
-    assert (g6["rss"], g6["uss"]) == (1, 1) and g6["cpu_percent"] is not None
     assert g7["cpu_percent"] is None and "rss" not in g7
     assert g5["latency_us"] is None
-    server.sup.control = server                     # as in the supervisor
-    assert dispatch(server, {"id": 1, "command": "status"})["result"]["daemon"]["control"]["tcp"] is None
+    assert dispatch(server, {"id": 1, "command": "status"})["result"]["daemon"]["control"] is None
+    server.face.control = server                     # as the supervisor reports its endpoint
+    assert dispatch(server, {"id": 1, "command": "status"})["result"]["daemon"]["control"] == \
+        {"ipc": str(server.path), "tcp": None}

@@ -5,7 +5,7 @@ A command module holds (see ``status.py``):
     docstring   first line = one-line help; the whole text = ``pcibackctl <cmd> --help``
     NAME        wire name ("policy-reload");  WORDS  CLI spelling (("policy", "reload"))
     ARGS        tuple of :class:`Arg` (positional on the command line, keys of ``args``)
-    execute(sup, args) -> JSON-able result | Pending      (runs in the daemon)
+    execute(face, args) -> JSON-able result | Pending     (runs in the daemon; face: a DaemonFace)
     render(result) -> str                                 (runs in pcibackctl)
 """
 
@@ -14,9 +14,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Callable
+from typing import Callable, NamedTuple
 
+from pcibackd.control.face import DaemonFace
 from pcibackd.control.protocol import Errno
+from pcibackd.daemon.states import WorkerState
+from pcibackd.daemon.views import GuestInfo
 
 WORKER_TIMEOUT = 2.0     # seconds a fan-out waits for workers (the client waits 5)
 MAX_STR_ARG = 64
@@ -79,15 +82,22 @@ class Command:
         return {a.name: a.check(untrusted_args[a.name]) for a in self.args}
 
 
+class Answer(NamedTuple):
+    """One worker's answer to a fan-out."""
+
+    ok: bool
+    result: object          # the worker's result, or why it failed
+
+
 @dataclass
 class Pending:
     """A result that needs answers from workers: ``sends`` go out now; ``finish``
     turns the replies (by domid; absent = no answer in time) into the result."""
 
     sends: list[tuple[int, str, dict]]
-    finish: Callable[[dict[int, dict]], object]
+    finish: Callable[[dict[int, Answer]], object]
     timeout: float = WORKER_TIMEOUT
-    replies: dict[int, dict] = field(default_factory=dict)
+    replies: dict[int, Answer] = field(default_factory=dict)
     deadline: float = 0.0
     client: tuple = ()
 
@@ -98,22 +108,22 @@ class Pending:
         return now >= self.deadline or all(d in self.replies for d, _, _ in self.sends)
 
 
-def running_guests(sup) -> list[dict]:
-    return [g for g in sup.status()["guests"] if g["worker_state"] == "RUNNING" and g["pid"]]
+def running_guests(face: DaemonFace) -> list[GuestInfo]:
+    return [g for g in face.guests() if g.state is WorkerState.RUNNING and g.pid]
 
 
 def fan_out(domids: list[int], cmd: str, args: dict, what: str,
             shape: Callable[[list[dict]], object]) -> Pending:
     """Send ``cmd`` to each worker; the result is ``shape([{domid, result}, ...])``.
     A worker that refuses or does not answer in time makes the whole command fail."""
-    def finish(replies: dict[int, dict]):
+    def finish(replies: dict[int, Answer]):
         missing = [d for d in domids if d not in replies]
-        failed = {d: r.get("result") for d, r in replies.items() if not r.get("ok")}
+        failed = {d: r.result for d, r in replies.items() if not r.ok}
         if failed:
             raise CommandError(Errno.COMMAND_FAILED, f"{what} failed: " +
                                "; ".join(f"domain {d}: {str(r)[:200]}" for d, r in sorted(failed.items())))
         if missing:
             raise CommandError(Errno.TIMEOUT, f"{what}: no answer within {WORKER_TIMEOUT} s from the worker(s) "
                                f"of domain(s) {', '.join(map(str, missing))}")
-        return shape([{"domid": d, "result": replies[d].get("result")} for d in sorted(replies)])
+        return shape([{"domid": d, "result": replies[d].result} for d in sorted(replies)])
     return Pending([(d, cmd, dict(args)) for d in domids], finish)

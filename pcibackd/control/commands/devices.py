@@ -8,14 +8,16 @@ function on the simulated platform.  HELD BY is the domid, "-" when free.
 
 from __future__ import annotations
 
+from pcibackd.control.face import DaemonFace
 from pcibackd.control.table import dash, table
 
 NAME = "devices"
 ARGS = ()
 
 
-def execute(sup, args: dict) -> list[dict]:
-    return sup.devices()
+def execute(face: DaemonFace, args: dict) -> list[dict]:
+    held = {d.bdf: g.domid for g in face.guests() for d in g.devices}
+    return [{"bdf": str(b), "held_by": held.get(b)} for b in face.assignable()]
 
 
 def render(result: list[dict]) -> str:

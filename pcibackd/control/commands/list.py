@@ -5,16 +5,18 @@
 
 from __future__ import annotations
 
+from pcibackd.control.face import DaemonFace
 from pcibackd.control.table import table, xenbus_name
 
 NAME = "list"
 ARGS = ()
 
 
-def execute(sup, args: dict) -> list[dict]:
-    return [{"domid": g["domid"], "worker_state": g["worker_state"], "xenbus_state": g.get("xenbus_state"),
-             "devices": [{"bdf": d["bdf"], "vbdf": d["vbdf"]} for d in g.get("devices", [])]}
-            for g in sup.status()["guests"]]
+def execute(face: DaemonFace, args: dict) -> list[dict]:
+    return [{"domid": g.domid, "worker_state": g.state.value,
+             "xenbus_state": g.report.xenbus_state if g.report else None,
+             "devices": [{"bdf": str(d.bdf), "vbdf": str(d.vbdf)} for d in g.devices]}
+            for g in face.guests()]
 
 
 def render(result: list[dict]) -> str:

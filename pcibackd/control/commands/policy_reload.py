@@ -10,22 +10,23 @@ kept.  Workers started later read the file themselves.
 
 from __future__ import annotations
 
-from pcibackd.control.protocol import Errno
+from pcibackd.confspace import PolicyError, PolicyStore
 from pcibackd.control.commands.base import CommandError, fan_out, running_guests
+from pcibackd.control.face import DaemonFace
+from pcibackd.control.protocol import Errno
 
 NAME = "policy-reload"
 WORDS = ("policy", "reload")
 ARGS = ()
 
 
-def execute(sup, args: dict):
-    from pcibackd.confspace import PolicyError, PolicyStore
-    path = sup.cfg.policy_path
+def execute(face: DaemonFace, args: dict):
+    path = face.policy_path
     try:
         PolicyStore(path)
     except PolicyError as exc:
         raise CommandError(Errno.COMMAND_FAILED, f"policy not reloaded: {exc}") from None
-    domids = [g["domid"] for g in running_guests(sup)]
+    domids = [g.domid for g in running_guests(face)]
     shape = lambda rs: {"policy": path, "workers": rs}    # noqa: E731
     return fan_out(domids, "policy-reload", {}, "policy reload", shape) if domids else shape([])
 

@@ -8,19 +8,20 @@ devices, serving an op left pending.  Exit 6 when DOMID has no PCI backend.
 
 from __future__ import annotations
 
-from pcibackd.control.protocol import Errno
 from pcibackd.control.commands.base import Arg, CommandError
+from pcibackd.control.face import DaemonFace
+from pcibackd.control.protocol import Errno
 
 NAME = "restart"
 ARGS = (Arg("domid", int, "guest domain id", metavar="DOMID"),)
 MAX_DOMID = 0x7FEF      # DOMID_FIRST_RESERVED - 1
 
 
-def execute(sup, args: dict) -> dict:
+def execute(face: DaemonFace, args: dict) -> dict:
     domid = args["domid"]
     if not 0 < domid <= MAX_DOMID:
         raise CommandError(Errno.BAD_ARGUMENTS, f"domid must be 1..{MAX_DOMID}")
-    if not sup.restart_worker(domid):
+    if not face.restart(domid):
         raise CommandError(Errno.NOT_FOUND, f"no guest with domid {domid}")
     return {"domid": domid}
 

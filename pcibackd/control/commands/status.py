@@ -13,9 +13,12 @@ latency p50/p99 (microseconds, from the worker), devices (host BDF -> guest BDF)
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 
+from pcibackd.control.face import DaemonFace
 from pcibackd.control.procstats import ProcSampler
 from pcibackd.control.table import counts, dash, duration, micros, size, table, xenbus_name
+from pcibackd.daemon.views import GuestInfo
 
 NAME = "status"
 ARGS = ()
@@ -23,16 +26,24 @@ ARGS = ()
 _procs = ProcSampler()
 
 
-def execute(sup, args: dict) -> dict:
-    st = sup.status()
+def execute(face: DaemonFace, args: dict) -> dict:
     now = time.monotonic()
-    for g in st["guests"]:
+    guests = [_guest(g) for g in face.guests()]
+    for g in guests:
         _procs.fill(g, now)
-        g.setdefault("latency_us", None)     # {"p50", "p99", ...} once workers report it
-    _procs.forget_others({g["pid"] for g in st["guests"]})
-    control = getattr(sup, "control", None)
-    st["daemon"]["control"] = getattr(control, "endpoints", None)
-    return st
+    _procs.forget_others({g["pid"] for g in guests})
+    return {"daemon": asdict(face.about()), "guests": guests}
+
+
+def _guest(g: GuestInfo) -> dict:
+    """One guest as ``status --json`` shows it (its worker's report flattened in)."""
+    r = g.report
+    return {"domid": g.domid, "worker_state": g.state.value, "pid": g.pid, "adopted": g.adopted,
+            "restarts": g.restarts, "last_exit": g.last_exit,
+            "xenbus_state": r.xenbus_state if r else None, "connected": r.connected if r else False,
+            "served": dict(r.served) if r else {}, "errors": dict(r.errors) if r else {},
+            "latency_us": r.latency_us.to_dict() if r and r.latency_us else None,
+            "devices": [d.to_dict() for d in g.devices], "heartbeat_age": g.heartbeat_age}
 
 
 def _latency(g: dict, key: str) -> str:

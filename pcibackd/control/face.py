@@ -1,0 +1,38 @@
+"""What pcibackctl's commands (and the control server) see of the daemon.
+
+Exactly what they use, nothing more: the supervisor satisfies it, and the
+unit tests hand the server a fake.  Every method answers at once: none waits
+for a worker (a command that needs workers sends them messages and returns
+a :class:`~pcibackd.control.commands.Pending`).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from pcibackd.daemon.views import DaemonInfo, GuestInfo
+from pcibackd.wire.bdf import BDF
+
+
+class DaemonFace(Protocol):
+    @property
+    def policy_path(self) -> str | None:
+        """The config-space policy file (None: built-in defaults)."""
+
+    def about(self) -> DaemonInfo:
+        """The daemon itself: version, pid, uptime, platform, xenstore, control endpoints."""
+
+    def guests(self) -> list[GuestInfo]:
+        """Every guest by domid, with its worker's last report."""
+
+    def assignable(self) -> list[BDF]:
+        """The host functions that can be given to guests, in the platform's order."""
+
+    def restart(self, domid: int) -> bool:
+        """Replace the guest's worker (reviving a FATAL one); False: no such guest."""
+
+    def send_worker(self, domid: int, cmd: str, args: dict | None = None, req_id: str | None = None) -> bool:
+        """Queue a command for a worker, never blocking; False when it cannot be sent."""
+
+    def set_log_level(self, level: str) -> None:
+        """The daemon's own log level (workers are told by a fan-out)."""

@@ -90,7 +90,8 @@ def load_library(kind: str) -> ctypes.CDLL:
     return _loaded[kind]
 
 
-def _failure(what: str) -> PlatformError:
+def failure(what: str) -> PlatformError:
+    """The error of a libxen* call that just failed: its C errno (EIO if none) and ``what``."""
     err = ctypes.get_errno() or errno.EIO
     return PlatformError(err, f"{what}: {os.strerror(err)}")
 
@@ -150,7 +151,7 @@ class _Handle:
         ctypes.set_errno(0)
         self.ptr = getattr(self.lib, opener)(None, 0)
         if not self.ptr:
-            raise _failure(f"{opener} ({DEVICES[kind]})")
+            raise failure(f"{opener} ({DEVICES[kind]})")
         self.pid = os.getpid()
 
     def close(self) -> None:
@@ -177,7 +178,7 @@ class RealEventChannel:
 
     def _port(self, what: str, result: int) -> int:
         if result < 0:
-            raise _failure(what)
+            raise failure(what)
         return result
 
     def fileno(self) -> int:
@@ -197,7 +198,7 @@ class RealEventChannel:
     def notify(self, port: int) -> None:
         _check_u32("port", port)
         if self._lib.xenevtchn_notify(self._ptr(), port) < 0:
-            raise _failure(f"xenevtchn_notify({port})")
+            raise failure(f"xenevtchn_notify({port})")
 
     def pending(self) -> int | None:
         ctypes.set_errno(0)
@@ -206,17 +207,17 @@ class RealEventChannel:
             return port
         if ctypes.get_errno() in (errno.EAGAIN, errno.EWOULDBLOCK):
             return None
-        raise _failure("xenevtchn_pending")
+        raise failure("xenevtchn_pending")
 
     def unmask(self, port: int) -> None:
         _check_u32("port", port)
         if self._lib.xenevtchn_unmask(self._ptr(), port) < 0:
-            raise _failure(f"xenevtchn_unmask({port})")
+            raise failure(f"xenevtchn_unmask({port})")
 
     def unbind(self, port: int) -> None:
         _check_u32("port", port)
         if self._lib.xenevtchn_unbind(self._ptr(), port) < 0:
-            raise _failure(f"xenevtchn_unbind({port})")
+            raise failure(f"xenevtchn_unbind({port})")
 
     def close(self) -> None:
         self._h.close()
@@ -274,11 +275,11 @@ class RealPlatform:
         ctypes.set_errno(0)
         address = h.lib.xengnttab_map_grant_ref(h.ptr, remote_domid, gref, _PROT_RW)
         if not address:
-            raise _failure(f"xengnttab_map_grant_ref(dom{remote_domid}, gref {gref})")
+            raise failure(f"xengnttab_map_grant_ref(dom{remote_domid}, gref {gref})")
 
         def unmap(addr: int, h: _Handle = h) -> None:
             if h.ptr and h.pid == os.getpid() and h.lib.xengnttab_unmap(h.ptr, addr, 1) < 0:
-                raise _failure("xengnttab_unmap")
+                raise failure("xengnttab_unmap")
         return MappedPage(address, unmap)
 
     def open_evtchn(self) -> RealEventChannel:
@@ -292,7 +293,7 @@ class RealPlatform:
         ctypes.set_errno(0)
         address = h.lib.xengntshr_share_pages(h.ptr, remote_domid, 1, ref, 1)
         if not address:
-            raise _failure(f"xengntshr_share_pages(dom{remote_domid})")
+            raise failure(f"xengntshr_share_pages(dom{remote_domid})")
         page = MappedPage(address, None)   # the grant ends with end_grant, not with close
         page._gntshr = (h, address)        # type: ignore[attr-defined]
         self._shared[ref[0]] = page
@@ -306,7 +307,7 @@ class RealPlatform:
         page.close()
         h, address = page._gntshr          # type: ignore[attr-defined]
         if h.ptr and h.pid == os.getpid() and h.lib.xengntshr_unshare(h.ptr, address, 1) < 0:
-            raise _failure(f"xengntshr_unshare(gref {gref})")
+            raise failure(f"xengntshr_unshare(gref {gref})")
 
     def close(self) -> None:
         """End every grant made here and close this process's handles."""

@@ -28,11 +28,11 @@ import errno
 from pathlib import Path
 
 from pcibackd.wire.bdf import BDF
+from pcibackd.hostpci.port import Resource
 from pcibackd.hostpci.sysfs import parse_resource_text
 from pcibackd.platform.api import PlatformError
-from pcibackd.platform.xen import _failure, load_library
+from pcibackd.platform.xen import failure, load_library
 
-IORESOURCE_IO, IORESOURCE_MEM = 0x100, 0x200
 PAGE_SHIFT = 12
 DOMID_IO = 0x7FF1
 XEN_DOMCTL_DEV_RDM_RELAXED = 1
@@ -45,7 +45,7 @@ def sbdf(bdf: BDF) -> int:
 
 def _check(rc: int, what: str) -> None:
     if rc < 0:
-        raise _failure(what)
+        raise failure(what)
 
 
 def grants_for(bdf: BDF, root: Path = Path("/")) -> list[tuple[str, int, int]]:
@@ -55,10 +55,10 @@ def grants_for(bdf: BDF, root: Path = Path("/")) -> list[tuple[str, int, int]]:
     for r in parse_resource_text((dev / "resource").read_text())[:7]:       # BARs 0-5 and the ROM
         if r.start == 0 and r.end == 0:
             continue
-        if r.flags & IORESOURCE_MEM:
+        if r.flags & Resource.IORESOURCE_MEM:
             first = r.start >> PAGE_SHIFT
             out.append(("iomem", first, (r.end >> PAGE_SHIFT) - first + 1))
-        elif r.flags & IORESOURCE_IO:
+        elif r.flags & Resource.IORESOURCE_IO:
             out.append(("ioport", r.start, r.end - r.start + 1))
     irq = int((dev / "irq").read_text().strip() or "0")
     if 0 < irq < 0xFF:
@@ -102,7 +102,7 @@ def assign_device(domid: int, bdf: BDF) -> str:
             if err in _NO_IOMMU:
                 raise PlatformError(err, f"xc_assign_device(dom{domid}, {bdf}): dom{domid} has no IOMMU context "
                                          "(create it with passthrough=\"enabled\"; or Xen runs without an IOMMU)")
-            raise _failure(f"xc_assign_device({_who(domid)}, {bdf})")
+            raise failure(f"xc_assign_device({_who(domid)}, {bdf})")
     return f"{bdf} assigned to {_who(domid)}"
 
 
@@ -113,7 +113,7 @@ def deassign_device(domid: int, bdf: BDF) -> str:
             err = ctypes.get_errno()
             if err in _NO_IOMMU + _NOT_THERE:
                 return f"{bdf} was not assigned to {_who(domid)} ({errno.errorcode.get(err, err)})"
-            raise _failure(f"xc_deassign_device({_who(domid)}, {bdf})")
+            raise failure(f"xc_deassign_device({_who(domid)}, {bdf})")
     return f"{bdf} deassigned from {_who(domid)}"
 
 

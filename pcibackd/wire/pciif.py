@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import enum
 import struct
+from typing import NamedTuple
 
 XEN_PCI_MAGIC = "7"
 
-# Flag bits in xen_pci_sharedinfo.flags.
+# Flag bits in xen_pci_sharedinfo.flags, under pciif.h's names: the leading
+# underscore marks a bit number (for set_bit/clear_bit), not a private name.
 _XEN_PCIF_active = 0      # frontend: op pending / backend clears: answer ready
 _XEN_PCIB_AERHANDLER = 1  # frontend: a PV AER handler is registered
 _XEN_PCIB_active = 2      # backend: AER op pending / frontend clears
@@ -77,6 +79,30 @@ OP_HEADER = struct.Struct("<IiIIIiiII")          # cmd .. info
 PCI_OP = struct.Struct("<IiIIIiiII" + "HH" * SH_INFO_MAX_VEC)
 AER_OP = struct.Struct("<IiIII")
 SHAREDINFO = struct.Struct("<I" + PCI_OP.format[1:] + AER_OP.format[1:])
+
+
+class OpHeader(NamedTuple):
+    """The scalar fields of ``xen_pci_op`` (:data:`OP_HEADER`), as read from a private copy."""
+
+    cmd: int
+    err: int
+    domain: int
+    bus: int
+    devfn: int
+    offset: int
+    size: int
+    value: int
+    info: int
+
+    @classmethod
+    def unpack(cls, op: bytes) -> "OpHeader":
+        """The header at the start of ``op`` (a ``xen_pci_op``)."""
+        # tuple.__new__ skips _make's length check: the struct yields exactly the fields (op path)
+        return tuple.__new__(cls, OP_HEADER.unpack_from(op))
+
+
+assert len(OpHeader._fields) == len(OP_HEADER.unpack(bytes(OP_HEADER.size)))
+
 
 # Field offsets inside xen_pci_op.
 OP_CMD, OP_ERR, OP_DOMAIN, OP_BUS, OP_DEVFN = 0, 4, 8, 12, 16

@@ -1,5 +1,7 @@
 """The devices one worker serves: host ports, their ConfSpaces, and claims.
 
+Driver: opens devices through the platform, takes flocks, writes state files.
+
 A device is claimed with an ``flock`` on ``<runtime>/claims/<bdf>.lock`` for
 as long as the worker serves it: a second guest asking for the same function
 fails (EBUSY → xenbus fatal), and a crashed worker's claim is released by the
@@ -21,6 +23,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from loguru import logger
@@ -33,8 +36,13 @@ from pcibackd.wire.bdf import BDF
 from pcibackd.worker.ops import Dispatcher
 
 
-def runtime_dir_for(cfg) -> Path:
-    return Path(cfg.state_dir or "/run/pcibackd")
+@dataclass(slots=True)
+class DeviceEntry:
+    """One served host function."""
+
+    guest: BDF              # where the guest sees it
+    conf: ConfSpace         # its virtualized config space (over the host port)
+    claim_fd: int           # holds the flock on its claim file
 
 
 def _truthy(value: str | None) -> bool:
@@ -42,17 +50,20 @@ def _truthy(value: str | None) -> bool:
 
 
 class DeviceSet:
-    """host BDF -> (guest BDF, ConfSpace, claim fd); keeps the dispatcher's map current."""
+    """host BDF -> :class:`DeviceEntry`; keeps the dispatcher's map current.
 
-    def __init__(self, cfg, dispatcher: Dispatcher, platform: Platform):
+    ``runtime`` is the runtime directory (claims and saved state live below it).
+    """
+
+    def __init__(self, cfg, dispatcher: Dispatcher, platform: Platform, runtime: Path):
         self.cfg, self.dispatcher, self.platform = cfg, dispatcher, platform
-        runtime = runtime_dir_for(cfg)
+        runtime = Path(runtime)
         self.lock_dir = runtime / "claims"
         self.state_dir = runtime / "state"
         for d in (self.lock_dir, self.state_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.policy = PolicyStore(cfg.policy_path)
-        self.entries: dict[BDF, tuple[BDF, object, int]] = {}
+        self.entries: dict[BDF, DeviceEntry] = {}
 
     def export(self, placement, opts: dict, resume: bool = False) -> None:
         """Claim, open and build every (host, guest) pair, all or nothing."""
@@ -73,7 +84,7 @@ class DeviceSet:
                 except (OSError, ValueError) as exc:
                     os.close(fd)
                     raise OSError(getattr(exc, "errno", None) or errno.EINVAL, f"{host}: {exc}") from exc
-                self.entries[host] = (guest, conf, fd)
+                self.entries[host] = DeviceEntry(guest, conf, fd)
                 added.append(host)
                 logger.info("exported {} as {}{}", host, guest, " (resumed)" if resume else "")
         except OSError:
@@ -82,7 +93,7 @@ class DeviceSet:
             raise
         self._publish_map()
 
-    def _build(self, host: BDF, port, opts: dict, resume: bool):
+    def _build(self, host: BDF, port, opts: dict, resume: bool) -> ConfSpace:
         snap_path = self._snap_path(host)
         snapshot = None
         if resume:
@@ -111,19 +122,20 @@ class DeviceSet:
     def _orig_path(self, host: BDF) -> Path:
         return self.state_dir / f"{host}.orig"
 
-    def _save(self, host: BDF, conf) -> None:
+    def _save(self, host: BDF, conf: ConfSpace) -> None:
         write_atomic(self._snap_path(host), conf.snapshot())
 
     def remove(self, hosts, forget_state: bool = True) -> None:
+        """Stop serving ``hosts``; ``forget_state``: the device leaves its guest (reset, restore, drop state)."""
         for host in hosts:
             entry = self.entries.pop(host, None)
             if entry:
                 if forget_state:
                     # The device leaves its guest: reset and restore it before the
                     # claim goes, so the next user never sees this guest's settings.
-                    self._release(host, entry[1].port)
+                    self._release(host, entry.conf.port)
                     self._snap_path(host).unlink(missing_ok=True)
-                os.close(entry[2])
+                os.close(entry.claim_fd)
                 self.policy.forget(host)
                 logger.info("removed {}", host)
         self._publish_map()
@@ -170,17 +182,18 @@ class DeviceSet:
 
     def _publish_map(self) -> None:
         # Replace wholesale: the op path never sees a half-updated map.
-        self.dispatcher.devices = {(g.domain, g.bus, g.devfn): conf for g, conf, _ in self.entries.values()}
+        self.dispatcher.devices = {(e.guest.domain, e.guest.bus, e.guest.devfn): e.conf
+                                   for e in self.entries.values()}
 
     # --- commands ------------------------------------------------------------
     def set_permissive(self, bdf: str | None, on: bool) -> list[str]:
         """Per-device permissive override; ``bdf`` None = every device of this guest."""
         want = BDF.parse(bdf) if bdf else None
         hit = []
-        for host, (_, conf, _) in self.entries.items():
+        for host, entry in self.entries.items():
             if want is None or host == want:
-                conf.permissive = on
-                self._save(host, conf)
+                entry.conf.permissive = on
+                self._save(host, entry.conf)
                 hit.append(str(host))
         if want is not None and not hit:
             raise LookupError(f"{bdf} is not served by this worker")
@@ -189,14 +202,16 @@ class DeviceSet:
     def reload_policy(self) -> list[str]:
         """Re-read the policy file and apply each device's new policy."""
         new = self.policy.reload()
-        for host, (_, conf, _) in self.entries.items():
+        for host, entry in self.entries.items():
             if host in new:
-                conf.set_policy(new[host])
+                entry.conf.set_policy(new[host])
         return [str(h) for h in new]
 
     def summary(self) -> list[dict]:
-        return [{"bdf": str(h), "vbdf": str(g), "permissive": conf.permissive,
-                 "denied_writes": conf.denied_writes} for h, (g, conf, _) in sorted(self.entries.items())]
+        """One line per served device, for the heartbeat."""
+        return [{"bdf": str(h), "vbdf": str(e.guest), "permissive": e.conf.permissive,
+                 "denied_writes": e.conf.denied_writes} for h, e in sorted(self.entries.items())]
 
     def close(self, forget_state: bool = False) -> None:
+        """Stop serving every device (see :meth:`remove`)."""
         self.remove(tuple(self.entries), forget_state=forget_state)

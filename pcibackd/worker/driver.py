@@ -1,9 +1,11 @@
 """The thin xenstore shell around :class:`~.xenbus.BackendMachine`.
 
-Turns watch events into machine inputs (reading the backend and frontend
-directories whole) and carries out the machine's effects: state and node
-writes inside transactions (retried on EAGAIN by the XenStore wrapper),
-device export through the worker's callbacks, ring map/unmap, fatal errors.
+Driver: does the I/O of the xenbus half.  Turns watch events into machine
+inputs (reading the backend and frontend directories whole) and carries out
+the machine's effects: state and node writes inside transactions (retried on
+EAGAIN by the XenStore wrapper), device export through the worker's
+callbacks, ring map/unmap, fatal errors.  The machine's state moves only
+through :meth:`~.xenbus.BackendMachine.handle`.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from typing import Callable
 
 from loguru import logger
 
-from pcibackd.xenstore.toolstack import error_path
+from pcibackd.wire.paths import error_path, frontend_path
+from pcibackd.wire.pciif import XenbusState as S
 from pcibackd.worker import xenbus as xb
-
-FRONTEND_KEYS = ("state", "pci-op-ref", "event-channel", "magic")
+from pcibackd.worker.xenbus_nodes import (
+    FRONTEND_KEYS, MAX_DEVS, BackendNodes, FrontendNodes, parse_backend, parse_frontend,
+)
 
 
 class Driver:
@@ -51,17 +55,12 @@ class Driver:
         untrusted_fe = self.xs.read(f"{self.be}/frontend")
         # The frontend path is toolstack-written (dom0-owned node) but still
         # checked: it must be this guest's device directory.
-        if untrusted_fe != f"/local/domain/{self.domid}/device/pci/0":
-            self.fe = None
-        else:
-            self.fe = untrusted_fe
+        self.fe = untrusted_fe if untrusted_fe == frontend_path(self.domid) else None
         self.xs.watch(self.be, self._token)
-        if self.fe:
-            self.xs.watch(self.fe, self._token)
         if self.fe is None:
-            self._fatal(xb.Fatal(errno_mod.EINVAL, f"bad frontend path {str(untrusted_fe)[:80]!r}"))
-            self.exit_reason = "bad frontend path"
+            self.feed(xb.BadFrontendPath(f"bad frontend path {str(untrusted_fe)[:80]!r}"))
             return
+        self.xs.watch(self.fe, self._token)
         self.feed(xb.Probe(self.read_backend(), self.read_frontend()))
 
     def on_watch(self, paths: list[str]) -> None:
@@ -76,20 +75,19 @@ class Driver:
         if fe_hit and self.exit_reason is None:
             self.feed(xb.FrontendChanged(self.read_frontend()))
 
-    def read_backend(self) -> xb.BackendNodes:
+    def read_backend(self) -> BackendNodes:
         untrusted = {k: v for k in self.xs.ls(self.be) if (v := self.xs.read(f"{self.be}/{k}")) is not None}
-        nodes = xb.parse_backend(untrusted)
+        nodes = parse_backend(untrusted)
         for problem in nodes.problems:
             logger.warning("backend {}: {}", self.be, problem)
         return nodes
 
-    def read_frontend(self) -> xb.FrontendNodes:
+    def read_frontend(self) -> FrontendNodes:
         if self.fe is None:
-            return xb.FrontendNodes(False)
-        values = {k: self.xs.read(f"{self.fe}/{k}") for k in FRONTEND_KEYS}
-        exists = values["state"] is not None or bool(self.xs.ls(self.fe))
-        return xb.FrontendNodes(exists, values["state"], values["pci-op-ref"],
-                                values["event-channel"], values["magic"])
+            return FrontendNodes(False)
+        untrusted = {k: self.xs.read(f"{self.fe}/{k}") for k in FRONTEND_KEYS}
+        exists = untrusted["state"] is not None or bool(self.xs.ls(self.fe))
+        return parse_frontend(untrusted, exists)
 
     def feed(self, event, depth: int = 0) -> None:
         """One input through the machine, then its effects in order."""
@@ -120,7 +118,7 @@ class Driver:
                 return
             t.write(f"{self.be}/state", str(int(e.state)))
         self.xs.run_transaction(tx)
-        logger.info("backend state -> {}", xb.S(e.state).name)
+        logger.info("backend state -> {}", S(e.state).name)
 
     def _publish(self, e: xb.Publish) -> None:
         def tx(t):
@@ -128,12 +126,12 @@ class Driver:
                 return
             for index, vdev in e.vdevs:
                 t.write(f"{self.be}/vdev-{index}", vdev)
-                t.write(f"{self.be}/state-{index}", str(int(xb.S.Initialised)))
+                t.write(f"{self.be}/state-{index}", str(int(S.Initialised)))
             old = t.read(f"{self.be}/root_num")
             for k, root in enumerate(e.roots):
                 t.write(f"{self.be}/root-{k}", root)
             if old is not None and old.isdigit():
-                for k in range(len(e.roots), min(int(old), xb.MAX_DEVS)):
+                for k in range(len(e.roots), min(int(old), MAX_DEVS)):
                     t.rm(f"{self.be}/root-{k}")
             t.write(f"{self.be}/root_num", str(len(e.roots)))
         self.xs.run_transaction(tx)
@@ -141,8 +139,7 @@ class Driver:
     def _fatal(self, e: xb.Fatal) -> None:
         logger.error("fatal: {} ({})", e.message, e.err)
         self.xs.write(error_path(self.domid), f"{e.err} {e.message}")
-        self.machine.state = xb.S.Closing
-        self._switch_state(xb.SwitchState(xb.S.Closing))
+        self._switch_state(xb.SwitchState(S.Closing))
 
     def _exit(self, e: xb.Exit) -> None:
         logger.info("worker done: {}", e.reason)

@@ -1,5 +1,7 @@
 """Fault injection, for the crash-isolation tests and benches only.
 
+Driver: reads the environment and keeps its marker files on disk.
+
 Set ``PCIBACKD_FAILPOINTS`` in the daemon's environment to a comma-separated
 list of ``name@domid`` (workers inherit it):
 
@@ -17,13 +19,15 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
-from pcibackd.wire.pciif import OP_HEADER, Op
+from pcibackd.wire.pciif import Op, OpHeader
 
 TRIGGER_OFFSET = 0xFC
 
 
 def active(domid: int) -> set[str]:
+    """The failpoints armed for worker ``domid``."""
     spec = os.environ.get("PCIBACKD_FAILPOINTS", "")
     return {name for item in spec.split(",") if "@" in item
             for name, _, d in [item.partition("@")] if d.strip() == str(domid)}
@@ -33,11 +37,11 @@ class InjectedFault(RuntimeError):
     """Raised by a failpoint."""
 
 
-def wrap_dispatch(dispatch, points: set[str], marker_dir: Path, domid: int):
+def wrap_dispatch(dispatch: Callable, points: set[str], marker_dir: Path, domid: int) -> Callable:
     """``dispatch`` with the op failpoints in ``points`` armed (once each)."""
     def faulty(op: bytes):
-        cmd, offset = OP_HEADER.unpack_from(op)[0], OP_HEADER.unpack_from(op)[5]
-        if cmd == Op.conf_read and offset == TRIGGER_OFFSET:
+        untrusted = OpHeader.unpack(op)
+        if untrusted.cmd == Op.conf_read and untrusted.offset == TRIGGER_OFFSET:
             for name in ("op-crash", "op-hang"):
                 marker = marker_dir / f"failpoint-{name}-dom{domid}"
                 if name in points and not marker.exists():

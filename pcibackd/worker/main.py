@@ -1,5 +1,7 @@
 """One guest's worker process: xenbus backend + op service for one frontend.
 
+Driver: the process itself (signals, select, pid file, privileges).
+
 Started by the supervisor from a clean (thread-free) spawner; everything that
 starts threads (the xenstore client, ZeroMQ, logging sinks) is created here,
 after the fork.  The loop blocks on the event channel, the xenstore watch fd,
@@ -21,20 +23,24 @@ import os
 import select
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 from loguru import logger
 
 from pcibackd.common import logs
 from pcibackd.common.files import write_atomic
+from pcibackd.platform.select import choose_platform
 from pcibackd.wire.bdf import BDF
 from pcibackd.worker import faults, privileges
 from pcibackd.worker.devices import DeviceSet
 from pcibackd.worker.driver import Driver
+from pcibackd.worker.link import Reporter
 from pcibackd.worker.ops import Dispatcher
 from pcibackd.worker.oploop import OpLoop, Ring
 from pcibackd.worker.xenbus import BackendMachine
+from pcibackd.xenstore.client import XenStore
 
 EXIT_DONE = 0            # guest went away / teardown finished: do not restart
 EXIT_CRASHED = 1         # an exception escaped: restart
@@ -60,15 +66,12 @@ class WorkerConfig:
     state_dir: str | None = None
     orphan_grace: float = 30.0     # no supervisor ack for this long: exit cleanly
     token: str = ""                # proves beats come from this worker (see supervisor)
-    extra: dict = field(default_factory=dict)
 
 
 class Worker:
     """The worker's objects and its main loop (see module docstring)."""
 
     def __init__(self, cfg: WorkerConfig):
-        from pcibackd.platform.select import choose_platform
-        from pcibackd.xenstore.client import XenStore
         self.cfg = cfg
         points = faults.active(cfg.domid)
         if "boot-crash" in points:
@@ -76,17 +79,14 @@ class Worker:
         self.xs = XenStore(cfg.xenstored_path)
         self.platform = choose_platform(cfg.platform, domid=0)
         self.dispatcher = Dispatcher()
-        self.loop = OpLoop(self.dispatcher, cfg.poll_window_us * 1e-6)
-        self.devices = DeviceSet(cfg, self.dispatcher, self.platform)
+        self.devices = DeviceSet(cfg, self.dispatcher, self.platform, runtime_dir_for(cfg))
+        dispatch = self.dispatcher.dispatch
         if points:
-            self.dispatcher.dispatch = faults.wrap_dispatch(self.dispatcher.dispatch, points,
-                                                            self.devices.state_dir, cfg.domid)
+            dispatch = faults.wrap_dispatch(dispatch, points, self.devices.state_dir, cfg.domid)
+        self.loop = OpLoop(self.dispatcher, cfg.poll_window_us * 1e-6, dispatch=dispatch)
         self.machine = BackendMachine(mode=cfg.topology)
         self.driver = Driver(self.xs, cfg.domid, cfg.backend_path, self.machine, self)
-        self.reporter = None
-        if cfg.supervisor_endpoint:
-            from pcibackd.worker.link import Reporter
-            self.reporter = Reporter(cfg, self)
+        self.reporter = Reporter(cfg, self) if cfg.supervisor_endpoint else None
         self.stopping = False
         self.orphaned = False
         self.last_ack = time.monotonic()
@@ -217,20 +217,24 @@ class Worker:
 KEEP_CAPS = {"xen": (privileges.CAP_SYS_ADMIN,)}
 
 
+def runtime_dir_for(cfg: WorkerConfig) -> Path:
+    """The runtime directory: ``cfg.state_dir``, by default ``/run/pcibackd``."""
+    return Path(cfg.state_dir or "/run/pcibackd")
+
+
 def pidfile_path(runtime_dir, domid: int) -> Path:
     """``<runtime>/workers/dom<N>.pid``: written by the worker, read by a supervisor adopting it."""
     return Path(runtime_dir) / "workers" / f"dom{domid}.pid"
 
 
 def pidfile(cfg: WorkerConfig) -> Path:
-    from pcibackd.worker.devices import runtime_dir_for
+    """This worker's pid file."""
     return pidfile_path(runtime_dir_for(cfg), cfg.domid)
 
 
 def write_pidfile(cfg: WorkerConfig) -> None:
     """The pid file (pid, start time, token): lets a new supervisor adopt this
     worker and authenticate its beats."""
-    import psutil
     path = pidfile(cfg)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     write_atomic(path, f"{os.getpid()} {psutil.Process().create_time()} {cfg.token}\n".encode())

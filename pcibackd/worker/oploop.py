@@ -1,5 +1,8 @@
 """The op service loop: the only code that touches the shared page and channel.
 
+Driver: reads and writes the guest's page and the event channel (both handed
+in as a :class:`Ring`); what an op means is :mod:`~pcibackd.worker.ops`'s.
+
 Hybrid wait: after each op the loop busy-polls ``_XEN_PCIF_active`` for a
 short window (a frontend's next config access usually follows within
 microseconds), then blocks on the event channel.  A fired port is unmasked
@@ -10,11 +13,15 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from typing import Callable
 
 from pcibackd.wire import pciif
-from pcibackd.worker.ops import Dispatcher, snapshot_op, write_reply
+from pcibackd.worker.ops import Dispatcher, Reply, snapshot_op, write_reply
 
 _FLAGS, _ACTIVE = pciif.SH_FLAGS, pciif._XEN_PCIF_active
+# The byte of the (little-endian) flags word that holds the active bit, and the
+# bit's mask in it: the loop tests the flag with a plain one-byte load.
+_ACTIVE_BYTE, _ACTIVE_MASK = _FLAGS + _ACTIVE // 8, 1 << _ACTIVE % 8
 # Ops served per call before the worker looks at xenstore, heartbeats and
 # signals again: a guest issuing requests back to back cannot starve them.
 MAX_BATCH = 64
@@ -36,10 +43,16 @@ class Ring:
 
 
 class OpLoop:
-    """Serves ops from a :class:`Ring` through a :class:`Dispatcher`."""
+    """Serves ops from a :class:`Ring` through a :class:`Dispatcher`.
 
-    def __init__(self, dispatcher: Dispatcher, poll_window: float = 50e-6, max_batch: int = MAX_BATCH):
+    ``dispatch`` stands in for ``dispatcher.dispatch`` (the fault-injection
+    wrapper of :mod:`~pcibackd.worker.faults`); the counters stay the dispatcher's.
+    """
+
+    def __init__(self, dispatcher: Dispatcher, poll_window: float = 50e-6, max_batch: int = MAX_BATCH,
+                 dispatch: Callable[[bytes], Reply] | None = None):
         self.dispatcher = dispatcher
+        self.dispatch = dispatch or dispatcher.dispatch
         self.poll_window = poll_window
         self.max_batch = max_batch
         self.backlog = False      # stopped at max_batch with a request still pending
@@ -57,11 +70,12 @@ class OpLoop:
         if ring is None:
             return 0
         buf, page = ring.page.buf, ring.page
-        dispatch, window = self.dispatcher.dispatch, self.poll_window
+        dispatch, window = self.dispatch, self.poll_window
         clock, record = time.perf_counter_ns, self.service_ns.append
         served, limit = 0, self.max_batch
+        flag, active = _ACTIVE_BYTE, _ACTIVE_MASK
         while True:
-            while buf[0] & 1:           # plain load: x86 TSO orders it after the frontend's writes
+            while buf[flag] & active:   # plain load: x86 TSO orders it after the frontend's writes
                 t0 = clock()
                 reply = dispatch(snapshot_op(buf))
                 write_reply(buf, reply)
@@ -70,12 +84,12 @@ class OpLoop:
                 record(clock() - t0)
                 served += 1
                 if served >= limit:
-                    self.backlog = bool(buf[0] & 1)
+                    self.backlog = bool(buf[flag] & active)
                     return served
             if window <= 0:
                 return served
             deadline = time.perf_counter() + window
-            while not buf[0] & 1:
+            while not buf[flag] & active:
                 if time.perf_counter() > deadline:
                     return served
 

@@ -1,4 +1,8 @@
-"""The request-page op dispatcher: bytes in, a reply out (no I/O).
+"""The request-page op dispatcher: an op's bytes in, a reply out.
+
+I/O-injected: this module does no I/O of its own, but :meth:`Dispatcher.dispatch`
+runs the guest-visible device (a ConfSpace) synchronously, and that reaches the
+hardware through the HostPort it was built on.
 
 XSA-155: the loop copies ``xen_pci_op`` out of the shared page ONCE
 (:func:`snapshot_op`) and everything here works on that private copy; the
@@ -28,9 +32,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from pcibackd.wire import pciif
-from pcibackd.wire.pciif import Err, Op
-
-_HEADER = pciif.OP_HEADER
+from pcibackd.wire.pciif import Err, Op, OpHeader
 
 
 class DeviceView(Protocol):
@@ -65,7 +67,7 @@ class OpStats:
 _OP_NAMES = {int(o): o.name for o in Op}
 _ERR_NAMES = {int(e): e.name for e in Err}
 
-Handler = Callable[["Dispatcher", tuple], Reply]
+Handler = Callable[["Dispatcher", OpHeader], Reply]
 
 
 def snapshot_op(page_buf) -> bytes:
@@ -86,34 +88,35 @@ class Dispatcher:
 
     def dispatch(self, op: bytes) -> Reply:
         """Serve one op from its private snapshot."""
-        fields = _HEADER.unpack_from(op)
-        handler = HANDLERS.get(fields[0], _not_implemented)
-        reply = handler(self, fields)
-        self.stats.count(fields[0], reply.err)
+        untrusted = OpHeader.unpack(op)
+        handler = HANDLERS.get(untrusted.cmd, _not_implemented)
+        reply = handler(self, untrusted)
+        self.stats.count(untrusted.cmd, reply.err)
         return reply
 
-    def lookup(self, untrusted_domain: int, untrusted_bus: int, untrusted_devfn: int) -> DeviceView | None:
-        # Exact-key lookup: out-of-range values (devfn > 0xff ...) cannot alias.
-        return self.devices.get((untrusted_domain, untrusted_bus, untrusted_devfn))
+
+def _device(d: Dispatcher, untrusted: OpHeader) -> DeviceView | None:
+    # Exact-key lookup: out-of-range values (devfn > 0xff ...) cannot alias.
+    return d.devices.get((untrusted.domain, untrusted.bus, untrusted.devfn))
 
 
-def _conf_read(d: Dispatcher, f: tuple) -> Reply:
-    dev = d.devices.get((f[2], f[3], f[4]))
+def _conf_read(d: Dispatcher, untrusted: OpHeader) -> Reply:
+    dev = _device(d, untrusted)
     if dev is None:
         return Reply(Err.dev_not_found, 0)
-    err, value = dev.read(f[5], f[6])
+    err, value = dev.read(untrusted.offset, untrusted.size)
     return Reply(err, value)
 
 
-def _conf_write(d: Dispatcher, f: tuple) -> Reply:
-    dev = d.devices.get((f[2], f[3], f[4]))
+def _conf_write(d: Dispatcher, untrusted: OpHeader) -> Reply:
+    dev = _device(d, untrusted)
     if dev is None:
         return Reply(Err.dev_not_found, 0)
     # Linux leaves value untouched on a write; we echo the guest's own value.
-    return Reply(dev.write(f[5], f[6], f[7]), f[7])
+    return Reply(dev.write(untrusted.offset, untrusted.size, untrusted.value), untrusted.value)
 
 
-def _not_implemented(d: Dispatcher, f: tuple) -> Reply:
+def _not_implemented(d: Dispatcher, untrusted: OpHeader) -> Reply:
     return Reply(Err.not_implemented, 0)
 
 

@@ -1,5 +1,7 @@
 """Least privilege for a worker, applied once its setup is done.
 
+Driver: prctl and capset on the calling process.
+
 After :func:`drop`, a worker keeps uid 0 (its files and sockets are
 root-owned) but holds **no capabilities** (effective, permitted, inheritable
 and bounding sets cleared) and has ``no_new_privs`` set, so nothing it execs can

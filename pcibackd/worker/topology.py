@@ -1,4 +1,6 @@
-"""Where exported host functions appear in the guest (pure).
+"""Where exported host functions appear in the guest.
+
+Pure: addresses in, addresses out.
 
 Two modes, chosen like the kernel's ``passthrough=`` parameter:
 
@@ -12,21 +14,11 @@ Two modes, chosen like the kernel's ``passthrough=`` parameter:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from pcibackd.wire.bdf import BDF
-
-MODES = ("vpci", "passthrough")
 
 
 class TopologyError(ValueError):
     """The device cannot be placed (virtual bus full, slot taken, ...)."""
-
-
-@dataclass(frozen=True)
-class Placement:
-    host: BDF
-    guest: BDF
 
 
 def place(mode: str, hosts: list[BDF], existing: dict[BDF, BDF] | None = None,

@@ -1,10 +1,11 @@
-"""The backend half of xenbus for one PCI frontend, as a pure state machine.
+"""The backend half of xenbus for one PCI frontend, as a state machine.
 
-No xenstore, no pyxs: :class:`BackendMachine` takes typed inputs (parsed
-snapshots of the backend and frontend directories, and the failures of
-effects) and returns typed effects, which ``guestworker.driver`` carries out
-in order (the first effect that fails aborts the rest and comes back as
-:class:`EffectFailed`).
+Pure: no xenstore, no I/O.  :class:`BackendMachine` takes typed inputs (parsed
+snapshots of the backend and frontend directories, see
+:mod:`~pcibackd.worker.xenbus_nodes`, and the failures of effects) and returns
+typed effects, which :mod:`pcibackd.worker.driver` carries out in order (the
+first effect that fails aborts the rest and comes back as :class:`EffectFailed`).
+Its state changes only inside :meth:`BackendMachine.handle`.
 
 The state is our own ``state`` node (XenbusState).  The toolstack writes that
 node too (``7`` to hot-plug, ``5`` with ``online=0`` to tear down), so a
@@ -20,13 +21,14 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass, field
+from typing import Callable
 
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import XEN_PCI_MAGIC, XenbusState as S
 from pcibackd.worker import topology
-
-MAX_DEVS = 256          # 32 slots x 8 functions: more cannot be placed anyway
-KNOWN_OPTS = {"permissive", "msitranslate", "power_mgmt", "rdm_policy", "seize"}
+from pcibackd.worker.xenbus_nodes import BackendNodes, DevEntry, FrontendNodes, parse_uint
+# the node parsers stay importable from here
+from pcibackd.worker.xenbus_nodes import parse_backend, parse_vdev  # noqa: F401
 
 
 class ProtocolError(RuntimeError):
@@ -34,40 +36,6 @@ class ProtocolError(RuntimeError):
 
 
 # ---------------------------------------------------------------- inputs ----
-
-@dataclass(frozen=True)
-class DevEntry:
-    """One ``dev-N`` of the backend directory (validated)."""
-
-    index: int
-    host: BDF
-    state: int | None
-    vdevfn: int | None = None
-    opts: tuple[tuple[str, str], ...] = ()
-    vdev: BDF | None = None       # our own published vdev-N (read back on resume)
-
-
-@dataclass(frozen=True)
-class BackendNodes:
-    """A validated snapshot of ``/local/domain/0/backend/pci/<domid>/0``."""
-
-    state: int | None
-    online: bool
-    devs: tuple[DevEntry, ...] = ()
-    problems: tuple[str, ...] = ()     # entries ignored, one line each
-    broken: str | None = None          # the device list cannot be parsed: xenbus fatal
-
-
-@dataclass(frozen=True)
-class FrontendNodes:
-    """The frontend directory as read (still untrusted)."""
-
-    exists: bool
-    untrusted_state: str | None = None
-    untrusted_gref: str | None = None
-    untrusted_evtchn: str | None = None
-    untrusted_magic: str | None = None
-
 
 @dataclass(frozen=True)
 class Probe:
@@ -85,6 +53,13 @@ class BackendChanged:
 @dataclass(frozen=True)
 class FrontendChanged:
     frontend: FrontendNodes
+
+
+@dataclass(frozen=True)
+class BadFrontendPath:
+    """The backend's ``frontend`` node does not name this guest's device directory."""
+
+    message: str
 
 
 @dataclass(frozen=True)
@@ -152,79 +127,6 @@ class Exit:
     reason: str
 
 
-# --------------------------------------------------------------- parsing ----
-
-def _uint(untrusted: str | None, limit: int) -> int | None:
-    if untrusted is None or not untrusted.isascii() or not untrusted.isdigit() or len(untrusted) > 10:
-        return None
-    value = int(untrusted)
-    return value if value <= limit else None
-
-
-def parse_backend(untrusted_nodes: dict[str, str]) -> BackendNodes:
-    """Validate a backend directory snapshot; bad entries become ``problems``."""
-    problems: list[str] = []
-    state = _uint(untrusted_nodes.get("state"), 8)
-    online = untrusted_nodes.get("online") == "1"
-    untrusted_num = untrusted_nodes.get("num_devs")
-    num = _uint(untrusted_num, MAX_DEVS) if untrusted_num is not None else 0
-    broken = None
-    if num is None:
-        broken = f"error reading number of devices: num_devs {untrusted_num[:20]!r} is not a count <= {MAX_DEVS}"
-        problems.append(broken)
-        num = 0
-    devs: list[DevEntry] = []
-    for i in range(num):
-        untrusted_dev = untrusted_nodes.get(f"dev-{i}")
-        if untrusted_dev is None:
-            continue     # renumbering in progress: the toolstack rewrites in one transaction
-        try:
-            host = BDF.parse(untrusted_dev)
-        except ValueError:
-            broken = broken or f"error parsing pci device configuration: dev-{i} {untrusted_dev[:40]!r}"
-            problems.append(f"dev-{i} {untrusted_dev[:40]!r} is not a PCI address")
-            continue
-        untrusted_vdevfn = untrusted_nodes.get(f"vdevfn-{i}")
-        vdevfn = None
-        if untrusted_vdevfn is not None:
-            try:
-                vdevfn = int(untrusted_vdevfn, 16)
-            except ValueError:
-                vdevfn = -1
-            if not 0 <= vdevfn <= 0xFF:
-                problems.append(f"vdevfn-{i} {untrusted_vdevfn[:20]!r} ignored")
-                vdevfn = None
-        devs.append(DevEntry(i, host, _uint(untrusted_nodes.get(f"state-{i}"), 8), vdevfn,
-                             parse_opts(untrusted_nodes.get(f"opts-{i}", ""), problems),
-                             parse_vdev(untrusted_nodes.get(f"vdev-{i}"))))
-    return BackendNodes(state, online, tuple(devs), tuple(problems), broken)
-
-
-def parse_vdev(untrusted: str | None) -> BDF | None:
-    """``vdev-N`` as published (``dddd:bb:dd.ff``, function in two digits); None if unusable."""
-    if untrusted is None:
-        return None
-    head, dot, fn = untrusted.rpartition(".")
-    if not dot or not fn.isascii() or not fn.isdigit() or len(fn) > 2:
-        return None
-    try:
-        return BDF.parse(f"{head}.{int(fn)}")
-    except ValueError:
-        return None
-
-
-def parse_opts(untrusted_opts: str, problems: list[str]) -> tuple[tuple[str, str], ...]:
-    """``k=v,k=v`` of ``opts-N``; unknown keys are reported and dropped."""
-    out = []
-    for item in untrusted_opts.split(",") if untrusted_opts else ():
-        key, _, value = item.partition("=")
-        if key in KNOWN_OPTS and value.isascii() and len(value) <= 32:
-            out.append((key, value))
-        else:
-            problems.append(f"unknown option {item[:40]!r} ignored")
-    return tuple(out)
-
-
 # --------------------------------------------------------------- machine ----
 
 @dataclass
@@ -240,19 +142,20 @@ class BackendMachine:
 
     def handle(self, event) -> list:
         """Feed one input; returns effects.  Raises ProtocolError (state kept)."""
-        name = TRANSITIONS.get((self.state, type(event)))
-        if name is None:
+        handler = TRANSITIONS.get((self.state, type(event)))
+        if handler is None:
             raise ProtocolError(f"{type(event).__name__} is not legal in state {S(self.state).name}")
-        return getattr(self, name)(event)
+        return handler(self, event)
 
     # -- helpers ----------------------------------------------------------
-    def _switch(self, state: int) -> list:
-        self.state = state
-        return [SwitchState(state)]
+    def _enter(self, state: int, announce: bool = True) -> list:
+        """The one place the state changes; ``announce`` writes it to our ``state`` node too."""
+        self.state = S(state)
+        return [SwitchState(self.state)] if announce else []
 
     def _fatal(self, err: int, message: str) -> list:
-        self.state = S.Closing
-        return [Fatal(err, message)]
+        # the Fatal effect writes Closing itself, after the error node
+        return self._enter(S.Closing, announce=False) + [Fatal(err, message)]
 
     def _export(self, wanted: list[DevEntry]) -> list:
         """Place and export ``wanted`` devices; publish every exported one."""
@@ -285,13 +188,13 @@ class BackendMachine:
         if fe.untrusted_magic != XEN_PCI_MAGIC:
             return self._fatal(errno.EFAULT, f"version mismatch ({(fe.untrusted_magic or '')[:16]}/"
                                              f"{XEN_PCI_MAGIC}) with pcifront - halting pcibackd")
-        gref = _uint(fe.untrusted_gref, 0xFFFFFFFF)
-        port = _uint(fe.untrusted_evtchn, 0xFFFFFFFF)
+        gref = parse_uint(fe.untrusted_gref, 0xFFFFFFFF)
+        port = parse_uint(fe.untrusted_evtchn, 0xFFFFFFFF)
         if gref is None or port is None:
             return self._fatal(errno.EINVAL, "error reading configuration from frontend "
                                              "(pci-op-ref / event-channel)")
         self.ring = True
-        return [MapRing(gref, port)] + self._switch(S.Connected)
+        return [MapRing(gref, port)] + self._enter(S.Connected)
 
     def _disconnect(self) -> list:
         if not self.ring:
@@ -300,18 +203,18 @@ class BackendMachine:
         return [UnmapRing()]
 
     def _fe_state(self) -> int | None:
-        return _uint(self.frontend.untrusted_state, 8) if self.frontend.exists else None
+        return parse_uint(self.frontend.untrusted_state, 8) if self.frontend.exists else None
 
-    # -- handlers (named in TRANSITIONS) ----------------------------------
+    # -- handlers (the values of TRANSITIONS) -----------------------------
     def on_probe(self, ev: Probe) -> list:
         """Fresh backend: InitWait then set up; a restarted worker resumes."""
         self.backend, self.frontend = ev.backend, ev.frontend
         node = ev.backend.state
         if node in (None, S.Unknown, S.Initialising, S.InitWait):
-            return self._switch(S.InitWait) + self.setup()
+            return self._enter(S.InitWait) + self._setup()
         if node in RESUMABLE:
             # Worker restart: devices already published; re-serve them silently.
-            self.state = node
+            self._enter(node, announce=False)
             live = [d for d in ev.backend.devs if d.state == S.Initialised]
             try:
                 self.exported = self._resume_placement(live)
@@ -320,18 +223,18 @@ class BackendMachine:
             effects: list = [ExportDevices(tuple(self.exported.items()),
                                            tuple((d.host, d.opts) for d in live), resume=True),
                              self._publish()] if live else []
-            fe = _uint(ev.frontend.untrusted_state, 8) if ev.frontend.exists else None
+            fe = parse_uint(ev.frontend.untrusted_state, 8) if ev.frontend.exists else None
             if node == S.Initialised:
                 return effects + self._try_attach()
             if fe in (S.Initialised, S.Connected, S.Reconfiguring, S.Reconfigured) and node != S.Initialised:
-                gref = _uint(ev.frontend.untrusted_gref, 0xFFFFFFFF)
-                port = _uint(ev.frontend.untrusted_evtchn, 0xFFFFFFFF)
+                gref = parse_uint(ev.frontend.untrusted_gref, 0xFFFFFFFF)
+                port = parse_uint(ev.frontend.untrusted_evtchn, 0xFFFFFFFF)
                 if gref is None or port is None:
                     return effects + self._fatal(errno.EINVAL, "frontend configuration unreadable on resume")
                 self.ring = True
                 effects.append(MapRing(gref, port))
             return effects
-        self.state = node
+        self._enter(node, announce=False)
         return [Exit(f"backend state {node} at start: nothing to serve")] if node == S.Closed else []
 
     def _resume_placement(self, live: list[DevEntry]) -> dict[BDF, BDF]:
@@ -350,7 +253,7 @@ class BackendMachine:
         return topology.place(self.mode, [d.host for d in rest], kept,
                               {d.host: d.vdevfn >> 3 for d in rest if d.vdevfn is not None})
 
-    def setup(self) -> list:
+    def _setup(self) -> list:
         """InitWait: export every device with ``state-N`` 1 (or 3: published by a
         predecessor that died before switching state), then Initialised."""
         wanted = [d for d in self.backend.devs if d.state in (S.Initialising, S.Initialised)]
@@ -359,14 +262,14 @@ class BackendMachine:
         effects = self._export(wanted)
         if self.state == S.Closing:      # placement failed: fatal already issued
             return effects
-        return effects + self._switch(S.Initialised) + self._try_attach()
+        return effects + self._enter(S.Initialised) + self._try_attach()
 
     def on_backend_initwait(self, ev: BackendChanged) -> list:
         closing = self._toolstack_closing(ev)
         if closing is not None:
             return closing
         self.backend = ev.backend
-        return self.setup()
+        return self._setup()
 
     def _toolstack_closing(self, ev: BackendChanged) -> list | None:
         """The toolstack tore us down before the guest connected."""
@@ -388,9 +291,9 @@ class BackendMachine:
         self.backend = ev.backend
         node = ev.backend.state
         if node is not None and node != self.state and (self.state, node) in TOOLSTACK_MOVES:
-            self.state = node
+            self._enter(node, announce=False)          # the toolstack wrote it already
             if node == S.Closing and not ev.backend.online:
-                return self._disconnect() + self._switch(S.Closed)
+                return self._disconnect() + self._enter(S.Closed)
         return []
 
     def on_frontend(self, ev: FrontendChanged) -> list:
@@ -402,13 +305,13 @@ class BackendMachine:
         if fe == S.Initialised:
             return self._try_attach()
         if fe == S.Connected and self.state in (S.Reconfigured, S.Connected):
-            return self._switch(S.Connected) if self.state != S.Connected else []
+            return self._enter(S.Connected) if self.state != S.Connected else []
         if fe == S.Reconfiguring and self.state == S.Reconfiguring:
             return self._reconfigure()
         if fe == S.Closing and self.state not in (S.Closed,):
-            return self._disconnect() + (self._switch(S.Closing) if self.state != S.Closing else [])
+            return self._disconnect() + (self._enter(S.Closing) if self.state != S.Closing else [])
         if fe == S.Closed:
-            effects = self._disconnect() + (self._switch(S.Closed) if self.state != S.Closed else [])
+            effects = self._disconnect() + (self._enter(S.Closed) if self.state != S.Closed else [])
             return effects + ([] if self.backend.online else [Exit("frontend closed, backend offline")])
         return []
 
@@ -424,12 +327,15 @@ class BackendMachine:
         effects += self._export(wanted) if wanted or self.backend.broken else [self._publish()]
         if self.state == S.Closing:      # placement failed → fatal
             return effects
-        return effects + self._switch(S.Reconfigured)
+        return effects + self._enter(S.Reconfigured)
 
     def on_effect_failed(self, ev: EffectFailed) -> list:
         if isinstance(ev.effect, MapRing):
             self.ring = False
         return self._fatal(ev.err, ev.reason)
+
+    def on_bad_frontend_path(self, ev: BadFrontendPath) -> list:
+        return self._fatal(errno.EINVAL, ev.message) + [Exit("bad frontend path")]
 
     def on_gone(self, ev: BackendGone) -> list:
         return self._disconnect() + [Exit("backend directory removed")]
@@ -447,23 +353,25 @@ RESUMABLE = (S.Initialised, S.Connected, S.Reconfiguring, S.Reconfigured, S.Clos
 
 _LIVE = (S.InitWait, S.Initialised, S.Connected, S.Reconfiguring, S.Reconfigured, S.Closing, S.Closed)
 
-TRANSITIONS: dict[tuple[int, type], str] = {
-    (S.Initialising, Probe): "on_probe",
-    (S.InitWait, BackendChanged): "on_backend_initwait",
-    (S.Initialised, BackendChanged): "on_backend_initialised",
-    **{(s, BackendChanged): "on_backend_running"
+Handler = Callable[[BackendMachine, object], list]
+
+TRANSITIONS: dict[tuple[int, type], Handler] = {
+    (S.Initialising, Probe): BackendMachine.on_probe,
+    (S.Initialising, BadFrontendPath): BackendMachine.on_bad_frontend_path,
+    (S.InitWait, BackendChanged): BackendMachine.on_backend_initwait,
+    (S.Initialised, BackendChanged): BackendMachine.on_backend_initialised,
+    **{(s, BackendChanged): BackendMachine.on_backend_running
        for s in (S.Connected, S.Reconfiguring, S.Reconfigured, S.Closing, S.Closed)},
-    **{(s, FrontendChanged): "on_frontend" for s in _LIVE},
-    **{(s, EffectFailed): "on_effect_failed" for s in _LIVE},
-    **{(s, BackendGone): "on_gone" for s in (S.Initialising, *_LIVE)},
-    (S.Initialising, FrontendChanged): "ignore",
+    **{(s, FrontendChanged): BackendMachine.on_frontend for s in _LIVE},
+    **{(s, EffectFailed): BackendMachine.on_effect_failed for s in _LIVE},
+    **{(s, BackendGone): BackendMachine.on_gone for s in (S.Initialising, *_LIVE)},
+    (S.Initialising, FrontendChanged): BackendMachine.ignore,
 }
-INPUTS = (Probe, BackendChanged, FrontendChanged, EffectFailed, BackendGone)
 
 
 def render_table() -> str:
     """The transition table as text (the module docstring embeds it)."""
-    rows = [f"    {S(s).name:<14} {i.__name__:<16} -> {h}" for (s, i), h in
+    rows = [f"    {S(s).name:<14} {i.__name__:<16} -> {h.__name__}" for (s, i), h in
             sorted(TRANSITIONS.items(), key=lambda kv: (kv[0][0], kv[0][1].__name__))]
     return "\n".join(rows)
 

@@ -8,26 +8,22 @@ and permissions follow ``libxl__create_pci_backend`` and
 
 from __future__ import annotations
 
+import argparse
 import select
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+from pcibackd.hostpci.seize import is_seized, release as unseize, seize
+from pcibackd.platform import xenctrl
 from pcibackd.wire.bdf import BDF
+# the node paths stay importable from here
+from pcibackd.wire.paths import backend_domain_path, backend_path, error_path, frontend_path  # noqa: F401
 from pcibackd.wire.pciif import XenbusState as S
+from pcibackd.xenstore.client import XenStore
 
 DEFAULT_OPTS = "msitranslate=0,power_mgmt=0,permissive=0,rdm_policy=strict"
-
-
-def backend_path(domid: int) -> str:
-    return f"/local/domain/0/backend/pci/{domid}/0"
-
-
-def frontend_path(domid: int) -> str:
-    return f"/local/domain/{domid}/device/pci/0"
-
-
-def error_path(domid: int) -> str:
-    return f"/local/domain/0/error/backend/pci/{domid}/0/error"
 
 
 @dataclass
@@ -142,7 +138,7 @@ class Toolstack:
         closed = self.wait_state(domid, S.Closed, raise_on_timeout=False) if wait else False
         self.xs.rm(fe)
         self.xs.rm(be)
-        self.xs.rm(f"/local/domain/0/backend/pci/{domid}")
+        self.xs.rm(backend_domain_path(domid))
         return closed
 
     def _index_of(self, domid: int, bdf: BDF) -> int:
@@ -190,12 +186,6 @@ def main(argv: list[str] | None = None) -> int:
     ``--permissions`` (real Xen) adds libxl's hypervisor part: quarantine, the
     guest's BARs and IRQ, IOMMU assignment; and on detach/destroy its undoing.
     """
-    import argparse
-    import sys
-    from pathlib import Path
-
-    from pcibackd.xenstore.client import XenStore
-
     p = argparse.ArgumentParser(prog="python -m pcibackd.xenstore.toolstack", description=main.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--xenstored-path", help="xenstored socket (default $XENSTORED_PATH or the system one)")
@@ -231,9 +221,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _cmd_attach(ts: Toolstack, args, state) -> int:
     """Seize, grant and assign (as asked), then write the nodes; all or nothing."""
-    import sys
-
-    from pcibackd.hostpci.seize import is_seized, seize
     bdf = BDF.parse(args.bdf)
     if ts.xs.read(f"/local/domain/{args.domid}/name") is None:
         print(f"domain {args.domid} does not exist", file=sys.stderr)
@@ -243,7 +230,6 @@ def _cmd_attach(ts: Toolstack, args, state) -> int:
         if args.seize:
             seize(bdf, state)
         if args.permissions:
-            from pcibackd.platform import xenctrl
             if newly_seized:
                 print(xenctrl.assign_device(xenctrl.DOMID_IO, bdf))
             print(f"dom{args.domid}: granted " + ", ".join(xenctrl.grant_device(args.domid, bdf)))
@@ -289,8 +275,6 @@ def _undo(domid: int, bdf: BDF, state, permissions: bool, release: bool) -> None
     """Take ``bdf`` back from ``domid`` (grants, IOMMU) and, if ``release``, give a
     function seized here back to dom0: out of quarantine first, as
     pci-assignable-remove does, and only once no guest holds it."""
-    from pcibackd.hostpci.seize import is_seized, release as unseize
-    from pcibackd.platform import xenctrl
     if permissions:
         for line in xenctrl.revoke_device(domid, bdf):
             print(line)

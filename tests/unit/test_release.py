@@ -68,8 +68,8 @@ def test_sysfs_reset_without_a_reset_method_is_not_found_and_creates_nothing(hos
 
 def test_release_without_reset_method_restores_the_seize_time_header(host, tmp_path):
     host.add("edu", BDF_)
-    cfg = SimpleNamespace(state_dir=str(tmp_path / "run"), policy_path=None, domid=7)
-    devices = DeviceSet(cfg, dispatcher=None, platform=None)
+    cfg = SimpleNamespace(policy_path=None, domid=7)
+    devices = DeviceSet(cfg, dispatcher=None, platform=None, runtime=tmp_path / "run")
     with SysfsDevice(BDF_, root=host.root, writable=True) as dev:
         seized = capture_header(dev)
         write_atomic(devices._orig_path(BDF_), seized)
@@ -116,8 +116,8 @@ def simdir(tmp_path):
 
 
 def _devices(simdir, tmp_path) -> DeviceSet:
-    cfg = SimpleNamespace(state_dir=str(tmp_path / "run"), policy_path=None, domid=7, topology="vpci")
-    return DeviceSet(cfg, Dispatcher(), SimPlatform(simdir, 0))
+    cfg = SimpleNamespace(policy_path=None, domid=7, topology="vpci")
+    return DeviceSet(cfg, Dispatcher(), SimPlatform(simdir, 0), tmp_path / "run")
 
 
 def test_header_captured_at_first_export_survives_a_worker_restart(simdir, tmp_path):

@@ -31,11 +31,11 @@ def kinds(effects):
 
 def sample_inputs():
     return [xb.Probe(nodes(), front("1")), xb.BackendChanged(nodes()), xb.FrontendChanged(front()),
-            xb.EffectFailed(xb.MapRing(1, 2), errno.EINVAL, "x"), xb.BackendGone()]
+            xb.EffectFailed(xb.MapRing(1, 2), errno.EINVAL, "x"), xb.BackendGone(), xb.BadFrontendPath("x")]
 
 
 @pytest.mark.parametrize("state", list(S))
-@pytest.mark.parametrize("idx", range(5))
+@pytest.mark.parametrize("idx", range(len(sample_inputs())))
 def test_every_pair_is_in_the_table_or_raises_with_state_unchanged(state, idx):
     ev = sample_inputs()[idx]
     m = xb.BackendMachine(state=state)
@@ -50,6 +50,12 @@ def test_every_pair_is_in_the_table_or_raises_with_state_unchanged(state, idx):
 
 def test_table_is_rendered_in_docstring():
     assert "Connected      FrontendChanged  -> on_frontend" in xb.__doc__
+
+
+def test_a_bad_frontend_path_is_fatal_and_ends_the_worker():
+    m = xb.BackendMachine()
+    eff = m.handle(xb.BadFrontendPath("bad frontend path '/local/domain/8/device/pci/0'"))
+    assert kinds(eff) == ["Fatal", "Exit"] and eff[0].err == errno.EINVAL and m.state == S.Closing
 
 
 def test_connect_sequence_like_linux():

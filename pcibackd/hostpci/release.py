@@ -8,7 +8,7 @@ back every header register a guest can change that now differs.  A function
 without a reset method (no FLR, no PM reset, no bus reset: QEMU's edu and
 pci-testdev) therefore still gets its BARs, ROM, command and the rest back.
 Not restored (yet): the power state (a function a guest left in D3hot stays
-there), MSI/MSI-X enables (the MSI wave) and PCIe control registers.
+there), MSI/MSI-X enables and PCIe control registers.
 """
 
 from __future__ import annotations

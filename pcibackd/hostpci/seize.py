@@ -6,7 +6,7 @@ no dom0 driver can claim it; ``release`` undoes that and lets the original
 driver probe again.  The record lives in ``<state_dir>/seized/<bdf>`` so a
 restarted daemon can still release what an earlier one seized.
 
-Only the toolstack side (``pcibackctl attach`` / the lane) calls this, as root
+Only the toolstack side (``pcibackd.xenstore.toolstack attach --seize``) calls this, as root
 on a real dom0.  Tests run it against a fake sysfs tree, never the host's.
 """
 

@@ -16,10 +16,10 @@ op                 handler
 =================  ============================================================
 conf_read (0)      device lookup, then ``ConfSpace.read`` (access checks there)
 conf_write (1)     device lookup, then ``ConfSpace.write``
-enable_msi (2)     ``not_implemented`` until the MSI issue
-disable_msi (3)    ``not_implemented`` until the MSI issue
-enable_msix (4)    ``not_implemented`` until the MSI issue
-disable_msix (5)   ``not_implemented`` until the MSI issue
+enable_msi (2)     ``not_implemented``: the interrupt broker is not wired yet
+disable_msi (3)    ``not_implemented`` (likewise)
+enable_msix (4)    ``not_implemented`` (likewise)
+disable_msix (5)   ``not_implemented`` (likewise)
 other              ``not_implemented`` (incl. AER ops 6..9, which only travel
                    backend->frontend, and enable_multi_msi 10 like Linux)
 =================  ============================================================

@@ -1,7 +1,8 @@
 """The toolstack side of PCI passthrough: xenstore nodes exactly as libxl writes them.
 
-Used by the simulated dom0 (demo, tests) and by ``pcibackctl attach`` on a
-real dom0 where a guest was created without ``pci=``.  Paths, keys, formats
+Used by the simulated dom0 (demo, tests) and, on a real dom0 where a guest
+was created without ``pci=``, from the shell (``python -m
+pcibackd.xenstore.toolstack attach``, see :func:`main`).  Paths, keys, formats
 and permissions follow ``libxl__create_pci_backend`` and
 ``libxl__device_pci_{add,remove}_xenstore`` (see docs/pciback-protocol.md §2).
 """

@@ -1,0 +1,378 @@
+"""The interrupt broker's core: checks each request, keeps the live PIRQs, performs the effects.
+
+It runs in the supervisor, one request at a time.  Hypercalls and dom0
+config-space writes go through the injected :class:`Physdev`; the record of
+live PIRQs through the injected :class:`JournalStore`, saved before the
+hypercalls start, after every PIRQ and before the answer, so a crash at any
+point leaves a record that is complete or knows which PIRQs it may miss, and
+that says whether the guest was (about to be) answered with them.
+
+Sequences (interrupts-and-aer.md §1.5, in Linux's order):
+
+==========  ===================================================================
+map MSI     ctrl &= ~ENABLE; map_pirq; COMMAND |= INTX_DISABLE; ctrl |= ENABLE
+map MSI-X   ctrl |= ENABLE|MASKALL; map_pirq per entry; COMMAND |= INTX_DISABLE;
+            ctrl &= ~MASKALL
+unmap       ctrl &= ~ENABLE (MSI-X: and MASKALL); COMMAND &= ~INTX_DISABLE;
+            unmap_pirq each (ESRCH/EINVAL/ENOENT: already gone)
+prepare     MSI-X functions only: MEMORY on for the call, prepare_msix, COMMAND back
+release     nothing mapped any more: release_msix
+restore     restore_msi (Xen sets ENABLE again); COMMAND |= INTX_DISABLE
+==========  ===================================================================
+
+Control words are written exactly 2 bytes wide at cap+2 and COMMAND at 0x04,
+the only accesses Xen's intercept lets through; it drops others silently, so
+every write is read back.  A failed map is undone before the answer.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+from pcibackd.irq.function import (CAP_MSI, CAP_MSIX, COMMAND, COMMAND_INTX_DISABLE, COMMAND_MEMORY,
+                                   MSI_ENABLE, MSIX_ENABLE, MSIX_MASKALL, FunctionRecord, Kind,
+                                   control_offset, find_capability)
+from pcibackd.irq.messages import (PIRQ_MAX, VECTOR_MAX, Answer, MapMsi, MapMsix, Mapping, Query,
+                                   Restore, Unmap, refused)
+from pcibackd.irq.ports import JournalStore, Physdev, PhysdevError
+from pcibackd.wire.bdf import BDF
+from pcibackd.wire.pciif import SH_INFO_MAX_VEC
+
+GONE = frozenset({errno.ESRCH, errno.EINVAL, errno.ENOENT})   # unmap of a PIRQ Xen no longer has
+ENABLE_BITS = {Kind.msi: MSI_ENABLE, Kind.msix: MSIX_ENABLE | MSIX_MASKALL}
+
+
+class ReadbackError(OSError):
+    """A control-register write did not take (Xen dropped it, or the device refused)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_vectors: int = SH_INFO_MAX_VEC        # per function
+    max_pirqs_per_domain: int = 512
+
+
+@dataclass
+class ReplayReport:
+    adopted: list[Mapping] = field(default_factory=list)      # guest alive: kept as they are
+    torn_down: list[Mapping] = field(default_factory=list)    # guest gone: unmapped, controls off
+    uncertain: list[BDF] = field(default_factory=list)        # interrupted map: maps refused
+    orphans: list[Mapping] = field(default_factory=list)      # PIRQs still failing to unmap
+    damaged_domains: list[int] = field(default_factory=list)  # live guest, unreadable journal
+    problems: list[str] = field(default_factory=list)
+
+
+class Broker:
+    """See module doc.  Supervisor-side methods trust their caller; :meth:`handle` does not."""
+
+    def __init__(self, physdev: Physdev, journal: JournalStore, limits: Limits = Limits()) -> None:
+        self.physdev, self.journal, self.limits = physdev, journal, limits
+        self.records: dict[BDF, FunctionRecord] = {}
+        self.owner: dict[BDF, int] = {}
+        self.live: dict[BDF, Mapping] = {}
+        self.prepared: set[BDF] = set()
+        self.prepared_unknown = False
+        self.damaged_domains: set[int] = set()
+
+    # -- supervisor ----------------------------------------------------------
+
+    def assign(self, domid: int, record: FunctionRecord) -> None:
+        """``record.bdf`` now belongs to ``domid`` (after xc_assign_device)."""
+        stale = self.live.get(record.bdf)
+        self.records[record.bdf] = record
+        if stale is not None and stale.domid != domid:
+            self._tear_down(stale)
+        self.owner[record.bdf] = domid
+
+    def unassign(self, bdf: BDF) -> Answer:
+        """Unmap everything of ``bdf``; call before xc_deassign_device."""
+        m = self.live.get(bdf)
+        left = self._tear_down(m) if m else None
+        self.owner.pop(bdf, None)
+        if left:
+            return refused(errno.EBUSY, "unmap_failed", f"PIRQs {list(left.pirqs)} still mapped")
+        return Answer()
+
+    def domain_gone(self, domid: int) -> Answer:
+        """Xen freed the guest's PIRQs with it: turn controls off and forget it all."""
+        for m in [m for m in self.live.values() if m.domid == domid]:
+            self._disable(m.bdf, m.kind)
+            self._unmap_pirqs(m.domid, m.entries, m.pirqs)    # ESRCH expected; harmless
+            self.live.pop(m.bdf)
+        for bdf in [b for b, d in self.owner.items() if d == domid]:
+            del self.owner[bdf]
+        self.damaged_domains.discard(domid)
+        self.journal.forget(domid)
+        return Answer()
+
+    def prepare(self, record: FunctionRecord) -> Answer:
+        """PHYSDEVOP_prepare_msix at seize; refused for functions without MSI-X (Xen would crash)."""
+        self.records[record.bdf] = record
+        if not record.has_msix:
+            return refused(errno.EINVAL, "no_capability", "no MSI-X capability or table BAR")
+        if record.bdf in self.prepared:
+            return Answer()
+        bdf = record.bdf
+        try:
+            self._with_memory_decoding(bdf, self.physdev.prepare_msix)
+        except OSError as exc:
+            # EBUSY means "prepared already": ours only if the journal says so (or was lost).
+            if not (exc.errno == errno.EBUSY and self.prepared_unknown):
+                return _failed(exc)
+        self.prepared.add(bdf)
+        self.journal.save_prepared(self.prepared)
+        return Answer()
+
+    def release(self, bdf: BDF) -> Answer:
+        """PHYSDEVOP_release_msix before the function returns to dom0."""
+        if bdf in self.live:
+            return refused(errno.EBUSY, "still_mapped", "unassign first")
+        if bdf not in self.prepared:
+            return Answer()
+        try:
+            self.physdev.release_msix(bdf)
+        except OSError as exc:
+            return _failed(exc)
+        self.prepared.discard(bdf)
+        self.journal.save_prepared(self.prepared)
+        return Answer()
+
+    def _with_memory_decoding(self, bdf: BDF, call: Callable[[BDF], None]) -> None:
+        """Xen reads the MSI-X table BAR only with MEMORY decoding on: turn it on for the call."""
+        command = self.physdev.read_config(bdf, COMMAND, 2)
+        if command & COMMAND_MEMORY:
+            call(bdf)
+            return
+        self.physdev.write_config(bdf, COMMAND, 2, command | COMMAND_MEMORY)
+        try:
+            call(bdf)
+        finally:
+            self.physdev.write_config(bdf, COMMAND, 2, command)
+
+    def replay(self, alive: Callable[[int], bool]) -> ReplayReport:
+        """Load the journal at start: adopt what live guests hold, unmap the rest."""
+        rec = self.journal.load()
+        report = ReplayReport(problems=list(rec.problems))
+        self.prepared, self.prepared_unknown = set(rec.prepared), rec.prepared_damaged
+        for domid in sorted(rec.damaged_domains):
+            if alive(domid):
+                self.damaged_domains.add(domid)
+                report.damaged_domains.append(domid)
+            else:
+                self.journal.forget(domid)
+        for domid, maps in sorted(rec.mappings.items()):
+            if not alive(domid):
+                for m in maps:
+                    self._disable(m.bdf, m.kind)
+                    self._unmap_pirqs(domid, m.entries, m.pirqs)   # Xen freed them: ESRCH
+                report.torn_down += maps
+                self.journal.forget(domid)
+                continue
+            for m in maps:
+                if m.bdf in self.live:
+                    # One function, one guest: the second record cannot be current.
+                    report.problems.append(f"{m.bdf} journaled for dom{self.live[m.bdf].domid} and dom{domid}")
+                    self._unmap_pirqs(domid, m.entries, m.pirqs)
+                elif m.held:
+                    self.live[m.bdf] = m
+                    report.adopted.append(m)
+                else:
+                    left = self._tear_down(m)
+                    if left and not left.complete:
+                        report.uncertain.append(m.bdf)
+                    elif left:
+                        report.orphans.append(left)
+            self._save(domid)
+        return report
+
+    # -- worker requests -----------------------------------------------------
+
+    def handle(self, sender: int, request: object) -> Answer:
+        """Serve a request from the worker of guest ``sender``."""
+        handler = _HANDLERS.get(type(request))
+        if handler is None:
+            return refused(errno.EPERM, "not_allowed", type(request).__name__)
+        domid, bdf = getattr(request, "domid"), getattr(request, "bdf")
+        if domid != sender:
+            return refused(errno.EPERM, "wrong_domain", f"dom{sender} asked for dom{domid}")
+        if self.owner.get(bdf) != sender:
+            return refused(errno.ENODEV, "not_assigned", f"{bdf} is not dom{sender}'s")
+        return handler(self, request)
+
+    def _check_free(self, domid: int, bdf: BDF, kind: Kind, count: int) -> Answer | None:
+        if domid in self.damaged_domains:
+            return refused(errno.EBUSY, "journal_damaged", f"dom{domid}'s journal was unreadable")
+        m = self.live.get(bdf)
+        if m is not None:
+            if not m.held:
+                return refused(errno.EBUSY, "uncertain", f"{bdf} may still have PIRQs mapped")
+            if m.kind is kind:
+                return refused(errno.EALREADY, "already_mapped", f"{kind.value} already mapped")
+            return refused(errno.EBUSY, "other_kind_mapped", f"{m.kind.value} is mapped")
+        used = sum(len(x.entries) for x in self.live.values() if x.domid == domid)
+        if used + count > self.limits.max_pirqs_per_domain:
+            return refused(errno.ENOSPC, "limit", f"dom{domid} would hold {used + count} PIRQs")
+        return None
+
+    def _map_msi(self, req: MapMsi) -> Answer:
+        rec = self.records[req.bdf]
+        if rec.msi_cap is None:
+            return refused(errno.EINVAL, "no_capability", "no MSI capability")
+        if req.nvec != 1:
+            return refused(errno.EOPNOTSUPP, "multi_msi", "multi-message MSI is not supported")
+        return self._check_free(req.domid, req.bdf, Kind.msi, 1) or self._map(req.domid, rec, Kind.msi, (0,))
+
+    def _map_msix(self, req: MapMsix) -> Answer:
+        rec, entries = self.records[req.bdf], req.entries
+        if not rec.has_msix:
+            return refused(errno.EINVAL, "no_capability", "no MSI-X capability or table BAR")
+        if not 0 < len(entries) <= self.limits.max_vectors:
+            return refused(errno.EINVAL, "count", f"{len(entries)} vectors")
+        if len(entries) > rec.msix_entries:
+            return refused(errno.ENOSPC, "count", f"{len(entries)} vectors, table has {rec.msix_entries}")
+        if any(not 0 <= e < rec.msix_entries for e in entries):
+            return refused(errno.EINVAL, "bad_entry", f"entry outside the table of {rec.msix_entries}")
+        if len(set(entries)) != len(entries):
+            return refused(errno.EINVAL, "duplicate_entry", "an entry is listed twice")
+        if req.bdf not in self.prepared:
+            return refused(errno.ENODATA, "not_prepared", "PHYSDEVOP_prepare_msix was not done")
+        return self._check_free(req.domid, req.bdf, Kind.msix, len(entries)) or \
+            self._map(req.domid, rec, Kind.msix, entries)
+
+    def _unmap(self, req: Unmap) -> Answer:
+        m = self.live.get(req.bdf)
+        if m is None or m.domid != req.domid or (m.held and m.kind is not req.kind):
+            return Answer()                           # nothing of that kind: disabling is idempotent
+        left = self._tear_down(m)
+        if left and left.pirqs:
+            return Answer(detail=f"PIRQs {list(left.pirqs)} failed to unmap; kept for retry")
+        return Answer()
+
+    def _restore(self, req: Restore) -> Answer:
+        m = self.live.get(req.bdf)
+        if m is None or not m.held:
+            return Answer()
+        try:
+            self.physdev.restore_msi(req.bdf)
+            self._bits(req.bdf, COMMAND, 0, COMMAND_INTX_DISABLE)
+        except OSError as exc:
+            return _failed(exc)
+        return Answer()
+
+    def _query(self, req: Query) -> Answer:
+        m = self.live.get(req.bdf)
+        if m is None or not m.held or m.domid != req.domid:
+            return Answer()
+        return Answer(pirqs=m.pirqs, kind=m.kind, entries=m.entries)
+
+    # -- effects ----------------------------------------------------------------
+
+    def _map(self, domid: int, rec: FunctionRecord, kind: Kind, entries: tuple[int, ...]) -> Answer:
+        bdf, ctrl = rec.bdf, control_offset(rec.cap(kind))   # type: ignore[arg-type]
+        # Orphan (not the guest's) until the last control write: a crash before that
+        # leaves a record replay tears down; after it, one replay adopts.
+        m = Mapping(domid, bdf, kind, entries, orphan=True)
+        self._put(m)
+        top, base = (VECTOR_MAX, rec.table_base) if kind is Kind.msix else (PIRQ_MAX, 0)
+        intx_before = COMMAND_INTX_DISABLE
+        try:
+            intx_before = self.physdev.read_config(bdf, COMMAND, 2) & COMMAND_INTX_DISABLE
+            if kind is Kind.msi:
+                self._bits(bdf, ctrl, MSI_ENABLE, 0)
+            else:
+                self._bits(bdf, ctrl, 0, MSIX_ENABLE | MSIX_MASKALL)
+            for entry in entries:
+                pirq = self.physdev.map_pirq(domid, kind, bdf, entry, base)
+                m = replace(m, pirqs=m.pirqs + (pirq,))
+                self._put(m)
+                if not 0 < pirq <= top:
+                    raise PhysdevError(errno.ERANGE, f"PIRQ {pirq} does not fit the reply")
+            self._bits(bdf, COMMAND, 0, COMMAND_INTX_DISABLE)
+            if kind is Kind.msi:
+                self._bits(bdf, ctrl, 0, MSI_ENABLE)
+            else:
+                self._bits(bdf, ctrl, MSIX_MASKALL, MSIX_ENABLE)
+        except OSError as exc:
+            # A hypercall that failed mapped nothing, and none after it ran: no unknowns.
+            self._tear_down(replace(m, entries=m.entries[:len(m.pirqs)]), restore_intx=not intx_before)
+            return _failed(exc)
+        self._put(replace(m, orphan=False))
+        return Answer(pirqs=m.pirqs)
+
+    def _tear_down(self, m: Mapping, restore_intx: bool = True) -> Mapping | None:
+        """Controls off, PIRQs unmapped; what could not be unmapped stays journaled as an orphan."""
+        self._disable(m.bdf, m.kind, restore_intx)
+        kept_entries, kept_pirqs = self._unmap_pirqs(m.domid, m.entries, m.pirqs)
+        unknown = m.entries[len(m.pirqs):]                # interrupted map: may exist, unknown to us
+        left = None
+        if kept_pirqs or unknown:
+            left = replace(m, entries=kept_entries + unknown, pirqs=kept_pirqs, orphan=True)
+        self._put(left, m.bdf, m.domid)
+        return left
+
+    def _unmap_pirqs(self, domid: int, entries: tuple[int, ...],
+                     pirqs: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Unmap each PIRQ; the (entries, PIRQs) that Xen still holds after a failure."""
+        kept = []
+        for entry, pirq in zip(entries, pirqs):
+            try:
+                self.physdev.unmap_pirq(domid, pirq)
+            except OSError as exc:
+                if exc.errno not in GONE:
+                    kept.append((entry, pirq))
+        return tuple(e for e, _ in kept), tuple(p for _, p in kept)
+
+    def _disable(self, bdf: BDF, kind: Kind, restore_intx: bool = True) -> None:
+        """Best effort (the guest may be gone, the function reset): never raises."""
+        try:
+            rec = self.records.get(bdf)
+            cap = rec.cap(kind) if rec else find_capability(
+                lambda offset, size: self.physdev.read_config(bdf, offset, size),
+                CAP_MSI if kind is Kind.msi else CAP_MSIX)
+            if cap is not None:
+                self._bits(bdf, control_offset(cap), ENABLE_BITS[kind], 0)
+            if restore_intx:
+                self._bits(bdf, COMMAND, COMMAND_INTX_DISABLE, 0)
+        except (OSError, ValueError):
+            pass
+
+    def _bits(self, bdf: BDF, offset: int, clear: int, set_: int) -> None:
+        """One exact-width 16-bit read-modify-write, read back."""
+        old = self.physdev.read_config(bdf, offset, 2)
+        new = (old & ~clear) | set_
+        if new != old:
+            self.physdev.write_config(bdf, offset, 2, new)
+        back = self.physdev.read_config(bdf, offset, 2)
+        if back & (clear | set_) != set_:
+            raise ReadbackError(errno.EIO, f"{bdf} {offset:#x}: wrote {new:#06x}, reads {back:#06x}")
+
+    # -- the table and its journal --------------------------------------------------
+
+    def _put(self, m: Mapping | None, bdf: BDF | None = None, domid: int | None = None) -> None:
+        if m is None:
+            if bdf in self.live and self.live[bdf].domid == domid:
+                del self.live[bdf]
+        else:
+            bdf, domid = m.bdf, m.domid
+            self.live[bdf] = m
+        self._save(domid)                                  # type: ignore[arg-type]
+
+    def _save(self, domid: int) -> None:
+        self.journal.save(domid, tuple(m for m in self.live.values() if m.domid == domid))
+
+
+def _failed(exc: OSError) -> Answer:
+    err = exc.errno or errno.EIO
+    kind = "readback" if isinstance(exc, ReadbackError) else "hypervisor"
+    return refused(err, kind, exc.strerror or str(exc))
+
+
+_HANDLERS: dict[type, Callable[[Broker, object], Answer]] = {
+    MapMsi: Broker._map_msi,             # type: ignore[dict-item]
+    MapMsix: Broker._map_msix,           # type: ignore[dict-item]
+    Unmap: Broker._unmap,                # type: ignore[dict-item]
+    Restore: Broker._restore,            # type: ignore[dict-item]
+    Query: Broker._query,                # type: ignore[dict-item]
+}

@@ -1,0 +1,108 @@
+"""What the interrupt code knows of a function: MSI/MSI-X registers and a seize-time record.
+
+Register layout from PCI Local Bus 3.0 §6.7 (capability list), §6.8.1 (MSI),
+§6.8.2 (MSI-X) and PCI PM 1.2 §3.2 (PMCSR).  Like Linux (``dev->msi_cap``,
+``dev->msix_cap``), only the FIRST capability of each ID in the legacy list
+counts, found with a walk bounded the way ``pci_find_capability`` bounds it.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Callable
+
+from pcibackd.hostpci.port import DeviceInfo
+from pcibackd.wire.bdf import BDF
+
+Read = Callable[[int, int], int]          # (offset, size) -> value
+
+COMMAND, STATUS, CAPABILITY_LIST = 0x04, 0x06, 0x34
+COMMAND_MEMORY, COMMAND_INTX_DISABLE = 0x0002, 0x0400
+STATUS_CAP_LIST = 0x0010
+HEADER_END = 0x40
+CAP_PM, CAP_MSI, CAP_MSIX = 0x01, 0x05, 0x11
+CAP_TTL = 48                              # Linux PCI_FIND_CAP_TTL
+
+PM_CTRL, PMCSR_STATE = 4, 0x0003
+
+MSI_FLAGS = 2
+MSI_ENABLE, MSI_64BIT, MSI_MASKABLE = 0x0001, 0x0080, 0x0100
+
+MSIX_FLAGS, MSIX_TABLE, MSIX_PBA = 2, 4, 8
+MSIX_ENABLE, MSIX_MASKALL, MSIX_QSIZE = 0x8000, 0x4000, 0x07FF
+MSIX_BIR = 0x7
+NR_BARS = 6
+
+
+class Kind(str, enum.Enum):
+    """Which message-interrupt mechanism a mapping belongs to."""
+
+    msi = "msi"
+    msix = "msix"
+
+
+def find_capability(read: Read, cap_id: int) -> int | None:
+    """Offset of the first legacy capability ``cap_id``, or None (loop-safe)."""
+    if not read(STATUS, 2) & STATUS_CAP_LIST:
+        return None
+    pos = read(CAPABILITY_LIST, 1)
+    for _ in range(CAP_TTL):
+        pos &= 0xFC
+        if pos < HEADER_END:
+            return None
+        header = read(pos, 2)
+        if header & 0xFF == 0xFF:
+            return None
+        if header & 0xFF == cap_id:
+            return pos
+        pos = header >> 8
+    return None
+
+
+def msix_table_size(control: int) -> int:
+    """Entries in the MSI-X table, from the Message Control word."""
+    return (control & MSIX_QSIZE) + 1
+
+
+def control_offset(cap: int) -> int:
+    """Message Control of an MSI or MSI-X capability (same place in both)."""
+    return cap + MSI_FLAGS
+
+
+@dataclass(frozen=True)
+class FunctionRecord:
+    """A function's interrupt facts, captured once at seize, before any guest ran.
+
+    ``table_base`` is the start of the BAR holding the MSI-X table, from the
+    sysfs resource captured then: never re-read from a function a guest has
+    had (XSA-337).  0 means no usable table.
+    """
+
+    bdf: BDF
+    msi_cap: int | None = None
+    msix_cap: int | None = None
+    msix_entries: int = 0
+    msix_bir: int = 0
+    table_base: int = 0
+    pm_cap: int | None = None
+
+    @property
+    def has_msix(self) -> bool:
+        return self.msix_cap is not None and self.table_base != 0
+
+    def cap(self, kind: Kind) -> int | None:
+        return self.msi_cap if kind is Kind.msi else self.msix_cap
+
+
+def record_for(read: Read, info: DeviceInfo) -> FunctionRecord:
+    """Capture the record of ``info.bdf`` through ``read`` (its config space)."""
+    msi = find_capability(read, CAP_MSI)
+    msix = find_capability(read, CAP_MSIX)
+    entries = bir = base = 0
+    if msix is not None:
+        entries = msix_table_size(read(control_offset(msix), 2))
+        bir = read(msix + MSIX_TABLE, 4) & MSIX_BIR
+        if bir < NR_BARS and bir < len(info.resources):
+            base = info.resources[bir].start
+    return FunctionRecord(info.bdf, msi, msix, entries, bir, base, find_capability(read, CAP_PM))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pcibackd.hostpci.port import DeviceInfo, Resource
-from pcibackd.confspace.pciregs import (BASE_ADDRESS_0, COMMAND_IO, COMMAND_MEM, ROM_ADDRESS,
+from pcibackd.wire.pciregs import (BASE_ADDRESS_0, COMMAND_IO, COMMAND_MEM, ROM_ADDRESS,
                                         ROM_ADDRESS1, ROM_ADDRESS_MASK, ROM_ENABLE)
 
 ROM_RESOURCE = 6

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Callable
 
 from pcibackd.wire.pciif import Err
-from pcibackd.confspace.pciregs import (
+from pcibackd.wire.pciregs import (
     CAP_MSI, CAP_MSIX, CAP_PM, CAP_VPD, MSI_64BIT, MSI_ENABLE, MSI_EXT_DATA, MSI_FLAGS,
     MSI_MASKABLE, MSIX_ENABLE, MSIX_FLAGS, MSIX_MASKALL, PM_CTRL, PM_PMC, PMC_PME_SUPPORT,
     PMCSR_DATA_SELECT, PMCSR_PME_ENABLE, PMCSR_PME_STATUS, PMCSR_STATE, VPD_ADDR_F)

@@ -11,7 +11,7 @@ it).  Bridge bus numbers and windows stay read-only even in permissive mode.
 from __future__ import annotations
 
 from pcibackd.wire.pciif import Err
-from pcibackd.confspace.pciregs import (
+from pcibackd.wire.pciregs import (
     BIST_START, COMMAND_DEFINED, COMMAND_FAST_B2B, COMMAND_INTX_DISABLE, COMMAND_IO,
     COMMAND_MASTER, COMMAND_MEM, COMMAND_MWI, COMMAND_SPECIAL, COMMAND_VGA_SNOOP, COMMAND_WAIT,
     STATUS_CAP_LIST, STATUS_RW1C)

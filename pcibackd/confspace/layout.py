@@ -21,7 +21,7 @@ from pcibackd.hostpci.port import DeviceInfo, HostPort
 from pcibackd.confspace.bars import Bar, capture_bars, decode_bits
 from pcibackd.confspace.caps import GROUPS, HEADER_ONLY
 from pcibackd.confspace.header import HEADERS
-from pcibackd.confspace.pciregs import (CAPABILITY_LIST, EXT_CAP_START, HEADER_END, HEADER_TYPE,
+from pcibackd.wire.pciregs import (CAPABILITY_LIST, EXT_CAP_START, HEADER_END, HEADER_TYPE,
                                         HEADER_TYPE_MASK, STATUS, STATUS_CAP_LIST)
 from pcibackd.confspace.policy import DevicePolicy
 from pcibackd.confspace.spec import ACCESS_SIZES, FULL, BuildView, Reg, Slot

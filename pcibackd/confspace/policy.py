@@ -23,7 +23,7 @@ from loguru import logger
 
 from pcibackd.wire.bdf import BDF
 from pcibackd.hostpci.port import DeviceInfo
-from pcibackd.confspace.pciregs import CAP_NAMES, EXT_CAP_NAMES
+from pcibackd.wire.pciregs import CAP_NAMES, EXT_CAP_NAMES
 
 _HEX4 = re.compile(r"^[0-9a-fA-F]{4}$")
 _DEVICE_KEYS = {"permissive", "hide_capabilities", "hide_extended_capabilities", "quirks", "note"}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 from pcibackd.hostpci.port import HostPort
-from pcibackd.confspace.pciregs import (D0, D1, D2, D3HOT, PM_CTRL, PMC_D1, PMC_D2,
+from pcibackd.wire.pciregs import (D0, D1, D2, D3HOT, PM_CTRL, PMC_D1, PMC_D2,
                                         PMCSR_PME_STATUS, PMCSR_STATE)
 
 # Recovery time after leaving/entering a state before the next config access.

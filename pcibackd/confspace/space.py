@@ -25,7 +25,7 @@ from pcibackd.confspace import power
 from pcibackd.confspace.bars import Bar
 from pcibackd.confspace.header import COMMAND_EMU
 from pcibackd.confspace.layout import Layout, build_layout
-from pcibackd.confspace.pciregs import COMMAND, PM_PMC
+from pcibackd.wire.pciregs import COMMAND, PM_PMC
 from pcibackd.confspace.policy import DEFAULT_POLICY, DevicePolicy
 from pcibackd.confspace.spec import FULL, Slot
 from pcibackd.confspace.state import EmuState, decode, encode

@@ -5,7 +5,7 @@ hold it: a worker asks the broker over its supervisor link, the broker checks
 the request against what the supervisor told it (which guest holds which
 function, the function's MSI-X table as captured at seize) and performs the
 hypercalls and the control-register writes Xen leaves to dom0
-(docs: interrupts-and-aer.md §1.2-1.6).
+(docs/interrupts.md).
 
 * :mod:`.function` the registers and the seize-time record of a function;
 * :mod:`.messages` what crosses the worker -> supervisor boundary, and the

@@ -7,7 +7,7 @@ hypercalls start, after every PIRQ and before the answer, so a crash at any
 point leaves a record that is complete or knows which PIRQs it may miss, and
 that says whether the guest was (about to be) answered with them.
 
-Sequences (interrupts-and-aer.md §1.5, in Linux's order):
+Sequences (docs/interrupts.md, in Linux's order):
 
 ==========  ===================================================================
 map MSI     ctrl &= ~ENABLE; map_pirq; COMMAND |= INTX_DISABLE; ctrl |= ENABLE
@@ -31,9 +31,8 @@ import errno
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from pcibackd.irq.function import (CAP_MSI, CAP_MSIX, COMMAND, COMMAND_INTX_DISABLE, COMMAND_MEMORY,
-                                   MSI_ENABLE, MSIX_ENABLE, MSIX_MASKALL, FunctionRecord, Kind,
-                                   control_offset, find_capability)
+from pcibackd.irq.function import FunctionRecord, Kind, control_offset, find_capability
+from pcibackd.wire.pciregs import CAP_MSI, CAP_MSIX, COMMAND, COMMAND_INTX_DISABLE, COMMAND_MEM, MSIX_ENABLE, MSIX_MASKALL, MSI_ENABLE
 from pcibackd.irq.messages import (PIRQ_MAX, VECTOR_MAX, Answer, MapMsi, MapMsix, Mapping, Query,
                                    Restore, Unmap, refused)
 from pcibackd.irq.ports import JournalStore, Physdev, PhysdevError
@@ -142,10 +141,10 @@ class Broker:
     def _with_memory_decoding(self, bdf: BDF, call: Callable[[BDF], None]) -> None:
         """Xen reads the MSI-X table BAR only with MEMORY decoding on: turn it on for the call."""
         command = self.physdev.read_config(bdf, COMMAND, 2)
-        if command & COMMAND_MEMORY:
+        if command & COMMAND_MEM:
             call(bdf)
             return
-        self.physdev.write_config(bdf, COMMAND, 2, command | COMMAND_MEMORY)
+        self.physdev.write_config(bdf, COMMAND, 2, command | COMMAND_MEM)
         try:
             call(bdf)
         finally:

@@ -14,25 +14,12 @@ from typing import Callable
 
 from pcibackd.hostpci.port import DeviceInfo
 from pcibackd.wire.bdf import BDF
+from pcibackd.wire.pciregs import (CAP_MSI, CAP_MSIX, CAP_PM, CAPABILITY_LIST, HEADER_END, MSI_FLAGS, MSIX_BIR,
+                                   MSIX_QSIZE, MSIX_TABLE, NR_BARS, STATUS, STATUS_CAP_LIST)
 
 Read = Callable[[int, int], int]          # (offset, size) -> value
 
-COMMAND, STATUS, CAPABILITY_LIST = 0x04, 0x06, 0x34
-COMMAND_MEMORY, COMMAND_INTX_DISABLE = 0x0002, 0x0400
-STATUS_CAP_LIST = 0x0010
-HEADER_END = 0x40
-CAP_PM, CAP_MSI, CAP_MSIX = 0x01, 0x05, 0x11
 CAP_TTL = 48                              # Linux PCI_FIND_CAP_TTL
-
-PM_CTRL, PMCSR_STATE = 4, 0x0003
-
-MSI_FLAGS = 2
-MSI_ENABLE, MSI_64BIT, MSI_MASKABLE = 0x0001, 0x0080, 0x0100
-
-MSIX_FLAGS, MSIX_TABLE, MSIX_PBA = 2, 4, 8
-MSIX_ENABLE, MSIX_MASKALL, MSIX_QSIZE = 0x8000, 0x4000, 0x07FF
-MSIX_BIR = 0x7
-NR_BARS = 6
 
 
 class Kind(str, enum.Enum):

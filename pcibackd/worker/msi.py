@@ -39,9 +39,8 @@ from dataclasses import dataclass, replace
 from typing import Callable, Protocol
 
 from pcibackd.hostpci.port import HostPort
-from pcibackd.irq.function import (CAP_MSI, CAP_MSIX, CAP_PM, COMMAND, COMMAND_MEMORY, MSI_ENABLE,
-                                   MSIX_ENABLE, PM_CTRL, PMCSR_STATE, Kind, control_offset,
-                                   find_capability, msix_table_size)
+from pcibackd.irq.function import Kind, control_offset, find_capability, msix_table_size
+from pcibackd.wire.pciregs import CAP_MSI, CAP_MSIX, CAP_PM, COMMAND, COMMAND_MEM, MSIX_ENABLE, MSI_ENABLE, PMCSR_STATE, PM_CTRL
 from pcibackd.irq.messages import VECTOR_MAX, Answer, IrqRefused
 from pcibackd.wire import pciif
 from pcibackd.wire.bdf import BDF
@@ -256,6 +255,6 @@ class PortFacts:
         read = self.port.read
         in_d0 = self.pm_cap is None or read(self.pm_cap + PM_CTRL, 2) & PMCSR_STATE == 0
         return MsiFacts(self.msi_cap, self.msix_cap, self.table_size,
-                        bool(self.physfn.read(COMMAND, 2) & COMMAND_MEMORY), in_d0,
+                        bool(self.physfn.read(COMMAND, 2) & COMMAND_MEM), in_d0,
                         self._ctrl(self.msi_cap, MSI_ENABLE), self._ctrl(self.msix_cap, MSIX_ENABLE),
                         self.port.info.irq)

@@ -27,8 +27,6 @@ from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import XEN_PCI_MAGIC, XenbusState as S
 from pcibackd.worker import topology
 from pcibackd.worker.xenbus_nodes import BackendNodes, DevEntry, FrontendNodes, parse_uint
-# the node parsers stay importable from here
-from pcibackd.worker.xenbus_nodes import parse_backend, parse_vdev  # noqa: F401
 
 
 class ProtocolError(RuntimeError):

@@ -20,7 +20,7 @@ from pcibackd.hostpci.seize import is_seized, release as unseize, seize
 from pcibackd.platform import xenctrl
 from pcibackd.wire.bdf import BDF
 # the node paths stay importable from here
-from pcibackd.wire.paths import backend_domain_path, backend_path, error_path, frontend_path  # noqa: F401
+from pcibackd.wire.paths import backend_domain_path, backend_path, frontend_path
 from pcibackd.wire.pciif import XenbusState as S
 from pcibackd.xenstore.client import XenStore
 

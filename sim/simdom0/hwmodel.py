@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pcibackd.confspace.pciregs import (
+from pcibackd.wire.pciregs import (
     CAP_PCIE, CAPABILITY_LIST, CARDBUS_CAPABILITY_LIST, EXT_CAP_START, HEADER_END, HEADER_TYPE,
     HEADER_TYPE_MASK, STATUS, STATUS_CAP_LIST)
 from pcibackd.hostpci.port import Resource

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from pcibackd.confspace.pciregs import (
+from pcibackd.wire.pciregs import (
     BASE_ADDRESS_0, BIST_CAPABLE, BIST_START, CAP_MSI, CAP_MSIX, CAP_PCIE, CAP_PM, CAP_VENDOR,
     CAP_VPD, COMMAND_DEFINED, D1, D2, EXT_CAP_ACS, EXT_CAP_AER, EXT_CAP_ARI, EXT_CAP_DSN,
     EXT_CAP_SRIOV, EXT_CAP_VSEC, HEADER_TYPE, HEADER_TYPE_MASK, MSI_64BIT, MSI_FLAGS,

@@ -1,6 +1,6 @@
 """A model of Xen 4.17's PIRQ and MSI plumbing: the simulated dom0's ``Physdev`` for the broker.
 
-What is modelled (facts: interrupts-and-aer.md §1.2-1.3):
+What is modelled (facts: docs/interrupts.md):
 
 * per domain a PIRQ space of ``nr_irqs_gsi + extra_guest_irqs``; MSI PIRQs come
   from the top down to ``nr_irqs_gsi`` (``get_free_pirq``), then ``ENOSPC``;
@@ -37,9 +37,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pcibackd.hostpci.port import HostPort
-from pcibackd.irq.function import (CAP_MSI, CAP_MSIX, COMMAND, COMMAND_MEMORY, MSI_64BIT, MSI_ENABLE,
-                                   MSI_MASKABLE, MSIX_ENABLE, MSIX_MASKALL, MSIX_PBA, Kind,
-                                   control_offset, find_capability, msix_table_size)
+from pcibackd.irq.function import Kind, control_offset, find_capability, msix_table_size
+from pcibackd.wire.pciregs import CAP_MSI, CAP_MSIX, COMMAND, COMMAND_MEM, MSIX_ENABLE, MSIX_MASKALL, MSIX_PBA, MSI_64BIT, MSI_ENABLE, MSI_MASKABLE
 from pcibackd.irq.ports import PhysdevError
 from pcibackd.wire.bdf import BDF
 
@@ -141,7 +140,7 @@ class SimPhysdev:
             raise SimXenCrash(f"prepare_msix on {bdf}, which has no MSI-X: NULL dereference in Xen")
         if bdf in self.prepared:
             raise PhysdevError(errno.EBUSY, f"{bdf}: MSI-X already prepared")
-        if not port.read(COMMAND, 2) & COMMAND_MEMORY:
+        if not port.read(COMMAND, 2) & COMMAND_MEM:
             raise PhysdevError(errno.ENXIO, f"{bdf}: memory decoding is off")
         self.prepared.add(bdf)
 
@@ -165,7 +164,7 @@ class SimPhysdev:
                 raise PhysdevError(errno.ENODEV, f"{bdf} has no MSI-X")
             if bdf not in self.prepared:
                 raise PhysdevError(errno.ENODATA, f"{bdf}: MSI-X table not known (prepare_msix)")
-            if not port.read(COMMAND, 2) & COMMAND_MEMORY:
+            if not port.read(COMMAND, 2) & COMMAND_MEM:
                 raise PhysdevError(errno.ENXIO, f"{bdf}: memory decoding is off")
             if not 0 <= entry < msix_table_size(port.read(control_offset(cap), 2)):
                 raise PhysdevError(errno.EINVAL, f"{bdf}: entry {entry} outside the table")
@@ -197,7 +196,7 @@ class SimPhysdev:
             off = control_offset(find_capability(port.read, CAP_MSI))     # type: ignore[arg-type]
             port.write(off, 2, port.read(off, 2) | MSI_ENABLE)
         if Kind.msix in kinds:
-            if not port.read(COMMAND, 2) & COMMAND_MEMORY:
+            if not port.read(COMMAND, 2) & COMMAND_MEM:
                 raise PhysdevError(errno.ENXIO, f"{bdf}: memory decoding is off")
             off = control_offset(find_capability(port.read, CAP_MSIX))    # type: ignore[arg-type]
             port.write(off, 2, port.read(off, 2) | MSIX_ENABLE)

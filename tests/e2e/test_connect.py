@@ -7,7 +7,8 @@ import pytest
 
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import Err, Op, XenbusState as S
-from pcibackd.xenstore.toolstack import backend_path, error_path, frontend_path, wait_for_value
+from pcibackd.wire.paths import backend_path, error_path, frontend_path
+from pcibackd.xenstore.toolstack import wait_for_value
 from waiting import wait_until
 
 EDU = ("edu", "0000:00:05.0")

@@ -11,7 +11,8 @@ import pytest
 
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import Err, XenbusState as S
-from pcibackd.xenstore.toolstack import backend_path, error_path, frontend_path, wait_for_value
+from pcibackd.wire.paths import backend_path, error_path, frontend_path
+from pcibackd.xenstore.toolstack import wait_for_value
 from waiting import wait_until
 
 G0 = BDF(0, 0, 0, 0)

@@ -8,10 +8,11 @@ import time
 
 import pytest
 
-from pcibackd.worker.xenbus import parse_vdev
+from pcibackd.worker.xenbus_nodes import parse_vdev
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import Err, XenbusState as S
-from pcibackd.xenstore.toolstack import Toolstack, backend_path
+from pcibackd.wire.paths import backend_path
+from pcibackd.xenstore.toolstack import Toolstack
 from pcibackd.xenstore.client import XenStore
 from waiting import wait_until
 

@@ -12,7 +12,7 @@ import pytest
 
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import Err, XenbusState as S
-from pcibackd.xenstore.toolstack import backend_path
+from pcibackd.wire.paths import backend_path
 from waiting import wait_until
 
 G0 = BDF(0, 0, 0, 0)

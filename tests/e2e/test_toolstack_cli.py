@@ -6,7 +6,7 @@ import sys
 import threading
 
 from pcibackd.wire.pciif import XenbusState as S
-from pcibackd.xenstore.toolstack import backend_path
+from pcibackd.wire.paths import backend_path
 
 
 def ts(dom0, *args):

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from pcibackd.irq.broker import Broker, Limits
-from pcibackd.irq.function import (CAP_MSIX, COMMAND, COMMAND_INTX_DISABLE, COMMAND_MEMORY, MSI_ENABLE,
-                                   MSIX_ENABLE, MSIX_MASKALL, Kind, find_capability, record_for)
+from pcibackd.irq.function import Kind, find_capability, record_for
+from pcibackd.wire.pciregs import CAP_MSIX, COMMAND, COMMAND_INTX_DISABLE, COMMAND_MEM, MSIX_ENABLE, MSIX_MASKALL, MSI_ENABLE
 from pcibackd.irq.journal import Journal
 from pcibackd.irq.messages import (Answer, Client, IrqRefused, MapMsi, MapMsix, Prepare, Query, Restore,
                                    Unmap, answer_from_wire, answer_to_wire, request_from_wire,
@@ -97,9 +97,9 @@ def test_prepare_is_never_issued_for_a_function_without_msix(env):
 
 def test_prepare_turns_memory_decoding_on_for_the_call_only(env):
     dev = env.devs[NIC]
-    dev.write(COMMAND, 2, dev.read(COMMAND, 2) & ~COMMAND_MEMORY)
+    dev.write(COMMAND, 2, dev.read(COMMAND, 2) & ~COMMAND_MEM)
     assert env.broker.prepare(record_for(dev.read, dev.info)).ok
-    assert NIC in env.xen.prepared and not dev.read(COMMAND, 2) & COMMAND_MEMORY
+    assert NIC in env.xen.prepared and not dev.read(COMMAND, 2) & COMMAND_MEM
     assert env.broker.prepare(record_for(dev.read, dev.info)).ok          # idempotent
     assert env.xen.calls["prepare_msix"] == 1
     assert json.loads((env.jdir / "prepared.json").read_text())["prepared"] == [str(NIC)]

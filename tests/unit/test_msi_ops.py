@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from pcibackd.irq.broker import Broker
-from pcibackd.irq.function import COMMAND, COMMAND_MEMORY, MSI_ENABLE, MSIX_ENABLE, Kind, record_for
+from pcibackd.irq.function import Kind, record_for
+from pcibackd.wire.pciregs import COMMAND, COMMAND_MEM, MSIX_ENABLE, MSI_ENABLE
 from pcibackd.irq.journal import Journal
 from pcibackd.irq.messages import Answer, Client, IrqRefused
 from pcibackd.wire import pciif
@@ -278,7 +279,7 @@ def test_port_facts_read_the_device(rig):
     dev.write(0xD2, 2, dev.read(0xD2, 2) | MSI_ENABLE)
     assert PortFacts(dev).read_facts().msi_hw_enabled
     physfn = SimHost(dev.root).add("e1000e", BDF(0, 9, 0, 0))
-    physfn.write(COMMAND, 2, physfn.read(COMMAND, 2) & ~COMMAND_MEMORY)
+    physfn.write(COMMAND, 2, physfn.read(COMMAND, 2) & ~COMMAND_MEM)
     assert not PortFacts(dev, physfn).read_facts().memory_decoding
 
 

@@ -7,6 +7,7 @@ import errno
 import pytest
 
 from pcibackd.worker import xenbus as xb
+from pcibackd.worker.xenbus_nodes import parse_backend
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import XenbusState as S
 
@@ -18,7 +19,7 @@ def nodes(state="1", online="1", devs=((DEV0, "1"),), **extra):
     for i, (bdf, st) in enumerate(devs):
         d[f"dev-{i}"], d[f"key-{i}"], d[f"state-{i}"] = bdf, bdf, st
     d.update(extra)
-    return xb.parse_backend(d)
+    return parse_backend(d)
 
 
 def front(state="3", gref="8", evtchn="9", magic="7", exists=True):
@@ -167,12 +168,12 @@ def test_frontend_flapping_garbage_is_ignored_when_connected(fe_state):
     ({"num_devs": "1", "dev-0": "0000:00:01.0", "opts-0": "evil=1"}, "unknown option"),
 ])
 def test_parse_backend_reports_garbage(untrusted, problem):
-    parsed = xb.parse_backend(untrusted)
+    parsed = parse_backend(untrusted)
     assert any(problem in p for p in parsed.problems)
 
 
 def test_parse_backend_options_kept():
-    p = xb.parse_backend({"num_devs": "1", "dev-0": "0000:00:01.0", "state-0": "1",
+    p = parse_backend({"num_devs": "1", "dev-0": "0000:00:01.0", "state-0": "1",
                           "opts-0": "msitranslate=0,power_mgmt=0,permissive=1,rdm_policy=strict"})
     assert dict(p.devs[0].opts)["permissive"] == "1" and not p.problems
 
@@ -190,7 +191,7 @@ def test_broken_device_list_is_fatal(extra):
     m = xb.BackendMachine()
     d = {"state": "1", "online": "1", "num_devs": "1", "dev-0": DEV0, "state-0": "1"}
     d.update(extra)
-    eff = m.handle(xb.Probe(xb.parse_backend(d), front("1")))
+    eff = m.handle(xb.Probe(parse_backend(d), front("1")))
     assert isinstance(eff[-1], xb.Fatal) and eff[-1].err == errno.EINVAL and m.state == S.Closing
 
 
@@ -201,7 +202,7 @@ def test_resume_keeps_published_guest_addresses_after_renumbering():
     d = {"state": "4", "online": "1", "num_devs": "2",
          "dev-0": "0000:00:06.0", "state-0": "3", "vdev-0": "0000:00:01.00",
          "dev-1": "0000:02:00.0", "state-1": "3", "vdev-1": "0000:00:00.00"}
-    eff = m.handle(xb.Probe(xb.parse_backend(d), front("4")))
+    eff = m.handle(xb.Probe(parse_backend(d), front("4")))
     assert m.exported == {BDF.parse("0000:00:06.0"): BDF(0, 0, 1, 0), BDF.parse("0000:02:00.0"): BDF(0, 0, 0, 0)}
     assert eff[1] == xb.Publish(((0, "0000:00:01.00"), (1, "0000:00:00.00")), ("0000:00",))
 
@@ -213,7 +214,7 @@ def test_resume_with_missing_or_bad_vdev_places_the_rest(vdev0):
          "dev-0": "0000:00:06.0", "state-0": "3", "dev-1": "0000:02:00.0", "state-1": "3", "vdev-1": "0000:00:00.00"}
     if vdev0 is not None:
         d["vdev-0"] = vdev0
-    m.handle(xb.Probe(xb.parse_backend(d), front("4")))
+    m.handle(xb.Probe(parse_backend(d), front("4")))
     assert m.exported[BDF.parse("0000:02:00.0")] == BDF(0, 0, 0, 0)       # kept
     assert m.exported[BDF.parse("0000:00:06.0")] == BDF(0, 0, 1, 0)       # placed in a free slot
 
@@ -223,7 +224,7 @@ def test_resume_placement_failure_is_fatal_not_a_crash():
     d = {"state": "4", "online": "1", "num_devs": "33"}
     for i in range(33):
         d[f"dev-{i}"], d[f"state-{i}"] = f"0000:{1 + i // 32:02x}:{i % 32:02x}.0", "3"
-    eff = m.handle(xb.Probe(xb.parse_backend(d), front("4")))
+    eff = m.handle(xb.Probe(parse_backend(d), front("4")))
     assert isinstance(eff[-1], xb.Fatal) and m.state == S.Closing
 
 
@@ -248,5 +249,5 @@ def test_resume_with_duplicate_vdevs_never_collides():
     d = {"state": "4", "online": "1", "num_devs": "2",
          "dev-0": "0000:00:06.0", "state-0": "3", "vdev-0": "0000:00:00.00",
          "dev-1": "0000:02:00.0", "state-1": "3", "vdev-1": "0000:00:00.00"}
-    m.handle(xb.Probe(xb.parse_backend(d), front("4")))
+    m.handle(xb.Probe(parse_backend(d), front("4")))
     assert len(set(m.exported.values())) == 2

@@ -6,7 +6,7 @@ import pytest
 
 from pcibackd.confspace import DevicePolicy
 from pcibackd.confspace.header import COMMAND_GUEST
-from pcibackd.confspace.pciregs import (
+from pcibackd.wire.pciregs import (
     COMMAND_FAST_B2B as FAST_B2B, COMMAND_INTX_DISABLE as INTX_DISABLE, COMMAND_IO as IO,
     COMMAND_MASTER as MASTER, COMMAND_MEM as MEM, COMMAND_MWI as MWI, COMMAND_PARITY as PARITY,
     COMMAND_SERR as SERR, COMMAND_SPECIAL as SPECIAL)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pcibackd.confspace import ConfSpace, DevicePolicy
-from pcibackd.confspace.pciregs import (COMMAND_INTX_DISABLE as INTX_DISABLE, COMMAND_MEM as MEM,
+from pcibackd.wire.pciregs import (COMMAND_INTX_DISABLE as INTX_DISABLE, COMMAND_MEM as MEM,
                                         COMMAND_SERR as SERR)
 
 

@@ -91,5 +91,7 @@ VPD_ADDR_F = 0x8000                   # in the address register: 1 = write, 0 = 
 MSI_FLAGS = 2
 MSI_ENABLE, MSI_64BIT, MSI_MASKABLE, MSI_EXT_DATA = 0x0001, 0x0080, 0x0100, 0x0200
 
-MSIX_FLAGS = 2
-MSIX_ENABLE, MSIX_MASKALL = 0x8000, 0x4000
+MSIX_FLAGS, MSIX_TABLE, MSIX_PBA = 2, 4, 8   # control word; table and PBA offset/BIR dwords
+MSIX_ENABLE, MSIX_MASKALL, MSIX_QSIZE = 0x8000, 0x4000, 0x07FF
+MSIX_BIR = 0x7                                 # BAR indicator in the low bits of TABLE/PBA
+NR_BARS = 6

@@ -185,6 +185,14 @@ class DeviceSet:
         self.dispatcher.devices = {(e.guest.domain, e.guest.bus, e.guest.devfn): e.conf
                                    for e in self.entries.values()}
 
+    def find(self, domain: int, bus: int, devfn: int) -> tuple[BDF, object] | None:
+        """The host address and HostPort of the function the guest sees at (domain, bus, devfn)."""
+        for host, entry in self.entries.items():
+            g = entry.guest
+            if (g.domain, g.bus, g.devfn) == (domain, bus, devfn):
+                return host, entry.conf.port
+        return None
+
     # --- commands ------------------------------------------------------------
     def set_permissive(self, bdf: str | None, on: bool) -> list[str]:
         """Per-device permissive override; ``bdf`` None = every device of this guest."""

@@ -31,14 +31,16 @@ from loguru import logger
 
 from pcibackd.common import logs
 from pcibackd.common.files import write_atomic
+from pcibackd.irq.messages import Client
 from pcibackd.platform.select import choose_platform
 from pcibackd.wire.bdf import BDF
 from pcibackd.worker import faults, privileges
 from pcibackd.worker.devices import DeviceSet
 from pcibackd.worker.driver import Driver
-from pcibackd.worker.link import Reporter
+from pcibackd.worker.interrupts import MsiService, broker_send
 from pcibackd.worker.ops import Dispatcher
 from pcibackd.worker.oploop import OpLoop, Ring
+from pcibackd.worker.reporter import Reporter
 from pcibackd.worker.xenbus import BackendMachine
 from pcibackd.xenstore.client import XenStore
 
@@ -87,6 +89,11 @@ class Worker:
         self.machine = BackendMachine(mode=cfg.topology)
         self.driver = Driver(self.xs, cfg.domid, cfg.backend_path, self.machine, self)
         self.reporter = Reporter(cfg, self) if cfg.supervisor_endpoint else None
+        self.msi: MsiService | None = None
+        if self.reporter:           # PIRQs come from the supervisor's broker, or MSI is not offered
+            self.msi = MsiService(Client(cfg.domid, broker_send(self.reporter.ask, self.reporter.tell)),
+                                  self.devices.find)
+            self.msi.install(self.dispatcher.external)
         self.stopping = False
         self.orphaned = False
         self.last_ack = time.monotonic()
@@ -98,6 +105,8 @@ class Worker:
     def remove(self, hosts: tuple[BDF, ...]) -> None:
         self.loop.flush()
         self.devices.remove(hosts)
+        if self.msi:
+            self.msi.forget(hosts)
 
     def map_ring(self, gref: int, port: int) -> None:
         page = self.platform.map_grant(self.cfg.domid, gref)
@@ -155,7 +164,7 @@ class Worker:
                 paths = [p for p, _ in self.xs.events()]
                 if paths:
                     self.driver.on_watch(paths)
-            if self.reporter and self.reporter in ready:
+            if self.reporter and (self.reporter in ready or self.reporter.drain):
                 self.reporter.on_message()
             if rfd in ready:
                 os.read(rfd, 64)

@@ -1,0 +1,115 @@
+"""The supervisor's side of MSI/MSI-X: one :class:`~pcibackd.irq.broker.Broker`, fed from xenstore.
+
+Which guest holds which function is learnt from the trusted side only: the
+guest's backend directory (``dev-N``, written by the toolstack; the guest can
+only read it), never from a worker's report.  At every scan:
+
+* a function that appears in a guest's backend is captured
+  (:func:`~pcibackd.irq.function.record_for`, through the platform's config
+  access), prepared (PHYSDEVOP_prepare_msix, MSI-X functions only) and
+  ``assign``-ed;
+* a function whose ``state-N`` turns Closing/Closed (hot-unplug), or that
+  leaves the backend, is ``unassign``-ed: its PIRQs are unmapped before the
+  toolstack takes it away;
+* a guest whose backend directory goes is ``domain_gone``.
+
+A worker's request names a guest; the broker serves it only for the guest of
+the worker that sent it (its authenticated identity, passed in as ``domid``).
+The journal lives in ``<runtime>/irq`` and is replayed at start.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loguru import logger
+
+from pcibackd.irq.broker import Broker
+from pcibackd.irq.function import record_for
+from pcibackd.irq.journal import Journal
+from pcibackd.irq.messages import Answer, WorkerRequest
+from pcibackd.wire.bdf import BDF
+from pcibackd.wire.pciif import XenbusState
+from pcibackd.xenstore.client import XenStore
+
+MAX_DEVS = 256                  # num_devs beyond this is not a toolstack's
+LEAVING = (str(int(XenbusState.Closing)), str(int(XenbusState.Closed)))
+
+
+def assigned_functions(xs: XenStore, backend: str) -> set[BDF]:
+    """The functions a guest's backend lists and that are not on their way out."""
+    untrusted_num = xs.read(f"{backend}/num_devs") or "0"
+    if not untrusted_num.isdigit() or len(untrusted_num) > 3:
+        return set()
+    out = set()
+    for i in range(min(int(untrusted_num), MAX_DEVS)):
+        dev = xs.read(f"{backend}/dev-{i}")
+        if dev is None or len(dev) > 16 or xs.read(f"{backend}/state-{i}") in LEAVING:
+            continue
+        try:
+            out.add(BDF.parse(dev))
+        except ValueError:
+            continue
+    return out
+
+
+class Interrupts:
+    """See module doc.  ``platform`` gives the Physdev and config access to functions."""
+
+    def __init__(self, platform, runtime: Path) -> None:
+        self.platform = platform
+        self.broker = Broker(platform.physdev(), Journal(Path(runtime) / "irq"))
+        self.assigned: dict[int, set[BDF]] = {}
+
+    def start(self, alive: set[int]) -> None:
+        """Replay the journal: keep what live guests hold, unmap the rest."""
+        r = self.broker.replay(lambda domid: domid in alive)
+        if r.adopted or r.torn_down or r.uncertain or r.orphans or r.problems:
+            logger.info("irq journal: {} mapping(s) adopted, {} torn down, {} uncertain, {} orphaned{}",
+                        len(r.adopted), len(r.torn_down), len(r.uncertain), len(r.orphans),
+                        "; " + "; ".join(r.problems) if r.problems else "")
+
+    def sync(self, xs: XenStore, present: dict[int, str]) -> None:
+        """Follow the backends (``{domid: backend path}``) now in xenstore."""
+        for domid, path in present.items():
+            want, have = assigned_functions(xs, path), self.assigned.setdefault(domid, set())
+            for bdf in sorted(have - want):
+                answer = self.broker.unassign(bdf)
+                have.discard(bdf)
+                if not answer.ok:
+                    logger.error("{} left domain {} with interrupts still mapped: {}", bdf, domid,
+                                 answer.detail)
+            for bdf in sorted(want - have):
+                if self._assign(domid, bdf):
+                    have.add(bdf)
+        for domid in [d for d in self.assigned if d not in present]:
+            self.broker.domain_gone(domid)
+            del self.assigned[domid]
+
+    def _assign(self, domid: int, bdf: BDF) -> bool:
+        try:
+            port = self.platform.open_device(bdf)
+        except (OSError, ValueError) as exc:
+            logger.warning("{} (domain {}): no interrupt record, MSI will be refused: {}", bdf, domid, exc)
+            return False
+        try:
+            record = record_for(port.read, port.info)
+        except (OSError, ValueError) as exc:
+            logger.warning("{} (domain {}): reading its capabilities failed: {}", bdf, domid, exc)
+            return False
+        finally:
+            close = getattr(port, "close", None)
+            if close is not None:
+                close()
+        if record.has_msix:
+            answer = self.broker.prepare(record)
+            if not answer.ok:
+                logger.warning("{}: PHYSDEVOP_prepare_msix failed ({}: {}); MSI-X will be refused",
+                               bdf, answer.error, answer.detail)
+        self.broker.assign(domid, record)
+        logger.debug("{} is domain {}'s for interrupts", bdf, domid)
+        return True
+
+    def handle(self, domid: int, request: WorkerRequest) -> Answer:
+        """A request from the worker of ``domid`` (authenticated by the caller)."""
+        return self.broker.handle(domid, request)

@@ -5,9 +5,10 @@ it keeps the facts reader (:class:`~pcibackd.worker.msi.PortFacts` over the
 function's HostPort) and its :class:`~pcibackd.worker.msi.MsiState`.  The
 state of a function this worker has not served an MSI op for yet is unknown:
 it is asked of the broker first (``Query``), so a restarted worker continues
-where its predecessor stopped, and the first op after such a state came back
-may be an enable the predecessor had mapped but never answered
-(:func:`~pcibackd.worker.msi.readopt`).
+where its predecessor stopped.  The op a predecessor left pending (served
+while :attr:`MsiService.reserving`) may be an enable it had the broker map but
+never answered: that one is answered with the mapped PIRQs
+(:func:`~pcibackd.worker.msi.readopt`), never mapped twice.
 
 The broker is the supervisor's (:class:`pcibackd.irq.messages.Client` over the
 worker's link); this process never maps a PIRQ itself.
@@ -52,7 +53,7 @@ class MsiService:
         self.broker, self.lookup = broker, lookup
         self.facts: dict[BDF, PortFacts] = {}
         self.states: dict[BDF, MsiState] = {}
-        self.adopted: set[BDF] = set()      # state came from the broker; no op of ours since
+        self.reserving = False              # serving the op a dead predecessor left pending
 
     def install(self, handlers: dict) -> None:
         """Take ops 2-5 and 10 in a Dispatcher's ``external`` table."""
@@ -77,14 +78,11 @@ class MsiService:
                 logger.warning("{}: interrupt state unknown, broker query failed: {}", host, exc)
                 state, broker = MsiState(), _Refusing(exc)
         fn = MsiFunction(host, facts, state)
-        outcome = None
-        if host in self.adopted:
-            self.adopted.discard(host)
-            outcome = msi.readopt(untrusted, fn)
-            if outcome is not None:
-                logger.info("{}: op {} answered with the PIRQs mapped before this worker started",
-                            host, untrusted.cmd)
-        if outcome is None:
+        outcome = msi.readopt(untrusted, fn) if self.reserving else None
+        if outcome is not None:
+            logger.info("{}: pending op {} answered with the PIRQs mapped before this worker started",
+                        host, untrusted.cmd)
+        else:
             outcome = msi.serve(untrusted, fn, broker)
         if outcome.state is not None and broker is self.broker:
             self.states[host] = outcome.state
@@ -96,7 +94,6 @@ class MsiService:
         state = msi.state_from_answer(self.broker.query(host))
         self.states[host] = state
         if state != MsiState():
-            self.adopted.add(host)
             logger.info("{}: interrupt state taken over from the broker: {}", host, state)
         return state
 
@@ -105,7 +102,6 @@ class MsiService:
         for host in hosts:
             self.facts.pop(host, None)
             self.states.pop(host, None)
-            self.adopted.discard(host)
 
 
 def broker_send(ask: Callable, tell: Callable) -> Callable:

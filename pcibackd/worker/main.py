@@ -120,8 +120,14 @@ class Worker:
         self.loop.ring = Ring(page, evtchn, local)
         logger.info("connected: gref {} port {} -> local port {}", gref, port, local)
         # A request left pending by a crashed predecessor is answered now.
-        if self.loop.serve_pending():
-            logger.info("served an op left pending before this worker started")
+        if self.msi:
+            self.msi.reserving = True
+        try:
+            if self.loop.serve_pending():
+                logger.info("served an op left pending before this worker started")
+        finally:
+            if self.msi:
+                self.msi.reserving = False
 
     def unmap_ring(self) -> None:
         if self.loop.ring:

@@ -226,9 +226,9 @@ HANDLERS: dict[int, Handler] = {
 def readopt(op: MsiOp, fn: MsiFunction) -> Outcome | None:
     """The answer to an enable a dead predecessor had the broker map but never answered.
 
-    For the first op after a function's state came back from the broker: an
-    enable of what is mapped (MSI, or MSI-X with the same entries) is answered
-    with the PIRQs the guest holds, never mapped twice; None for anything else.
+    Only for the op a predecessor left pending: an enable of what is mapped
+    (MSI, or MSI-X with the same entries) is answered with the PIRQs the guest
+    now holds, never mapped twice; None for anything else.
     """
     s = fn.state
     if op.cmd == Op.enable_msi and s.msi_enabled:

@@ -1,0 +1,188 @@
+"""MSI/MSI-X wiring around the pure cores: the broker messages on the worker link (strict on both
+sides), the worker's MsiService, and the supervisor's view of assignments (xenstore's dev-N only)."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+
+from pcibackd.daemon.interrupts import Interrupts, assigned_functions
+from pcibackd.irq.function import Kind
+from pcibackd.irq.messages import Answer, Client, MapMsi, MapMsix, Query, Unmap
+from pcibackd.wire import pciif
+from pcibackd.wire.bdf import BDF
+from pcibackd.wire.pciif import Err, Op
+from pcibackd.wire.pciregs import MSIX_ENABLE
+from pcibackd.worker.interrupts import MsiService, broker_send
+from pcibackd.worker.link import (BadMessage, IrqReply, WorkerCommand, WorkerIrqRequest,
+                                  parse_supervisor_message, parse_worker_message)
+from simdom0.hostpci import SimHost
+from simdom0.physdev import SimPhysdev
+from simdom0.platform import SimPlatform, physdev_state_path
+
+NIC = BDF(0, 3, 0, 0)
+
+
+# -- the link ---------------------------------------------------------------------------
+
+def test_irq_request_round_trip_and_strictness():
+    msg = WorkerIrqRequest(3, 77, "tok", "irq-1", MapMsix(3, NIC, (0, 4)))
+    assert parse_worker_message(msg.to_json()) == msg
+    doc = json.loads(msg.to_json())
+    for bad in ({"irq": "map_msix", "domid": 3, "bdf": "0000:03:00.0", "entries": list(range(129))},
+                {"irq": "prepare", "domid": 3, "bdf": "0000:03:00.0"},            # supervisor-only
+                {"irq": "map_msi", "domid": 3, "bdf": "0000:03:00.0", "nvec": 1, "extra": 1},
+                {"irq": "unmap", "domid": 3, "bdf": "0000:03:00.0", "kind": "intx"},
+                "map_msi", None):
+        with pytest.raises(BadMessage):
+            parse_worker_message(json.dumps(dict(doc, request=bad)).encode())
+
+
+def test_supervisor_frames_are_commands_or_broker_answers():
+    answer = Answer(pirqs=(55, 54), kind=Kind.msix, entries=(0, 1))
+    assert parse_supervisor_message(IrqReply("irq-9", answer).to_json()) == IrqReply("irq-9", answer)
+    assert parse_supervisor_message(WorkerCommand("ack").to_json()) == WorkerCommand("ack")
+    good = json.loads(IrqReply("irq-9", answer).to_json())
+    for bad in (dict(good, extra=1), dict(good, id=5), dict(good, answer={"errno": 0}),
+                dict(good, answer=dict(good["answer"], pirqs=[0])),
+                dict(good, answer=dict(good["answer"], errno=-1))):
+        with pytest.raises(BadMessage):
+            parse_supervisor_message(json.dumps(bad).encode())
+    with pytest.raises(BadMessage):
+        parse_supervisor_message(b"NaN")
+
+
+def test_a_map_given_up_on_is_undone():
+    told = []
+    send = broker_send(lambda req: Answer(errno=errno.ETIMEDOUT, error="timeout"), told.append)
+    assert send(MapMsix(3, NIC, (0,))).errno == errno.ETIMEDOUT
+    assert send(MapMsi(3, NIC)).error == "timeout"
+    assert send(Query(3, NIC)).error == "timeout"
+    assert told == [Unmap(3, NIC, Kind.msix), Unmap(3, NIC, Kind.msi)]
+
+
+# -- the worker's service over a simulated function ------------------------------------------
+
+class Broker:
+    """Answers by request type; records what was asked."""
+
+    def __init__(self) -> None:
+        self.asked: list = []
+        self.answers: dict = {MapMsix: Answer(pirqs=(55, 54)), MapMsi: Answer(pirqs=(53,))}
+
+    def send(self, req):
+        self.asked.append(req)
+        return self.answers.get(type(req), Answer())
+
+
+def snapshot(cmd: int, devfn: int = 0, value: int = 0, entries=()) -> bytes:
+    buf = bytearray(pciif.PCI_OP.size)
+    pciif.OP_HEADER.pack_into(buf, 0, cmd, 0, 0, 0, devfn, 0, 0, value, 0)
+    for i, e in enumerate(entries):
+        pciif.MSIX_ENTRY.pack_into(buf, pciif.OP_MSIX_ENTRIES + 4 * i, 0, e)
+    return bytes(buf)
+
+
+@pytest.fixture
+def service(tmp_path):
+    dev = SimHost(tmp_path / "pci").add("e1000e", NIC)
+    broker = Broker()
+    svc = MsiService(Client(3, broker.send), lambda d, b, devfn: (NIC, dev) if (d, b, devfn) == (0, 0, 0) else None)
+    return svc, broker
+
+
+def test_service_asks_the_broker_for_the_state_once_then_serves(service):
+    svc, broker = service
+    reply = svc.serve(snapshot(Op.enable_msix, value=2, entries=(0, 1)))
+    assert (reply.err, reply.value, reply.vectors) == (0, 0, (55, 54))
+    assert broker.asked == [Query(3, NIC), MapMsix(3, NIC, (0, 1))]
+    assert svc.serve(snapshot(Op.enable_msix, value=1, entries=(2,))).err == -errno.EALREADY
+    assert svc.serve(snapshot(Op.disable_msix)).err == Err.success
+    assert broker.asked[-1] == Unmap(3, NIC, Kind.msix)
+    assert svc.serve(snapshot(Op.enable_msi)).value == 53
+    assert Query(3, NIC) not in broker.asked[1:]
+    n = len(broker.asked)
+    assert svc.serve(snapshot(Op.enable_msi, devfn=8)).err == Err.dev_not_found
+    assert len(broker.asked) == n                                    # no function, no question
+    svc.forget([NIC])
+    svc.serve(snapshot(Op.disable_msi))
+    assert broker.asked[n] == Query(3, NIC)                          # forgotten: asked again
+
+
+def test_service_takes_over_a_dead_workers_state(service):
+    svc, broker = service
+    broker.answers[Query] = Answer(pirqs=(41, 42), kind=Kind.msix, entries=(0, 1))
+    svc.reserving = True                      # the op its predecessor left pending
+    reply = svc.serve(snapshot(Op.enable_msix, value=2, entries=(0, 1)))
+    assert (reply.err, reply.vectors) == (0, (41, 42))
+    assert broker.asked == [Query(3, NIC)]                           # nothing mapped twice
+    svc.reserving = False
+    assert svc.serve(snapshot(Op.enable_msix, value=2, entries=(0, 1))).err == -errno.EALREADY
+    svc.serve(snapshot(Op.disable_msix))
+    assert broker.asked[-1] == Unmap(3, NIC, Kind.msix)
+
+
+def test_service_refuses_enables_while_the_state_is_unknown(service):
+    svc, broker = service
+    broker.answers[Query] = Answer(errno=errno.ETIMEDOUT, error="timeout")
+    assert svc.serve(snapshot(Op.enable_msi)).err == Err.op_failed
+    assert svc.serve(snapshot(Op.enable_msix, value=1, entries=(0,))).err == -errno.ETIMEDOUT
+    assert [type(r) for r in broker.asked] == [Query, Query]        # never mapped blind; asked again
+
+
+# -- the supervisor's side -------------------------------------------------------------------
+
+class Store:
+    """A read-only xenstore of plain values."""
+
+    def __init__(self, nodes: dict[str, str]) -> None:
+        self.nodes = nodes
+
+    def read(self, path: str):
+        return self.nodes.get(path)
+
+
+BE = "/local/domain/0/backend/pci/5/0"
+
+
+def test_assignments_come_from_dev_nodes_not_leaving():
+    xs = Store({f"{BE}/num_devs": "4", f"{BE}/dev-0": "0000:03:00.0", f"{BE}/state-0": "3",
+                f"{BE}/dev-1": "0000:04:00.0", f"{BE}/state-1": "5",          # being unplugged
+                f"{BE}/dev-2": "garbage", f"{BE}/dev-3": "0000:05:00.1"})
+    assert assigned_functions(xs, BE) == {NIC, BDF(0, 5, 0, 1)}
+    assert assigned_functions(Store({f"{BE}/num_devs": "99999999"}), BE) == set()
+    assert assigned_functions(Store({f"{BE}/num_devs": "-1"}), BE) == set()
+
+
+def test_supervisor_serves_only_the_assigned_guest_and_tears_down(tmp_path):
+    platform = SimPlatform(tmp_path, 0)
+    dev = SimHost(tmp_path / "pci").add("e1000e", NIC)
+    irq = Interrupts(platform, tmp_path / "run")
+    irq.start(set())
+    xs = Store({f"{BE}/num_devs": "1", f"{BE}/dev-0": str(NIC), f"{BE}/state-0": "4"})
+    irq.sync(xs, {5: BE})
+    assert irq.handle(6, MapMsix(6, NIC, (0,))).error == "not_assigned"
+    assert irq.handle(6, MapMsix(5, NIC, (0,))).error == "wrong_domain"   # the sender is who it is
+    answer = irq.handle(5, MapMsix(5, NIC, (0, 1)))
+    assert answer.ok and len(answer.pirqs) == 2 and dev.read(0xA2, 2) & MSIX_ENABLE
+    state = json.loads(physdev_state_path(tmp_path).read_text())
+    assert sorted(b["pirq"] for b in state["bindings"]) == sorted(answer.pirqs)
+    assert state["prepared"] == [str(NIC)]
+    # a fresh model of Xen reads the same state back (Xen outlives a supervisor)
+    assert SimPhysdev(platform.open_device, state_file=physdev_state_path(tmp_path)).pirq_count(5) == 2
+
+    xs.nodes[f"{BE}/state-0"] = "5"                      # hot-unplug begins
+    irq.sync(xs, {5: BE})
+    assert json.loads(physdev_state_path(tmp_path).read_text())["bindings"] == []
+    assert not dev.read(0xA2, 2) & MSIX_ENABLE
+    assert irq.handle(5, Query(5, NIC)).error == "not_assigned"
+
+    xs.nodes[f"{BE}/state-0"] = "4"
+    irq.sync(xs, {5: BE})
+    assert irq.handle(5, MapMsi(5, NIC)).ok
+    irq.sync(xs, {})                                     # the guest's backend is gone
+    assert json.loads(physdev_state_path(tmp_path).read_text())["bindings"] == []
+    assert not (tmp_path / "run" / "irq" / "dom5.json").exists()

@@ -27,7 +27,7 @@ from loguru import logger
 from pcibackd.irq.broker import Broker
 from pcibackd.irq.function import record_for
 from pcibackd.irq.journal import Journal
-from pcibackd.irq.messages import Answer, WorkerRequest
+from pcibackd.irq.messages import Answer, Mapping, WorkerRequest
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import XenbusState
 from pcibackd.xenstore.client import XenStore
@@ -109,6 +109,10 @@ class Interrupts:
         self.broker.assign(domid, record)
         logger.debug("{} is domain {}'s for interrupts", bdf, domid)
         return True
+
+    def mappings(self, domid: int) -> dict[BDF, Mapping]:
+        """What the broker holds for guest ``domid``, by function."""
+        return {bdf: m for bdf, m in self.broker.live.items() if m.domid == domid}
 
     def handle(self, domid: int, request: WorkerRequest) -> Answer:
         """A request from the worker of ``domid`` (authenticated by the caller)."""

@@ -217,3 +217,16 @@ def faulty_dom0(request):
     if rep is not None and rep.failed:
         print("\n----- pcibackd log tail -----\n" + dom0.log_tail(80))
     dom0.stop()
+
+
+def test_status_shows_each_functions_interrupts(guest):
+    def devices():
+        return {d["bdf"]: d for g in guest.dom0.status()["guests"] for d in g["devices"]}
+    wait_until(lambda: NVME in devices() and NIC in devices(), what="both functions in the worker's report")
+    assert (devices()[NVME]["msi"], devices()[NVME]["msix"]) == (None, {})
+    msix = guest.front.enable_msix(G_NVME, [0, 3])
+    msi = guest.front.enable_msi(G_NIC)
+    assert devices()[NVME]["msix"] == {"0": msix.pirqs[0], "3": msix.pirqs[1]}
+    assert (devices()[NIC]["msi"], devices()[NIC]["msix"]) == (msi.pirqs[0], {})
+    guest.front.disable_msix(G_NVME)
+    assert devices()[NVME]["msix"] == {}

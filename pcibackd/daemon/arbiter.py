@@ -5,6 +5,7 @@ Wake sources, all polled in one place: the xenstore watch on
 (ZeroMQ ROUTER), the control endpoint and a signal pipe.  Signal handlers
 only enqueue; all work happens in :meth:`Supervisor.run`.
 
+Workers' interrupt requests are answered by the broker in interrupts.py.
 The control endpoint (pcibackctl's socket) is made by the caller through
 ``open_control`` (see endpoint.py); its commands see the supervisor through
 the methods under "what pcibackctl sees".

@@ -60,6 +60,7 @@ class Interrupts:
         self.platform = platform
         self.broker = Broker(platform.physdev(), Journal(Path(runtime) / "irq"))
         self.assigned: dict[int, set[BDF]] = {}
+        self.unreadable: set[BDF] = set()     # warned about once; retried at every scan
 
     def start(self, alive: set[int]) -> None:
         """Replay the journal: keep what live guests hold, unmap the rest."""
@@ -89,18 +90,18 @@ class Interrupts:
     def _assign(self, domid: int, bdf: BDF) -> bool:
         try:
             port = self.platform.open_device(bdf)
+            try:
+                record = record_for(port.read, port.info)
+            finally:
+                close = getattr(port, "close", None)
+                if close is not None:
+                    close()
         except (OSError, ValueError) as exc:
-            logger.warning("{} (domain {}): no interrupt record, MSI will be refused: {}", bdf, domid, exc)
+            if bdf not in self.unreadable:
+                self.unreadable.add(bdf)
+                logger.warning("{} (domain {}): no interrupt record, MSI will be refused: {}", bdf, domid, exc)
             return False
-        try:
-            record = record_for(port.read, port.info)
-        except (OSError, ValueError) as exc:
-            logger.warning("{} (domain {}): reading its capabilities failed: {}", bdf, domid, exc)
-            return False
-        finally:
-            close = getattr(port, "close", None)
-            if close is not None:
-                close()
+        self.unreadable.discard(bdf)
         if record.has_msix:
             answer = self.broker.prepare(record)
             if not answer.ok:

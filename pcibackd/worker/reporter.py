@@ -18,11 +18,10 @@ import time
 from collections import deque
 
 import zmq
-from loguru import logger
 
 from pcibackd.irq.messages import Answer, WorkerRequest, refused
 from pcibackd.wire.bdf import BDF
-from pcibackd.worker.link import (MAX_FRAME, BadMessage, DeviceReport, IrqReply, Latency, WorkerCommand,
+from pcibackd.worker.link import (MAX_FRAME, DeviceReport, IrqReply, Latency, WorkerCommand,
                                   WorkerIrqRequest, WorkerReply, WorkerReport, parse_supervisor_message)
 
 HWM = 16
@@ -133,10 +132,7 @@ class Reporter:
                 if msg.id == req_id:
                     return msg.answer
                 continue
-            if isinstance(msg, BadMessage) and "broker answer" in str(msg):
-                logger.warning("malformed broker answer from the supervisor: {}", msg)
-                continue
-            self.deferred.append(msg)
+            self.deferred.append(msg)        # a command (or a bad frame) for on_message
         return refused(errno.ETIMEDOUT, "timeout", f"no broker answer in {timeout} s")
 
     def tell(self, request: WorkerRequest) -> None:

@@ -12,6 +12,7 @@ import pytest
 from pcibackd.daemon.interrupts import Interrupts, assigned_functions
 from pcibackd.irq.function import Kind
 from pcibackd.irq.messages import Answer, Client, MapMsi, MapMsix, Query, Unmap
+from pcibackd.platform.xen import NoPhysdev
 from pcibackd.wire import pciif
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import Err, Op
@@ -186,3 +187,31 @@ def test_supervisor_serves_only_the_assigned_guest_and_tears_down(tmp_path):
     irq.sync(xs, {})                                     # the guest's backend is gone
     assert json.loads(physdev_state_path(tmp_path).read_text())["bindings"] == []
     assert not (tmp_path / "run" / "irq" / "dom5.json").exists()
+
+
+class NoHypercalls:
+    """Real Xen as it is today: config access through the port, every hypercall ENOSYS."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.host = SimHost(tmp / "pci")
+        self.dev = self.host.add("e1000e", NIC)
+
+    def open_device(self, bdf: BDF):
+        return self.host.open(bdf)
+
+    def physdev(self):
+        return NoPhysdev()
+
+
+def test_without_hypercalls_every_map_is_enosys_and_nothing_changes(tmp_path):
+    platform = NoHypercalls(tmp_path)
+    before = platform.dev.read(0xA2, 2), platform.dev.read(0x04, 2)
+    irq = Interrupts(platform, tmp_path / "run")
+    irq.start(set())
+    irq.sync(Store({f"{BE}/num_devs": "1", f"{BE}/dev-0": str(NIC)}), {5: BE})
+    assert irq.handle(5, MapMsix(5, NIC, (0,))).errno == errno.ENODATA       # prepare_msix was ENOSYS
+    assert irq.handle(5, MapMsi(5, NIC)).errno == errno.ENOSYS
+    assert irq.handle(5, Query(5, NIC)) == Answer()
+    assert irq.handle(5, Unmap(5, NIC, Kind.msi)).ok
+    assert (platform.dev.read(0xA2, 2), platform.dev.read(0x04, 2)) == before
+    assert irq.mappings(5) == {}

@@ -16,11 +16,14 @@ import signal
 import threading
 
 import pytest
+import zmq
 
 from pcibackd.irq.function import control_offset, find_capability
+from pcibackd.irq.messages import MapMsix
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import Err, Op
 from pcibackd.wire.pciregs import CAP_MSI, CAP_MSIX, COMMAND, COMMAND_INTX_DISABLE, MSIX_ENABLE, MSI_ENABLE
+from pcibackd.worker.link import WorkerIrqRequest
 from pcibackd.xenstore.client import XenStore
 from pcibackd.xenstore.toolstack import Toolstack
 from simdom0.platform import physdev_state_path
@@ -193,6 +196,25 @@ def test_supervisor_restart_adopts_the_journal(guest):
     guest.worker_pid()
     assert guest.pirqs() == sorted(r.pirqs)
     assert guest.front.disable_msix(G_NVME).ok and guest.pirqs() == []
+
+
+def test_a_process_posing_as_the_worker_gets_no_pirqs(guest):
+    """Right domid, pid and even token, but not the worker's socket identity: not served."""
+    pid = guest.worker_pid()
+    token = (guest.dom0.runtime / "workers" / "dom1.pid").read_text().split()[2]
+    ctx = zmq.Context()
+    rogue = ctx.socket(zmq.DEALER)
+    rogue.setsockopt(zmq.LINGER, 0)
+    rogue.connect(f"ipc://{guest.dom0.runtime / 'workers.sock'}")
+    try:
+        for tok in ("0" * 32, token):
+            rogue.send(WorkerIrqRequest(1, pid, tok, "irq-1", MapMsix(1, BDF.parse(NVME), (0, 1))).to_json())
+        assert not rogue.poll(1000)                      # no answer ...
+        assert guest.front.enable_msi(G_NIC).ok          # ... while the real worker is served
+        assert guest.pirqs("msix") == [] and not guest.enabled(G_NVME, CAP_MSIX, MSIX_ENABLE)
+    finally:
+        rogue.close(0)
+        ctx.term()
 
 
 def test_no_worker_holds_privcmd(guest):

@@ -14,12 +14,17 @@ only read it), never from a worker's report.  At every scan:
 * a guest whose backend directory goes is ``domain_gone``.
 
 A worker's request names a guest; the broker serves it only for the guest of
-the worker that sent it (its authenticated identity, passed in as ``domid``).
-The journal lives in ``<runtime>/irq`` and is replayed at start.
+the worker that sent it (its authenticated identity, passed in as ``domid``),
+at most :data:`RATE` requests a second per guest (a burst of :data:`BURST`):
+each map costs hypercalls and journal writes, and a confined worker must not
+make the supervisor spend its time on them.  The journal lives in
+``<runtime>/irq`` and is replayed at start.
 """
 
 from __future__ import annotations
 
+import errno
+import time
 from pathlib import Path
 
 from loguru import logger
@@ -27,12 +32,13 @@ from loguru import logger
 from pcibackd.irq.broker import Broker
 from pcibackd.irq.function import record_for
 from pcibackd.irq.journal import Journal
-from pcibackd.irq.messages import Answer, Mapping, WorkerRequest
+from pcibackd.irq.messages import Answer, Mapping, WorkerRequest, refused
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import XenbusState
 from pcibackd.xenstore.client import XenStore
 
 MAX_DEVS = 256                  # num_devs beyond this is not a toolstack's
+RATE, BURST = 2000.0, 512       # broker requests per second per guest; a guest driver needs a handful
 LEAVING = (str(int(XenbusState.Closing)), str(int(XenbusState.Closed)))
 
 
@@ -56,11 +62,12 @@ def assigned_functions(xs: XenStore, backend: str) -> set[BDF]:
 class Interrupts:
     """See module doc.  ``platform`` gives the Physdev and config access to functions."""
 
-    def __init__(self, platform, runtime: Path) -> None:
-        self.platform = platform
+    def __init__(self, platform, runtime: Path, clock=time.monotonic) -> None:
+        self.platform, self.clock = platform, clock
         self.broker = Broker(platform.physdev(), Journal(Path(runtime) / "irq"))
         self.assigned: dict[int, set[BDF]] = {}
         self.unreadable: set[BDF] = set()     # warned about once; retried at every scan
+        self.budget: dict[int, tuple[float, float]] = {}      # domid -> (tokens, at time)
 
     def start(self, alive: set[int]) -> None:
         """Replay the journal: keep what live guests hold, unmap the rest."""
@@ -86,6 +93,7 @@ class Interrupts:
         for domid in [d for d in self.assigned if d not in present]:
             self.broker.domain_gone(domid)
             del self.assigned[domid]
+            self.budget.pop(domid, None)
 
     def _assign(self, domid: int, bdf: BDF) -> bool:
         try:
@@ -117,4 +125,11 @@ class Interrupts:
 
     def handle(self, domid: int, request: WorkerRequest) -> Answer:
         """A request from the worker of ``domid`` (authenticated by the caller)."""
+        now = self.clock()
+        tokens, then = self.budget.get(domid, (BURST, now))
+        tokens = min(BURST, tokens + (now - then) * RATE)
+        if tokens < 1:
+            self.budget[domid] = (tokens, now)
+            return refused(errno.EAGAIN, "rate", f"more than {RATE:.0f} requests a second")
+        self.budget[domid] = (tokens - 1, now)
         return self.broker.handle(domid, request)

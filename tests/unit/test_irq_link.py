@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pcibackd.daemon.interrupts import Interrupts, assigned_functions
+from pcibackd.daemon.interrupts import BURST, RATE, Interrupts, assigned_functions
 from pcibackd.irq.function import Kind
 from pcibackd.irq.messages import Answer, Client, MapMsi, MapMsix, Query, Unmap
 from pcibackd.platform.xen import NoPhysdev
@@ -215,3 +215,14 @@ def test_without_hypercalls_every_map_is_enosys_and_nothing_changes(tmp_path):
     assert irq.handle(5, Unmap(5, NIC, Kind.msi)).ok
     assert (platform.dev.read(0xA2, 2), platform.dev.read(0x04, 2)) == before
     assert irq.mappings(5) == {}
+
+
+def test_a_flooding_worker_is_refused_beyond_its_budget(tmp_path):
+    now = [100.0]
+    irq = Interrupts(NoHypercalls(tmp_path), tmp_path / "run", clock=lambda: now[0])
+    answers = [irq.handle(5, Query(5, NIC)) for _ in range(BURST + 50)]   # all in one instant
+    assert [a.error for a in answers] == ["not_assigned"] * BURST + ["rate"] * 50
+    assert answers[-1].errno == errno.EAGAIN
+    assert irq.handle(6, Query(6, NIC)).error == "not_assigned"          # another guest's budget is its own
+    now[0] += 10.5 / RATE                                               # ten more (and a half)
+    assert [irq.handle(5, Query(5, NIC)).error for _ in range(11)] == ["not_assigned"] * 10 + ["rate"]

@@ -78,22 +78,29 @@ class Interrupts:
                         "; " + "; ".join(r.problems) if r.problems else "")
 
     def sync(self, xs: XenStore, present: dict[int, str]) -> None:
-        """Follow the backends (``{domid: backend path}``) now in xenstore."""
-        for domid, path in present.items():
-            want, have = assigned_functions(xs, path), self.assigned.setdefault(domid, set())
+        """Follow the backends (``{domid: backend path}``) now in xenstore.
+
+        Everything that leaves is let go before anything new is taken, so a
+        function moving from one guest to another in one scan ends up the new one's.
+        """
+        wanted = {domid: assigned_functions(xs, path) for domid, path in present.items()}
+        for domid in [d for d in self.assigned if d not in present]:
+            self.broker.domain_gone(domid)
+            del self.assigned[domid]
+            self.budget.pop(domid, None)
+        for domid, want in wanted.items():
+            have = self.assigned.setdefault(domid, set())
             for bdf in sorted(have - want):
                 answer = self.broker.unassign(bdf)
                 have.discard(bdf)
                 if not answer.ok:
                     logger.error("{} left domain {} with interrupts still mapped: {}", bdf, domid,
                                  answer.detail)
+        for domid, want in wanted.items():
+            have = self.assigned[domid]
             for bdf in sorted(want - have):
                 if self._assign(domid, bdf):
                     have.add(bdf)
-        for domid in [d for d in self.assigned if d not in present]:
-            self.broker.domain_gone(domid)
-            del self.assigned[domid]
-            self.budget.pop(domid, None)
 
     def _assign(self, domid: int, bdf: BDF) -> bool:
         try:

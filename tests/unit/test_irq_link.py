@@ -226,3 +226,16 @@ def test_a_flooding_worker_is_refused_beyond_its_budget(tmp_path):
     assert irq.handle(6, Query(6, NIC)).error == "not_assigned"          # another guest's budget is its own
     now[0] += 10.5 / RATE                                               # ten more (and a half)
     assert [irq.handle(5, Query(5, NIC)).error for _ in range(11)] == ["not_assigned"] * 10 + ["rate"]
+
+
+def test_a_function_moving_between_guests_in_one_scan_is_the_new_ones(tmp_path):
+    irq = Interrupts(SimPlatform(tmp_path, 0), tmp_path / "run")
+    SimHost(tmp_path / "pci").add("e1000e", NIC)
+    be6 = "/local/domain/0/backend/pci/6/0"
+    xs = Store({f"{BE}/num_devs": "1", f"{BE}/dev-0": str(NIC), f"{be6}/num_devs": "0"})
+    irq.sync(xs, {6: be6, 5: BE})
+    assert irq.handle(5, MapMsi(5, NIC)).ok
+    xs.nodes.update({f"{BE}/num_devs": "0", f"{be6}/num_devs": "1", f"{be6}/dev-0": str(NIC)})
+    irq.sync(xs, {6: be6, 5: BE})                          # dom6 is scanned first
+    assert irq.handle(6, MapMsi(6, NIC)).ok and irq.mappings(5) == {}
+    assert irq.handle(5, Query(5, NIC)).error == "not_assigned"

@@ -43,7 +43,8 @@ class Reporter:
         self.sock.connect(cfg.supervisor_endpoint)
         self.started = time.time()
         self._asked = 0
-        self.deferred: deque[WorkerCommand | Exception] = deque()   # commands that came during ask()
+        # commands that came during ask(), run by on_message (a flood beyond this is dropped)
+        self.deferred: deque[WorkerCommand | Exception] = deque(maxlen=256)
         self.drain = False           # ask() read the socket: its edge-triggered FD may stay quiet
 
     def fileno(self) -> int:

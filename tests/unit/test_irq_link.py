@@ -1,13 +1,17 @@
 """MSI/MSI-X wiring around the pure cores: the broker messages on the worker link (strict on both
-sides), the worker's MsiService, and the supervisor's view of assignments (xenstore's dev-N only)."""
+sides; the worker waiting for its answer), the worker's MsiService, and the supervisor's view of
+assignments (xenstore's dev-N only)."""
 
 from __future__ import annotations
 
 import errno
 import json
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import zmq
 
 from pcibackd.daemon.interrupts import BURST, RATE, Interrupts, assigned_functions
 from pcibackd.irq.function import Kind
@@ -18,6 +22,7 @@ from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import Err, Op
 from pcibackd.wire.pciregs import MSIX_ENABLE
 from pcibackd.worker.interrupts import MsiService, broker_send
+from pcibackd.worker.reporter import Reporter
 from pcibackd.worker.link import (BadMessage, IrqReply, WorkerCommand, WorkerIrqRequest,
                                   parse_supervisor_message, parse_worker_message)
 from simdom0.hostpci import SimHost
@@ -239,3 +244,60 @@ def test_a_function_moving_between_guests_in_one_scan_is_the_new_ones(tmp_path):
     irq.sync(xs, {6: be6, 5: BE})                          # dom6 is scanned first
     assert irq.handle(6, MapMsi(6, NIC)).ok and irq.mappings(5) == {}
     assert irq.handle(5, Query(5, NIC)).error == "not_assigned"
+
+
+# -- the worker's side of the link, against a ROUTER standing in for the supervisor ------------
+
+class FakeWorker:
+    def __init__(self, endpoint: str) -> None:
+        self.cfg = SimpleNamespace(domid=3, token="tok", supervisor_endpoint=endpoint)
+        self.ran: list = []
+        self.COMMANDS = {"note": lambda w, args: w.ran.append(args) or "noted"}
+
+
+@pytest.fixture
+def link(tmp_path):
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    endpoint = f"ipc://{tmp_path / 'w.sock'}"
+    router.bind(endpoint)
+    worker = FakeWorker(endpoint)
+    reporter = Reporter(worker.cfg, worker)
+    yield router, reporter, worker
+    reporter.close()
+    router.close(0)
+    ctx.term()
+
+
+def serve_one(router, answer_for):
+    """Answer the next request in a thread: ``answer_for(msg)`` -> frames to send first, then the answer."""
+    def run():
+        ident, raw = router.recv_multipart()
+        msg = parse_worker_message(raw)
+        for frame in answer_for(msg):
+            router.send_multipart([ident, frame])
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def test_ask_waits_for_its_own_answer_and_keeps_commands_for_later(link):
+    router, reporter, worker = link
+    late = IrqReply("irq-0", Answer(pirqs=(9,)))                       # an answer given up on earlier
+    t = serve_one(router, lambda msg: [late.to_json(), WorkerCommand("note", {"n": 1}).to_json(),
+                                       IrqReply(msg.id, Answer(pirqs=(55,), kind=Kind.msi, entries=(0,))).to_json()])
+    answer = reporter.ask(Query(3, NIC))
+    t.join()
+    assert answer == Answer(pirqs=(55,), kind=Kind.msi, entries=(0,))
+    assert worker.ran == [] and reporter.drain and len(reporter.deferred) == 1
+    reporter.on_message()
+    assert worker.ran == [{"n": 1}] and not reporter.drain
+
+
+def test_ask_gives_up_after_its_timeout(link):
+    router, reporter, worker = link
+    answer = reporter.ask(MapMsi(3, NIC), timeout=0.05)
+    assert (answer.errno, answer.error) == (errno.ETIMEDOUT, "timeout")
+    ident, raw = router.recv_multipart()
+    assert ident == b"dom3" and parse_worker_message(raw).request == MapMsi(3, NIC)

@@ -10,6 +10,10 @@ while :attr:`MsiService.reserving`) may be an enable it had the broker map but
 never answered: that one is answered with the mapped PIRQs
 (:func:`~pcibackd.worker.msi.readopt`), never mapped twice.
 
+A disable always succeeds towards the guest (as in Linux), also when the
+broker could not be reached; the unmap it owes is then retried before the
+function's next op, so the broker's table and the guest's view meet again.
+
 The broker is the supervisor's (:class:`pcibackd.irq.messages.Client` over the
 worker's link); this process never maps a PIRQ itself.
 """
@@ -30,6 +34,7 @@ from pcibackd.worker.msi import MsiFunction, MsiOp, MsiState, PortFacts
 from pcibackd.worker.ops import Reply
 
 MSI_OPS = (Op.enable_msi, Op.disable_msi, Op.enable_msix, Op.disable_msix, Op.enable_multi_msi)
+DISABLES = {Op.disable_msi: Kind.msi, Op.disable_msix: Kind.msix}
 
 Lookup = Callable[[int, int, int], "tuple[BDF, HostPort] | None"]
 
@@ -54,6 +59,7 @@ class MsiService:
         self.facts: dict[BDF, PortFacts] = {}
         self.states: dict[BDF, MsiState] = {}
         self.reserving = False              # serving the op a dead predecessor left pending
+        self.unmap_due: dict[BDF, Kind] = {}  # a disable the broker did not hear of
 
     def install(self, handlers: dict) -> None:
         """Take ops 2-5 and 10 in a Dispatcher's ``external`` table."""
@@ -69,6 +75,7 @@ class MsiService:
         facts = self.facts.get(host)
         if facts is None:
             facts = self.facts[host] = PortFacts(port)
+        self._settle(host)
         broker = self.broker
         state = self.states.get(host)
         if state is None:
@@ -88,7 +95,22 @@ class MsiService:
             self.states[host] = outcome.state
         if outcome.problem:
             logger.warning("{}: {}", host, outcome.problem)
+            if untrusted.cmd in DISABLES:
+                self.unmap_due[host] = DISABLES[untrusted.cmd]
         return outcome.reply
+
+    def _settle(self, host: BDF) -> None:
+        """Retry the unmap a disable owes the broker (it stays due while the broker is away)."""
+        kind = self.unmap_due.get(host)
+        if kind is None:
+            return
+        try:
+            (self.broker.unmap_msi if kind is Kind.msi else self.broker.unmap_msix)(host)
+        except IrqRefused as exc:
+            logger.warning("{}: the unmap owed since a disable failed again: {}", host, exc)
+            return
+        del self.unmap_due[host]
+        logger.info("{}: the unmap owed since a disable is done", host)
 
     def _recover(self, host: BDF) -> MsiState:
         state = msi.state_from_answer(self.broker.query(host))
@@ -102,6 +124,7 @@ class MsiService:
         for host in hosts:
             self.facts.pop(host, None)
             self.states.pop(host, None)
+            self.unmap_due.pop(host, None)
 
 
 def broker_send(ask: Callable, tell: Callable) -> Callable:

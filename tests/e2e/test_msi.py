@@ -198,6 +198,23 @@ def test_supervisor_restart_adopts_the_journal(guest):
     assert guest.front.disable_msix(G_NVME).ok and guest.pirqs() == []
 
 
+def test_a_disable_while_the_supervisor_is_away_is_caught_up(guest):
+    r = guest.front.enable_msix(G_NVME, [0, 1])
+    assert r.ok
+    pid = guest.worker_pid()
+    guest.dom0.stop_daemon(signal.SIGKILL)               # the worker lives on, serving
+    assert guest.front.disable_msix(G_NVME).ok           # Linux: a disable always succeeds
+    assert guest.pirqs() == sorted(r.pirqs)              # ... but nobody could unmap
+    guest.dom0.start_daemon()
+    wait_until(lambda: (g := guest.dom0.guest_status(1)) and g["adopted"] and g["pid"] == pid,
+               what="the worker adopted")
+    again = guest.front.enable_msix(G_NVME, [2])
+    assert again.ok, again
+    assert guest.pirqs() == list(again.pirqs) and guest.enabled(G_NVME, CAP_MSIX, MSIX_ENABLE)
+    assert guest.xen()["double_maps"] == []
+    assert guest.front.disable_msix(G_NVME).ok and guest.pirqs() == []
+
+
 def test_a_process_posing_as_the_worker_gets_no_pirqs(guest):
     """Right domid, pid and even token, but not the worker's socket identity: not served."""
     pid = guest.worker_pid()

@@ -301,3 +301,18 @@ def test_ask_gives_up_after_its_timeout(link):
     assert (answer.errno, answer.error) == (errno.ETIMEDOUT, "timeout")
     ident, raw = router.recv_multipart()
     assert ident == b"dom3" and parse_worker_message(raw).request == MapMsi(3, NIC)
+
+
+def test_a_disable_the_broker_missed_is_retried_before_the_next_op(service):
+    svc, broker = service
+    assert svc.serve(snapshot(Op.enable_msix, value=2, entries=(0, 1))).err == 0
+    broker.answers[Unmap] = Answer(errno=errno.ETIMEDOUT, error="timeout")
+    assert svc.serve(snapshot(Op.disable_msix)).err == Err.success      # the guest is never told
+    assert svc.serve(snapshot(Op.disable_msix)).err == Err.success
+    assert broker.asked[-1] == Unmap(3, NIC, Kind.msix)                  # retried, failed again
+    del broker.answers[Unmap]
+    n = len(broker.asked)
+    assert svc.serve(snapshot(Op.enable_msix, value=2, entries=(4, 3))).err == 0
+    assert broker.asked[n:] == [Unmap(3, NIC, Kind.msix), MapMsix(3, NIC, (4, 3))]
+    svc.serve(snapshot(Op.enable_msi))
+    assert MapMsix not in map(type, broker.asked[n + 2:]) and Unmap not in map(type, broker.asked[n + 2:])

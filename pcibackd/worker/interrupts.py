@@ -10,9 +10,12 @@ while :attr:`MsiService.reserving`) may be an enable it had the broker map but
 never answered: that one is answered with the mapped PIRQs
 (:func:`~pcibackd.worker.msi.readopt`), never mapped twice.
 
-A disable always succeeds towards the guest (as in Linux), also when the
-broker could not be reached; the unmap it owes is then retried before the
-function's next op, so the broker's table and the guest's view meet again.
+The link can fail a question (no answer in time, a full queue) after the
+broker acted on it, or before.  Either way the guest is answered at once (a
+disable always succeeds, as in Linux; an enable is refused), and the unmap
+that makes the broker agree with the guest's view is owed: sent at once
+without waiting, and asked again before the function's next op until the
+broker has answered it (an unmap of nothing is harmless).
 
 The broker is the supervisor's (:class:`pcibackd.irq.messages.Client` over the
 worker's link); this process never maps a PIRQ itself.
@@ -34,7 +37,6 @@ from pcibackd.worker.msi import MsiFunction, MsiOp, MsiState, PortFacts
 from pcibackd.worker.ops import Reply
 
 MSI_OPS = (Op.enable_msi, Op.disable_msi, Op.enable_msix, Op.disable_msix, Op.enable_multi_msi)
-DISABLES = {Op.disable_msi: Kind.msi, Op.disable_msix: Kind.msix}
 
 Lookup = Callable[[int, int, int], "tuple[BDF, HostPort] | None"]
 
@@ -51,15 +53,34 @@ class _Refusing:
     map_msi = map_msix = unmap_msi = unmap_msix = _refuse
 
 
-class MsiService:
-    """Serves the MSI ops of one worker; ``lookup`` finds a guest address's host function."""
+LINK_ERRORS = ("timeout", "link_busy")       # the link's own refusals (reporter.py), not the broker's
+KINDS = {MapMsi: Kind.msi, MapMsix: Kind.msix}
 
-    def __init__(self, broker: Client, lookup: Lookup) -> None:
-        self.broker, self.lookup = broker, lookup
+
+class MsiService:
+    """Serves the MSI ops of guest ``domid``'s worker over the link's ``ask`` (waits) and
+    ``tell`` (does not); ``lookup`` finds a guest address's host function."""
+
+    def __init__(self, domid: int, ask: Callable, tell: Callable, lookup: Lookup) -> None:
+        self.ask, self.tell, self.lookup = ask, tell, lookup
+        self.broker = Client(domid, self._send)
         self.facts: dict[BDF, PortFacts] = {}
         self.states: dict[BDF, MsiState] = {}
         self.reserving = False              # serving the op a dead predecessor left pending
-        self.unmap_due: dict[BDF, Kind] = {}  # a disable the broker did not hear of
+        self.unmap_due: set[tuple[BDF, Kind]] = set()   # unmaps the broker has not answered yet
+
+    def _send(self, request):
+        answer = self.ask(request)
+        if answer.error not in LINK_ERRORS:
+            if isinstance(request, Unmap):
+                self.unmap_due.discard((request.bdf, request.kind))
+            return answer
+        if isinstance(request, (MapMsi, MapMsix)):
+            self.unmap_due.add((request.bdf, KINDS[type(request)]))
+            self.tell(Unmap(request.domid, request.bdf, KINDS[type(request)]))
+        elif isinstance(request, Unmap):
+            self.unmap_due.add((request.bdf, request.kind))
+        return answer
 
     def install(self, handlers: dict) -> None:
         """Take ops 2-5 and 10 in a Dispatcher's ``external`` table."""
@@ -95,22 +116,17 @@ class MsiService:
             self.states[host] = outcome.state
         if outcome.problem:
             logger.warning("{}: {}", host, outcome.problem)
-            if untrusted.cmd in DISABLES:
-                self.unmap_due[host] = DISABLES[untrusted.cmd]
         return outcome.reply
 
     def _settle(self, host: BDF) -> None:
-        """Retry the unmap a disable owes the broker (it stays due while the broker is away)."""
-        kind = self.unmap_due.get(host)
-        if kind is None:
-            return
-        try:
-            (self.broker.unmap_msi if kind is Kind.msi else self.broker.unmap_msix)(host)
-        except IrqRefused as exc:
-            logger.warning("{}: the unmap owed since a disable failed again: {}", host, exc)
-            return
-        del self.unmap_due[host]
-        logger.info("{}: the unmap owed since a disable is done", host)
+        """Ask again for the unmaps still owed for ``host`` (they stay owed while the link fails)."""
+        for kind in sorted(k for b, k in self.unmap_due if b == host):
+            try:
+                (self.broker.unmap_msi if kind is Kind.msi else self.broker.unmap_msix)(host)
+            except IrqRefused as exc:
+                logger.warning("{}: an owed {} unmap failed again: {}", host, kind.value, exc)
+                continue
+            logger.info("{}: an owed {} unmap is done", host, kind.value)
 
     def _recover(self, host: BDF) -> MsiState:
         state = msi.state_from_answer(self.broker.query(host))
@@ -124,20 +140,5 @@ class MsiService:
         for host in hosts:
             self.facts.pop(host, None)
             self.states.pop(host, None)
-            self.unmap_due.pop(host, None)
+            self.unmap_due -= {(host, kind) for kind in Kind}
 
-
-def broker_send(ask: Callable, tell: Callable) -> Callable:
-    """The :class:`Client`'s ``send`` over the link: ``ask`` waits, ``tell`` does not.
-
-    A map the broker did not answer in time may still be done: the worker tells
-    it to undo that (an unmap is idempotent and the link keeps order), so the
-    guest, which is refused, never leaves PIRQs behind.
-    """
-    def send(request):
-        answer = ask(request)
-        if answer.error == "timeout" and isinstance(request, (MapMsi, MapMsix)):
-            kind = Kind.msi if isinstance(request, MapMsi) else Kind.msix
-            tell(Unmap(request.domid, request.bdf, kind))
-        return answer
-    return send

@@ -31,13 +31,12 @@ from loguru import logger
 
 from pcibackd.common import logs
 from pcibackd.common.files import write_atomic
-from pcibackd.irq.messages import Client
 from pcibackd.platform.select import choose_platform
 from pcibackd.wire.bdf import BDF
 from pcibackd.worker import faults, privileges
 from pcibackd.worker.devices import DeviceSet
 from pcibackd.worker.driver import Driver
-from pcibackd.worker.interrupts import MsiService, broker_send
+from pcibackd.worker.interrupts import MsiService
 from pcibackd.worker.ops import Dispatcher
 from pcibackd.worker.oploop import OpLoop, Ring
 from pcibackd.worker.reporter import Reporter
@@ -91,8 +90,7 @@ class Worker:
         self.reporter = Reporter(cfg, self) if cfg.supervisor_endpoint else None
         self.msi: MsiService | None = None
         if self.reporter:           # PIRQs come from the supervisor's broker, or MSI is not offered
-            self.msi = MsiService(Client(cfg.domid, broker_send(self.reporter.ask, self.reporter.tell)),
-                                  self.devices.find)
+            self.msi = MsiService(cfg.domid, self.reporter.ask, self.reporter.tell, self.devices.find)
             self.msi.install(self.dispatcher.external)
         self.stopping = False
         self.orphaned = False

@@ -15,13 +15,13 @@ import zmq
 
 from pcibackd.daemon.interrupts import BURST, RATE, Interrupts, assigned_functions
 from pcibackd.irq.function import Kind
-from pcibackd.irq.messages import Answer, Client, MapMsi, MapMsix, Query, Unmap
+from pcibackd.irq.messages import Answer, MapMsi, MapMsix, Query, Unmap
 from pcibackd.platform.xen import NoPhysdev
 from pcibackd.wire import pciif
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import Err, Op
 from pcibackd.wire.pciregs import MSIX_ENABLE
-from pcibackd.worker.interrupts import MsiService, broker_send
+from pcibackd.worker.interrupts import MsiService
 from pcibackd.worker.reporter import Reporter
 from pcibackd.worker.link import (BadMessage, IrqReply, WorkerCommand, WorkerIrqRequest,
                                   parse_supervisor_message, parse_worker_message)
@@ -61,15 +61,6 @@ def test_supervisor_frames_are_commands_or_broker_answers():
         parse_supervisor_message(b"NaN")
 
 
-def test_a_map_given_up_on_is_undone():
-    told = []
-    send = broker_send(lambda req: Answer(errno=errno.ETIMEDOUT, error="timeout"), told.append)
-    assert send(MapMsix(3, NIC, (0,))).errno == errno.ETIMEDOUT
-    assert send(MapMsi(3, NIC)).error == "timeout"
-    assert send(Query(3, NIC)).error == "timeout"
-    assert told == [Unmap(3, NIC, Kind.msix), Unmap(3, NIC, Kind.msi)]
-
-
 # -- the worker's service over a simulated function ------------------------------------------
 
 class Broker:
@@ -77,6 +68,7 @@ class Broker:
 
     def __init__(self) -> None:
         self.asked: list = []
+        self.told: list = []
         self.answers: dict = {MapMsix: Answer(pirqs=(55, 54)), MapMsi: Answer(pirqs=(53,))}
 
     def send(self, req):
@@ -96,7 +88,8 @@ def snapshot(cmd: int, devfn: int = 0, value: int = 0, entries=()) -> bytes:
 def service(tmp_path):
     dev = SimHost(tmp_path / "pci").add("e1000e", NIC)
     broker = Broker()
-    svc = MsiService(Client(3, broker.send), lambda d, b, devfn: (NIC, dev) if (d, b, devfn) == (0, 0, 0) else None)
+    svc = MsiService(3, broker.send, broker.told.append,
+                     lambda d, b, devfn: (NIC, dev) if (d, b, devfn) == (0, 0, 0) else None)
     return svc, broker
 
 
@@ -316,3 +309,30 @@ def test_a_disable_the_broker_missed_is_retried_before_the_next_op(service):
     assert broker.asked[n:] == [Unmap(3, NIC, Kind.msix), MapMsix(3, NIC, (4, 3))]
     svc.serve(snapshot(Op.enable_msi))
     assert MapMsix not in map(type, broker.asked[n + 2:]) and Unmap not in map(type, broker.asked[n + 2:])
+
+
+def test_a_map_the_link_gave_up_on_is_undone_and_owed(service):
+    svc, broker = service
+    svc.serve(snapshot(Op.disable_msi))                                  # state known
+    broker.answers[MapMsix] = Answer(errno=errno.ETIMEDOUT, error="timeout")
+    assert svc.serve(snapshot(Op.enable_msix, value=2, entries=(0, 1))).err == -errno.ETIMEDOUT
+    assert broker.told == [Unmap(3, NIC, Kind.msix)]                    # at once, without waiting
+    broker.answers[MapMsi] = Answer(errno=errno.EAGAIN, error="link_busy")
+    n = len(broker.asked)
+    assert svc.serve(snapshot(Op.enable_msi)).err == Err.op_failed
+    assert broker.asked[n:] == [Unmap(3, NIC, Kind.msix), MapMsi(3, NIC)]   # the owed unmap first
+    assert broker.told[-1] == Unmap(3, NIC, Kind.msi)
+    broker.answers[MapMsi] = Answer(pirqs=(53,))
+    n = len(broker.asked)
+    assert svc.serve(snapshot(Op.enable_msi)).value == 53
+    assert broker.asked[n:] == [Unmap(3, NIC, Kind.msi), MapMsi(3, NIC)]
+    broker.answers[Unmap] = Answer(errno=errno.ETIMEDOUT, error="timeout")
+    assert svc.serve(snapshot(Op.disable_msi)).err == Err.success       # owed again ...
+    n = len(broker.asked)
+    svc.serve(snapshot(Op.disable_msix))
+    assert broker.asked[n:] == [Unmap(3, NIC, Kind.msi)]               # ... and asked again, still owed
+    del broker.answers[Unmap]
+    n = len(broker.asked)
+    svc.serve(snapshot(Op.disable_msix))
+    svc.serve(snapshot(Op.disable_msix))
+    assert broker.asked[n:] == [Unmap(3, NIC, Kind.msi)]               # paid once, then nothing owed

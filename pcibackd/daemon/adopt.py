@@ -8,11 +8,14 @@ still names the process that wrote the file (a pid can be reused).
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+from loguru import logger
 
+from pcibackd.daemon.guests import Guest
 from pcibackd.worker.main import pidfile_path
 
 SAME_START = 0.01        # seconds: create times of one process agree to this
@@ -41,3 +44,14 @@ def find_live_worker(runtime: Path, domid: int) -> LiveWorker | None:
         os.close(fd)       # a stale pid file, the pid reused by another process
         return None
     return LiveWorker(pid, fd, token)
+
+
+def adopt_live_worker(runtime: Path, guest: Guest) -> bool:
+    """Take over the live worker a previous supervisor left for ``guest``; False if there is none."""
+    found = find_live_worker(runtime, guest.domid)
+    if found is None:
+        return False
+    guest.token = found.token
+    guest.attach(found.pid, found.pidfd, found.pidfd, adopted=True, now=time.monotonic())
+    logger.info("adopted the running worker of domain {} (pid {})", guest.domid, found.pid)
+    return True

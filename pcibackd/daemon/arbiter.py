@@ -5,6 +5,7 @@ Wake sources, all polled in one place: the xenstore watch on
 (ZeroMQ ROUTER), the control endpoint and a signal pipe.  Signal handlers
 only enqueue; all work happens in :meth:`Supervisor.run`.
 
+Workers' interrupt requests are answered by the broker in interrupts.py.
 The control endpoint (pcibackctl's socket) is made by the caller through
 ``open_control`` (see endpoint.py); its commands see the supervisor through
 the methods under "what pcibackctl sees".
@@ -28,17 +29,19 @@ from pcibackd.common import logs
 from pcibackd.common.ratelimit import worth_logging
 from pcibackd.confspace import PolicyError, PolicyStore
 from pcibackd.daemon import systemd
-from pcibackd.daemon.adopt import find_live_worker
+from pcibackd.daemon.adopt import adopt_live_worker
 from pcibackd.daemon.backends import BACKEND_ROOT, list_backends, remove_if_domain_gone
 from pcibackd.daemon.config import DaemonConfig
 from pcibackd.daemon.endpoint import OpenControl
 from pcibackd.daemon.guests import Guest, GuestEvent, describe_exit, exit_event
+from pcibackd.daemon.interrupts import Interrupts
 from pcibackd.daemon.spawner import Spawner
 from pcibackd.daemon.states import RestartPolicy, WorkerState
 from pcibackd.daemon.views import DaemonInfo, GuestInfo
 from pcibackd.platform.select import choose_platform, platform_module
 from pcibackd.wire.bdf import BDF
-from pcibackd.worker.link import MAX_FRAME, WorkerCommand, WorkerReply, parse_worker_message
+from pcibackd.worker.link import (MAX_FRAME, IrqReply, WorkerCommand, WorkerIrqRequest, WorkerReply,
+                                  parse_worker_message)
 from pcibackd.worker.main import EXIT_DONE, WorkerConfig, run_worker
 from pcibackd.xenstore.client import XenStore
 
@@ -70,6 +73,8 @@ class Supervisor:
         self.runtime.mkdir(parents=True, exist_ok=True)
         os.chmod(self.runtime, 0o700)
         self.xs = XenStore(self.cfg.xenstored_path)
+        self.irq = Interrupts(self.platform, self.runtime)
+        self.irq.start(set(list_backends(self.xs, self.ignored_names)))
         self.zctx = zmq.Context()
         self.workers_sock = self.zctx.socket(zmq.ROUTER)
         for opt, value in ((zmq.LINGER, 0), (zmq.RCVHWM, 256), (zmq.MAXMSGSIZE, MAX_FRAME)):
@@ -162,13 +167,14 @@ class Supervisor:
             logger.info("SIGHUP: policy {} sent to {} worker(s)", self.cfg.policy_path or "(built-in)", sent)
         self.scan()
 
-    def handle_chld(self) -> None:
-        """SIGCHLD: nothing; exit sentinels are polled."""
+    def handle_chld(self) -> None:      # SIGCHLD: nothing; exit sentinels are polled
+        pass
 
     # ----------------------------------------------------------- guests --
     def scan(self) -> None:
         """Start workers for new backend directories, forget removed ones."""
         present = list_backends(self.xs, self.ignored_names)
+        self.irq.sync(self.xs, present)
         for domid, path in present.items():
             known = self._guests.get(domid)
             if (known is not None and known.state is WorkerState.EXITED and not known.alive
@@ -176,7 +182,7 @@ class Supervisor:
                 del self._guests[domid]       # a new backend in the same place: serve it afresh
             if domid not in self._guests:
                 self._guests[domid] = guest = Guest(domid, path)
-                if not self._adopt(guest):
+                if not adopt_live_worker(self.runtime, guest):
                     logger.info("new PCI backend for domain {}", domid)
                     self._start(guest)
         for domid in [d for d in self._guests if d not in present]:
@@ -197,16 +203,6 @@ class Supervisor:
                             heartbeat_interval=c.heartbeat_interval, policy_path=c.policy_path,
                             log_level=c.log_level, state_dir=str(self.runtime), orphan_grace=c.orphan_grace,
                             token=guest.token)
-
-    def _adopt(self, guest: Guest) -> bool:
-        """Take over a live worker a previous supervisor left (see adopt.py)."""
-        found = find_live_worker(self.runtime, guest.domid)
-        if found is None:
-            return False
-        guest.token = found.token
-        guest.attach(found.pid, found.pidfd, found.pidfd, adopted=True, now=time.monotonic())
-        logger.info("adopted the running worker of domain {} (pid {})", guest.domid, found.pid)
-        return True
 
     def _start(self, guest: Guest) -> None:
         guest.token = secrets.token_hex(16)
@@ -311,6 +307,9 @@ class Supervisor:
             if guest is None or not guest.sent(ident, msg):
                 continue
             guest.last_beat = time.monotonic()
+            if isinstance(msg, WorkerIrqRequest):     # the broker serves the sender's guest, nobody else's
+                self._send(ident, IrqReply(msg.id, self.irq.handle(guest.domid, msg.request)).to_json())
+                continue
             if isinstance(msg, WorkerReply):
                 self.control.worker_reply(msg)
                 continue
@@ -328,7 +327,7 @@ class Supervisor:
     def guests(self) -> list[GuestInfo]:
         """Every guest by domid, with its worker's last report (never waits for a worker)."""
         now = time.monotonic()
-        return [self._guests[d].info(now) for d in sorted(self._guests)]
+        return [self._guests[d].info(now, self.irq.mappings(d)) for d in sorted(self._guests)]
 
     def assignable(self) -> list[BDF]:
         """Assignable host functions (the platform's: on Xen those bound to a stub driver)."""
@@ -349,9 +348,11 @@ class Supervisor:
 
     def send_worker(self, domid: int, cmd: str, args: dict | None = None, req_id: str | None = None) -> bool:
         """Queue a command for a worker (never blocks; False when it cannot be sent)."""
-        data = WorkerCommand(cmd, args or {}, req_id).to_json()
+        return self._send(f"dom{domid}".encode(), WorkerCommand(cmd, args or {}, req_id).to_json())
+
+    def _send(self, ident: bytes, data: bytes) -> bool:
         try:
-            self.workers_sock.send_multipart([f"dom{domid}".encode(), data], zmq.NOBLOCK)
+            self.workers_sock.send_multipart([ident, data], zmq.NOBLOCK)
             return True
         except zmq.ZMQError:
             return False

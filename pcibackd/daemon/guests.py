@@ -186,9 +186,11 @@ class Guest:
         return (ident == f"dom{self.domid}".encode() and msg.pid == self.pid
                 and bool(self.token) and msg.token == self.token)
 
-    def info(self, now: float) -> GuestInfo:
-        """A snapshot for pcibackctl (``now``: time.monotonic())."""
+    def info(self, now: float, interrupts: dict | None = None) -> GuestInfo:
+        """A snapshot for pcibackctl (``now``: time.monotonic(); ``interrupts``: the broker's
+        PIRQs of this guest's functions)."""
         alive = self.alive
         return GuestInfo(domid=self.domid, state=self._state, pid=self.pid if alive else None,
                          adopted=self.adopted, restarts=self.restarts, last_exit=self.last_exit,
-                         heartbeat_age=round(now - self.last_beat, 3) if alive else None, report=self.report)
+                         heartbeat_age=round(now - self.last_beat, 3) if alive else None, report=self.report,
+                         interrupts=interrupts)

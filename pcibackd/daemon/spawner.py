@@ -15,7 +15,8 @@ import multiprocess.forkserver as forkserver
 
 # Everything a worker imports, so a restarted worker starts warm (a pending
 # op is waiting); none of these start threads at import time.
-_PRELOAD = ["pcibackd.worker.main", "pcibackd.worker.link", "pcibackd.worker.devices",
+_PRELOAD = ["pcibackd.worker.main", "pcibackd.worker.link", "pcibackd.worker.reporter",
+            "pcibackd.worker.devices", "pcibackd.worker.interrupts",
             "pcibackd.xenstore.client", "pcibackd.platform.select", "pcibackd.confspace",
             "pcibackd.hostpci.sysfs", "zmq", "psutil"]
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pcibackd.daemon.states import WorkerState
+from pcibackd.irq.function import Kind
+from pcibackd.irq.messages import Mapping
+from pcibackd.wire.bdf import BDF
 from pcibackd.worker.link import DeviceReport, WorkerReport
 
 
@@ -25,6 +28,30 @@ class DaemonInfo:
 
 
 @dataclass(frozen=True)
+class DeviceStatus:
+    """A served function: its worker's report, and the PIRQs the supervisor's broker holds for it."""
+
+    bdf: BDF
+    vbdf: BDF
+    permissive: bool
+    denied_writes: int
+    msi: int | None = None                       # the MSI PIRQ; None: MSI off
+    msix: tuple[tuple[int, int], ...] = ()       # (entry, PIRQ); empty: MSI-X off
+
+    @classmethod
+    def of(cls, d: DeviceReport, m: Mapping | None) -> "DeviceStatus":
+        held = m is not None and m.held
+        return cls(d.bdf, d.vbdf, d.permissive, d.denied_writes,
+                   m.pirqs[0] if held and m.kind is Kind.msi else None,
+                   tuple(zip(m.entries, m.pirqs)) if held and m.kind is Kind.msix else ())
+
+    def to_dict(self) -> dict:
+        return {"bdf": str(self.bdf), "vbdf": str(self.vbdf), "permissive": self.permissive,
+                "denied_writes": self.denied_writes, "msi": self.msi,
+                "msix": {str(entry): pirq for entry, pirq in self.msix}}
+
+
+@dataclass(frozen=True)
 class GuestInfo:
     domid: int
     state: WorkerState
@@ -34,7 +61,11 @@ class GuestInfo:
     last_exit: str                       # how the previous worker ended ("" if none did)
     heartbeat_age: float | None          # seconds since the last beat; None without a live worker
     report: WorkerReport | None          # the last heartbeat (None before the first)
+    interrupts: dict[BDF, Mapping] | None = None   # the broker's PIRQs by function (None: not known)
 
     @property
-    def devices(self) -> tuple[DeviceReport, ...]:
-        return self.report.devices if self.report else ()
+    def devices(self) -> tuple[DeviceReport | DeviceStatus, ...]:
+        devices = self.report.devices if self.report else ()
+        if self.interrupts is None:
+            return devices
+        return tuple(DeviceStatus.of(d, self.interrupts.get(d.bdf)) for d in devices)

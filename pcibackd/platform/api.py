@@ -1,4 +1,4 @@
-"""The platform interface: grants, event channels and the shared page.
+"""The platform interface: grants, event channels, the shared page, and the interrupt hypercalls.
 
 Worker code only sees these protocols.  ``pcibackd.platform.xen`` implements
 them with libxengnttab/libxenevtchn (``/dev/xen``) and sysfs; the simulated
@@ -56,6 +56,9 @@ class Platform(Protocol):
     def open_evtchn(self) -> EventChannel: ...
     def open_device(self, bdf: BDF) -> HostPort: ...    # FileNotFoundError: no such function
     def assignable(self) -> list[BDF]: ...
+    def physdev(self) -> object: ...
+    # physdev(): the privileged interrupt effects, an ``irq.ports.Physdev`` (the supervisor's only;
+    # a worker never calls it).  Every failure is an OSError carrying Xen's errno.
 
 
 @runtime_checkable

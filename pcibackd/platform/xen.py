@@ -229,6 +229,24 @@ class RealEventChannel:
         self.close()
 
 
+class NoPhysdev:
+    """The real platform's ``Physdev`` until it exists: every call fails with ENOSYS.
+
+    The real one issues ``PHYSDEVOP_map_pirq``/``unmap_pirq`` through libxenctrl
+    and ``prepare_msix``/``release_msix``/``restore_msi_ext`` through libxencall
+    (in the supervisor only), and writes the two control words through dom0's
+    sysfs config; that is a later step.  Until then the broker answers every
+    MSI/MSI-X request with ENOSYS, which the worker passes to the guest as a
+    refused enable (the guest falls back to INTx), and nothing is mapped.
+    """
+
+    def _nosys(self, *args) -> None:
+        raise OSError(errno.ENOSYS, "MSI/MSI-X hypercalls are not implemented on this platform yet")
+
+    prepare_msix = release_msix = map_pirq = unmap_pirq = restore_msi = _nosys
+    read_config = write_config = _nosys
+
+
 class RealPlatform:
     """Grants and event channels of the Xen domain this process runs in (a :class:`Platform`)."""
 
@@ -258,6 +276,10 @@ class RealPlatform:
     def assignable(self) -> list[BDF]:
         """Functions bound to a stub driver."""
         return stub_bound()
+
+    def physdev(self) -> NoPhysdev:
+        """The interrupt hypercalls: not implemented on real Xen yet (see :class:`NoPhysdev`)."""
+        return NoPhysdev()
 
     def _handle(self, kind: str) -> _Handle:
         h = self._handles.get(kind)

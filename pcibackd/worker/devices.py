@@ -30,6 +30,7 @@ from loguru import logger
 
 from pcibackd.common.files import write_atomic
 from pcibackd.confspace import ConfSpace, PolicyStore
+from pcibackd.hostpci.port import HostPort
 from pcibackd.hostpci.release import capture_header, restore_header
 from pcibackd.platform.api import Platform
 from pcibackd.wire.bdf import BDF
@@ -184,6 +185,14 @@ class DeviceSet:
         # Replace wholesale: the op path never sees a half-updated map.
         self.dispatcher.devices = {(e.guest.domain, e.guest.bus, e.guest.devfn): e.conf
                                    for e in self.entries.values()}
+
+    def find(self, domain: int, bus: int, devfn: int) -> tuple[BDF, HostPort] | None:
+        """The host address and HostPort of the function the guest sees at (domain, bus, devfn)."""
+        for host, entry in self.entries.items():
+            g = entry.guest
+            if (g.domain, g.bus, g.devfn) == (domain, bus, devfn):
+                return host, entry.conf.port
+        return None
 
     # --- commands ------------------------------------------------------------
     def set_permissive(self, bdf: str | None, on: bool) -> list[str]:

@@ -10,6 +10,8 @@ list of ``name@domid`` (workers inherit it):
                    0xFC, once (a marker file keeps the successor healthy)
     op-hang@N      worker N hangs inside that handler, once (no more ops, no
                    heartbeats): the supervisor must kill and replace it
+    msi-crash@N    worker N raises after an enable_msi(x) was served (the broker
+                   mapped) and before the reply is written, once
 
 Unset (production), nothing here touches the op path.
 """
@@ -24,6 +26,7 @@ from typing import Callable
 from pcibackd.wire.pciif import Op, OpHeader
 
 TRIGGER_OFFSET = 0xFC
+MSI_ENABLES = (Op.enable_msi, Op.enable_msix)
 
 
 def active(domid: int) -> set[str]:
@@ -50,5 +53,10 @@ def wrap_dispatch(dispatch: Callable, points: set[str], marker_dir: Path, domid:
                         raise InjectedFault("injected handler exception")
                     while True:
                         time.sleep(3600)
-        return dispatch(op)
+        reply = dispatch(op)
+        marker = marker_dir / f"failpoint-msi-crash-dom{domid}"
+        if "msi-crash" in points and untrusted.cmd in MSI_ENABLES and not marker.exists():
+            marker.touch()
+            raise InjectedFault("injected crash after an MSI enable was mapped")
+        return reply
     return faulty

@@ -1,29 +1,24 @@
-"""The worker's ZeroMQ link to its supervisor, and the messages it carries.
+"""The messages between a worker and its supervisor (the link itself: :mod:`.reporter`).
 
-A DEALER socket (identity ``dom<domid>``) with a bounded send queue: when the
-supervisor is slow or gone, beats are dropped, never queued without limit,
-so the op path never blocks on it.
-
-Three message types, each a dataclass serialized here and nowhere else:
-:class:`WorkerReport` (the heartbeat, with statistics) and
-:class:`WorkerReply` go to the supervisor; :class:`WorkerCommand` comes back.
-The supervisor reads worker messages with :func:`parse_worker_message`, which
-treats them as untrusted: anything not exactly of the declared types is a
-:class:`BadMessage`.
+Each message is a dataclass serialized here and nowhere else:
+:class:`WorkerReport` (the heartbeat, with statistics), :class:`WorkerReply`
+and :class:`WorkerIrqRequest` (a question for the interrupt broker) go to the
+supervisor; :class:`WorkerCommand` and :class:`IrqReply` (the broker's answer)
+come back.  The supervisor reads worker messages with
+:func:`parse_worker_message`, the worker the supervisor's with
+:func:`parse_supervisor_message`; both treat them as untrusted: anything not
+exactly of the declared types is a :class:`BadMessage`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import time
 from dataclasses import dataclass, field
 
-import zmq
-
+from pcibackd.irq.messages import (Answer, WorkerRequest, answer_from_wire, answer_to_wire, request_from_wire,
+                                   request_to_wire)
 from pcibackd.wire.bdf import BDF
 
-HWM = 16
 MAX_FRAME = 1 << 16      # both ends refuse larger frames (ZMQ_MAXMSGSIZE)
 MAX_NAME = 64            # counter names, tokens, request ids
 
@@ -206,10 +201,42 @@ class WorkerReply:
 
 
 _REPLY_FIELDS = {"domid": _int, "pid": _int, "token": _str, "id": _str, "ok": _bool, "result": _any}
-_MESSAGE_TYPES = {WorkerReport.TYPE: WorkerReport, WorkerReply.TYPE: WorkerReply}
 
 
-def parse_worker_message(untrusted_raw: bytes) -> WorkerReport | WorkerReply:
+def _irq_request(v, name: str) -> WorkerRequest:
+    try:
+        return request_from_wire(v)
+    except (ValueError, TypeError) as exc:
+        raise BadMessage(f"{name}: {str(exc)[:60]}") from None
+
+
+@dataclass(frozen=True)
+class WorkerIrqRequest:
+    """A question for the interrupt broker (``request``: irq/messages.py); ``id`` pairs the answer."""
+
+    domid: int
+    pid: int
+    token: str
+    id: str
+    request: WorkerRequest
+
+    TYPE = "irq"
+
+    def to_json(self) -> bytes:
+        return json.dumps({"type": self.TYPE, "domid": self.domid, "pid": self.pid, "token": self.token,
+                           "id": self.id, "request": request_to_wire(self.request)}).encode()
+
+    @classmethod
+    def from_dict(cls, untrusted: dict) -> "WorkerIrqRequest":
+        return cls(**_fields(_IRQ_FIELDS, untrusted, "an irq request"))
+
+
+_IRQ_FIELDS = {"domid": _int, "pid": _int, "token": _str, "id": _str, "request": _irq_request}
+_MESSAGE_TYPES = {WorkerReport.TYPE: WorkerReport, WorkerReply.TYPE: WorkerReply,
+                  WorkerIrqRequest.TYPE: WorkerIrqRequest}
+
+
+def parse_worker_message(untrusted_raw: bytes) -> WorkerReport | WorkerReply | WorkerIrqRequest:
     """One frame from the worker socket, typed; BadMessage on anything else.
     (Authenticating the sender is the supervisor's part.)"""
     try:
@@ -243,70 +270,30 @@ class WorkerCommand:
         return cls(msg["cmd"], msg.get("args") or {}, req_id if type(req_id) is str else None)
 
 
-# ----------------------------------------------------------------- link --
-class Reporter:
-    """Sends beats and replies; ``fileno()`` lets the worker's select see commands."""
+@dataclass(frozen=True)
+class IrqReply:
+    """The broker's answer to the :class:`WorkerIrqRequest` with the same ``id``."""
 
-    def __init__(self, cfg, worker):
-        self.worker = worker
-        self.ctx = zmq.Context(io_threads=1)
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.IDENTITY, f"dom{cfg.domid}".encode())
-        self.sock.setsockopt(zmq.SNDHWM, HWM)
-        self.sock.setsockopt(zmq.RCVHWM, HWM)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
-        self.sock.connect(cfg.supervisor_endpoint)
-        self.started = time.time()
+    id: str
+    answer: Answer
 
-    def fileno(self) -> int:
-        return self.sock.getsockopt(zmq.FD)
+    TYPE = "irq-answer"
 
-    def report(self, final: bool = False) -> WorkerReport:
-        """This worker's heartbeat, from its live objects."""
-        w = self.worker
-        stats = w.dispatcher.stats
-        latency = w.loop.latency_us()
-        return WorkerReport(
-            domid=w.cfg.domid, pid=os.getpid(), token=w.cfg.token, final=final,
-            xenbus_state=int(w.machine.state), connected=w.loop.ring is not None,
-            served=dict(stats.served), errors=dict(stats.errors),
-            spurious=w.loop.spurious, ignored_inputs=w.driver.ignored,
-            latency_us=Latency(latency["p50"], latency["p99"], latency["n"]) if latency else None,
-            devices=tuple(DeviceReport(BDF.parse(d["bdf"]), BDF.parse(d["vbdf"]), d["permissive"],
-                                       d["denied_writes"]) for d in w.devices.summary()),
-            started=self.started)
+    def to_json(self) -> bytes:
+        return json.dumps({"type": self.TYPE, "id": self.id, "answer": answer_to_wire(self.answer)}).encode()
 
-    def beat(self, final: bool = False) -> None:
-        self._send(self.report(final).to_json())
-        self.on_message()
 
-    def on_message(self) -> None:
-        """Run supervisor commands (the FD is edge-triggered: read to EAGAIN)."""
-        while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            try:
-                raw = self.sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            req_id = None
-            try:
-                command = WorkerCommand.from_json(raw)
-                req_id = command.id
-                handler = self.worker.COMMANDS[command.cmd]
-                result, ok = handler(self.worker, command.args), True
-            except Exception as exc:     # a bad command is answered, never fatal
-                result, ok = f"{type(exc).__name__}: {exc}", False
-            if req_id is None:
-                continue
-            cfg = self.worker.cfg
-            self._send(WorkerReply(cfg.domid, os.getpid(), cfg.token, req_id, ok, result).to_json())
-
-    def _send(self, data: bytes) -> None:
+def parse_supervisor_message(raw: bytes) -> WorkerCommand | IrqReply:
+    """One frame from the supervisor: a command or a broker answer (BadMessage otherwise)."""
+    try:
+        msg = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise BadMessage(f"not JSON: {str(exc)[:60]}") from None
+    if type(msg) is dict and msg.get("type") == IrqReply.TYPE:
+        if set(msg) != {"type", "id", "answer"}:
+            raise BadMessage("not a broker answer")
         try:
-            self.sock.send(data, zmq.NOBLOCK)
-        except zmq.Again:
-            pass
-
-    def close(self) -> None:
-        self.sock.close(0)
-        self.ctx.term()
+            return IrqReply(_str(msg["id"], "id"), answer_from_wire(msg["answer"]))
+        except ValueError as exc:
+            raise BadMessage(f"broker answer: {exc}") from None
+    return WorkerCommand.from_json(raw)

@@ -36,9 +36,10 @@ from pcibackd.wire.bdf import BDF
 from pcibackd.worker import faults, privileges
 from pcibackd.worker.devices import DeviceSet
 from pcibackd.worker.driver import Driver
-from pcibackd.worker.link import Reporter
+from pcibackd.worker.interrupts import MsiService
 from pcibackd.worker.ops import Dispatcher
 from pcibackd.worker.oploop import OpLoop, Ring
+from pcibackd.worker.reporter import Reporter
 from pcibackd.worker.xenbus import BackendMachine
 from pcibackd.xenstore.client import XenStore
 
@@ -87,6 +88,10 @@ class Worker:
         self.machine = BackendMachine(mode=cfg.topology)
         self.driver = Driver(self.xs, cfg.domid, cfg.backend_path, self.machine, self)
         self.reporter = Reporter(cfg, self) if cfg.supervisor_endpoint else None
+        self.msi: MsiService | None = None
+        if self.reporter:           # PIRQs come from the supervisor's broker, or MSI is not offered
+            self.msi = MsiService(cfg.domid, self.reporter.ask, self.reporter.tell, self.devices.find)
+            self.msi.install(self.dispatcher.external)
         self.stopping = False
         self.orphaned = False
         self.last_ack = time.monotonic()
@@ -98,6 +103,8 @@ class Worker:
     def remove(self, hosts: tuple[BDF, ...]) -> None:
         self.loop.flush()
         self.devices.remove(hosts)
+        if self.msi:
+            self.msi.forget(hosts)
 
     def map_ring(self, gref: int, port: int) -> None:
         page = self.platform.map_grant(self.cfg.domid, gref)
@@ -111,8 +118,14 @@ class Worker:
         self.loop.ring = Ring(page, evtchn, local)
         logger.info("connected: gref {} port {} -> local port {}", gref, port, local)
         # A request left pending by a crashed predecessor is answered now.
-        if self.loop.serve_pending():
-            logger.info("served an op left pending before this worker started")
+        if self.msi:
+            self.msi.reserving = True
+        try:
+            if self.loop.serve_pending():
+                logger.info("served an op left pending before this worker started")
+        finally:
+            if self.msi:
+                self.msi.reserving = False
 
     def unmap_ring(self) -> None:
         if self.loop.ring:
@@ -155,7 +168,7 @@ class Worker:
                 paths = [p for p, _ in self.xs.events()]
                 if paths:
                     self.driver.on_watch(paths)
-            if self.reporter and self.reporter in ready:
+            if self.reporter and (self.reporter in ready or self.reporter.drain):
                 self.reporter.on_message()
             if rfd in ready:
                 os.read(rfd, 64)

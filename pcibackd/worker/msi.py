@@ -223,6 +223,22 @@ HANDLERS: dict[int, Handler] = {
 }
 
 
+def readopt(op: MsiOp, fn: MsiFunction) -> Outcome | None:
+    """The answer to an enable a dead predecessor had the broker map but never answered.
+
+    Only for the op a predecessor left pending: an enable of what is mapped
+    (MSI, or MSI-X with the same entries) is answered with the PIRQs the guest
+    now holds, never mapped twice; None for anything else.
+    """
+    s = fn.state
+    if op.cmd == Op.enable_msi and s.msi_enabled:
+        return Outcome(Reply(Err.success, s.msi_pirq), s)
+    if (op.cmd == Op.enable_msix and s.msix_enabled and op.value <= SH_INFO_MAX_VEC
+            and op.entries == tuple(e for e, _ in s.msix)):
+        return Outcome(Reply(Err.success, 0, tuple(p for _, p in s.msix)), s)
+    return None
+
+
 def state_from_answer(answer: Answer) -> MsiState:
     """A restarted worker's state from the broker's Query answer."""
     if answer.kind is None or not answer.pirqs:

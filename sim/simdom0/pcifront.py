@@ -6,10 +6,17 @@ grants the shared page, allocates the event channel, publishes
 states, enumerates every devfn of each published root, and issues ops like
 ``do_pci_op``: fill the op, set ``_XEN_PCIF_active``, notify, wait for the bit
 to clear; after 2 s it clears the bit itself and reports ``dev_not_found``.
+
+MSI and MSI-X are asked for like ``pcifront_enable_msi(x)`` /
+``pcifront_disable_msi(x)`` do, and judged as they judge the answer: MSI
+succeeds with ``err == 0`` and ``value > 0`` (the PIRQ), anything else is
+``-EINVAL``; MSI-X succeeds with ``err == 0``, ``value == 0`` and every vector
+``> 0``, a non-zero ``value`` is the error; disabling only reports.
 """
 
 from __future__ import annotations
 
+import errno
 import select
 import time
 from dataclasses import dataclass
@@ -34,6 +41,28 @@ class GuestDevice:
 
     def lspci_line(self) -> str:
         return f"{self.bdf} [{self.class_code >> 8:04x}] {self.vendor:04x}:{self.device:04x}"
+
+
+@dataclass(frozen=True)
+class IrqResult:
+    """What pcifront's MSI calls return to the guest's PCI core, and the raw answer.
+
+    ``result``: 0, or the negative errno (or XEN_PCI_ERR_*) Linux returns;
+    ``pirqs``: the PIRQs the guest would bind (MSI: one; MSI-X: one per entry).
+    """
+
+    result: int
+    pirqs: tuple[int, ...] = ()
+    err: int = 0
+    value: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.result == 0
+
+
+def _s32(v: int) -> int:
+    return v - (1 << 32) if v & 0x80000000 else v
 
 
 class FrontendError(RuntimeError):
@@ -176,6 +205,49 @@ class PCIFront:
             self.page.clear_bit(pciif.SH_FLAGS, pciif._XEN_PCIF_active)
             return Err.dev_not_found, 0
         return pciif.I32.unpack_from(buf, pciif.SH_OP_ERR)[0], pciif.U32.unpack_from(buf, pciif.SH_OP_VALUE)[0]
+
+    def msix_op(self, cmd: int, bdf: BDF, nvec: int, entries: tuple[int, ...] = ()) -> tuple[int, int, tuple[int, ...]]:
+        """One MSI-X-shaped op with no frontend checks: ``value = nvec`` (any u32), the
+        ``entries`` written (at most 128); returns (err, value, vectors[0:min(nvec, 128)])."""
+        buf = self.page.buf
+        for i, entry in enumerate(entries[:pciif.SH_INFO_MAX_VEC]):
+            pciif.MSIX_ENTRY.pack_into(buf, pciif.SH_MSIX_ENTRIES + 4 * i, 0, entry)
+        err, value = self.op(cmd, bdf.domain, bdf.bus, bdf.devfn, value=nvec)
+        n = min(nvec, pciif.SH_INFO_MAX_VEC) if err == 0 else 0
+        return err, value, tuple(pciif.U16.unpack_from(buf, pciif.msix_vector_offset(i))[0] for i in range(n))
+
+    def enable_msi(self, bdf: BDF) -> IrqResult:
+        """``pcifront_enable_msi``: the PIRQ, or -EINVAL for any failure."""
+        err, value = self.op(Op.enable_msi, bdf.domain, bdf.bus, bdf.devfn)
+        if err != 0:
+            return IrqResult(-errno.EINVAL, err=err, value=value)
+        if _s32(value) <= 0:
+            return IrqResult(-errno.EINVAL, err=err, value=value)
+        return IrqResult(0, (value,), err, value)
+
+    def disable_msi(self, bdf: BDF) -> IrqResult:
+        """``pcifront_disable_msi``: Linux only logs a failure."""
+        err, value = self.op(Op.disable_msi, bdf.domain, bdf.bus, bdf.devfn)
+        return IrqResult(err, (), err, value)
+
+    def enable_msix(self, bdf: BDF, entries: tuple[int, ...] | list[int]) -> IrqResult:
+        """``pcifront_enable_msix`` for these table entries."""
+        entries = tuple(entries)
+        if len(entries) > pciif.SH_INFO_MAX_VEC:
+            return IrqResult(-errno.EINVAL)          # refused before asking the backend
+        err, value, vectors = self.msix_op(Op.enable_msix, bdf, len(entries), entries)
+        if err != 0:
+            return IrqResult(err, (), err, value)
+        if value != 0:
+            return IrqResult(_s32(value), (), err, value)
+        if any(v <= 0 for v in vectors):
+            return IrqResult(-errno.EINVAL, (), err, value)
+        return IrqResult(0, vectors, err, value)
+
+    def disable_msix(self, bdf: BDF) -> IrqResult:
+        """``pcifront_disable_msix``: Linux only logs a failure."""
+        err, value = self.op(Op.disable_msix, bdf.domain, bdf.bus, bdf.devfn)
+        return IrqResult(err, (), err, value)
 
     def _wait_answer(self) -> bool:
         page, flags, bit = self.page, pciif.SH_FLAGS, pciif._XEN_PCIF_active

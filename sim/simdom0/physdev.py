@@ -25,6 +25,14 @@ What is modelled (facts: docs/interrupts.md):
 * ``restore_msi`` sets ENABLE again for what is mapped (Xen writes the device
   directly, past its own intercept).
 
+Two switches for the simulated dom0 (:meth:`simdom0.platform.SimPlatform.physdev`):
+``assume_assigned`` stands for the toolstack's ``xc_assign_device``, which the
+simulated toolstack does not make (every function counts as assigned to the
+domain asking, and a domain exists once asked for); ``state_file`` keeps
+Xen's state (PIRQ bindings, prepared functions, double maps, dropped writes)
+in a JSON file, rewritten after every call that changes it and read at start,
+so it outlives the supervisor process, as Xen's state would, and tests can read it.
+
 Not modelled: message address/data and the MSI-X table contents, per-vector
 masks, interrupt remapping, multi-MSI, PCI segments (the address is passed whole).
 """
@@ -32,9 +40,13 @@ masks, interrupt remapping, multi-MSI, PCI segments (the address is passed whole
 from __future__ import annotations
 
 import errno
+import json
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
+
+from pcibackd.common.files import write_atomic
 
 from pcibackd.hostpci.port import HostPort
 from pcibackd.irq.function import Kind, control_offset, find_capability, msix_table_size
@@ -82,8 +94,10 @@ class SimPhysdev:
     """See module doc.  ``open_device`` gives the function's config space (a HostPort)."""
 
     def __init__(self, open_device: Callable[[BDF], HostPort], nr_irqs_gsi: int = 24,
-                 extra_guest_irqs: int = 32) -> None:
+                 extra_guest_irqs: int = 32, assume_assigned: bool = False,
+                 state_file: Path | None = None) -> None:
         self._open = open_device
+        self.assume_assigned, self.state_file = assume_assigned, state_file
         self._ports: dict[BDF, HostPort] = {}
         self.nr_irqs_gsi, self.extra_guest_irqs = nr_irqs_gsi, extra_guest_irqs
         self.domains: dict[int, _Domain] = {}
@@ -94,6 +108,35 @@ class SimPhysdev:
         self.dropped: list[Dropped] = []
         self.calls: Counter = Counter()
         self._faults: dict[str, list[tuple[int, int]]] = {}
+        if state_file is not None and state_file.exists():
+            self._load(json.loads(state_file.read_text()))
+
+    # -- the state file ---------------------------------------------------------
+
+    def state(self) -> dict:
+        """Xen's state as JSON-able data (what :attr:`state_file` holds)."""
+        def binding(b: Binding) -> dict:
+            return dict(asdict(b), bdf=str(b.bdf), kind=b.kind.value)
+        return {"bindings": [binding(b) for b in self.bindings()],
+                "dead_domains": sorted(d for d, dom in self.domains.items() if not dom.alive),
+                "prepared": sorted(str(b) for b in self.prepared),
+                "double_maps": [binding(b) for b in self.double_maps],
+                "dropped": len(self.dropped), "calls": dict(self.calls)}
+
+    def _load(self, doc: dict) -> None:
+        for item in doc["bindings"]:
+            b = Binding(item["domid"], item["pirq"], BDF.parse(item["bdf"]), Kind(item["kind"]),
+                        item["entry"], item["table_base"])
+            self.create_domain(b.domid)
+            self.domains[b.domid].pirqs[b.pirq] = b
+        for domid in doc["dead_domains"]:
+            self.domains.setdefault(domid, _Domain()).alive = False
+        self.prepared = {BDF.parse(t) for t in doc["prepared"]}
+        self.calls.update(doc["calls"])
+
+    def _changed(self) -> None:
+        if self.state_file is not None:
+            write_atomic(self.state_file, json.dumps(self.state(), sort_keys=True).encode())
 
     # -- the toolstack's side and test controls ---------------------------------
 
@@ -108,6 +151,7 @@ class SimPhysdev:
             dom.alive = False
         for bdf in [b for b, d in self.owner.items() if d == domid]:
             del self.owner[bdf]
+        self._changed()
 
     def assign(self, domid: int, bdf: BDF) -> None:
         """xc_assign_device (the domain is created if new)."""
@@ -143,6 +187,7 @@ class SimPhysdev:
         if not port.read(COMMAND, 2) & COMMAND_MEM:
             raise PhysdevError(errno.ENXIO, f"{bdf}: memory decoding is off")
         self.prepared.add(bdf)
+        self._changed()
 
     def release_msix(self, bdf: BDF) -> None:
         self._enter("release_msix")
@@ -150,11 +195,14 @@ class SimPhysdev:
         if bdf not in self.prepared or any(b.bdf == bdf and b.kind is Kind.msix for b in self.bindings()):
             raise PhysdevError(errno.EBUSY, f"{bdf}: MSI-X not prepared, or still in use")
         self.prepared.discard(bdf)
+        self._changed()
 
     def map_pirq(self, domid: int, kind: Kind, bdf: BDF, entry: int, table_base: int) -> int:
         self._enter("map_pirq")
+        if self.assume_assigned:
+            self.create_domain(domid)
         dom = self._domain(domid)
-        if self.owner.get(bdf) != domid:
+        if self.owner.get(bdf) != domid and not self.assume_assigned:
             raise PhysdevError(errno.ENODEV, f"{bdf} is not assigned to dom{domid}")
         port = self._port(bdf)
         kind = Kind.msix if table_base else Kind.msi          # Xen chooses by table_base alone
@@ -180,6 +228,7 @@ class SimPhysdev:
         if any(b.bdf == bdf and b.kind is kind and b.entry == entry for b in self.bindings()):
             self.double_maps.append(binding)
         dom.pirqs[pirq] = binding
+        self._changed()
         return pirq
 
     def unmap_pirq(self, domid: int, pirq: int) -> None:
@@ -187,6 +236,7 @@ class SimPhysdev:
         dom = self._domain(domid)
         if dom.pirqs.pop(pirq, None) is None:
             raise PhysdevError(errno.EINVAL, f"dom{domid}: PIRQ {pirq} is not mapped")
+        self._changed()
 
     def restore_msi(self, bdf: BDF) -> None:
         self._enter("restore_msi")
@@ -210,6 +260,7 @@ class SimPhysdev:
         reason = self._intercept(bdf, port, offset, size)
         if reason:
             self.dropped.append(Dropped(bdf, offset, size, value, reason))
+            self._changed()
             return
         msix = find_capability(port.read, CAP_MSIX)
         if bdf in self.host_maskall and msix is not None and offset == control_offset(msix):

@@ -14,6 +14,7 @@ Layout of ``sim_dir``::
     grants/<granter>/next      gref allocator, serialised with lockf
     evtchn/<domid>.ports       port table of each domain (see :mod:`.evtchn`)
     pci/                       simulated PCI functions (see :mod:`.hostpci`)
+    xen/physdev.json           Xen's PIRQ and MSI state (see :mod:`.physdev`)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import PAGE_SIZE
 from simdom0.evtchn import NR_PORTS, PortSpace, SimEventChannel, check_domid, locked
 from simdom0.hostpci import SimDevice, SimHost
+from simdom0.physdev import SimPhysdev
 
 __all__ = ["FIRST_GREF", "NR_PORTS", "SimEventChannel", "SimPlatform", "SimSharedPage"]
 
@@ -37,6 +39,11 @@ FIRST_GREF = 8             # Xen reserves the first 8 grant entries
 
 _GRANT_HEADER = struct.Struct("<4sII")
 _GRANT_MAGIC = b"PBSG"
+
+
+def physdev_state_path(sim_dir: Path | str) -> Path:
+    """Where the simulated Xen keeps its PIRQ state (tests read it)."""
+    return Path(sim_dir) / "xen" / "physdev.json"
 
 
 class SimSharedPage(atomic.PageBits):
@@ -96,6 +103,12 @@ class SimPlatform:
         """Every simulated function of this instance."""
         root = self.sim_dir / "pci"
         return SimHost(root).devices() if root.exists() else []
+
+    def physdev(self) -> SimPhysdev:
+        """Xen's PIRQ/MSI side (the supervisor's); its state is kept in ``xen/physdev.json``."""
+        (self.sim_dir / "xen").mkdir(exist_ok=True)
+        return SimPhysdev(self.open_device, assume_assigned=True,
+                          state_file=physdev_state_path(self.sim_dir))
 
     # -- grants ------------------------------------------------------------
 

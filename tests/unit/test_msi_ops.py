@@ -23,9 +23,9 @@ from pcibackd.irq.messages import Answer, Client, IrqRefused
 from pcibackd.wire import pciif
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import Err, Op
-from pcibackd.worker.msi import (MsiFacts, MsiFunction, MsiOp, MsiState, PortFacts, serve,
+from pcibackd.worker.msi import (MsiFacts, MsiFunction, MsiOp, MsiState, PortFacts, readopt, serve,
                                  state_from_answer)
-from pcibackd.worker.ops import write_reply
+from pcibackd.worker.ops import Reply, write_reply
 from simdom0.hostpci import SimHost
 from simdom0.physdev import SimPhysdev
 
@@ -251,6 +251,17 @@ def test_a_restarted_worker_rebuilds_its_state_from_the_broker():
     assert state_from_answer(Answer()) == MsiState()
     assert state_from_answer(Answer(pirqs=(40,), kind=Kind.msi, entries=(0,))) == ON_MSI
     assert state_from_answer(Answer(pirqs=(41, 42), kind=Kind.msix, entries=(0, 1))) == ON_MSIX
+
+
+def test_the_op_a_dead_worker_left_pending_is_answered_with_what_is_mapped():
+    out = readopt(op(Op.enable_msix, 2, (0, 1)), fn(ON_MSIX))
+    assert out.reply == Reply(0, 0, (41, 42)) and out.state == ON_MSIX
+    assert readopt(op(Op.enable_msi), fn(ON_MSI)).reply == Reply(0, 40)
+    assert readopt(op(Op.enable_msix, 2, (1, 0)), fn(ON_MSIX)) is None       # other entries: served anew
+    assert readopt(op(Op.enable_msix, 1, (0,)), fn(ON_MSIX)) is None
+    assert readopt(op(Op.enable_msi), fn(ON_MSIX)) is None
+    assert readopt(op(Op.disable_msix), fn(ON_MSIX)) is None
+    assert readopt(op(Op.enable_msix, 2, (0, 1)), fn()) is None
 
 
 # -- over a simulated function, the broker core and the model of Xen -----------------------------

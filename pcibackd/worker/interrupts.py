@@ -1,0 +1,144 @@
+"""The worker's MSI/MSI-X service: ops 2-5 and 10 through :func:`msi.serve`, PIRQs from the broker.
+
+Driver around the pure :mod:`pcibackd.worker.msi`: for each served function
+it keeps the facts reader (:class:`~pcibackd.worker.msi.PortFacts` over the
+function's HostPort) and its :class:`~pcibackd.worker.msi.MsiState`.  The
+state of a function this worker has not served an MSI op for yet is unknown:
+it is asked of the broker first (``Query``), so a restarted worker continues
+where its predecessor stopped.  The op a predecessor left pending (served
+while :attr:`MsiService.reserving`) may be an enable it had the broker map but
+never answered: that one is answered with the mapped PIRQs
+(:func:`~pcibackd.worker.msi.readopt`), never mapped twice.
+
+The link can fail a question (no answer in time, a full queue) after the
+broker acted on it, or before.  Either way the guest is answered at once (a
+disable always succeeds, as in Linux; an enable is refused), and the unmap
+that makes the broker agree with the guest's view is owed: sent at once
+without waiting, and asked again before the function's next op until the
+broker has answered it (an unmap of nothing is harmless).
+
+The broker is the supervisor's (:class:`pcibackd.irq.messages.Client` over the
+worker's link); this process never maps a PIRQ itself.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from loguru import logger
+
+from pcibackd.hostpci.port import HostPort
+from pcibackd.irq.function import Kind
+from pcibackd.irq.messages import Client, IrqRefused, MapMsi, MapMsix, Unmap
+from pcibackd.wire.bdf import BDF
+from pcibackd.wire.pciif import Op
+from pcibackd.worker import msi
+from pcibackd.worker.msi import MsiFunction, MsiOp, MsiState, PortFacts
+from pcibackd.worker.ops import Reply
+
+MSI_OPS = (Op.enable_msi, Op.disable_msi, Op.enable_msix, Op.disable_msix, Op.enable_multi_msi)
+
+Lookup = Callable[[int, int, int], "tuple[BDF, HostPort] | None"]
+
+
+class _Refusing:
+    """A broker that refuses everything with one error (the state could not be asked for)."""
+
+    def __init__(self, exc: IrqRefused) -> None:
+        self.exc = exc
+
+    def _refuse(self, *args) -> None:
+        raise self.exc
+
+    map_msi = map_msix = unmap_msi = unmap_msix = _refuse
+
+
+LINK_ERRORS = ("timeout", "link_busy")       # the link's own refusals (reporter.py), not the broker's
+KINDS = {MapMsi: Kind.msi, MapMsix: Kind.msix}
+
+
+class MsiService:
+    """Serves the MSI ops of guest ``domid``'s worker over the link's ``ask`` (waits) and
+    ``tell`` (does not); ``lookup`` finds a guest address's host function."""
+
+    def __init__(self, domid: int, ask: Callable, tell: Callable, lookup: Lookup) -> None:
+        self.ask, self.tell, self.lookup = ask, tell, lookup
+        self.broker = Client(domid, self._send)
+        self.facts: dict[BDF, PortFacts] = {}
+        self.states: dict[BDF, MsiState] = {}
+        self.reserving = False              # serving the op a dead predecessor left pending
+        self.unmap_due: set[tuple[BDF, Kind]] = set()   # unmaps the broker has not answered yet
+
+    def _send(self, request):
+        answer = self.ask(request)
+        if answer.error not in LINK_ERRORS:
+            if isinstance(request, Unmap):
+                self.unmap_due.discard((request.bdf, request.kind))
+            return answer
+        if isinstance(request, (MapMsi, MapMsix)):
+            self.unmap_due.add((request.bdf, KINDS[type(request)]))
+            self.tell(Unmap(request.domid, request.bdf, KINDS[type(request)]))
+        elif isinstance(request, Unmap):
+            self.unmap_due.add((request.bdf, request.kind))
+        return answer
+
+    def install(self, handlers: dict) -> None:
+        """Take ops 2-5 and 10 in a Dispatcher's ``external`` table."""
+        for op in MSI_OPS:
+            handlers[op] = self.serve
+
+    def serve(self, op_bytes: bytes) -> Reply:
+        untrusted = MsiOp.from_snapshot(op_bytes)
+        found = self.lookup(untrusted.domain, untrusted.bus, untrusted.devfn)
+        if found is None:
+            return msi.serve(untrusted, None, self.broker).reply
+        host, port = found
+        facts = self.facts.get(host)
+        if facts is None:
+            facts = self.facts[host] = PortFacts(port)
+        self._settle(host)
+        broker = self.broker
+        state = self.states.get(host)
+        if state is None:
+            try:
+                state = self._recover(host)
+            except IrqRefused as exc:
+                logger.warning("{}: interrupt state unknown, broker query failed: {}", host, exc)
+                state, broker = MsiState(), _Refusing(exc)
+        fn = MsiFunction(host, facts, state)
+        outcome = msi.readopt(untrusted, fn) if self.reserving else None
+        if outcome is not None:
+            logger.info("{}: pending op {} answered with the PIRQs mapped before this worker started",
+                        host, untrusted.cmd)
+        else:
+            outcome = msi.serve(untrusted, fn, broker)
+        if outcome.state is not None and broker is self.broker:
+            self.states[host] = outcome.state
+        if outcome.problem:
+            logger.warning("{}: {}", host, outcome.problem)
+        return outcome.reply
+
+    def _settle(self, host: BDF) -> None:
+        """Ask again for the unmaps still owed for ``host`` (they stay owed while the link fails)."""
+        for kind in sorted(k for b, k in self.unmap_due if b == host):
+            try:
+                (self.broker.unmap_msi if kind is Kind.msi else self.broker.unmap_msix)(host)
+            except IrqRefused as exc:
+                logger.warning("{}: an owed {} unmap failed again: {}", host, kind.value, exc)
+                continue
+            logger.info("{}: an owed {} unmap is done", host, kind.value)
+
+    def _recover(self, host: BDF) -> MsiState:
+        state = msi.state_from_answer(self.broker.query(host))
+        self.states[host] = state
+        if state != MsiState():
+            logger.info("{}: interrupt state taken over from the broker: {}", host, state)
+        return state
+
+    def forget(self, hosts) -> None:
+        """``hosts`` are no longer served (their PIRQs are the supervisor's to tear down)."""
+        for host in hosts:
+            self.facts.pop(host, None)
+            self.states.pop(host, None)
+            self.unmap_due -= {(host, kind) for kind in Kind}
+

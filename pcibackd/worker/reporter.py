@@ -1,0 +1,153 @@
+"""The worker's ZeroMQ link to its supervisor.
+
+A DEALER socket (identity ``dom<domid>``) with a bounded send queue: when the
+supervisor is slow or gone, beats are dropped, never queued without limit,
+so the op path never blocks on it.
+
+A broker question is the one thing the worker waits for (:meth:`Reporter.ask`),
+bounded by :data:`IRQ_TIMEOUT`, well under pcifront's 2 s op timeout; commands
+that arrive meanwhile are run afterwards, answers to questions given up on are
+dropped.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections import deque
+
+import zmq
+
+from pcibackd.irq.messages import Answer, WorkerRequest, refused
+from pcibackd.wire.bdf import BDF
+from pcibackd.worker.link import (MAX_FRAME, DeviceReport, IrqReply, Latency, WorkerCommand,
+                                  WorkerIrqRequest, WorkerReply, WorkerReport, parse_supervisor_message)
+
+HWM = 16
+IRQ_TIMEOUT = 1.0        # seconds a broker question may take (pcifront gives up on an op after 2 s)
+
+
+class Reporter:
+    """Sends beats and replies; ``fileno()`` lets the worker's select see commands."""
+
+    def __init__(self, cfg, worker):
+        self.worker = worker
+        self.ctx = zmq.Context(io_threads=1)
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, f"dom{cfg.domid}".encode())
+        self.sock.setsockopt(zmq.SNDHWM, HWM)
+        self.sock.setsockopt(zmq.RCVHWM, HWM)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
+        self.sock.connect(cfg.supervisor_endpoint)
+        self.started = time.time()
+        self._asked = 0
+        # commands that came during ask(), run by on_message (a flood beyond this is dropped)
+        self.deferred: deque[WorkerCommand | Exception] = deque(maxlen=256)
+        self.drain = False           # ask() read the socket: its edge-triggered FD may stay quiet
+
+    def fileno(self) -> int:
+        return self.sock.getsockopt(zmq.FD)
+
+    def report(self, final: bool = False) -> WorkerReport:
+        """This worker's heartbeat, from its live objects."""
+        w = self.worker
+        stats = w.dispatcher.stats
+        latency = w.loop.latency_us()
+        return WorkerReport(
+            domid=w.cfg.domid, pid=os.getpid(), token=w.cfg.token, final=final,
+            xenbus_state=int(w.machine.state), connected=w.loop.ring is not None,
+            served=dict(stats.served), errors=dict(stats.errors),
+            spurious=w.loop.spurious, ignored_inputs=w.driver.ignored,
+            latency_us=Latency(latency["p50"], latency["p99"], latency["n"]) if latency else None,
+            devices=tuple(DeviceReport(BDF.parse(d["bdf"]), BDF.parse(d["vbdf"]), d["permissive"],
+                                       d["denied_writes"]) for d in w.devices.summary()),
+            started=self.started)
+
+    def beat(self, final: bool = False) -> None:
+        self._send(self.report(final).to_json())
+        self.on_message()
+
+    def on_message(self) -> None:
+        """Run supervisor commands (the FD is edge-triggered: read to EAGAIN)."""
+        self.drain = False
+        while self.deferred:
+            self._run(self.deferred.popleft())
+        while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                raw = self.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            msg = self._parse(raw)
+            if not isinstance(msg, IrqReply):     # a late answer to a question given up on
+                self._run(msg)
+
+    @staticmethod
+    def _parse(raw: bytes) -> WorkerCommand | IrqReply | Exception:
+        try:
+            return parse_supervisor_message(raw)
+        except Exception as exc:     # a bad frame is answered if it can be, never fatal
+            return exc
+
+    def _run(self, msg: WorkerCommand | Exception) -> None:
+        req_id = None
+        try:
+            if isinstance(msg, Exception):
+                raise msg
+            req_id = msg.id
+            handler = self.worker.COMMANDS[msg.cmd]
+            result, ok = handler(self.worker, msg.args), True
+        except Exception as exc:     # a bad command is answered, never fatal
+            result, ok = f"{type(exc).__name__}: {exc}", False
+        if req_id is None:
+            return
+        cfg = self.worker.cfg
+        self._send(WorkerReply(cfg.domid, os.getpid(), cfg.token, req_id, ok, result).to_json())
+
+    def ask(self, request: WorkerRequest, timeout: float = IRQ_TIMEOUT) -> Answer:
+        """Send a broker question and wait for its answer (at most ``timeout`` s).
+
+        Never raises: a full link or no answer in time is an answer too (EAGAIN,
+        ETIMEDOUT), which the caller's client turns into a refusal.
+        """
+        self._asked += 1
+        self.drain = True
+        req_id = f"irq-{self._asked}"
+        cfg = self.worker.cfg
+        frame = WorkerIrqRequest(cfg.domid, os.getpid(), cfg.token, req_id, request).to_json()
+        try:
+            self.sock.send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            return refused(errno.EAGAIN, "link_busy", "the supervisor link is full")
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not self.sock.poll(max(1, int(left * 1000)), zmq.POLLIN):
+                continue
+            try:
+                raw = self.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                continue
+            msg = self._parse(raw)
+            if isinstance(msg, IrqReply):
+                if msg.id == req_id:
+                    return msg.answer
+                continue
+            self.deferred.append(msg)        # a command (or a bad frame) for on_message
+        return refused(errno.ETIMEDOUT, "timeout", f"no broker answer in {timeout} s")
+
+    def tell(self, request: WorkerRequest) -> None:
+        """Send a broker request without waiting (its answer is dropped when it comes)."""
+        self._asked += 1
+        cfg = self.worker.cfg
+        self._send(WorkerIrqRequest(cfg.domid, os.getpid(), cfg.token, f"irq-{self._asked}", request).to_json())
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self.sock.send(data, zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()

@@ -1,0 +1,271 @@
+"""MSI and MSI-X through the running daemon on the simulated dom0.
+
+A simulated guest (pcifront, Linux's calls) enables interrupts; the worker
+serves the op and asks the supervisor's broker, which maps PIRQs in the
+simulated Xen (``sim/xen/physdev.json``) and sets the enable bits in the
+simulated function's config space.  Functions: nvme (MSI-X, 65 entries,
+no MSI), e1000e (MSI at 0xd0 and MSI-X at 0xa0 with 5 entries).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import threading
+
+import pytest
+import zmq
+
+from pcibackd.irq.function import control_offset, find_capability
+from pcibackd.irq.messages import MapMsix
+from pcibackd.wire.bdf import BDF
+from pcibackd.wire.pciif import Err, Op
+from pcibackd.wire.pciregs import CAP_MSI, CAP_MSIX, COMMAND, COMMAND_INTX_DISABLE, MSIX_ENABLE, MSI_ENABLE
+from pcibackd.worker.link import WorkerIrqRequest
+from pcibackd.xenstore.client import XenStore
+from pcibackd.xenstore.toolstack import Toolstack
+from simdom0.platform import physdev_state_path
+from waiting import wait_until
+
+NVME, NIC = "0000:00:05.0", "0000:00:06.0"
+G_NVME, G_NIC = BDF(0, 0, 0, 0), BDF(0, 0, 1, 0)      # where the guest sees them (vpci, in order)
+
+
+class Guest:
+    """A connected guest with an nvme and an e1000e, and what Xen and the hardware say."""
+
+    def __init__(self, dom0, domid: int = 1) -> None:
+        self.dom0, self.domid = dom0, domid
+        self.hw = {G_NVME: dom0.add_device("nvme", NVME), G_NIC: dom0.add_device("e1000e", NIC)}
+        dom0.create_guest(domid, [NVME, NIC])
+        self.front = dom0.frontend(domid)
+        assert [d.bdf for d in self.front.connect()] == [G_NVME, G_NIC]
+
+    def xen(self) -> dict:
+        path = physdev_state_path(self.dom0.sim_dir)
+        return json.loads(path.read_text()) if path.exists() else {"bindings": [], "double_maps": []}
+
+    def pirqs(self, kind: str | None = None) -> list[int]:
+        return sorted(b["pirq"] for b in self.xen()["bindings"]
+                      if b["domid"] == self.domid and kind in (None, b["kind"]))
+
+    def enabled(self, guest_bdf: BDF, cap_id: int, bit: int) -> bool:
+        dev = self.hw[guest_bdf]
+        return bool(dev.read(control_offset(find_capability(dev.read, cap_id)), 2) & bit)
+
+    def intx_disabled(self, guest_bdf: BDF) -> bool:
+        return bool(self.hw[guest_bdf].read(COMMAND, 2) & COMMAND_INTX_DISABLE)
+
+    def worker_pid(self) -> int:
+        g = wait_until(lambda: (s := self.dom0.guest_status(self.domid)) and s["worker_state"] == "RUNNING"
+                       and s["pid"] and s, what="a running worker")
+        return g["pid"]
+
+
+@pytest.fixture
+def guest(dom0) -> Guest:
+    return Guest(dom0)
+
+
+def test_msix_enable_maps_distinct_pirqs_and_sets_the_enable_bit(guest):
+    r = guest.front.enable_msix(G_NVME, [0, 1, 2, 7])
+    assert r.ok, r
+    assert len(set(r.pirqs)) == 4 and all(p > 0 for p in r.pirqs)
+    assert guest.pirqs("msix") == sorted(r.pirqs)
+    entries = {b["entry"]: b["pirq"] for b in guest.xen()["bindings"]}
+    assert entries == dict(zip((0, 1, 2, 7), r.pirqs))
+    assert guest.enabled(G_NVME, CAP_MSIX, MSIX_ENABLE) and guest.intx_disabled(G_NVME)
+
+    off = guest.front.disable_msix(G_NVME)
+    assert off.err == Err.success
+    assert not guest.enabled(G_NVME, CAP_MSIX, MSIX_ENABLE) and not guest.intx_disabled(G_NVME)
+    assert guest.pirqs() == []
+
+
+def test_msi_enable_and_disable(guest):
+    r = guest.front.enable_msi(G_NIC)
+    assert r.ok and r.pirqs[0] > 0, r
+    assert guest.pirqs("msi") == [r.pirqs[0]]
+    assert guest.enabled(G_NIC, CAP_MSI, MSI_ENABLE)
+    assert guest.front.enable_msi(G_NIC).result == -errno.EINVAL        # already on: op_failed
+    off = guest.front.disable_msi(G_NIC)
+    assert off.err == Err.success and off.value == guest.hw[G_NIC].info.irq
+    assert not guest.enabled(G_NIC, CAP_MSI, MSI_ENABLE)
+    assert guest.pirqs() == []
+    assert guest.front.enable_msi(G_NVME).result == -errno.EINVAL       # nvme has no MSI capability
+
+
+def test_bad_requests_are_refused_and_map_nothing(guest):
+    f = guest.front
+    err, value, _ = f.msix_op(Op.enable_msix, G_NVME, 129, tuple(range(128)))
+    assert (err, value) == (-errno.EINVAL, 129)
+    assert f.enable_msix(G_NIC, [0, 5]).result == -errno.EINVAL          # entry outside the table of 5
+    assert f.enable_msix(G_NIC, [1, 1]).result == -errno.EINVAL          # duplicate entry
+    assert f.enable_msix(G_NIC, range(6)).result == -errno.ENOSPC        # more than the table holds
+    assert f.enable_msix(G_NIC, []).result == -errno.EINVAL
+    err, value, _ = f.msix_op(Op.enable_msix, BDF(0, 0, 9, 0), 1, (0,))
+    assert err == Err.dev_not_found                                      # no such guest function
+    assert f.op(Op.enable_multi_msi, 0, 0, G_NIC.devfn, info=4)[0] == Err.not_implemented
+    assert guest.pirqs() == [] and not guest.enabled(G_NIC, CAP_MSIX, MSIX_ENABLE)
+
+    msi = f.enable_msi(G_NIC)
+    assert msi.ok
+    err, value, _ = f.msix_op(Op.enable_msix, G_NIC, 1, (0,))
+    assert (err, value) == (-errno.ENXIO, 1)                             # MSI-X while MSI is on
+    assert guest.pirqs() == list(msi.pirqs)
+    assert f.disable_msi(G_NIC).ok
+
+    msix = f.enable_msix(G_NIC, [0])
+    assert msix.ok
+    assert f.enable_msix(G_NIC, [1]).result == -errno.EALREADY
+    assert f.enable_msi(G_NIC).result == -errno.EINVAL                   # MSI while MSI-X is on
+    assert guest.pirqs() == list(msix.pirqs)
+    assert f.disable_msix(G_NIC).ok and guest.pirqs() == []
+    assert guest.xen()["double_maps"] == []
+
+
+def test_enable_disable_200_times_leaves_no_pirq_behind(guest):
+    before = guest.pirqs()
+    for i in range(200):
+        r = guest.front.enable_msix(G_NVME, [0, 1, 2]) if i % 2 else guest.front.enable_msi(G_NIC)
+        assert r.ok, (i, r)
+        assert (guest.front.disable_msix(G_NVME) if i % 2 else guest.front.disable_msi(G_NIC)).ok
+    assert guest.pirqs() == before
+    assert guest.xen()["double_maps"] == []
+    assert guest.front.timeouts == 0
+
+
+def test_worker_killed_after_enable_keeps_the_guests_pirqs(guest):
+    r = guest.front.enable_msix(G_NVME, [0, 1])
+    assert r.ok
+    pid = guest.worker_pid()
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: guest.worker_pid() != pid, what="a new worker")
+    assert guest.pirqs() == sorted(r.pirqs)                  # nothing torn down, nothing mapped again
+    assert guest.front.enable_msix(G_NVME, [0, 1]).result == -errno.EALREADY
+    assert guest.front.disable_msix(G_NVME).ok              # the successor knows what to unmap
+    assert guest.pirqs() == [] and not guest.enabled(G_NVME, CAP_MSIX, MSIX_ENABLE)
+    assert guest.xen()["double_maps"] == []
+
+
+@pytest.mark.daemon(env={"PCIBACKD_FAILPOINTS": "msi-crash@1"})
+def test_enable_pending_when_the_worker_died_is_answered_with_the_mapped_pirqs(faulty_dom0):
+    guest = Guest(faulty_dom0)
+    pid = guest.worker_pid()
+    r = guest.front.enable_msix(G_NVME, [3, 4, 5])     # mapped, then the worker crashes before answering
+    assert r.ok and guest.front.timeouts == 0, r
+    assert guest.worker_pid() != pid
+    assert "injected crash after an MSI enable" in faulty_dom0.log_tail(200)
+    assert guest.pirqs() == sorted(r.pirqs)
+    assert guest.xen()["double_maps"] == []
+    assert guest.front.disable_msix(G_NVME).ok and guest.pirqs() == []
+
+
+def test_hot_unplug_and_guest_destroy_unmap(guest):
+    assert guest.front.enable_msix(G_NVME, [0, 1]).ok
+    assert guest.front.enable_msi(G_NIC).ok
+    done = threading.Event()
+
+    def unplug():
+        xs = XenStore(guest.dom0.xenstored.socket_path)
+        try:
+            Toolstack(xs).detach(1, BDF.parse(NVME))
+        finally:
+            xs.close()
+            done.set()
+    t = threading.Thread(target=unplug)
+    t.start()
+    wait_until(lambda: guest.front.follow(timeout=0.05) is not None and done.is_set(), timeout=15,
+               what="the unplug to finish")
+    t.join()
+    assert [d.bdf for d in guest.front.devices] == [G_NIC]
+    assert guest.pirqs("msix") == [] and not guest.enabled(G_NVME, CAP_MSIX, MSIX_ENABLE)
+    assert len(guest.pirqs("msi")) == 1
+    guest.dom0.toolstack.destroy(1, wait=False)
+    wait_until(lambda: guest.pirqs() == [], what="the destroyed guest's PIRQs unmapped")
+    assert not guest.enabled(G_NIC, CAP_MSI, MSI_ENABLE)
+
+
+def test_supervisor_restart_adopts_the_journal(guest):
+    r = guest.front.enable_msix(G_NVME, [0, 1])
+    assert r.ok
+    assert guest.dom0.stop_daemon(signal.SIGTERM) == 0
+    guest.dom0.start_daemon()
+    guest.worker_pid()
+    assert guest.pirqs() == sorted(r.pirqs)
+    assert guest.front.disable_msix(G_NVME).ok and guest.pirqs() == []
+
+
+def test_a_disable_while_the_supervisor_is_away_is_caught_up(guest):
+    r = guest.front.enable_msix(G_NVME, [0, 1])
+    assert r.ok
+    pid = guest.worker_pid()
+    guest.dom0.stop_daemon(signal.SIGKILL)               # the worker lives on, serving
+    assert guest.front.disable_msix(G_NVME).ok           # Linux: a disable always succeeds
+    assert guest.pirqs() == sorted(r.pirqs)              # ... but nobody could unmap
+    guest.dom0.start_daemon()
+    wait_until(lambda: (g := guest.dom0.guest_status(1)) and g["adopted"] and g["pid"] == pid,
+               what="the worker adopted")
+    again = guest.front.enable_msix(G_NVME, [2])
+    assert again.ok, again
+    assert guest.pirqs() == list(again.pirqs) and guest.enabled(G_NVME, CAP_MSIX, MSIX_ENABLE)
+    assert guest.xen()["double_maps"] == []
+    assert guest.front.disable_msix(G_NVME).ok and guest.pirqs() == []
+
+
+def test_a_process_posing_as_the_worker_gets_no_pirqs(guest):
+    """Right domid, pid and even token, but not the worker's socket identity: not served."""
+    pid = guest.worker_pid()
+    token = (guest.dom0.runtime / "workers" / "dom1.pid").read_text().split()[2]
+    ctx = zmq.Context()
+    rogue = ctx.socket(zmq.DEALER)
+    rogue.setsockopt(zmq.LINGER, 0)
+    rogue.connect(f"ipc://{guest.dom0.runtime / 'workers.sock'}")
+    try:
+        for tok in ("0" * 32, token):
+            rogue.send(WorkerIrqRequest(1, pid, tok, "irq-1", MapMsix(1, BDF.parse(NVME), (0, 1))).to_json())
+        assert not rogue.poll(1000)                      # no answer ...
+        assert guest.front.enable_msi(G_NIC).ok          # ... while the real worker is served
+        assert guest.pirqs("msix") == [] and not guest.enabled(G_NVME, CAP_MSIX, MSIX_ENABLE)
+    finally:
+        rogue.close(0)
+        ctx.term()
+
+
+def test_no_worker_holds_privcmd(guest):
+    assert guest.front.enable_msix(G_NVME, [0]).ok
+    pids = [g["pid"] for g in guest.dom0.status()["guests"] if g["pid"]]
+    assert pids
+    for pid in pids:
+        fds = os.listdir(f"/proc/{pid}/fd")
+        targets = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in fds
+                   if os.path.exists(f"/proc/{pid}/fd/{fd}") or os.path.islink(f"/proc/{pid}/fd/{fd}")]
+        assert not [t for t in targets if "privcmd" in t or t.startswith("/dev/xen")], targets
+
+
+@pytest.fixture
+def faulty_dom0(request):
+    from simdom0.dom0 import SimDom0
+    marker = request.node.get_closest_marker("daemon")
+    kw = marker.kwargs if marker else {}
+    dom0 = SimDom0(log_level="DEBUG", env=kw.get("env")).start()
+    yield dom0
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        print("\n----- pcibackd log tail -----\n" + dom0.log_tail(80))
+    dom0.stop()
+
+
+def test_status_shows_each_functions_interrupts(guest):
+    def devices():
+        return {d["bdf"]: d for g in guest.dom0.status()["guests"] for d in g["devices"]}
+    wait_until(lambda: NVME in devices() and NIC in devices(), what="both functions in the worker's report")
+    assert (devices()[NVME]["msi"], devices()[NVME]["msix"]) == (None, {})
+    msix = guest.front.enable_msix(G_NVME, [0, 3])
+    msi = guest.front.enable_msi(G_NIC)
+    assert devices()[NVME]["msix"] == {"0": msix.pirqs[0], "3": msix.pirqs[1]}
+    assert (devices()[NIC]["msi"], devices()[NIC]["msix"]) == (msi.pirqs[0], {})
+    guest.front.disable_msix(G_NVME)
+    assert devices()[NVME]["msix"] == {}

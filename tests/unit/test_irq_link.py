@@ -1,0 +1,338 @@
+"""MSI/MSI-X wiring around the pure cores: the broker messages on the worker link (strict on both
+sides; the worker waiting for its answer), the worker's MsiService, and the supervisor's view of
+assignments (xenstore's dev-N only)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import zmq
+
+from pcibackd.daemon.interrupts import BURST, RATE, Interrupts, assigned_functions
+from pcibackd.irq.function import Kind
+from pcibackd.irq.messages import Answer, MapMsi, MapMsix, Query, Unmap
+from pcibackd.platform.xen import NoPhysdev
+from pcibackd.wire import pciif
+from pcibackd.wire.bdf import BDF
+from pcibackd.wire.pciif import Err, Op
+from pcibackd.wire.pciregs import MSIX_ENABLE
+from pcibackd.worker.interrupts import MsiService
+from pcibackd.worker.reporter import Reporter
+from pcibackd.worker.link import (BadMessage, IrqReply, WorkerCommand, WorkerIrqRequest,
+                                  parse_supervisor_message, parse_worker_message)
+from simdom0.hostpci import SimHost
+from simdom0.physdev import SimPhysdev
+from simdom0.platform import SimPlatform, physdev_state_path
+
+NIC = BDF(0, 3, 0, 0)
+
+
+# -- the link ---------------------------------------------------------------------------
+
+def test_irq_request_round_trip_and_strictness():
+    msg = WorkerIrqRequest(3, 77, "tok", "irq-1", MapMsix(3, NIC, (0, 4)))
+    assert parse_worker_message(msg.to_json()) == msg
+    doc = json.loads(msg.to_json())
+    for bad in ({"irq": "map_msix", "domid": 3, "bdf": "0000:03:00.0", "entries": list(range(129))},
+                {"irq": "prepare", "domid": 3, "bdf": "0000:03:00.0"},            # supervisor-only
+                {"irq": "map_msi", "domid": 3, "bdf": "0000:03:00.0", "nvec": 1, "extra": 1},
+                {"irq": "unmap", "domid": 3, "bdf": "0000:03:00.0", "kind": "intx"},
+                "map_msi", None):
+        with pytest.raises(BadMessage):
+            parse_worker_message(json.dumps(dict(doc, request=bad)).encode())
+
+
+def test_supervisor_frames_are_commands_or_broker_answers():
+    answer = Answer(pirqs=(55, 54), kind=Kind.msix, entries=(0, 1))
+    assert parse_supervisor_message(IrqReply("irq-9", answer).to_json()) == IrqReply("irq-9", answer)
+    assert parse_supervisor_message(WorkerCommand("ack").to_json()) == WorkerCommand("ack")
+    good = json.loads(IrqReply("irq-9", answer).to_json())
+    for bad in (dict(good, extra=1), dict(good, id=5), dict(good, answer={"errno": 0}),
+                dict(good, answer=dict(good["answer"], pirqs=[0])),
+                dict(good, answer=dict(good["answer"], errno=-1))):
+        with pytest.raises(BadMessage):
+            parse_supervisor_message(json.dumps(bad).encode())
+    with pytest.raises(BadMessage):
+        parse_supervisor_message(b"NaN")
+
+
+# -- the worker's service over a simulated function ------------------------------------------
+
+class Broker:
+    """Answers by request type; records what was asked."""
+
+    def __init__(self) -> None:
+        self.asked: list = []
+        self.told: list = []
+        self.answers: dict = {MapMsix: Answer(pirqs=(55, 54)), MapMsi: Answer(pirqs=(53,))}
+
+    def send(self, req):
+        self.asked.append(req)
+        return self.answers.get(type(req), Answer())
+
+
+def snapshot(cmd: int, devfn: int = 0, value: int = 0, entries=()) -> bytes:
+    buf = bytearray(pciif.PCI_OP.size)
+    pciif.OP_HEADER.pack_into(buf, 0, cmd, 0, 0, 0, devfn, 0, 0, value, 0)
+    for i, e in enumerate(entries):
+        pciif.MSIX_ENTRY.pack_into(buf, pciif.OP_MSIX_ENTRIES + 4 * i, 0, e)
+    return bytes(buf)
+
+
+@pytest.fixture
+def service(tmp_path):
+    dev = SimHost(tmp_path / "pci").add("e1000e", NIC)
+    broker = Broker()
+    svc = MsiService(3, broker.send, broker.told.append,
+                     lambda d, b, devfn: (NIC, dev) if (d, b, devfn) == (0, 0, 0) else None)
+    return svc, broker
+
+
+def test_service_asks_the_broker_for_the_state_once_then_serves(service):
+    svc, broker = service
+    reply = svc.serve(snapshot(Op.enable_msix, value=2, entries=(0, 1)))
+    assert (reply.err, reply.value, reply.vectors) == (0, 0, (55, 54))
+    assert broker.asked == [Query(3, NIC), MapMsix(3, NIC, (0, 1))]
+    assert svc.serve(snapshot(Op.enable_msix, value=1, entries=(2,))).err == -errno.EALREADY
+    assert svc.serve(snapshot(Op.disable_msix)).err == Err.success
+    assert broker.asked[-1] == Unmap(3, NIC, Kind.msix)
+    assert svc.serve(snapshot(Op.enable_msi)).value == 53
+    assert Query(3, NIC) not in broker.asked[1:]
+    n = len(broker.asked)
+    assert svc.serve(snapshot(Op.enable_msi, devfn=8)).err == Err.dev_not_found
+    assert len(broker.asked) == n                                    # no function, no question
+    svc.forget([NIC])
+    svc.serve(snapshot(Op.disable_msi))
+    assert broker.asked[n] == Query(3, NIC)                          # forgotten: asked again
+
+
+def test_service_takes_over_a_dead_workers_state(service):
+    svc, broker = service
+    broker.answers[Query] = Answer(pirqs=(41, 42), kind=Kind.msix, entries=(0, 1))
+    svc.reserving = True                      # the op its predecessor left pending
+    reply = svc.serve(snapshot(Op.enable_msix, value=2, entries=(0, 1)))
+    assert (reply.err, reply.vectors) == (0, (41, 42))
+    assert broker.asked == [Query(3, NIC)]                           # nothing mapped twice
+    svc.reserving = False
+    assert svc.serve(snapshot(Op.enable_msix, value=2, entries=(0, 1))).err == -errno.EALREADY
+    svc.serve(snapshot(Op.disable_msix))
+    assert broker.asked[-1] == Unmap(3, NIC, Kind.msix)
+
+
+def test_service_refuses_enables_while_the_state_is_unknown(service):
+    svc, broker = service
+    broker.answers[Query] = Answer(errno=errno.ETIMEDOUT, error="timeout")
+    assert svc.serve(snapshot(Op.enable_msi)).err == Err.op_failed
+    assert svc.serve(snapshot(Op.enable_msix, value=1, entries=(0,))).err == -errno.ETIMEDOUT
+    assert [type(r) for r in broker.asked] == [Query, Query]        # never mapped blind; asked again
+
+
+# -- the supervisor's side -------------------------------------------------------------------
+
+class Store:
+    """A read-only xenstore of plain values."""
+
+    def __init__(self, nodes: dict[str, str]) -> None:
+        self.nodes = nodes
+
+    def read(self, path: str):
+        return self.nodes.get(path)
+
+
+BE = "/local/domain/0/backend/pci/5/0"
+
+
+def test_assignments_come_from_dev_nodes_not_leaving():
+    xs = Store({f"{BE}/num_devs": "4", f"{BE}/dev-0": "0000:03:00.0", f"{BE}/state-0": "3",
+                f"{BE}/dev-1": "0000:04:00.0", f"{BE}/state-1": "5",          # being unplugged
+                f"{BE}/dev-2": "garbage", f"{BE}/dev-3": "0000:05:00.1"})
+    assert assigned_functions(xs, BE) == {NIC, BDF(0, 5, 0, 1)}
+    assert assigned_functions(Store({f"{BE}/num_devs": "99999999"}), BE) == set()
+    assert assigned_functions(Store({f"{BE}/num_devs": "-1"}), BE) == set()
+
+
+def test_supervisor_serves_only_the_assigned_guest_and_tears_down(tmp_path):
+    platform = SimPlatform(tmp_path, 0)
+    dev = SimHost(tmp_path / "pci").add("e1000e", NIC)
+    irq = Interrupts(platform, tmp_path / "run")
+    irq.start(set())
+    xs = Store({f"{BE}/num_devs": "1", f"{BE}/dev-0": str(NIC), f"{BE}/state-0": "4"})
+    irq.sync(xs, {5: BE})
+    assert irq.handle(6, MapMsix(6, NIC, (0,))).error == "not_assigned"
+    assert irq.handle(6, MapMsix(5, NIC, (0,))).error == "wrong_domain"   # the sender is who it is
+    answer = irq.handle(5, MapMsix(5, NIC, (0, 1)))
+    assert answer.ok and len(answer.pirqs) == 2 and dev.read(0xA2, 2) & MSIX_ENABLE
+    state = json.loads(physdev_state_path(tmp_path).read_text())
+    assert sorted(b["pirq"] for b in state["bindings"]) == sorted(answer.pirqs)
+    assert state["prepared"] == [str(NIC)]
+    # a fresh model of Xen reads the same state back (Xen outlives a supervisor)
+    assert SimPhysdev(platform.open_device, state_file=physdev_state_path(tmp_path)).pirq_count(5) == 2
+
+    xs.nodes[f"{BE}/state-0"] = "5"                      # hot-unplug begins
+    irq.sync(xs, {5: BE})
+    assert json.loads(physdev_state_path(tmp_path).read_text())["bindings"] == []
+    assert not dev.read(0xA2, 2) & MSIX_ENABLE
+    assert irq.handle(5, Query(5, NIC)).error == "not_assigned"
+
+    xs.nodes[f"{BE}/state-0"] = "4"
+    irq.sync(xs, {5: BE})
+    assert irq.handle(5, MapMsi(5, NIC)).ok
+    irq.sync(xs, {})                                     # the guest's backend is gone
+    assert json.loads(physdev_state_path(tmp_path).read_text())["bindings"] == []
+    assert not (tmp_path / "run" / "irq" / "dom5.json").exists()
+
+
+class NoHypercalls:
+    """Real Xen as it is today: config access through the port, every hypercall ENOSYS."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.host = SimHost(tmp / "pci")
+        self.dev = self.host.add("e1000e", NIC)
+
+    def open_device(self, bdf: BDF):
+        return self.host.open(bdf)
+
+    def physdev(self):
+        return NoPhysdev()
+
+
+def test_without_hypercalls_every_map_is_enosys_and_nothing_changes(tmp_path):
+    platform = NoHypercalls(tmp_path)
+    before = platform.dev.read(0xA2, 2), platform.dev.read(0x04, 2)
+    irq = Interrupts(platform, tmp_path / "run")
+    irq.start(set())
+    irq.sync(Store({f"{BE}/num_devs": "1", f"{BE}/dev-0": str(NIC)}), {5: BE})
+    assert irq.handle(5, MapMsix(5, NIC, (0,))).errno == errno.ENODATA       # prepare_msix was ENOSYS
+    assert irq.handle(5, MapMsi(5, NIC)).errno == errno.ENOSYS
+    assert irq.handle(5, Query(5, NIC)) == Answer()
+    assert irq.handle(5, Unmap(5, NIC, Kind.msi)).ok
+    assert (platform.dev.read(0xA2, 2), platform.dev.read(0x04, 2)) == before
+    assert irq.mappings(5) == {}
+
+
+def test_a_flooding_worker_is_refused_beyond_its_budget(tmp_path):
+    now = [100.0]
+    irq = Interrupts(NoHypercalls(tmp_path), tmp_path / "run", clock=lambda: now[0])
+    answers = [irq.handle(5, Query(5, NIC)) for _ in range(BURST + 50)]   # all in one instant
+    assert [a.error for a in answers] == ["not_assigned"] * BURST + ["rate"] * 50
+    assert answers[-1].errno == errno.EAGAIN
+    assert irq.handle(6, Query(6, NIC)).error == "not_assigned"          # another guest's budget is its own
+    now[0] += 10.5 / RATE                                               # ten more (and a half)
+    assert [irq.handle(5, Query(5, NIC)).error for _ in range(11)] == ["not_assigned"] * 10 + ["rate"]
+
+
+def test_a_function_moving_between_guests_in_one_scan_is_the_new_ones(tmp_path):
+    irq = Interrupts(SimPlatform(tmp_path, 0), tmp_path / "run")
+    SimHost(tmp_path / "pci").add("e1000e", NIC)
+    be6 = "/local/domain/0/backend/pci/6/0"
+    xs = Store({f"{BE}/num_devs": "1", f"{BE}/dev-0": str(NIC), f"{be6}/num_devs": "0"})
+    irq.sync(xs, {6: be6, 5: BE})
+    assert irq.handle(5, MapMsi(5, NIC)).ok
+    xs.nodes.update({f"{BE}/num_devs": "0", f"{be6}/num_devs": "1", f"{be6}/dev-0": str(NIC)})
+    irq.sync(xs, {6: be6, 5: BE})                          # dom6 is scanned first
+    assert irq.handle(6, MapMsi(6, NIC)).ok and irq.mappings(5) == {}
+    assert irq.handle(5, Query(5, NIC)).error == "not_assigned"
+
+
+# -- the worker's side of the link, against a ROUTER standing in for the supervisor ------------
+
+class FakeWorker:
+    def __init__(self, endpoint: str) -> None:
+        self.cfg = SimpleNamespace(domid=3, token="tok", supervisor_endpoint=endpoint)
+        self.ran: list = []
+        self.COMMANDS = {"note": lambda w, args: w.ran.append(args) or "noted"}
+
+
+@pytest.fixture
+def link(tmp_path):
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    endpoint = f"ipc://{tmp_path / 'w.sock'}"
+    router.bind(endpoint)
+    worker = FakeWorker(endpoint)
+    reporter = Reporter(worker.cfg, worker)
+    yield router, reporter, worker
+    reporter.close()
+    router.close(0)
+    ctx.term()
+
+
+def serve_one(router, answer_for):
+    """Answer the next request in a thread: ``answer_for(msg)`` -> frames to send first, then the answer."""
+    def run():
+        ident, raw = router.recv_multipart()
+        msg = parse_worker_message(raw)
+        for frame in answer_for(msg):
+            router.send_multipart([ident, frame])
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def test_ask_waits_for_its_own_answer_and_keeps_commands_for_later(link):
+    router, reporter, worker = link
+    late = IrqReply("irq-0", Answer(pirqs=(9,)))                       # an answer given up on earlier
+    t = serve_one(router, lambda msg: [late.to_json(), WorkerCommand("note", {"n": 1}).to_json(),
+                                       IrqReply(msg.id, Answer(pirqs=(55,), kind=Kind.msi, entries=(0,))).to_json()])
+    answer = reporter.ask(Query(3, NIC))
+    t.join()
+    assert answer == Answer(pirqs=(55,), kind=Kind.msi, entries=(0,))
+    assert worker.ran == [] and reporter.drain and len(reporter.deferred) == 1
+    reporter.on_message()
+    assert worker.ran == [{"n": 1}] and not reporter.drain
+
+
+def test_ask_gives_up_after_its_timeout(link):
+    router, reporter, worker = link
+    answer = reporter.ask(MapMsi(3, NIC), timeout=0.05)
+    assert (answer.errno, answer.error) == (errno.ETIMEDOUT, "timeout")
+    ident, raw = router.recv_multipart()
+    assert ident == b"dom3" and parse_worker_message(raw).request == MapMsi(3, NIC)
+
+
+def test_a_disable_the_broker_missed_is_retried_before_the_next_op(service):
+    svc, broker = service
+    assert svc.serve(snapshot(Op.enable_msix, value=2, entries=(0, 1))).err == 0
+    broker.answers[Unmap] = Answer(errno=errno.ETIMEDOUT, error="timeout")
+    assert svc.serve(snapshot(Op.disable_msix)).err == Err.success      # the guest is never told
+    assert svc.serve(snapshot(Op.disable_msix)).err == Err.success
+    assert broker.asked[-1] == Unmap(3, NIC, Kind.msix)                  # retried, failed again
+    del broker.answers[Unmap]
+    n = len(broker.asked)
+    assert svc.serve(snapshot(Op.enable_msix, value=2, entries=(4, 3))).err == 0
+    assert broker.asked[n:] == [Unmap(3, NIC, Kind.msix), MapMsix(3, NIC, (4, 3))]
+    svc.serve(snapshot(Op.enable_msi))
+    assert MapMsix not in map(type, broker.asked[n + 2:]) and Unmap not in map(type, broker.asked[n + 2:])
+
+
+def test_a_map_the_link_gave_up_on_is_undone_and_owed(service):
+    svc, broker = service
+    svc.serve(snapshot(Op.disable_msi))                                  # state known
+    broker.answers[MapMsix] = Answer(errno=errno.ETIMEDOUT, error="timeout")
+    assert svc.serve(snapshot(Op.enable_msix, value=2, entries=(0, 1))).err == -errno.ETIMEDOUT
+    assert broker.told == [Unmap(3, NIC, Kind.msix)]                    # at once, without waiting
+    broker.answers[MapMsi] = Answer(errno=errno.EAGAIN, error="link_busy")
+    n = len(broker.asked)
+    assert svc.serve(snapshot(Op.enable_msi)).err == Err.op_failed
+    assert broker.asked[n:] == [Unmap(3, NIC, Kind.msix), MapMsi(3, NIC)]   # the owed unmap first
+    assert broker.told[-1] == Unmap(3, NIC, Kind.msi)
+    broker.answers[MapMsi] = Answer(pirqs=(53,))
+    n = len(broker.asked)
+    assert svc.serve(snapshot(Op.enable_msi)).value == 53
+    assert broker.asked[n:] == [Unmap(3, NIC, Kind.msi), MapMsi(3, NIC)]
+    broker.answers[Unmap] = Answer(errno=errno.ETIMEDOUT, error="timeout")
+    assert svc.serve(snapshot(Op.disable_msi)).err == Err.success       # owed again ...
+    n = len(broker.asked)
+    svc.serve(snapshot(Op.disable_msix))
+    assert broker.asked[n:] == [Unmap(3, NIC, Kind.msi)]               # ... and asked again, still owed
+    del broker.answers[Unmap]
+    n = len(broker.asked)
+    svc.serve(snapshot(Op.disable_msix))
+    svc.serve(snapshot(Op.disable_msix))
+    assert broker.asked[n:] == [Unmap(3, NIC, Kind.msi)]               # paid once, then nothing owed

@@ -18,6 +18,7 @@ import threading
 import pytest
 import zmq
 
+from pcibackd.control.commands.status import render as render_status
 from pcibackd.irq.function import control_offset, find_capability
 from pcibackd.irq.messages import MapMsix
 from pcibackd.wire.bdf import BDF
@@ -267,5 +268,8 @@ def test_status_shows_each_functions_interrupts(guest):
     msi = guest.front.enable_msi(G_NIC)
     assert devices()[NVME]["msix"] == {"0": msix.pirqs[0], "3": msix.pirqs[1]}
     assert (devices()[NIC]["msi"], devices()[NIC]["msix"]) == (msi.pirqs[0], {})
+    text = [line.split() for line in render_status(guest.dom0.status()).splitlines()]
+    assert ["1", NVME, "off", f"0={msix.pirqs[0]}", f"3={msix.pirqs[1]}"] in text
+    assert ["1", NIC, "pirq", str(msi.pirqs[0]), "off"] in text
     guest.front.disable_msix(G_NVME)
     assert devices()[NVME]["msix"] == {}

@@ -4,7 +4,9 @@ Daemon: version, pid, uptime, platform (sim|xen), xenstore, topology (vpci|passt
 Per guest: domid, xenbus state, worker state (STARTING RUNNING BACKOFF STOPPING
 EXITED FATAL), worker pid, restarts, RSS and USS, CPU (percent since the previous
 status, or since the worker started), ops served by type, errors by code, op
-latency p50/p99 (microseconds, from the worker), devices (host BDF -> guest BDF).
+latency p50/p99 (microseconds, from the worker), devices (host BDF -> guest BDF),
+and per function its interrupts as the supervisor's broker holds them: the MSI
+PIRQ, and the MSI-X entry=PIRQ pairs ("off" when not enabled).
 "-" means not known (no worker, or no data yet).
 
   {"command": "status", "args": {}}
@@ -51,6 +53,13 @@ def _latency(g: dict, key: str) -> str:
     return dash(lat.get(key), micros)
 
 
+def _interrupts(dev: dict) -> tuple[str, str]:
+    msi = dev.get("msi")
+    msix = dev.get("msix") or {}
+    return (f"pirq {msi}" if msi is not None else "off",
+            " ".join(f"{entry}={pirq}" for entry, pirq in sorted(msix.items(), key=lambda kv: int(kv[0]))) or "off")
+
+
 def render(result: dict) -> str:
     d = result["daemon"]
     guests = result["guests"]
@@ -58,8 +67,9 @@ def render(result: dict) -> str:
             f"topology {d['topology']}, xenstore {d['xenstore']}\n{len(guests)} guest(s)")
     if not guests:
         return head
-    rows, detail = [], []
+    rows, detail, irqs = [], [], []
     for g in guests:
+        irqs.extend([g["domid"], x["bdf"], *_interrupts(x)] for x in g.get("devices", []))
         devs = "\n".join(f"{x['bdf']} -> {x['vbdf']}" + (" (permissive)" if x.get("permissive") else "")
                          for x in g.get("devices", [])) or "-"
         rows.append([g["domid"], xenbus_name(g.get("xenbus_state")), g["worker_state"], dash(g.get("pid")),
@@ -71,4 +81,5 @@ def render(result: dict) -> str:
     return "\n\n".join([head,
                         table(["DOMID", "XENBUS", "WORKER", "PID", "RESTARTS", "RSS", "USS", "CPU", "OPS", "ERRORS",
                                "P50", "P99", "DEVICES (host -> guest)"], rows),
-                        table(["DOMID", "OPS BY TYPE", "ERRORS BY CODE", "LAST EXIT"], detail)])
+                        table(["DOMID", "OPS BY TYPE", "ERRORS BY CODE", "LAST EXIT"], detail),
+                        table(["DOMID", "FUNCTION", "MSI", "MSI-X (entry=pirq)"], irqs or [["-", "-", "-", "-"]])])

@@ -91,7 +91,11 @@ PURE_CORES: tuple[str, ...] = (
     "pcibackd/worker/xenbus.py",
     "pcibackd/worker/topology.py",
     "pcibackd/worker/msi.py",
+    "pcibackd/worker/xenbus_nodes.py",
     "pcibackd/confspace/*.py",
+    "pcibackd/irq/function.py",
+    "pcibackd/irq/messages.py",
+    "pcibackd/irq/broker.py",
 )
 # Modules that do I/O (a name also covers its submodules).
 IO_MODULES: tuple[str, ...] = (

@@ -26,6 +26,13 @@ class Resource:
     IORESOURCE_MEM = 0x200
     IORESOURCE_PREFETCH = 0x2000
     IORESOURCE_MEM_64 = 0x100000
+    IORESOURCE_UNSET = 0x20000000      # no address assigned (or the claim failed)
+    IORESOURCE_DISABLED = 0x10000000   # not decoded
+    IORESOURCE_BUSY = 0x80000000       # the kernel's own "in use" mark
+    # bus-specific bits of a PCI resource
+    IORESOURCE_ROM_ENABLE = 0x1        # ROM: enable bit as read from the device
+    IORESOURCE_ROM_SHADOW = 0x2        # ROM: the image is the shadow copy at 0xC0000 (VGA)
+    IORESOURCE_PCI_FIXED = 0x10        # fixed by the kernel (legacy IDE ranges, VGA shadow)
 
     @property
     def size(self) -> int:

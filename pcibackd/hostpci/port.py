@@ -53,6 +53,14 @@ class DeviceInfo:
     irq: int                 # dom0 IRQ (what pcifront will bind as the PIRQ)
     config_size: int         # 256 or 4096
     resources: tuple[Resource, ...] = field(default=())  # BAR0..5, ROM (index 6), ...
+    physfn: BDF | None = None    # an SR-IOV VF's physical function (sysfs ``physfn``)
+    upstream: tuple[BDF, ...] = field(default=())  # bridges above it, the root's first
+
+    @property
+    def is_virtfn(self) -> bool:
+        """An SR-IOV virtual function: its vendor/device registers read 0xffff by design,
+        the kernel's identity (``vendor``/``device``) is the one to trust."""
+        return self.physfn is not None
 
 
 @runtime_checkable

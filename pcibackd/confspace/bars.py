@@ -10,7 +10,8 @@ low four flag bits are shown as the kernel keeps them: for a VGA ROM served
 from its shadow copy that is IORESOURCE_ROM_SHADOW (bit 1).  A BAR the kernel
 fixed (IORESOURCE_PCI_FIXED: legacy IDE ranges, the VGA shadow ROM) is shown
 like Linux shows it but is never written back: its address is not what the
-device's register holds.
+device's register holds; nor is an SR-IOV VF's (its BAR registers are
+read-only zero, its PF places it).
 """
 
 from __future__ import annotations
@@ -89,8 +90,9 @@ def _resource(info: DeviceInfo, index: int) -> Resource | None:
     return res
 
 
-def _fixed(res: Resource) -> bool:
-    return bool(res.flags & Resource.IORESOURCE_PCI_FIXED)
+def _fixed(res: Resource, info: DeviceInfo) -> bool:
+    # A VF's BAR registers are read-only zero (its PF's VF BARs place it): nothing to put back.
+    return bool(res.flags & Resource.IORESOURCE_PCI_FIXED) or info.is_virtfn
 
 
 def capture_bars(info: DeviceInfo, header_type: int) -> dict[int, Bar]:
@@ -104,7 +106,7 @@ def capture_bars(info: DeviceInfo, header_type: int) -> dict[int, Bar]:
             res = upper_of[index]
             neg = -res.size & U64
             bars[offset] = Bar(offset, "mem64hi", (res.start >> 32) & U32, neg >> 32,
-                               _fixed(res))
+                               _fixed(res, info))
             continue
         res = _resource(info, index)
         if res is None or index in refused_upper:
@@ -123,7 +125,7 @@ def capture_bars(info: DeviceInfo, header_type: int) -> dict[int, Bar]:
         else:
             kind = "mem32"
         bars[offset] = Bar(offset, kind, (res.start & U32) | flags, (neg & U32) | flags,
-                           _fixed(res))
+                           _fixed(res, info))
     rom = _resource(info, ROM_RESOURCE)
     if rom is None:
         bars[rom_offset] = Bar(rom_offset, "norom", 0, 0)
@@ -132,7 +134,7 @@ def capture_bars(info: DeviceInfo, header_type: int) -> dict[int, Bar]:
         flags = rom.flags & _FLAG_BITS
         neg = -rom.size & U32
         bars[rom_offset] = Bar(rom_offset, "rom", (rom.start & U32) | flags,
-                               (neg & ROM_ADDRESS_MASK) | flags, _fixed(rom))
+                               (neg & ROM_ADDRESS_MASK) | flags, _fixed(rom, info))
     return bars
 
 

@@ -136,7 +136,7 @@ def test_restore_still_repairs_an_assigned_bar():
 
 
 @pytest.mark.parametrize("written", [0xFFFFF800, 0xFFFFFFFE, U32])
-def test_rom_sizing_without_a_rom_is_not_refused(rig, written, caplog):
+def test_rom_sizing_without_a_rom_is_not_refused(rig, written):
     r = rig("edu")                                  # no expansion ROM
     assert r.read(0x30, 4) == 0
     r.write(0x30, 4, written)
@@ -144,3 +144,17 @@ def test_rom_sizing_without_a_rom_is_not_refused(rig, written, caplog):
     r.write(0x30, 4, 0)
     assert r.cs.denied_writes == 0
     assert r.log() == []
+
+
+def test_vf_bars_show_the_kernels_resource_and_are_never_written(rig):
+    """A VF's BAR registers read 0; the guest sees the kernel's resource (as Linux's bar_init)
+    and restoring it writes nothing (the register is read-only: its PF places the VF)."""
+    r = rig("nvme-vf")
+    assert r.hw(0x10, 4) == 0 and r.read(0x10, 4) == 0xFE804004 and r.read(0x14, 4) == 0
+    r.write(0x10, 4, U32)
+    r.write(0x14, 4, U32)
+    assert (r.read(0x10, 4), r.read(0x14, 4)) == (0xFFFFC004, U32)
+    r.write(0x10, 4, 0xFE804004)
+    r.write(0x14, 4, 0)
+    assert [rec for rec in r.log() if 0x10 <= rec.offset < 0x28] == []
+    assert r.cs.denied_writes == 0

@@ -559,3 +559,28 @@ def test_functions_behind_bridges_know_the_bridges_above_them(host):
         host.add("rtl8139", BDF(0, 2, 1, 0))
     with pytest.raises(FileNotFoundError):
         host.add("edu", BDF(0, 5, 0, 0), bridge=BDF(0, 4, 0, 0))
+
+
+def test_upstream_and_physfn_from_a_sysfs_shaped_tree(tmp_path):
+    """sysfs lists functions as links into /sys/devices, nested under their bridges."""
+    from pcibackd.hostpci.sysfs import devices_dir, physfn_of, upstream_of
+    real = tmp_path / "sys/devices/pci0000:00/0000:00:1c.0/0000:01:00.0"
+    vf = tmp_path / "sys/devices/pci0000:00/0000:00:1c.0/0000:01:00.1"
+    real.mkdir(parents=True)
+    vf.mkdir()
+    os.symlink("../0000:01:00.0", vf / "physfn")
+    listing = devices_dir(tmp_path)
+    listing.mkdir(parents=True)
+    for d in (real, vf, real.parent):
+        os.symlink(os.path.relpath(d, listing), listing / d.name)
+    assert upstream_of(listing / "0000:01:00.0") == (BDF.parse("0000:00:1c.0"),)
+    assert upstream_of(listing / "0000:00:1c.0") == ()
+    assert physfn_of(listing / "0000:01:00.1") == BDF.parse("0000:01:00.0")
+    assert physfn_of(listing / "0000:01:00.0") is None
+
+
+def test_upstream_of_the_hosts_own_functions_never_fails():
+    from pcibackd.hostpci.sysfs import devices_dir, upstream_of
+    for bdf in list_host_devices():
+        chain = upstream_of(devices_dir(Path("/")) / str(bdf))
+        assert all(isinstance(b, BDF) for b in chain) and bdf not in chain

@@ -1,8 +1,17 @@
 """BARs and expansion ROM as captured at init from the host's resource list.
 
 The guest sees the captured address (``start | low flag bits``) and, after
-writing all-ones, the size mask; nothing it writes ever moves a BAR.  A BAR
-whose resource is unset reads 0 and sizes to 0 (unimplemented), as in Linux.
+writing all-ones, the size mask; nothing it writes ever moves a BAR.  As in
+Linux's bar_init, a BAR whose resource has no flags, or is marked unset,
+disabled or busy, reads 0 and sizes to 0 (unimplemented); so does the upper
+half of such a 64-bit BAR (Linux would still show the upper address bits of
+a resource it refused, which a guest would combine into a bogus BAR).  The
+low four flag bits are shown as the kernel keeps them: for a VGA ROM served
+from its shadow copy that is IORESOURCE_ROM_SHADOW (bit 1).  A BAR the kernel
+fixed (IORESOURCE_PCI_FIXED: legacy IDE ranges, the VGA shadow ROM) is shown
+like Linux shows it but is never written back: its address is not what the
+device's register holds; nor is an SR-IOV VF's (its BAR registers are
+read-only zero, its PF places it).
 """
 
 from __future__ import annotations
@@ -34,8 +43,10 @@ KINDS = {
     "mem64": BarKind(0xF, COMMAND_MEM),
     "mem64hi": BarKind(0x0, 0),
     "rom": BarKind(0x7FF, COMMAND_MEM, decodes_if=ROM_ENABLE),
-    "none": BarKind(0xF, 0),
+    "none": BarKind(0xF, 0),         # unimplemented BAR: reads 0, sizes to 0
+    "norom": BarKind(0x7FF, 0),      # no ROM: a ROM sizing write (0xFFFFF800) is still sizing
 }
+_REFUSED = Resource.IORESOURCE_UNSET | Resource.IORESOURCE_DISABLED | Resource.IORESOURCE_BUSY
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,12 @@ class Bar:
     kind: str          # a key of KINDS
     val: int           # what a normal read returns
     size_val: int      # what a read returns after a sizing write
+    fixed: bool = False  # the kernel fixed the address: never written back to the device
+
+    @property
+    def restorable(self) -> bool:
+        """Whether a guest writing the captured value may put it back into the device."""
+        return self.kind not in ("none", "norom") and not self.fixed
 
     @property
     def sizing_ignore(self) -> int:
@@ -64,10 +81,18 @@ def bar_offsets(header_type: int) -> tuple[tuple[int, ...], int]:
 
 
 def _resource(info: DeviceInfo, index: int) -> Resource | None:
+    """The resource behind BAR ``index``, or None when Linux would show it as 0."""
     if index >= len(info.resources):
         return None
     res = info.resources[index]
-    return res if res.flags and res.size else None
+    if not res.flags or res.flags & _REFUSED or not res.size:
+        return None
+    return res
+
+
+def _fixed(res: Resource, info: DeviceInfo) -> bool:
+    # A VF's BAR registers are read-only zero (its PF's VF BARs place it): nothing to put back.
+    return bool(res.flags & Resource.IORESOURCE_PCI_FIXED) or info.is_virtfn
 
 
 def capture_bars(info: DeviceInfo, header_type: int) -> dict[int, Bar]:
@@ -75,15 +100,20 @@ def capture_bars(info: DeviceInfo, header_type: int) -> dict[int, Bar]:
     offsets, rom_offset = bar_offsets(header_type)
     bars: dict[int, Bar] = {}
     upper_of: dict[int, Resource] = {}
+    refused_upper: set[int] = set()
     for index, offset in enumerate(offsets):
         if index in upper_of:
             res = upper_of[index]
             neg = -res.size & U64
-            bars[offset] = Bar(offset, "mem64hi", (res.start >> 32) & U32, neg >> 32)
+            bars[offset] = Bar(offset, "mem64hi", (res.start >> 32) & U32, neg >> 32,
+                               _fixed(res, info))
             continue
         res = _resource(info, index)
-        if res is None:
+        if res is None or index in refused_upper:
             bars[offset] = Bar(offset, "none", 0, 0)
+            raw = info.resources[index] if index < len(info.resources) else None
+            if raw is not None and raw.flags & Resource.IORESOURCE_MEM_64:
+                refused_upper.add(index + 1)      # its upper half is no BAR of its own either
             continue
         flags = res.flags & _FLAG_BITS
         neg = -res.size & U64
@@ -94,15 +124,17 @@ def capture_bars(info: DeviceInfo, header_type: int) -> dict[int, Bar]:
             upper_of[index + 1] = res
         else:
             kind = "mem32"
-        bars[offset] = Bar(offset, kind, (res.start & U32) | flags, (neg & U32) | flags)
+        bars[offset] = Bar(offset, kind, (res.start & U32) | flags, (neg & U32) | flags,
+                           _fixed(res, info))
     rom = _resource(info, ROM_RESOURCE)
     if rom is None:
-        bars[rom_offset] = Bar(rom_offset, "none", 0, 0)
+        bars[rom_offset] = Bar(rom_offset, "norom", 0, 0)
     else:
-        flags = rom.flags & ROM_ENABLE               # only the enable bit is defined
+        # Enable (bit 0) and, for a shadowed VGA ROM, IORESOURCE_ROM_SHADOW (bit 1).
+        flags = rom.flags & _FLAG_BITS
         neg = -rom.size & U32
         bars[rom_offset] = Bar(rom_offset, "rom", (rom.start & U32) | flags,
-                               (neg & ROM_ADDRESS_MASK) | flags)
+                               (neg & ROM_ADDRESS_MASK) | flags, _fixed(rom, info))
     return bars
 
 

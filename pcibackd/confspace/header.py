@@ -85,7 +85,9 @@ def command_write(cs: HookView, slot: Slot, new: int, old: int, written: int) ->
 
 
 def bar_write(cs: HookView, slot: Slot, new: int, old: int, written: int) -> int:
-    """All-ones enters sizing; the captured value is accepted (and repaired); all else ignored."""
+    """All-ones enters sizing; the captured value is accepted (and repaired); all else ignored.
+
+    No value the guest chooses ever reaches a BAR."""
     bar = cs.bar(slot.offset)
     sizing = cs.state.sizing
     if bar.is_sizing(new):
@@ -96,7 +98,9 @@ def bar_write(cs: HookView, slot: Slot, new: int, old: int, written: int) -> int
     cs.set_emu(slot, bar.val)
     if new != bar.val:
         cs.note_denied(slot, new ^ bar.val)
-    elif bar.kind != "none" and cs.hw_read(slot.offset, 4) != bar.val:
+    elif bar.restorable and cs.hw_read(slot.offset, 4) != bar.val:
+        # Linux's "restoration of bar value": only ever the captured address, e.g. after a
+        # D3hot->D0 transition lost it; never for a BAR the kernel refused or fixed.
         cs.hw_write(slot.offset, 4, bar.val)
     return Err.success
 

@@ -193,6 +193,7 @@ class Builder:
         return slot
 
     def _place_caps(self) -> None:
+        seen: set[int] = set()
         for cap in self.caps:
             if cap.extended:
                 if cap.hidden:
@@ -201,7 +202,10 @@ class Builder:
                 else:
                     self.place(cap.offset, EXT_HEADER, self.config_size)
                 continue
-            group = GROUPS.get(cap.cap_id)
+            # Like Linux (pci_find_capability, dev->msi_cap): only the first capability with
+            # an ID is "the" PM/VPD/MSI/MSI-X; a second one shows its header and nothing more.
+            group = None if cap.cap_id in seen else GROUPS.get(cap.cap_id)
+            seen.add(cap.cap_id)
             regs_fn = group.regs if group else HEADER_ONLY
             base = cap.offset
             regs = regs_fn(lambda off, size, _b=base: self.port.read(_b + off, size))

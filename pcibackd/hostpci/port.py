@@ -26,6 +26,13 @@ class Resource:
     IORESOURCE_MEM = 0x200
     IORESOURCE_PREFETCH = 0x2000
     IORESOURCE_MEM_64 = 0x100000
+    IORESOURCE_UNSET = 0x20000000      # no address assigned (or the claim failed)
+    IORESOURCE_DISABLED = 0x10000000   # not decoded
+    IORESOURCE_BUSY = 0x80000000       # the kernel's own "in use" mark
+    # bus-specific bits of a PCI resource
+    IORESOURCE_ROM_ENABLE = 0x1        # ROM: enable bit as read from the device
+    IORESOURCE_ROM_SHADOW = 0x2        # ROM: the image is the shadow copy at 0xC0000 (VGA)
+    IORESOURCE_PCI_FIXED = 0x10        # fixed by the kernel (legacy IDE ranges, VGA shadow)
 
     @property
     def size(self) -> int:
@@ -46,6 +53,14 @@ class DeviceInfo:
     irq: int                 # dom0 IRQ (what pcifront will bind as the PIRQ)
     config_size: int         # 256 or 4096
     resources: tuple[Resource, ...] = field(default=())  # BAR0..5, ROM (index 6), ...
+    physfn: BDF | None = None    # an SR-IOV VF's physical function (sysfs ``physfn``)
+    upstream: tuple[BDF, ...] = field(default=())  # bridges above it, the root's first
+
+    @property
+    def is_virtfn(self) -> bool:
+        """An SR-IOV virtual function: its vendor/device registers read 0xffff by design,
+        the kernel's identity (``vendor``/``device``) is the one to trust."""
+        return self.physfn is not None
 
 
 @runtime_checkable

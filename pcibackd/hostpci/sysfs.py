@@ -60,6 +60,35 @@ def parse_resource_text(text: str) -> tuple[Resource, ...]:
     return tuple(out)
 
 
+def _bdf_or_none(name: str) -> BDF | None:
+    try:
+        return BDF.parse(name)
+    except ValueError:
+        return None
+
+
+def physfn_of(devdir: Path) -> BDF | None:
+    """The physical function of an SR-IOV VF (its ``physfn`` link), else None."""
+    try:
+        target = os.readlink(devdir / "physfn")
+    except OSError:
+        return None
+    return _bdf_or_none(Path(target).name)
+
+
+def upstream_of(devdir: Path) -> tuple[BDF, ...]:
+    """The bridges above a function, the root's first: the PCI addresses on the way
+    from its host bridge to the function in the device's real sysfs path
+    (``/sys/devices/pci0000:00/0000:00:1c.0/0000:01:00.0``)."""
+    chain: list[BDF] = []
+    for part in Path(os.path.realpath(devdir)).parents:
+        bdf = _bdf_or_none(part.name)
+        if bdf is None:
+            break
+        chain.append(bdf)
+    return tuple(reversed(chain))
+
+
 def read_device_info(devdir: Path, bdf: BDF, config_size: int) -> DeviceInfo:
     """Build DeviceInfo from the sysfs attribute files of one function."""
     ids = {field: int((devdir / name).read_text().strip(), 16) for name, field in _ID_FILES.items()}
@@ -67,7 +96,8 @@ def read_device_info(devdir: Path, bdf: BDF, config_size: int) -> DeviceInfo:
     irq = int(irq_path.read_text().strip()) if irq_path.exists() else 0
     res_path = devdir / "resource"
     resources = parse_resource_text(res_path.read_text()) if res_path.exists() else ()
-    return DeviceInfo(bdf=bdf, irq=irq, config_size=config_size, resources=resources, **ids)
+    return DeviceInfo(bdf=bdf, irq=irq, config_size=config_size, resources=resources,
+                      physfn=physfn_of(devdir), upstream=upstream_of(devdir), **ids)
 
 
 def list_host_devices(root: Path = Path("/")) -> list[BDF]:

@@ -35,6 +35,7 @@ from pcibackd.hostpci.release import capture_header, restore_header
 from pcibackd.platform.api import Platform
 from pcibackd.wire.bdf import BDF
 from pcibackd.worker.ops import Dispatcher
+from pcibackd.worker.topology import PLAIN, HostFacts
 
 
 @dataclass(slots=True)
@@ -75,16 +76,20 @@ class DeviceSet:
                 try:
                     port = self.platform.open_device(host)
                     if self.cfg.topology == "vpci" and port.read(0x0E, 1) & 0x7F == 1:
-                        # Like xen-pciback: a bridge on the virtual bus would expose nothing
-                        # behind it and let the guest reprogram bus numbers.
-                        raise OSError(errno.EFAULT, f"{host}: can't export bridges on the virtual PCI bus")
+                        # Linux means to refuse this too, but its class test (class >> 24 on a
+                        # 24-bit class) never matches, so it exports bridges.  We refuse: the
+                        # virtual bus exposes nothing behind a bridge, so the guest would get
+                        # a bridge it cannot use (its bus numbers and windows read-only here).
+                        raise OSError(errno.EFAULT, "can't export bridges on the virtual PCI bus")
                     conf = self._build(host, port, dict(opts.get(host, ())), resume)
                 except FileNotFoundError as exc:
                     os.close(fd)
                     raise OSError(errno.ENODEV, f"{host} is not an assignable device") from exc
                 except (OSError, ValueError) as exc:
                     os.close(fd)
-                    raise OSError(getattr(exc, "errno", None) or errno.EINVAL, f"{host}: {exc}") from exc
+                    # strerror, not str(): no "[Errno N]" inside the message
+                    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                    raise OSError(getattr(exc, "errno", None) or errno.EINVAL, f"{host}: {reason}") from exc
                 self.entries[host] = DeviceEntry(guest, conf, fd)
                 added.append(host)
                 logger.info("exported {} as {}{}", host, guest, " (resumed)" if resume else "")
@@ -93,6 +98,20 @@ class DeviceSet:
             self.remove(tuple(added), forget_state=not resume)
             raise
         self._publish_map()
+
+    def host_facts(self, host: BDF) -> HostFacts:
+        """What placement needs to know about ``host``: whether it is an SR-IOV VF and which
+        bridges are above it (a function that cannot be opened counts as a plain one)."""
+        try:
+            port = self.platform.open_device(host)
+        except OSError:
+            return PLAIN
+        try:
+            return HostFacts(port.info.is_virtfn, port.info.upstream)
+        finally:
+            close = getattr(port, "close", None)
+            if close is not None:
+                close()
 
     def _build(self, host: BDF, port, opts: dict, resume: bool) -> ConfSpace:
         snap_path = self._snap_path(host)

@@ -85,7 +85,7 @@ class Worker:
         if points:
             dispatch = faults.wrap_dispatch(dispatch, points, self.devices.state_dir, cfg.domid)
         self.loop = OpLoop(self.dispatcher, cfg.poll_window_us * 1e-6, dispatch=dispatch)
-        self.machine = BackendMachine(mode=cfg.topology)
+        self.machine = BackendMachine(mode=cfg.topology, host_facts=self.devices.host_facts)
         self.driver = Driver(self.xs, cfg.domid, cfg.backend_path, self.machine, self)
         self.reporter = Reporter(cfg, self) if cfg.supervisor_endpoint else None
         self.msi: MsiService | None = None

@@ -137,6 +137,9 @@ class BackendMachine:
     ring: bool = False
     backend: BackendNodes = BackendNodes(None, True)
     frontend: FrontendNodes = FrontendNodes(False)
+    # VF or not, bridges above: asked of the host when placing (default: a plain function)
+    host_facts: Callable[[BDF], topology.HostFacts] = field(
+        default=lambda _host: topology.PLAIN, repr=False, compare=False)
 
     def handle(self, event) -> list:
         """Feed one input; returns effects.  Raises ProtocolError (state kept)."""
@@ -146,6 +149,12 @@ class BackendMachine:
         return handler(self, event)
 
     # -- helpers ----------------------------------------------------------
+    def _facts(self, hosts, used_in: str) -> dict[BDF, topology.HostFacts]:
+        """Facts of ``hosts`` and the exported functions, when mode ``used_in`` needs them."""
+        if self.mode != used_in:
+            return {}
+        return {h: self.host_facts(h) for h in set(hosts) | set(self.exported)}
+
     def _enter(self, state: int, announce: bool = True) -> list:
         """The one place the state changes; ``announce`` writes it to our ``state`` node too."""
         self.state = S(state)
@@ -163,7 +172,8 @@ class BackendMachine:
         try:
             placement = topology.place(
                 self.mode, [d.host for d in new], self.exported,
-                {d.host: d.vdevfn >> 3 for d in new if d.vdevfn is not None})
+                {d.host: d.vdevfn >> 3 for d in new if d.vdevfn is not None},
+                self._facts((d.host for d in new), "vpci"))
         except topology.TopologyError as exc:
             return self._fatal(errno.ENOSPC, str(exc))
         added = tuple((h, g) for h, g in placement.items() if h not in self.exported)
@@ -177,7 +187,8 @@ class BackendMachine:
     def _publish(self) -> Publish:
         vdevs = tuple((d.index, self.exported[d.host].vdev_text)
                       for d in self.backend.devs if d.host in self.exported)
-        return Publish(vdevs, tuple(topology.roots(self.mode, self.exported)))
+        roots = topology.roots(self.mode, self.exported, self._facts((), "passthrough"))
+        return Publish(vdevs, tuple(roots))
 
     def _try_attach(self) -> list:
         fe = self.frontend
@@ -249,7 +260,8 @@ class BackendMachine:
             kept[d.host] = v
         rest = [d for d in live if d.host not in kept]
         return topology.place(self.mode, [d.host for d in rest], kept,
-                              {d.host: d.vdevfn >> 3 for d in rest if d.vdevfn is not None})
+                              {d.host: d.vdevfn >> 3 for d in rest if d.vdevfn is not None},
+                              self._facts((d.host for d in live), "vpci"))
 
     def _setup(self) -> list:
         """InitWait: export every device with ``state-N`` 1 (or 3: published by a

@@ -8,7 +8,12 @@ sysfs, ``<root>/sys/bus/pci/devices/<bdf>/``:
   ``revision``: as sysfs shows them (so ``SysfsDevice(bdf, root)`` reads it too);
 * ``sim-model.json``: the compiled writable-bit model (:mod:`.hwmodel`) plus the
   power-on config used by :meth:`SimDevice.reset`;
-* ``sim-writes.log``: one JSON line per write that reached the device.
+* ``sim-writes.log``: one JSON line per write that reached the device;
+* ``physfn`` (an SR-IOV VF only): a link to its physical function.
+
+A function placed behind a simulated bridge lives inside the bridge's
+directory and ``devices/<bdf>`` links to it, as in sysfs, so the bridges above
+a function can be read from its real path.
 
 Accesses are serialised with ``flock`` on the config file, the way a real
 function sees one config cycle at a time, so a worker process can write while
@@ -103,13 +108,27 @@ class SimDevice:
     # --- lifecycle ---------------------------------------------------------
 
     @classmethod
-    def create(cls, root: Path, bdf: BDF, dump: str | Path) -> "SimDevice":
-        """Materialise ``dump`` at ``bdf`` under ``root``; FileExistsError if it is taken."""
+    def create(cls, root: Path, bdf: BDF, dump: str | Path, *, physfn: BDF | None = None,
+               bridge: BDF | None = None) -> "SimDevice":
+        """Materialise ``dump`` at ``bdf`` under ``root``; FileExistsError if it is taken.
+
+        ``physfn`` makes it an SR-IOV VF of that function (a sysfs ``physfn``
+        link; default: the PF the dump names, if any).  ``bridge`` places it
+        behind that simulated bridge, as sysfs nests a function in its bridge's
+        directory (``devices/<bdf>`` is then a link to it)."""
         d = load_dump(dump)
-        model = compile_model(d.config, d.resources)
+        physfn = physfn if physfn is not None else d.physfn
+        model = compile_model(d.config, d.resources, virtfn=physfn is not None)
         config = power_on_config(d.config, model)
-        parent = devices_dir(Path(root))
-        parent.mkdir(parents=True, exist_ok=True)
+        listing = devices_dir(Path(root))
+        listing.mkdir(parents=True, exist_ok=True)
+        if (listing / str(bdf)).exists() or (listing / str(bdf)).is_symlink():
+            raise FileExistsError(f"simulated device {bdf} already exists under {root}")
+        parent = listing
+        if bridge is not None:
+            parent = Path(os.path.realpath(listing / str(bridge)))
+            if not (parent / MODEL_FILE).is_file():
+                raise FileNotFoundError(f"no simulated bridge {bridge} under {root}")
         final = parent / str(bdf)
         if final.exists():
             raise FileExistsError(f"simulated device {bdf} already exists under {root}")
@@ -123,12 +142,16 @@ class SimDevice:
                 (scratch / name).write_text(text)
             meta = {"dump": d.name, "dump_bdf": str(d.bdf), "power_on_config": config.hex(),
                     "model": model.to_dict()}
+            if physfn is not None:
+                os.symlink(f"../{physfn}", scratch / "physfn")
             (scratch / MODEL_FILE).write_text(json.dumps(meta, indent=1))
             (scratch / WRITE_LOG).write_bytes(b"")
             try:
                 os.rename(scratch, final)
             except OSError as e:          # ENOTEMPTY/EEXIST: lost a race with another creator
                 raise FileExistsError(f"simulated device {bdf} already exists under {root}") from e
+            if parent != listing:
+                os.symlink(os.path.relpath(final, listing), listing / str(bdf))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return cls(Path(root), bdf)
@@ -228,9 +251,12 @@ class SimHost:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
 
-    def add(self, dump: str | Path, bdf: BDF | None = None) -> SimDevice:
-        """Attach ``dump`` at ``bdf`` (default: the address it was captured at)."""
-        return SimDevice.create(self.root, bdf or load_dump(dump).bdf, dump)
+    def add(self, dump: str | Path, bdf: BDF | None = None, *, physfn: BDF | None = None,
+            bridge: BDF | None = None) -> SimDevice:
+        """Attach ``dump`` at ``bdf`` (default: the address it was captured at); see
+        :meth:`SimDevice.create` for ``physfn`` and ``bridge``."""
+        return SimDevice.create(self.root, bdf or load_dump(dump).bdf, dump, physfn=physfn,
+                                bridge=bridge)
 
     def devices(self) -> list[BDF]:
         """Simulated functions present, sorted."""

@@ -136,9 +136,10 @@ class Model:
         )
 
 
-def compile_model(cfg: bytes, resources: tuple[Resource, ...]) -> Model:
-    """Evaluate the tables against one function's config bytes and resources."""
-    ctx = Ctx(bytes(cfg), tuple(resources))
+def compile_model(cfg: bytes, resources: tuple[Resource, ...], virtfn: bool = False) -> Model:
+    """Evaluate the tables against one function's config bytes and resources
+    (``virtfn``: an SR-IOV VF, whose resources are not its BAR registers')."""
+    ctx = Ctx(bytes(cfg), tuple(resources), virtfn)
     size = len(cfg)
     rw, rw1c = bytearray(size), bytearray(size)
     fields: list[Field] = []

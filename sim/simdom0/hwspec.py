@@ -27,9 +27,10 @@ MEM_BAR_MIN, IO_BAR_MIN, ROM_MIN = 16, 4, 2048
 class Ctx:
     """What a table predicate may look at: the config bytes, the block base, resources."""
 
-    def __init__(self, cfg: bytes, resources: tuple[Resource, ...]) -> None:
+    def __init__(self, cfg: bytes, resources: tuple[Resource, ...], virtfn: bool = False) -> None:
         self.cfg = cfg
         self.resources = resources
+        self.virtfn = virtfn              # an SR-IOV virtual function
         self.base = 0
         self.pcie: int | None = None      # offset of the PCI Express capability
         self.memo: dict = {}

@@ -40,6 +40,8 @@ BRIDGE_CONTROL_RW1C = 0x0400
 
 def _header_bars(ctx: Ctx) -> list[tuple[int, int | None]]:
     count = 6 if ctx.cfg[HEADER_TYPE] & HEADER_TYPE_MASK == 0 else 2
+    if ctx.virtfn:
+        return [(0, 0)] * count     # a VF's BARs are read-only zero: its PF's VF BARs place it
     return bar_layout(ctx, BASE_ADDRESS_0, count, 0)
 
 

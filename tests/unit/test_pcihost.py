@@ -38,7 +38,7 @@ def sim(host: SimHost, dump: str) -> SimDevice:
 # --- dumps -------------------------------------------------------------------
 
 def test_every_fixture_is_shipped():
-    expected = {"e1000e", "edu", "ich9-ahci", "intel-hda", "mch", "megasas-gen2", "nvme", "nvme-sriov",
+    expected = {"e1000e", "edu", "ich9-ahci", "intel-hda", "mch", "megasas-gen2", "nvme", "nvme-sriov", "nvme-vf",
                 "pci-bridge", "pci-testdev", "pcie-root-port", "qemu-xhci", "rtl8139", "virtio-net",
                 "virtio-net-modern"} | {f"host-vm-00.0{i}.0" for i in range(6)}
     dumps = list_dumps()
@@ -132,7 +132,7 @@ def test_bar_size_mask_matches_resource(host, name):
             continue
         dev.write(off, 4, 0xFFFFFFFF)
         probe = dev.read(off, 4)
-        size = d.resources[i].size
+        size = 0 if d.physfn else d.resources[i].size      # a VF's BARs are read-only zero
         if size == 0:
             assert probe == 0
             continue
@@ -524,3 +524,63 @@ def test_real_host_matches_dump_read_only(bdf):
         with pytest.raises(ValueError):
             dev.read(0x01, 2)
         assert dev.read(0x00, 4) == header
+
+
+# --- SR-IOV identity and the bridges above a function, as sysfs shows them ----------------
+
+def test_vf_has_a_physfn_link_and_the_kernels_ids(host):
+    pf = host.add("nvme-sriov", BDF(0, 1, 0, 0))
+    vf = host.add("nvme-vf", BDF(0, 1, 0, 2), physfn=BDF(0, 1, 0, 0))
+    assert pf.info.physfn is None and not pf.info.is_virtfn
+    assert vf.info.physfn == BDF(0, 1, 0, 0) and vf.info.is_virtfn
+    assert (vf.info.vendor, vf.info.device) == (0x1B36, 0x0010)
+    assert vf.read(0, 4) == 0xFFFFFFFF and vf.read(0x10, 4) == 0
+    vf.write(0x10, 4, 0xFFFFFFFF)
+    assert vf.read(0x10, 4) == 0                        # a VF's BARs are read-only zero
+    with SysfsDevice(BDF(0, 1, 0, 2), root=host.root) as sysfs:
+        assert sysfs.info == vf.info
+
+
+def test_vf_dump_names_its_pf():
+    assert load_dump("nvme-vf").physfn == BDF(0, 1, 0, 0)
+    assert load_dump("nvme-sriov").physfn is None
+
+
+def test_functions_behind_bridges_know_the_bridges_above_them(host):
+    port = host.add("pcie-root-port", BDF(0, 0, 3, 0))
+    bridge = host.add("pci-bridge", BDF(0, 1, 0, 0), bridge=BDF(0, 0, 3, 0))
+    leaf = host.add("rtl8139", BDF(0, 2, 1, 0), bridge=BDF(0, 1, 0, 0))
+    assert port.info.upstream == ()
+    assert bridge.info.upstream == (BDF(0, 0, 3, 0),)
+    assert leaf.info.upstream == (BDF(0, 0, 3, 0), BDF(0, 1, 0, 0))
+    assert host.devices() == [BDF(0, 0, 3, 0), BDF(0, 1, 0, 0), BDF(0, 2, 1, 0)]
+    assert SimDevice.open(host.root, BDF(0, 2, 1, 0)).info == leaf.info
+    with pytest.raises(FileExistsError):
+        host.add("rtl8139", BDF(0, 2, 1, 0))
+    with pytest.raises(FileNotFoundError):
+        host.add("edu", BDF(0, 5, 0, 0), bridge=BDF(0, 4, 0, 0))
+
+
+def test_upstream_and_physfn_from_a_sysfs_shaped_tree(tmp_path):
+    """sysfs lists functions as links into /sys/devices, nested under their bridges."""
+    from pcibackd.hostpci.sysfs import devices_dir, physfn_of, upstream_of
+    real = tmp_path / "sys/devices/pci0000:00/0000:00:1c.0/0000:01:00.0"
+    vf = tmp_path / "sys/devices/pci0000:00/0000:00:1c.0/0000:01:00.1"
+    real.mkdir(parents=True)
+    vf.mkdir()
+    os.symlink("../0000:01:00.0", vf / "physfn")
+    listing = devices_dir(tmp_path)
+    listing.mkdir(parents=True)
+    for d in (real, vf, real.parent):
+        os.symlink(os.path.relpath(d, listing), listing / d.name)
+    assert upstream_of(listing / "0000:01:00.0") == (BDF.parse("0000:00:1c.0"),)
+    assert upstream_of(listing / "0000:00:1c.0") == ()
+    assert physfn_of(listing / "0000:01:00.1") == BDF.parse("0000:01:00.0")
+    assert physfn_of(listing / "0000:01:00.0") is None
+
+
+def test_upstream_of_the_hosts_own_functions_never_fails():
+    from pcibackd.hostpci.sysfs import devices_dir, upstream_of
+    for bdf in list_host_devices():
+        chain = upstream_of(devices_dir(Path("/")) / str(bdf))
+        assert all(isinstance(b, BDF) for b in chain) and bdf not in chain

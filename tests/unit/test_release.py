@@ -24,6 +24,13 @@ def host(tmp_path: Path) -> SimHost:
     return SimHost(tmp_path / "sim")
 
 
+def _without_bus_master(header: bytes) -> bytes:
+    """What a restore leaves: the saved header, Bus Master off (nobody drives the function)."""
+    out = bytearray(header)
+    out[0x04] &= ~0x04
+    return bytes(out)
+
+
 def _guest_scribbles(port) -> None:
     port.write(0x04, 2, 0x0000)          # decoding off
     port.write(0x10, 4, 0xFFFFFFFF)      # BAR sizing left behind
@@ -40,7 +47,7 @@ def test_restore_header_puts_back_what_a_guest_changed(host):
     assert dev.config_bytes()[:HEADER_SIZE] != saved
     dev.clear_write_log()
     written = restore_header(dev, saved)
-    assert dev.config_bytes()[:HEADER_SIZE] == saved
+    assert dev.config_bytes()[:HEADER_SIZE] == _without_bus_master(saved)
     assert set(written) == {0x04, 0x10, 0x0C, 0x3C}
     assert written[-1] == 0x04                          # decoding back on only once BARs are right
     assert all(r.offset != 0x0F and not (r.offset == 0x0C and r.size == 4) for r in dev.write_log())  # BIST
@@ -87,8 +94,8 @@ def test_bars_are_rewritten_with_decoding_off(host):
     dev.clear_write_log()
     assert restore_header(dev, saved) == [0x10, 0x04]
     log = [(r.offset, r.size, r.value) for r in dev.write_log()]
-    assert log[0] == (0x04, 2, 0x0000) and log[-1] == (0x04, 2, 0x0007)    # off first, back on last
-    assert dev.config_bytes()[:HEADER_SIZE] == saved
+    assert log[0] == (0x04, 2, 0x0000) and log[-1] == (0x04, 2, 0x0003)    # off first, back on last
+    assert dev.config_bytes()[:HEADER_SIZE] == _without_bus_master(saved)
 
 
 def test_a_header_from_another_function_is_refused(host):
@@ -158,3 +165,81 @@ def test_a_function_that_does_not_answer_leaves_no_header_to_restore(simdir, tmp
     devices = _devices(simdir, tmp_path)
     devices.export([(BDF_, BDF(0, 0, 0, 0))], {})       # the export itself goes on
     assert not devices._orig_path(BDF_).exists()
+
+
+@pytest.mark.parametrize("dump", ["e1000e", "edu", "nvme", "pci-bridge"])
+def test_restore_never_turns_bus_master_on(host, dump):
+    """Like xen-pciback, which disables the function again after restoring it: a guest that
+    left Bus Master on, or a dom0 driver that had it on at seize, gets no DMA back for a
+    function nobody drives; a bridge keeps its Bus Master but loses MWI."""
+    dev = host.add(dump, BDF_)
+    bridge = dev.read(0x0E, 1) & 0x7F == 1
+    dev.write(0x04, 2, 0x0016)                          # memory, bus master, MWI (as dom0 had it)
+    saved = capture_header(dev)
+    dev.write(0x04, 2, 0x0006)                          # the guest's last word
+    restore_header(dev, saved)
+    command = dev.read(0x04, 2)
+    if bridge:
+        assert not command & 0x0010
+    else:
+        assert not command & 0x0004
+        assert command & 0x0002                         # decoding stays as dom0 had it
+
+
+# --- SR-IOV virtual functions: the kernel's identity, not the 0xffff registers ------------
+
+PF_, VF_ = BDF(0, 0x42, 0, 0), BDF(0, 0x42, 0, 1)
+
+
+@pytest.fixture
+def vf(host):
+    host.add("nvme-sriov", PF_)
+    host.add("nvme-vf", VF_, physfn=PF_)
+    with SysfsDevice(VF_, root=host.root, writable=True) as dev:
+        yield dev
+
+
+def test_a_vf_reads_0xffff_but_has_the_kernels_identity(vf):
+    assert vf.read(0x00, 4) == 0xFFFFFFFF
+    assert vf.info.is_virtfn and vf.info.physfn == PF_
+    assert (vf.info.vendor, vf.info.device) == (0x1B36, 0x0010)
+
+
+def test_vf_header_is_captured_and_restored_with_the_kernels_identity(vf):
+    saved = capture_header(vf)
+    assert saved[0:4] == bytes.fromhex("361b1000")
+    assert saved[4:] == b"".join(vf.read(o, 4).to_bytes(4, "little") for o in range(4, 64, 4))
+    vf.write(0x04, 2, 0x0004)                           # the guest's driver: bus master
+    vf.write(0x0C, 1, 0x10)
+    written = restore_header(vf, saved)
+    assert set(written) == {0x04, 0x0C}
+    assert vf.read(0x04, 2) & 0x0004 == 0 and vf.read(0x0C, 1) == saved[0x0C]
+
+
+def test_vf_release_through_the_device_set(vf, tmp_path):
+    cfg = SimpleNamespace(policy_path=None, domid=7)
+    devices = DeviceSet(cfg, dispatcher=None, platform=None, runtime=tmp_path / "run")
+    write_atomic(devices._orig_path(VF_), capture_header(vf))
+    vf.write(0x0C, 1, 0x20)
+    devices._release(VF_, vf)
+    assert vf.read(0x0C, 1) == 0
+    assert not devices._orig_path(VF_).exists()
+
+
+def test_a_vf_header_does_not_restore_onto_another_function(vf, host):
+    saved = capture_header(vf)
+    other = host.add("edu", BDF(0, 0x42, 5, 0))
+    with pytest.raises(ValueError, match="not this function's"):
+        restore_header(other, saved)
+
+
+def test_a_vf_that_is_gone_is_not_captured(vf):
+    class GoneVF:
+        info = vf.info
+
+        def read(self, offset, size):
+            return (1 << (8 * size)) - 1
+    with pytest.raises(ValueError, match="does not answer"):
+        capture_header(GoneVF())
+    with pytest.raises(ValueError):
+        restore_header(GoneVF(), capture_header(vf))

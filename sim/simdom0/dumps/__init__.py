@@ -4,7 +4,10 @@ Each ``<name>/`` holds what was captured from one function:
 ``config.bin`` (sysfs ``config``, 256 or 4096 bytes), ``resource`` (sysfs
 ``resource``: BAR0..5, ROM, then SR-IOV and bridge-window lines), ``irq``,
 ``ids`` (``vendor=0x.. device=0x.. class=0x.. ...``) and ``lspci-vvv.txt``
-(whose first token is the function's address at capture time).
+(whose first token is the function's address at capture time); an SR-IOV
+virtual function's dump also has ``physfn``, its physical function's address
+at capture time (its ``ids`` are the kernel's identity: a VF's vendor and
+device registers read 0xffff).
 
 Origin: ``host-vm-*`` from the development VM's own bus; the others from a QEMU
 q35 "zoo" (``nvme-sriov`` is the NVMe function with SR-IOV behind a root port,
@@ -36,6 +39,7 @@ class Dump:
     resources: tuple[Resource, ...]
     irq: int
     ids: dict[str, int]            # keys: ID_KEYS
+    physfn: BDF | None = None      # an SR-IOV VF's PF at capture time
 
 
 def list_dumps() -> dict[str, Path]:
@@ -73,4 +77,6 @@ def load_dump(dump: str | Path) -> Dump:
         resources=parse_resource_text((path / "resource").read_text()),
         irq=int((path / "irq").read_text().strip() or 0),
         ids=_parse_ids((path / "ids").read_text()),
+        physfn=BDF.parse((path / "physfn").read_text().strip()) if (path / "physfn").is_file()
+        else None,
     )

@@ -53,7 +53,9 @@ def grants_for(bdf: BDF, root: Path = Path("/")) -> list[tuple[str, int, int]]:
     dev = root / "sys/bus/pci/devices" / str(bdf)
     out: list[tuple[str, int, int]] = []
     for r in parse_resource_text((dev / "resource").read_text())[:7]:       # BARs 0-5 and the ROM
-        if r.start == 0 and r.end == 0:
+        # Like libxl, a resource at address 0 is not granted; nor one the kernel left unassigned
+        # or undecoded: its "range" would give the guest low host memory or ports.
+        if r.start == 0 or r.flags & (Resource.IORESOURCE_UNSET | Resource.IORESOURCE_DISABLED):
             continue
         if r.flags & Resource.IORESOURCE_MEM:
             first = r.start >> PAGE_SHIFT

@@ -22,6 +22,18 @@ def test_grants_from_resource_and_irq(tmp_path):
     assert ("irq", 0, 0) not in grants_for(B, tmp_path)
 
 
+def test_unassigned_or_undecoded_resources_are_never_granted(tmp_path):
+    dev = tmp_path / "sys/bus/pci/devices" / str(B)
+    dev.mkdir(parents=True)
+    lines = ["0x0000000000000000 0x0000000000000fff 0x0000000020040200",     # unset: start 0, size 4 KiB
+             "0x00000000fea00000 0x00000000fea00fff 0x0000000010040200",     # disabled
+             "0x00000000feb00000 0x00000000feb00fff 0x0000000020040200",     # unset, stale address
+             "0x0000000000000000 0x000000000000001f 0x0000000000040101"] +         ["0x0000000000000000 0x0000000000000000 0x0000000000000000"] * 3
+    (dev / "resource").write_text("\n".join(lines) + "\n")
+    (dev / "irq").write_text("0\n")
+    assert grants_for(B, tmp_path) == []
+
+
 def test_sbdf_is_libxl_encoding():
     from pcibackd.platform.xenctrl import sbdf
     assert sbdf(BDF.parse("0001:02:1f.7")) == 0x1 << 16 | 0x02 << 8 | 0x1F << 3 | 7

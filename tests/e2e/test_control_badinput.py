@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import time
 from functools import cache
 
 import psutil
@@ -39,9 +38,7 @@ def served(dom0):
 
     def still_well():
         assert dom0.daemon.poll() is None, dom0.log_tail()
-        t0 = time.monotonic()
-        st = dom0.status(timeout=5)
-        assert time.monotonic() - t0 < 2.0                         # loose: answered, not stalled
+        st = dom0.status(timeout=10)        # a stalled daemon never answers: this raises
         assert [g["worker_state"] for g in st["guests"]] == ["RUNNING"]
         assert front.conf_read(G0, 0, 2) == (Err.success, 0x1234)
     still_well()

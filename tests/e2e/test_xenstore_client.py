@@ -389,11 +389,10 @@ def test_daemon_death_raises_instead_of_hanging(xsd):
     try:
         xs.write("/a", "1")
         os.kill(xsd.pid, signal.SIGKILL)
-        t0 = time.monotonic()
+        # ConnectionError (EOF seen), not the TimeoutError of the 30 s timeout
         with pytest.raises(ConnectionError):
             for _ in range(1000):  # the first calls may race the router noticing EOF
                 xs.read("/a")
-        assert time.monotonic() - t0 < 2.0
         assert not xs.connected
     finally:
         xs.close()
@@ -433,10 +432,9 @@ def test_reply_to_unknown_request_fails_calls_instead_of_hanging(tmp_path):
     thread.start()
     try:
         with XenStore(path, timeout=30) as xs:
-            t0 = time.monotonic()
+            # ConnectionError for the bad reply, not the TimeoutError of the 30 s timeout
             with pytest.raises(ConnectionError, match="unknown request"):
                 xs.read("/a")
-            assert time.monotonic() - t0 < 2.0
             assert not xs.connected
     finally:
         done.set()

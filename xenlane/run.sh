@@ -168,7 +168,7 @@ run_qemu() { # one boot; rc 124 = overall bound, 125 = dom0 never came up (TCG b
   t0=$(date +%s)
   while kill -0 $QPID 2>/dev/null; do
     if [ -z "$booted" ]; then
-      if grep -a -q 'LANE: dom0 services up' serial.log; then booted=1
+      if grep -a -q 'LANE: dom0 services up' serial.log; then booted=1; T_BOOTED=$(date +%s)
       elif [ $(( $(date +%s) - t0 )) -ge "$BOOT_TMO" ]; then
         log "dom0 not up after ${BOOT_TMO}s: killing QEMU"; kill $QPID 2>/dev/null; rc=125
       fi
@@ -185,7 +185,7 @@ QRC=0
 for attempt in 1 2; do
   log "QEMU (TCG, -cpu $CPU) with $DEVICES, modes: $MODES; bounded to ${TMO}s (attempt $attempt)"
   find "$RUN/out" -mindepth 1 ! -name lane.conf -delete
-  T_QEMU=$(date +%s)
+  T_QEMU=$(date +%s); T_BOOTED=""
   QRC=0; run_qemu || QRC=$?
   T_END=$(date +%s)
   log "QEMU exited (rc $QRC) after $(( T_END - T_QEMU ))s; lane wall time so far $(( T_END - T_START ))s"
@@ -202,5 +202,6 @@ fi
 RC=0
 "$PY" "$LANE/report.py" "$RUN/out" $DEVICES || RC=$?
 [ -f "$RUN/out/DONE" ] || { log "dom0 did not finish (no DONE); serial log tail:"; tail -40 serial.log | tr -d '\r'; RC=1; }
+"$PY" "$LANE/timing.py" "$RUN/out" $(( T_QEMU - T_START )) $(( ${T_BOOTED:-$T_END} - T_QEMU )) $(( T_END - T_QEMU )) || true
 log "lane wall time $(( $(date +%s) - T_START ))s (QEMU $(( T_END - T_QEMU ))s); artifacts in $RUN/out, serial log $RUN/serial.log"
 exit $RC

@@ -45,9 +45,7 @@ def test_kill9_with_op_pending_is_answered_by_successor(dom0):
     g = wait_guest(dom0, 1, lambda g: g["worker_state"] == "RUNNING")
     pid = g["pid"]
     os.kill(pid, signal.SIGSTOP)                  # freeze it so the op stays pending
-    # The guest waits as long as it takes: what counts is who answers (the
-    # successor, from the page), not how fast a loaded machine restarts it.
-    f1.op_timeout = 60
+    f1.op_timeout = 60        # who answers is the point; within Linux's 2 s is bench/recovery.py's
     t, box = op_in_thread(f1, G0, 0, 4)
     wait_until(lambda: f1.page.test_bit(0, 0), what="the op pending on the shared page")
     os.kill(pid, signal.SIGKILL)
@@ -95,6 +93,7 @@ def test_handler_exception_restarts_worker_and_reserves_op(faulty_dom0):
     dom0 = faulty_dom0
     f1, f2 = two_guests(dom0)
     pid = wait_guest(dom0, 1, lambda g: g["worker_state"] == "RUNNING")["pid"]
+    f1.op_timeout = 60        # who answers is the point; within Linux's 2 s is bench/recovery.py's
     assert f1.conf_read(G0, 0xFC, 4)[0] == Err.success        # the successor answered it
     assert f1.timeouts == 0
     g = wait_guest(dom0, 1, lambda g: g["pid"] not in (None, pid) and g["worker_state"] == "RUNNING")
@@ -108,6 +107,7 @@ def test_hung_worker_is_killed_by_heartbeat_and_replaced(faulty_dom0):
     dom0 = faulty_dom0
     f1, f2 = two_guests(dom0)
     pid = wait_guest(dom0, 1, lambda g: g["worker_state"] == "RUNNING")["pid"]
+    f1.op_timeout = 60        # who answers is the point; within Linux's 2 s is bench/recovery.py's
     err, value = f1.conf_read(G0, 0xFC, 4)             # hangs the worker; answered by the next one
     assert err == Err.success and f1.timeouts == 0
     g = wait_guest(dom0, 1, lambda g: g["pid"] not in (None, pid))
@@ -125,7 +125,7 @@ def test_crash_loop_backs_off_then_fatal_and_others_unaffected(faulty_dom0):
     f2.connect()
     dom0.create_guest(1, ["0000:00:05.0"])
     seen = set()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60       # liveness only: five boots and their backoff
     while True:
         g = dom0.guest_status(1)
         if g:

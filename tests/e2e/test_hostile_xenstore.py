@@ -23,6 +23,8 @@ def bystander(dom0):
     dom0.create_guest(2, ["0000:00:06.0"])
     f = dom0.frontend(2)
     f.connect()
+    # Served ops do not mean the supervisor has its first beat yet (STARTING until then).
+    wait_until(lambda: dom0.guest_status(2)["worker_state"] == "RUNNING", what="dom2's worker RUNNING")
     return f
 
 

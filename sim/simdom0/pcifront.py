@@ -156,13 +156,14 @@ class PCIFront:
 
     def _published(self) -> dict[BDF, int | None]:
         """Guest address -> ``state-N`` of every device the backend published (``vdev-N``)."""
-        num = self.xs.read(f"{self.be}/num_devs") if self.be else None
+        untrusted_num = self.xs.read(f"{self.be}/num_devs") if self.be else None
+        num = min(int(untrusted_num), 256) if untrusted_num and untrusted_num.isdigit() else 0
         out: dict[BDF, int | None] = {}
-        for i in range(int(num) if num is not None and num.isdigit() else 0):
+        for i in range(num):
             vdev = _parse_vdev(self.xs.read(f"{self.be}/vdev-{i}"))
-            state = self.xs.read(f"{self.be}/state-{i}")
+            untrusted_state = self.xs.read(f"{self.be}/state-{i}")
             if vdev is not None:
-                out[vdev] = int(state) if state is not None and state.isdigit() else None
+                out[vdev] = int(untrusted_state) if untrusted_state and untrusted_state.isdigit() else None
         return out
 
     def _detach_leaving(self) -> list[str]:

@@ -139,11 +139,11 @@ fi
 NDEV=$(echo $DEVICES | wc -w); NMODE=$(echo $MODES | wc -w)
 # A bound for a wedged emulator, not a sleep: a stuck step inside dom0 is cut by
 # its own bound (xl 90 s, domU 100 s, cleanup 20 s) and reported as a failed check.
-# Measured full lane (6 scenarios), this machine: 257 s of QEMU on 2026-11-28 =
-# ~60 s fixed (Xen + dom0 boot, platform tests, daemon start, finish) + 20-27 s
-# per scenario (e1000e/pcibackd 78 s); earlier sessions: 770-930 s on a slower
-# day, ~3.6x.  Bound = 3x the slowest day: 3 x (220 s + 120 s per scenario),
-# 2820 s for the full lane, 1380 s for --quick.
+# Measured full lane (6 scenarios), this machine, 2026-11-28: QEMU 257 s and
+# 254 s = ~60 s fixed (Xen + dom0 boot, platform tests, daemon start, finish)
+# + 18-78 s per scenario (~33 s on average); earlier sessions: 770-930 s on a
+# slower day, ~3.6x.  Bound = 3x the slowest day: 3 x (220 s + 120 s per
+# scenario), 2820 s for the full lane, 1380 s for --quick.
 TMO=${XENLANE_TIMEOUT:-$(( 3 * (220 + 120 * NDEV * NMODE) ))}
 XENARGS="console=com1 com1=115200 dom0_mem=1024M,max:1024M smap=0 loglvl=warning guest_loglvl=warning"
 DOM0ARGS="console=hvc0 earlyprintk=xen loglevel=6 lane.repo=$REPO"

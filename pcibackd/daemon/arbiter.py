@@ -145,9 +145,16 @@ class Supervisor:
         if control is not None:
             due.append(control - now)
         # wake when a heartbeat deadline passes: a hung worker's pending op is waiting
-        due += [g.last_beat + self.cfg.heartbeat_timeout - now for g in self.guests.values()
+        due += [g.last_beat + self._silence_allowed(g) - now for g in self.guests.values()
                 if g.sentinel is not None and g.state in (WorkerState.RUNNING, WorkerState.STARTING)]
         return max(0.0, min([0.5, *due]))
+
+    def _silence_allowed(self, guest: Guest) -> float:
+        """heartbeat_timeout once a worker has beaten; before its first beat, its boot
+        gets boot_timeout: killing a slow starter only starts another as slow."""
+        if guest.state == WorkerState.STARTING:
+            return max(self.cfg.heartbeat_timeout, self.cfg.boot_timeout)
+        return self.cfg.heartbeat_timeout
 
     def _drain_signals(self) -> None:
         try:
@@ -341,7 +348,7 @@ class Supervisor:
                 guest.restarts += 1
                 self._start(guest)
             elif (guest.state in (WorkerState.RUNNING, WorkerState.STARTING) and guest.sentinel is not None
-                  and now - guest.last_beat > self.cfg.heartbeat_timeout):
+                  and now - guest.last_beat > self._silence_allowed(guest)):
                 logger.error("worker for domain {} (pid {}) missed heartbeats for {:.1f} s: killing",
                              guest.domid, guest.pid, now - guest.last_beat)
                 self._signal(guest, signal.SIGKILL)

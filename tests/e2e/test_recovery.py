@@ -115,6 +115,21 @@ def test_hung_worker_is_killed_by_heartbeat_and_replaced(faulty_dom0):
     assert f2.conf_read(G0, 0, 2) == (Err.success, 0x1b36)
 
 
+@pytest.mark.daemon(env={"PCIBACKD_FAILPOINTS": "boot-slow@1"})      # default heartbeat settings
+def test_worker_booting_longer_than_the_heartbeat_timeout_is_not_killed(faulty_dom0):
+    """A boot outlasting heartbeat_timeout (a loaded dom0, a slow device reset) is
+    given boot_timeout for the first beat; killing the worker would only start
+    another one as slow, until the guest is FATAL."""
+    dom0 = faulty_dom0
+    dom0.add_device("edu", "0000:00:05.0")
+    dom0.create_guest(1, ["0000:00:05.0"])
+    front = dom0.frontend(1)
+    assert len(front.connect(timeout=30)) == 1
+    g = wait_guest(dom0, 1, lambda g: g["worker_state"] == "RUNNING")
+    assert g["restarts"] == 0 and "missed heartbeats" not in dom0.log_tail(200)
+    assert front.conf_read(G0, 0, 2) == (Err.success, 0x1234)
+
+
 @pytest.mark.daemon(env={"PCIBACKD_FAILPOINTS": "boot-crash@1"})
 def test_crash_loop_backs_off_then_fatal_and_others_unaffected(faulty_dom0):
     dom0 = faulty_dom0

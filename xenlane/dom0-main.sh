@@ -8,6 +8,7 @@
 #   <device>.<mode>.xenstore     backend/frontend nodes (values and permissions) while connected
 #   <device>.<mode>.console      the domU's whole console log
 #   dom0.log, pcibackd.log, xl-*.log, dmesg.txt
+#   timing.txt                   "<uptime> <phase>" at the start of each phase (run.sh prints the breakdown)
 # Per device: mode "kernel" (xl create with pci=, Linux xen-pciback) for every
 # device first, then xen-pciback is unloaded and mode "pcibackd" (xl create
 # without pci=, pcibackd's attach writes the nodes, pcibackd is the backend).
@@ -40,6 +41,7 @@ XL=/usr/lib/xen-4.17/bin/xl
 xl() { timeout 90 "$XL" "$@"; }
 for t in ls read exists; do eval "xenstore-$t() { timeout 20 /usr/bin/xenstore-$t \"\$@\"; }"; done
 log() { echo "LANE: $*"; echo "[$(up)] $*" >> $OUT/dom0.log; }
+phase() { echo "$(up) $*" >> $OUT/timing.txt; }   # a phase lasts until the next one starts
 result() { # device mode check verdict detail...
   local dev=$1 mode=$2 check=$3 verdict=$4; shift 4
   echo "$dev $mode $check $verdict $*" >> $OUT/results.txt
@@ -63,6 +65,7 @@ finish() {
   dmesg > $OUT/dmesg.txt 2>&1
   xl dmesg > $OUT/xl-dmesg.txt 2>&1
   echo "$1" > $OUT/DONE
+  phase end
   sync; sleep 0.5
   reboot -f   # Xen resets the machine; QEMU runs with -no-reboot and exits
 }
@@ -74,9 +77,10 @@ xs_gone() { ! xenstore-exists "$1" 2>/dev/null; }
 if [ -n "${LANE_DEADLINE:-}" ]; then
   ( sleep "$LANE_DEADLINE"
     echo "LANE: dom0 deadline (${LANE_DEADLINE}s) hit: dumping state"
+    phase "deadline hit: dumping state"
     ps -eo pid,ppid,stat,wchan:30,etime,args > $OUT/ps-at-deadline.txt 2>&1
     timeout 20 /usr/bin/xenstore-ls -fp > $OUT/xenstore-at-deadline.txt 2>&1
-    echo "deadline" > $OUT/DEADLINE; dmesg > $OUT/dmesg.txt 2>&1; sync; reboot -f ) &
+    echo "deadline" > $OUT/DEADLINE; dmesg > $OUT/dmesg.txt 2>&1; phase end; sync; reboot -f ) &
 fi
 
 # ------------------------------------------------------------ dom0 services
@@ -88,6 +92,7 @@ xenconsoled --log=guest --log-dir=$CON --pid-file=/run/xenconsoled.pid || finish
 xl info > $OUT/xl-info.txt 2>&1
 ls -l /dev/xen >> $OUT/dom0.log 2>&1
 log "dom0 services up at $(up)s"
+phase "dom0 setup (canary, real-platform tests, devices)"
 # memory canary: reports any write into its pages (see canary.py)
 $LANE_PY "$LANE_REPO/xenlane/canary.py" $OUT/canary.txt "${LANE_CANARY_MB:-160}" &
 CANARY=$!
@@ -158,6 +163,7 @@ destroy_and_check() { # dev mode name domid
 # ------------------------------------------------------------ mode kernel
 run_kernel() { # dev
   local dev=$1 bdf=${BDF[$1]} name=lane-$1-kernel d
+  phase "$dev/kernel"
   xl pci-assignable-add "$bdf" >> "$OUT/xl-$dev-kernel.log" 2>&1 || { result "$dev" kernel assignable FAIL "xl pci-assignable-add $bdf"; return; }
   write_cfg "$name"; echo "pci = [ '$bdf' ]" >> "/tmp/$name.cfg"
   log "$dev/kernel: xl create (pci=$bdf)"
@@ -217,6 +223,7 @@ tree_within() { # baseline-file: the daemon's descendants are back to the baseli
 
 run_pcibackd() { # dev
   local dev=$1 bdf=${BDF[$1]} name=lane-$1-pcibackd d cmd
+  phase "$dev/pcibackd"
   tree_of "$DPID" | awk '{print $1}' | sort > /tmp/tree.base
   write_cfg "$name"; echo 'passthrough = "enabled"' >> "/tmp/$name.cfg"
   log "$dev/pcibackd: xl create -p (no pci=)"
@@ -265,17 +272,22 @@ run_pcibackd() { # dev
 
 # ------------------------------------------------------------ scenarios
 if [[ " $LANE_MODES " == *" kernel "* ]]; then
+  phase "kernel: load xen-pciback"
   kmod xen-pciback && log "xen-pciback loaded"
   for dev in $LANE_DEVICES; do [ -n "${BDF[$dev]}" ] && run_kernel "$dev"; done
+  phase "kernel: unload xen-pciback"
   kmod -r xen-pciback && log "xen-pciback unloaded" || result all kernel rmmod-xen-pciback FAIL "$(lsmod | grep pciback)"
 fi
 if [[ " $LANE_MODES " == *" pcibackd "* ]]; then
+  phase "pcibackd: start the daemon"
   if start_daemon; then
     for dev in $LANE_DEVICES; do [ -n "${BDF[$dev]}" ] && run_pcibackd "$dev"; done
+    phase "pcibackd: stop the daemon"
     if $DAEMONCTL stop /run/lane-pcibackd.pid 10 >> $OUT/dom0.log 2>&1; then result all pcibackd daemon-stop PASS ""
     else result all pcibackd daemon-stop FAIL "$(tail -1 $OUT/dom0.log)"; fi
   fi
 fi
+phase "final checks"
 leftover=$(xenstore-ls -f /local/domain/0/backend 2>/dev/null | grep -c '/backend/pci/')
 if [ "$leftover" = 0 ]; then result all all dom0-clean PASS ""; else result all all dom0-clean FAIL "$leftover backend/pci nodes left"; fi
 finish "scenarios done"

@@ -135,7 +135,8 @@ class Supervisor:
         if control is not None:
             due.append(control - now)
         # wake when a heartbeat deadline passes: a hung worker's pending op is waiting
-        due += [g.last_beat + self.cfg.heartbeat_timeout - now for g in self._guests.values()
+        timeouts = (self.cfg.heartbeat_timeout, self.cfg.boot_timeout)
+        due += [g.last_beat + g.silence_allowed(*timeouts) - now for g in self._guests.values()
                 if g.alive and g.state in LIVE]
         return max(0.0, min([0.5, *due]))
 
@@ -281,7 +282,8 @@ class Supervisor:
             elif guest.state is WorkerState.BACKOFF and now >= guest.restart_at:
                 guest.restarts += 1
                 self._start(guest)
-            elif guest.state in LIVE and guest.alive and now - guest.last_beat > self.cfg.heartbeat_timeout:
+            elif guest.state in LIVE and guest.alive and \
+                    now - guest.last_beat > guest.silence_allowed(self.cfg.heartbeat_timeout, self.cfg.boot_timeout):
                 logger.error("worker for domain {} (pid {}) missed heartbeats for {:.1f} s: killing",
                              guest.domid, guest.pid, now - guest.last_beat)
                 guest.send_signal(signal.SIGKILL)

@@ -22,6 +22,7 @@ class DaemonConfig:
     poll_window_us: float = 50.0         # worker busy-poll window after each op
     heartbeat_interval: float = 0.2      # worker -> supervisor beats
     heartbeat_timeout: float = 1.0       # a silent worker is killed and replaced: well inside pcifront's 2 s
+    boot_timeout: float = 10.0           # a new worker's first beat may take this long (at least heartbeat_timeout)
     orphan_grace: float = 30.0           # a worker with no supervisor this long exits cleanly
     restart_max_failures: int = 5        # failures in a row (each within restart_stable_after) -> FATAL
     restart_stable_after: float = 10.0   # a worker up this long has its failure count reset

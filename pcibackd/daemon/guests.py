@@ -166,6 +166,14 @@ class Guest:
         self.change_state(GuestEvent.STOP_REQUESTED)
         self.stop_deadline, self.terminated = deadline, terminated
 
+    def silence_allowed(self, heartbeat_timeout: float, boot_timeout: float) -> float:
+        """How long this worker may go without a beat: ``heartbeat_timeout`` once it has
+        beaten; before its first beat its boot gets ``boot_timeout`` (killing a slow
+        starter only starts another as slow)."""
+        if self.state is WorkerState.STARTING:
+            return max(heartbeat_timeout, boot_timeout)
+        return heartbeat_timeout
+
     @property
     def alive(self) -> bool:
         """A worker process exists (ours or adopted) and has not been reaped."""

@@ -6,6 +6,8 @@ Set ``PCIBACKD_FAILPOINTS`` in the daemon's environment to a comma-separated
 list of ``name@domid`` (workers inherit it):
 
     boot-crash@N   worker N raises while booting (a crash loop)
+    boot-slow@N    worker N takes BOOT_SLOW seconds to boot, longer than the
+                   default heartbeat_timeout (a loaded dom0, a slow device reset)
     op-crash@N     worker N raises inside the handler of a conf_read at offset
                    0xFC, once (a marker file keeps the successor healthy)
     op-hang@N      worker N hangs inside that handler, once (no more ops, no
@@ -27,6 +29,7 @@ from pcibackd.wire.pciif import Op, OpHeader
 
 TRIGGER_OFFSET = 0xFC
 MSI_ENABLES = (Op.enable_msi, Op.enable_msix)
+BOOT_SLOW = 3.0
 
 
 def active(domid: int) -> set[str]:

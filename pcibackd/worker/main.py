@@ -77,6 +77,8 @@ class Worker:
         points = faults.active(cfg.domid)
         if "boot-crash" in points:
             raise faults.InjectedFault("injected boot crash")
+        if "boot-slow" in points:
+            time.sleep(faults.BOOT_SLOW)
         self.xs = XenStore(cfg.xenstored_path)
         self.platform = choose_platform(cfg.platform, domid=0)
         self.dispatcher = Dispatcher()

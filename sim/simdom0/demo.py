@@ -19,6 +19,7 @@ from pcibackd.control.commands import COMMANDS
 from pcibackd.wire.bdf import BDF
 from simdom0.dom0 import SimDom0
 from pcibackd.wire.pciif import XenbusState
+from pcibackd.xenstore.toolstack import frontend_path
 
 # (dump, host BDF) pool handed out round-robin; distinct BDFs per device.
 _DUMPS = ["edu", "pci-testdev", "e1000e", "nvme", "rtl8139", "virtio-net", "intel-hda", "megasas-gen2"]
@@ -51,10 +52,15 @@ def _reader(proc: subprocess.Popen, summaries: dict) -> threading.Thread:
 
 
 def _wait_connected(dom0: SimDom0, domids, timeout: float = 30.0) -> None:
+    """Until both ends are Connected: the backend is as soon as it maps the
+    page, the guest only after it enumerated; a hot-plug before that would
+    race the guest's first scan."""
     deadline = time.monotonic() + timeout
     while True:
         st = {g["domid"]: g for g in dom0.status()["guests"]}
-        if all(st.get(d, {}).get("xenbus_state") == XenbusState.Connected for d in domids):
+        if all(st.get(d, {}).get("xenbus_state") == XenbusState.Connected
+               and dom0.xs.read(frontend_path(d) + "/state") == str(int(XenbusState.Connected))
+               for d in domids):
             return
         if time.monotonic() > deadline:
             raise RuntimeError(f"guests did not connect in {timeout} s")
@@ -146,12 +152,19 @@ def run_demo(guests: int, duration: float, hotplug: bool = False, log_level: str
                     ok = False
                     print(f"dom{domid}: FAILED: connected={s.get('connected')} saw {seen}/{n} "
                           f"devices {s.get('error', '')}", file=sys.stderr)
+                if s.get("errors"):
+                    ok = False
+                    print(f"dom{domid}: FAILED: {s['errors']} ops failed on a device still assigned "
+                          f"({s.get('timeouts', 0)} timed out)", file=sys.stderr)
                 if hotplug and s.get("changes", 0) < 2:
                     ok = False
                     print(f"dom{domid}: FAILED: saw {s.get('changes', 0)} hot-plug changes, expected 2",
                           file=sys.stderr)
             print()
+            # "gone": ops that met a device on its way out, answered dev_not_found
+            # exactly as Linux pciback answers them: expected, not errors.
             print("guest-side: " + ", ".join(f"dom{d}: {s['ops']} ops {s['errors']} errors"
+                                            + (f" ({s['gone']} on a leaving device)" if s.get("gone") else "")
                                             for d, s in sorted(summaries.items())))
             print("demo " + ("OK: every guest connected and saw its devices" + (" change live" if hotplug else "")
                              if ok else "FAILED"))

@@ -4,7 +4,9 @@ then generate config-space traffic until told to stop.
     python -m simdom0.guest --sim-dir D --xenstored-path S --domid N [--duration S]
 
 Prints ``domN: <lspci line>`` per device, ``domN: +/- <line>`` on hot-plug
-changes, and a last line ``domN: summary {json}``.
+changes, and a last line ``domN: summary {json}``.  In the summary, ``gone``
+counts ops on a device that was leaving, answered ``dev_not_found`` as Linux
+pciback answers them; ``errors`` counts every other failed op.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     tag = f"dom{args.domid}"
     xs = XenStore(args.xenstored_path)
     front = PCIFront(xs, SimPlatform(args.sim_dir, args.domid), args.domid)
-    summary = {"domid": args.domid, "connected": False, "devices": [], "ops": 0, "errors": 0, "timeouts": 0,
-               "changes": 0, "max_seen": 0}
+    summary = {"domid": args.domid, "connected": False, "devices": [], "ops": 0, "errors": 0, "gone": 0,
+               "timeouts": 0, "changes": 0, "max_seen": 0}
     try:
         devices = front.connect()
         summary["connected"] = True
@@ -53,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         deadline = time.monotonic() + args.duration
         rng = random.Random(args.domid)
         while not stop["now"] and (time.monotonic() < deadline or args.until_closed):
-            for change in front.follow():
+            # Without devices there is nothing to do but wait for xenbus.
+            for change in front.follow(timeout=0.0 if front.devices else 0.05):
                 print(f"{tag}: {change}", flush=True)
                 summary["changes"] += 1
             summary["max_seen"] = max(summary["max_seen"], len(front.devices))
@@ -62,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             for d in front.devices:
                 err, _ = front.conf_read(d.bdf, rng.randrange(0, 64, 4), 4)
                 summary["ops"] += 1
-                summary["errors"] += err != Err.success
-            if not front.devices:
-                front.follow(timeout=0.05)
+                if err == Err.dev_not_found and front.leaving(d.bdf):
+                    summary["gone"] += 1
+                elif err != Err.success:
+                    summary["errors"] += 1
         summary["devices"] = [d.lspci_line() for d in front.devices]
         summary["state"] = front.state()
     except Exception as exc:

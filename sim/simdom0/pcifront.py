@@ -12,6 +12,10 @@ MSI and MSI-X are asked for like ``pcifront_enable_msi(x)`` /
 succeeds with ``err == 0`` and ``value > 0`` (the PIRQ), anything else is
 ``-EINVAL``; MSI-X succeeds with ``err == 0``, ``value == 0`` and every vector
 ``> 0``, a non-zero ``value`` is the error; disabling only reports.
+
+Like Linux it lets go of a device before the backend removes it (hot-unplug:
+``state-N=5`` devices leave the guest before it answers Reconfiguring), and
+drops everything when its own directory disappears (xenbus unregisters it).
 """
 
 from __future__ import annotations
@@ -28,6 +32,16 @@ from pcibackd.wire.pciif import Err, Op, XenbusState as S
 OP_TIMEOUT = 2.0            # Linux: ns_timeout = now + 2 s
 ABSENT_VENDOR = {0xFFFFFFFF, 0x00000000, 0x0000FFFF, 0xFFFF0000}
 _VENDOR_ID, _CLASS_REV, _HEADER_TYPE = 0x00, 0x08, 0x0E
+
+
+def _parse_vdev(untrusted: str | None) -> BDF | None:
+    """``vdev-N`` as the backend writes it, ``dddd:bb:dd.ff`` (read like Linux's ``%x:%x:%x.%x``)."""
+    try:
+        dom, bus, rest = (untrusted or "").split(":")
+        dev, fn = rest.split(".")
+        return BDF(int(dom, 16), int(bus, 16), int(dev, 16), int(fn, 16))
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -115,12 +129,15 @@ class PCIFront:
         self.xs.run_transaction(publish)
         self._switch(S.Initialised)
         self.xs.watch(f"{self.be}/state", self._token)
-        self._wait(lambda: self.backend_state() in (S.Connected, S.Closing, S.Closed), timeout)
-        if self.backend_state() != S.Connected:
+        self._wait(lambda: self.backend_state() in (S.Connected, S.Reconfiguring, S.Closing, S.Closed), timeout)
+        be = self.backend_state()
+        if be not in (S.Connected, S.Reconfiguring):
             err = self.xs.read(f"/local/domain/0/error/backend/pci/{self.domid}/0/error")
-            raise FrontendError(f"backend state {self.backend_state()}: {err}")
+            raise FrontendError(f"backend state {be}: {err}")
         self.devices = self.scan()
-        self._switch(S.Connected)
+        # A hot-plug that began before we saw Connected (Linux: "Handle skipped
+        # connect"): answer Reconfiguring; Reconfigured brings the rescan.
+        self._switch(S.Connected if be == S.Connected else S.Reconfiguring)
         return self.devices
 
     def _wait(self, cond, timeout: float) -> None:
@@ -151,6 +168,7 @@ class PCIFront:
         changes: list[str] = []
         be, fe = self.backend_state(), self.state()
         if be == S.Reconfiguring and fe == S.Connected:
+            changes = self._detach_leaving()
             self._switch(S.Reconfiguring)
         elif be == S.Reconfigured and fe == S.Reconfiguring:
             changes = self._rescan()
@@ -158,9 +176,41 @@ class PCIFront:
         elif be in (S.Closing, S.Closed, S.Unknown, None) and fe not in (S.Closed, None):
             # A vanished backend directory reads as Unknown: close like Closed.
             self.disconnect()
-            changes = [f"- {d.lspci_line()}" for d in self.devices]
-            self.devices = []
+            changes, self.devices = [f"- {d.lspci_line()}" for d in self.devices], []
+        elif fe is None and self.page is not None:
+            # Our directory is gone (the toolstack removed the device): like
+            # xenbus unregistering pcifront, let go without writing any state.
+            self._release()
+            changes, self.devices = [f"- {d.lspci_line()}" for d in self.devices], []
         return changes
+
+    def _published(self) -> dict[BDF, int | None]:
+        """Guest address -> ``state-N`` of every device the backend published (``vdev-N``)."""
+        untrusted_num = self.xs.read(f"{self.be}/num_devs") if self.be else None
+        num = min(int(untrusted_num), 256) if untrusted_num and untrusted_num.isdigit() else 0
+        out: dict[BDF, int | None] = {}
+        for i in range(num):
+            vdev = _parse_vdev(self.xs.read(f"{self.be}/vdev-{i}"))
+            untrusted_state = self.xs.read(f"{self.be}/state-{i}")
+            if vdev is not None:
+                out[vdev] = int(untrusted_state) if untrusted_state and untrusted_state.isdigit() else None
+        return out
+
+    def _detach_leaving(self) -> list[str]:
+        """Remove the devices the toolstack marked ``state-N=5`` (pcifront_detach_devices):
+        the guest stops using them before the backend takes them away."""
+        leaving = {b for b, st in self._published().items() if st == S.Closing}
+        gone = [d for d in self.devices if d.bdf in leaving]
+        self.devices = [d for d in self.devices if d.bdf not in leaving]
+        return [f"- {d.lspci_line()}" for d in gone]
+
+    def leaving(self, bdf: BDF) -> bool:
+        """Whether ``bdf`` is on its way out (backend closing or gone, or the
+        device no longer published as live): then ``dev_not_found`` is the
+        answer Linux pciback gives, not a failure."""
+        if self.backend_state() not in (S.Connected, S.Reconfiguring, S.Reconfigured):
+            return True
+        return self._published().get(bdf) != S.Initialised
 
     def _rescan(self) -> list[str]:
         old = {d.bdf: d for d in self.devices}

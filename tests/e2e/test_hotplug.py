@@ -120,7 +120,10 @@ def test_hotplug_unplug_renumber(request, mode):
     pump(front, lambda: front.state() in (S.Closed, None))
     assert finish(t, box) is True
     wait_until(lambda: dom0.guest_status(1) is None, what="dom1's worker gone")
-    assert dom0.xs.ls(be) == [] and dom0.guest_status(2)["worker_state"] == "RUNNING"
+    assert dom0.xs.ls(be) == []
+    # dom2 untouched: its worker reaches RUNNING (first beat) and never restarted
+    wait_until(lambda: dom0.guest_status(2)["worker_state"] == "RUNNING", what="dom2's worker RUNNING")
+    assert dom0.guest_status(2)["restarts"] == 0
 
 
 def test_hotplug_of_busy_device_is_fatal_and_isolated(dom0):
@@ -135,3 +138,61 @@ def test_hotplug_of_busy_device_is_fatal_and_isolated(dom0):
     finish(t, box)
     assert "already assigned" in dom0.xs.read("/local/domain/0/error/backend/pci/1/0/error")
     assert f2.conf_read(BDF(0, 0, 0, 0), 0, 2) == (Err.success, 0x1b36)
+
+
+def test_unplug_guest_lets_go_before_the_backend_removes(dom0):
+    """pcifront_detach_devices: a ``state-N=5`` device leaves the guest before
+    the guest answers Reconfiguring, so no op of the guest meets a removed device."""
+    for dump, bdf in DEVS[:2]:
+        dom0.add_device(dump, bdf)
+    dom0.create_guest(1, [DEVS[0][1], DEVS[1][1]])
+    front = dom0.frontend(1)
+    front.connect()
+    leaving = parse_vdev(dom0.xs.read(f"{backend_path(1)}/vdev-0"))
+    t, box = in_thread(dom0, lambda ts: ts.detach(1, BDF.parse(DEVS[0][1])))
+    answers, seen_reconfiguring = [], False
+    deadline = time.monotonic() + 10
+    while t.is_alive() or front.backend_state() != S.Connected:
+        assert time.monotonic() < deadline, f"front {front.state()} back {front.backend_state()}"
+        front.follow(timeout=0.01)
+        if front.state() == S.Reconfiguring:
+            seen_reconfiguring = True
+            assert leaving not in [d.bdf for d in front.devices]
+        answers += [front.conf_read(d.bdf, 0, 4)[0] for d in front.devices]
+    finish(t, box)
+    assert seen_reconfiguring and answers and set(answers) == {Err.success}
+    assert [d.bdf for d in front.devices] == [parse_vdev(dom0.xs.read(f"{backend_path(1)}/vdev-0"))]
+    # The removed address is answered as Linux pciback answers it, and the guest knows why.
+    assert front.conf_read(leaving, 0, 4)[0] == Err.dev_not_found and front.leaving(leaving)
+
+
+def test_hotplug_before_the_guest_saw_connected(dom0):
+    """A hot-plug that starts between the backend's Connected and the guest
+    reading it (Linux: "Handle skipped connect"): the guest still connects."""
+    for dump, bdf in DEVS[:2]:
+        dom0.add_device(dump, bdf)
+    dom0.create_guest(1, [DEVS[0][1]])
+    front = dom0.frontend(1)
+    wait_for_backend = front._wait
+
+    def wait_then_hotplug(cond, timeout):
+        wait_for_backend(cond, timeout)
+        dom0.toolstack.attach(1, BDF.parse(DEVS[1][1]))     # backend Connected: writes 7 now
+    front._wait = wait_then_hotplug
+    assert len(front.connect()) == 1 and front.state() == S.Reconfiguring
+    changes = pump(front, lambda: front.state() == S.Connected and front.backend_state() == S.Connected)
+    assert len(front.devices) == 2 and sum(c.startswith("+") for c in changes) == 1
+
+
+def test_destroy_while_the_guest_looks_away(dom0):
+    """The toolstack may remove both directories before the guest follows
+    (the backend closes at once on ``online=0``): the guest then lets go like
+    Linux xenbus unregistering pcifront, instead of serving a dead page."""
+    dom0.add_device(*DEVS[0])
+    dom0.create_guest(1, [DEVS[0][1]])
+    front = dom0.frontend(1)
+    (dev,) = front.connect()
+    assert dom0.toolstack.destroy(1) is True
+    assert front.state() is None and front.backend_state() is None
+    assert front.follow() == [f"- {dev.lspci_line()}"]
+    assert front.page is None and front.devices == [] and front.leaving(dev.bdf)

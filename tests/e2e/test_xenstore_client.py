@@ -15,6 +15,7 @@ import pytest
 
 from pcibackd.xenstore.client import Transaction, TransactionConflict, XenStore
 from simdom0.xenstored import Xenstored, find_oxenstored
+from waiting import wait_until
 
 pytestmark = pytest.mark.skipif(find_oxenstored() is None, reason="oxenstored not installed")
 
@@ -389,11 +390,10 @@ def test_daemon_death_raises_instead_of_hanging(xsd):
     try:
         xs.write("/a", "1")
         os.kill(xsd.pid, signal.SIGKILL)
-        t0 = time.monotonic()
+        # ConnectionError (EOF seen), not the TimeoutError of the 30 s timeout
         with pytest.raises(ConnectionError):
             for _ in range(1000):  # the first calls may race the router noticing EOF
                 xs.read("/a")
-        assert time.monotonic() - t0 < 2.0
         assert not xs.connected
     finally:
         xs.close()
@@ -408,9 +408,18 @@ def test_unresponsive_daemon_times_out_then_recovers(xsd):
                 xs.read("/a")
         finally:
             os.kill(xsd.pid, signal.SIGCONT)
-        # The late reply to the abandoned request must not kill the router.
-        assert xs.read("/a") == "1"
+        # The late reply to the abandoned request must not kill the router (that
+        # would raise ConnectionError); a resumed daemon on a loaded machine may
+        # still miss this client's 0.3 s, so poll until it answers.
+        wait_until(lambda: _read_unless_timeout(xs, "/a") == "1", what="the resumed daemon's answer")
         assert xs.connected
+
+
+def _read_unless_timeout(xs, path):
+    try:
+        return xs.read(path)
+    except TimeoutError:
+        return None
 
 
 def test_reply_to_unknown_request_fails_calls_instead_of_hanging(tmp_path):
@@ -433,10 +442,9 @@ def test_reply_to_unknown_request_fails_calls_instead_of_hanging(tmp_path):
     thread.start()
     try:
         with XenStore(path, timeout=30) as xs:
-            t0 = time.monotonic()
+            # ConnectionError for the bad reply, not the TimeoutError of the 30 s timeout
             with pytest.raises(ConnectionError, match="unknown request"):
                 xs.read("/a")
-            assert time.monotonic() - t0 < 2.0
             assert not xs.connected
     finally:
         done.set()

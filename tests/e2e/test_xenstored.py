@@ -10,7 +10,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -148,13 +147,11 @@ def test_stop_kills_reaps_and_removes_dir():
     xsd.stop()  # idempotent
 
 
-def test_ready_quickly():
-    t0 = time.monotonic()
+def test_ready_when_started():
+    """start() returns once the daemon answers: the first request needs no retry."""
     with Xenstored.start() as xsd:
-        elapsed = time.monotonic() - t0
         with pyxs.Client(unix_socket_path=xsd.socket_path) as c:
             assert c.exists(b"/")
-    assert elapsed < 2.0
 
 
 def test_exception_inside_with_still_cleans_up():

@@ -529,13 +529,13 @@ def test_notify_across_processes_and_ping_pong(sim_dir, agents):
     backend("unmask", h, be_port)
     rounds = 500
     backend.send("ping_pong", h, be_port, rounds)
-    started = time.monotonic()
+    # A lost wake-up shows as a wait that runs into DEADLINE (None, or -1 from
+    # the agent), never as a slow round: how fast is bench/oplat.py's question.
     for _ in range(rounds):
         fe.notify(fe_port)
         assert wait_event(fe) == fe_port
         fe.unmask(fe_port)
     assert backend.result() == rounds
-    assert time.monotonic() - started < 2.0
     fe.close()
 
 

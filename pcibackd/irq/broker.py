@@ -17,7 +17,6 @@ unmap       ctrl &= ~ENABLE (MSI-X: and MASKALL); COMMAND &= ~INTX_DISABLE;
             unmap_pirq each (ESRCH/EINVAL/ENOENT: already gone)
 prepare     MSI-X functions only: MEMORY on for the call, prepare_msix, COMMAND back
 release     nothing mapped any more: release_msix
-restore     restore_msi (Xen sets ENABLE again); COMMAND |= INTX_DISABLE
 ==========  ===================================================================
 
 Control words are written exactly 2 bytes wide at cap+2 and COMMAND at 0x04,
@@ -34,7 +33,7 @@ from typing import Callable
 from pcibackd.irq.function import FunctionRecord, Kind, control_offset, find_capability
 from pcibackd.wire.pciregs import CAP_MSI, CAP_MSIX, COMMAND, COMMAND_INTX_DISABLE, COMMAND_MEM, MSIX_ENABLE, MSIX_MASKALL, MSI_ENABLE
 from pcibackd.irq.messages import (PIRQ_MAX, VECTOR_MAX, Answer, MapMsi, MapMsix, Mapping, Query,
-                                   Restore, Unmap, refused)
+                                   Unmap, refused)
 from pcibackd.irq.ports import JournalStore, Physdev, PhysdevError
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import SH_INFO_MAX_VEC
@@ -249,17 +248,6 @@ class Broker:
             return Answer(detail=f"PIRQs {list(left.pirqs)} failed to unmap; kept for retry")
         return Answer()
 
-    def _restore(self, req: Restore) -> Answer:
-        m = self.live.get(req.bdf)
-        if m is None or not m.held:
-            return Answer()
-        try:
-            self.physdev.restore_msi(req.bdf)
-            self._bits(req.bdf, COMMAND, 0, COMMAND_INTX_DISABLE)
-        except OSError as exc:
-            return _failed(exc)
-        return Answer()
-
     def _query(self, req: Query) -> Answer:
         m = self.live.get(req.bdf)
         if m is None or not m.held or m.domid != req.domid:
@@ -372,6 +360,5 @@ _HANDLERS: dict[type, Callable[[Broker, object], Answer]] = {
     MapMsi: Broker._map_msi,             # type: ignore[dict-item]
     MapMsix: Broker._map_msix,           # type: ignore[dict-item]
     Unmap: Broker._unmap,                # type: ignore[dict-item]
-    Restore: Broker._restore,            # type: ignore[dict-item]
     Query: Broker._query,                # type: ignore[dict-item]
 }

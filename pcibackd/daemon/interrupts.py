@@ -35,28 +35,29 @@ from pcibackd.irq.journal import Journal
 from pcibackd.irq.messages import Answer, Mapping, WorkerRequest, refused
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import XenbusState
+from pcibackd.worker.xenbus_nodes import MAX_DEVS, parse_backend, parse_uint
 from pcibackd.xenstore.client import XenStore
 
-MAX_DEVS = 256                  # num_devs beyond this is not a toolstack's
 RATE, BURST = 2000.0, 512       # broker requests per second per guest; a guest driver needs a handful
-LEAVING = (str(int(XenbusState.Closing)), str(int(XenbusState.Closed)))
+LEAVING = (int(XenbusState.Closing), int(XenbusState.Closed))
 
 
 def assigned_functions(xs: XenStore, backend: str) -> set[BDF]:
-    """The functions a guest's backend lists and that are not on their way out."""
-    untrusted_num = xs.read(f"{backend}/num_devs") or "0"
-    if not untrusted_num.isdigit() or len(untrusted_num) > 3:
-        return set()
-    out = set()
-    for i in range(min(int(untrusted_num), MAX_DEVS)):
-        dev = xs.read(f"{backend}/dev-{i}")
-        if dev is None or len(dev) > 16 or xs.read(f"{backend}/state-{i}") in LEAVING:
-            continue
-        try:
-            out.add(BDF.parse(dev))
-        except ValueError:
-            continue
-    return out
+    """The functions a guest's backend lists and that are not on their way out.
+
+    Read with the worker's own rules (:func:`~pcibackd.worker.xenbus_nodes.parse_backend`):
+    the supervisor and the worker must agree on what the toolstack wrote.
+    """
+    untrusted_nodes: dict[str, str] = {}
+    untrusted_num = xs.read(f"{backend}/num_devs")
+    if untrusted_num is not None:
+        untrusted_nodes["num_devs"] = untrusted_num
+    for i in range(parse_uint(untrusted_num, MAX_DEVS) or 0):
+        for key in (f"dev-{i}", f"state-{i}"):
+            untrusted = xs.read(f"{backend}/{key}")
+            if untrusted is not None:
+                untrusted_nodes[key] = untrusted
+    return {dev.host for dev in parse_backend(untrusted_nodes).devs if dev.state not in LEAVING}
 
 
 class Interrupts:

@@ -154,6 +154,10 @@ def test_assignments_come_from_dev_nodes_not_leaving():
     assert assigned_functions(xs, BE) == {NIC, BDF(0, 5, 0, 1)}
     assert assigned_functions(Store({f"{BE}/num_devs": "99999999"}), BE) == set()
     assert assigned_functions(Store({f"{BE}/num_devs": "-1"}), BE) == set()
+    # the worker's rules exactly: no non-ASCII digits, states compared as numbers
+    one = {f"{BE}/dev-0": str(NIC), f"{BE}/dev-1": "0000:04:00.0"}
+    assert assigned_functions(Store({f"{BE}/num_devs": "\u0662", **one}), BE) == set()
+    assert assigned_functions(Store({f"{BE}/num_devs": "2", f"{BE}/state-1": "05", **one}), BE) == {NIC}
 
 
 def test_supervisor_serves_only_the_assigned_guest_and_tears_down(tmp_path):

@@ -46,6 +46,10 @@ class ReadbackError(OSError):
     """A control-register write did not take (Xen dropped it, or the device refused)."""
 
 
+class JournalError(OSError):
+    """The journal could not be written (always EIO to the guest, whatever the disk said)."""
+
+
 @dataclass(frozen=True)
 class Limits:
     max_vectors: int = SH_INFO_MAX_VEC        # per function
@@ -76,13 +80,23 @@ class Broker:
 
     # -- supervisor ----------------------------------------------------------
 
-    def assign(self, domid: int, record: FunctionRecord) -> None:
-        """``record.bdf`` now belongs to ``domid`` (after xc_assign_device)."""
-        stale = self.live.get(record.bdf)
-        self.records[record.bdf] = record
+    def assign(self, domid: int, record: FunctionRecord) -> Answer:
+        """``record.bdf`` now belongs to ``domid`` (after xc_assign_device).
+
+        Refused while another guest owns the function: only that owner's
+        :meth:`unassign` or :meth:`domain_gone` lets it go.  What another guest
+        left mapped without owning it any more (a failed unassign) is torn down.
+        """
+        bdf = record.bdf
+        holder = self.owner.get(bdf)
+        if holder is not None and holder != domid:
+            return refused(errno.EBUSY, "owned", f"{bdf} is dom{holder}'s")
+        stale = self.live.get(bdf)
+        self.records[bdf] = record
         if stale is not None and stale.domid != domid:
             self._tear_down(stale)
-        self.owner[record.bdf] = domid
+        self.owner[bdf] = domid
+        return Answer()
 
     def unassign(self, bdf: BDF) -> Answer:
         """Unmap everything of ``bdf``; call before xc_deassign_device."""
@@ -102,7 +116,10 @@ class Broker:
         for bdf in [b for b, d in self.owner.items() if d == domid]:
             del self.owner[bdf]
         self.damaged_domains.discard(domid)
-        self.journal.forget(domid)
+        try:
+            self.journal.forget(domid)
+        except OSError as exc:
+            return refused(errno.EIO, "journal", f"dom{domid}'s journal not removed: {exc}")
         return Answer()
 
     def prepare(self, record: FunctionRecord) -> Answer:
@@ -120,8 +137,7 @@ class Broker:
             if not (exc.errno == errno.EBUSY and self.prepared_unknown):
                 return _failed(exc)
         self.prepared.add(bdf)
-        self.journal.save_prepared(self.prepared)
-        return Answer()
+        return self._save_prepared()
 
     def release(self, bdf: BDF) -> Answer:
         """PHYSDEVOP_release_msix before the function returns to dom0."""
@@ -134,7 +150,14 @@ class Broker:
         except OSError as exc:
             return _failed(exc)
         self.prepared.discard(bdf)
-        self.journal.save_prepared(self.prepared)
+        return self._save_prepared()
+
+    def _save_prepared(self) -> Answer:
+        """Xen's state changed whatever the disk says: keep it in memory, report a failed write."""
+        try:
+            self.journal.save_prepared(self.prepared)
+        except OSError as exc:
+            return refused(errno.EIO, "journal", f"prepared functions not journaled: {exc}")
         return Answer()
 
     def _with_memory_decoding(self, bdf: BDF, call: Callable[[BDF], None]) -> None:
@@ -261,7 +284,11 @@ class Broker:
         # Orphan (not the guest's) until the last control write: a crash before that
         # leaves a record replay tears down; after it, one replay adopts.
         m = Mapping(domid, bdf, kind, entries, orphan=True)
-        self._put(m)
+        try:
+            self._put(m)
+        except OSError as exc:
+            del self.live[bdf]                       # nothing done yet: nothing to journal
+            return _failed(exc)
         top, base = (VECTOR_MAX, rec.table_base) if kind is Kind.msix else (PIRQ_MAX, 0)
         intx_before = COMMAND_INTX_DISABLE
         try:
@@ -281,11 +308,12 @@ class Broker:
                 self._bits(bdf, ctrl, 0, MSI_ENABLE)
             else:
                 self._bits(bdf, ctrl, MSIX_MASKALL, MSIX_ENABLE)
+            # A guest answered with PIRQs that a replay would tear down must not be.
+            self._put(replace(m, orphan=False))
         except OSError as exc:
             # A hypercall that failed mapped nothing, and none after it ran: no unknowns.
             self._tear_down(replace(m, entries=m.entries[:len(m.pirqs)]), restore_intx=not intx_before)
             return _failed(exc)
-        self._put(replace(m, orphan=False))
         return Answer(pirqs=m.pirqs)
 
     def _tear_down(self, m: Mapping, restore_intx: bool = True) -> Mapping | None:
@@ -296,7 +324,10 @@ class Broker:
         left = None
         if kept_pirqs or unknown:
             left = replace(m, entries=kept_entries + unknown, pirqs=kept_pirqs, orphan=True)
-        self._put(left, m.bdf, m.domid)
+        try:
+            self._put(left, m.bdf, m.domid)
+        except OSError:
+            pass          # best effort: the table is right, the domain's next save rewrites its file
         return left
 
     def _unmap_pirqs(self, domid: int, entries: tuple[int, ...],
@@ -347,12 +378,16 @@ class Broker:
         self._save(domid)                                  # type: ignore[arg-type]
 
     def _save(self, domid: int) -> None:
-        self.journal.save(domid, tuple(m for m in self.live.values() if m.domid == domid))
+        try:
+            self.journal.save(domid, tuple(m for m in self.live.values() if m.domid == domid))
+        except OSError as exc:
+            raise JournalError(errno.EIO, f"dom{domid}'s journal not written: {exc}") from exc
 
 
 def _failed(exc: OSError) -> Answer:
     err = exc.errno or errno.EIO
-    kind = "readback" if isinstance(exc, ReadbackError) else "hypervisor"
+    kind = "readback" if isinstance(exc, ReadbackError) else "journal" if isinstance(exc, JournalError) \
+        else "hypervisor"
     return refused(err, kind, exc.strerror or str(exc))
 
 

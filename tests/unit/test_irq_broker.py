@@ -416,3 +416,63 @@ def test_a_damaged_prepared_record_lets_prepare_adopt_ebusy(env):
     assert broker.prepared == set() and broker.prepared_unknown
     assert broker.prepare(record_for(env.devs[NIC].read, env.devs[NIC].info)).ok
     assert broker.prepared == {NIC}
+
+
+# -- ownership and a journal that cannot be written ------------------------------------------------
+
+def test_assign_never_takes_a_function_its_owner_still_holds(env):
+    env.attach(NIC, DOM)
+    pirqs = env.ask(MapMsix(DOM, NIC, (0, 1))).pirqs
+    answer = env.broker.assign(OTHER, record_for(env.devs[NIC].read, env.devs[NIC].info))
+    assert answer.errno == errno.EBUSY and answer.error == "owned"
+    assert env.ask(Query(DOM, NIC)).pirqs == pirqs and env.xen.pirq_count(DOM) == 2
+    assert env.ask(MapMsi(OTHER, NIC), OTHER).error == "not_assigned"
+    assert env.broker.unassign(NIC).ok and env.xen.pirq_count(DOM) == 0     # the owner's unassign may
+    assert env.broker.assign(OTHER, record_for(env.devs[NIC].read, env.devs[NIC].info)).ok
+
+
+class FailingJournal(Journal):
+    """A disk that takes ``saves_left`` domain writes, then refuses every write."""
+
+    def __init__(self, directory: Path, saves_left: int = 0) -> None:
+        super().__init__(directory)
+        self.saves_left = saves_left
+
+    def _spend(self) -> None:
+        if self.saves_left == 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.saves_left -= 1
+
+    def save(self, domid, mappings) -> None:
+        self._spend()
+        super().save(domid, mappings)
+
+    def save_prepared(self, prepared) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    def forget(self, domid) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+
+@pytest.mark.parametrize("saves_left", [0, 1, 2, 3])
+def test_a_journal_that_cannot_be_written_fails_the_map_not_the_broker(env, saves_left):
+    """Intent, PIRQ 1, PIRQ 2, settled: whichever write fails, EIO and nothing left mapped."""
+    env.attach(NIC)
+    env.broker.journal = FailingJournal(env.jdir, saves_left)
+    answer = env.ask(MapMsix(DOM, NIC, (0, 1)))
+    assert (answer.errno, answer.error) == (errno.EIO, "journal")
+    assert env.xen.pirq_count(DOM) == 0 and NIC not in env.broker.live
+    assert not env.ctrl(NIC, MSIX_CTRL) & MSIX_ENABLE
+    env.broker.journal = Journal(env.jdir)
+    assert env.ask(MapMsix(DOM, NIC, (0, 1))).ok                # and the next one works
+
+
+def test_supervisor_side_journal_failures_are_answers(env):
+    env.attach(NIC)
+    assert env.ask(MapMsix(DOM, NIC, (0,))).ok
+    env.broker.journal = FailingJournal(env.jdir)
+    assert env.broker.unassign(NIC).ok and env.xen.pirq_count(DOM) == 0   # tear-down: best effort
+    assert env.broker.release(NIC).errno == errno.EIO and NIC not in env.broker.prepared
+    assert env.broker.prepare(record_for(env.devs[NIC].read, env.devs[NIC].info)).errno == errno.EIO
+    assert NIC in env.broker.prepared                            # Xen's state, whatever the disk says
+    assert env.broker.domain_gone(DOM).errno == errno.EIO

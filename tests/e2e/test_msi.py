@@ -164,8 +164,9 @@ def test_enable_pending_when_the_worker_died_is_answered_with_the_mapped_pirqs(f
     assert guest.front.disable_msix(G_NVME).ok and guest.pirqs() == []
 
 
-def test_hot_unplug_and_guest_destroy_unmap(guest):
+def test_hot_unplug_and_guest_destroy_unmap_and_release(guest):
     assert guest.front.enable_msix(G_NVME, [0, 1]).ok
+    assert guest.xen()["prepared"] == sorted([NVME, NIC])
     assert guest.front.enable_msi(G_NIC).ok
     done = threading.Event()
 
@@ -184,9 +185,11 @@ def test_hot_unplug_and_guest_destroy_unmap(guest):
     assert [d.bdf for d in guest.front.devices] == [G_NIC]
     assert guest.pirqs("msix") == [] and not guest.enabled(G_NVME, CAP_MSIX, MSIX_ENABLE)
     assert len(guest.pirqs("msi")) == 1
+    wait_until(lambda: guest.xen()["prepared"] == [NIC], what="the unplugged function's MSI-X released")
     guest.dom0.toolstack.destroy(1, wait=False)
     wait_until(lambda: guest.pirqs() == [], what="the destroyed guest's PIRQs unmapped")
     assert not guest.enabled(G_NIC, CAP_MSI, MSI_ENABLE)
+    wait_until(lambda: guest.xen()["prepared"] == [], what="the destroyed guest's functions released")
 
 
 def test_supervisor_restart_adopts_the_journal(guest):

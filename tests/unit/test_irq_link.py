@@ -21,7 +21,7 @@ from pcibackd.platform.xen import NoPhysdev
 from pcibackd.wire import pciif
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import Err, Op
-from pcibackd.wire.pciregs import MSIX_ENABLE
+from pcibackd.wire.pciregs import COMMAND, COMMAND_MEM, MSIX_ENABLE
 from pcibackd.worker.interrupts import MsiService
 from pcibackd.worker.reporter import Reporter
 from pcibackd.worker.link import (BadMessage, IrqReply, WorkerCommand, WorkerIrqRequest,
@@ -337,6 +337,27 @@ def test_a_journal_that_cannot_be_written_never_stops_the_supervisor(tmp_path):
     irq.sync(xs, {5: BE})
     irq.sync(xs, {})
     assert irq.mappings(5) == {}
+
+
+def test_msix_on_an_sriov_vf_decodes_through_its_physical_function(tmp_path):
+    pf, vf = BDF(0, 1, 0, 0), BDF(0, 1, 0, 2)
+    platform = SimPlatform(tmp_path, 0)
+    host = SimHost(tmp_path / "pci")
+    host.add("nvme-sriov", pf)
+    vf_port = host.add("nvme-vf", vf, physfn=pf)
+    vf_port.write(COMMAND, 2, vf_port.read(COMMAND, 2) | COMMAND_MEM)
+    assert not vf_port.read(COMMAND, 2) & COMMAND_MEM          # as on hardware: the PF decodes for it
+    assert platform.open_device(pf).read(COMMAND, 2) & COMMAND_MEM
+    irq = Interrupts(platform, tmp_path / "run")
+    irq.sync(Store({f"{BE}/num_devs": "1", f"{BE}/dev-0": str(vf)}), {5: BE})
+    svc = MsiService(5, lambda req: irq.handle(5, req), lambda req: None,
+                     lambda d, b, devfn: (vf, vf_port) if (d, b, devfn) == (0, 0, 0) else None,
+                     platform.open_device)
+    reply = svc.serve(snapshot(Op.enable_msix, value=2, entries=(0, 1)))
+    assert reply.err == 0 and len(reply.vectors) == 2 and all(reply.vectors), reply
+    assert _bindings(tmp_path, 5) == sorted(reply.vectors)
+    assert svc.serve(snapshot(Op.disable_msix)).err == 0 and _bindings(tmp_path, 5) == []
+    svc.forget([vf])
 
 
 # -- the worker's side of the link, against a ROUTER standing in for the supervisor ------------

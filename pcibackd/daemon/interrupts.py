@@ -144,9 +144,9 @@ class Interrupts:
         for domid, want in sorted(wanted.items()):
             for bdf in want:
                 claims.setdefault(bdf, []).append(domid)
+        self.conflicts = {bdf: n for bdf, n in self.conflicts.items() if len(claims.get(bdf, ())) > 1}
         for bdf, domids in claims.items():
             if len(domids) < 2:
-                self.conflicts.pop(bdf, None)
                 continue
             holder = self._holder(bdf)
             for domid in domids:

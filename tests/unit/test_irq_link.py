@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import zmq
+from loguru import logger
 
 from pcibackd.daemon.interrupts import BURST, RATE, Interrupts, assigned_functions
 from pcibackd.irq.function import Kind
@@ -257,10 +258,16 @@ def test_a_second_backend_listing_a_held_function_is_refused(tmp_path):
     irq.sync(xs, {5: BE, 6: be6})
     pirqs = irq.handle(5, MapMsix(5, NIC, (0, 1))).pirqs
     xs.nodes.update({f"{be6}/num_devs": "1", f"{be6}/dev-0": str(NIC)})    # a worker wrote it
-    for _ in range(3):
-        irq.sync(xs, {6: be6, 5: BE})
-        assert _bindings(tmp_path, 5) == sorted(pirqs) and irq.handle(5, Query(5, NIC)).pirqs == pirqs
-        assert irq.handle(6, MapMsi(6, NIC)).error == "not_assigned"
+    logged: list[str] = []
+    sink = logger.add(lambda msg: logged.append(msg), level="ERROR", format="{message}")
+    try:
+        for _ in range(5):
+            irq.sync(xs, {6: be6, 5: BE})
+            assert _bindings(tmp_path, 5) == sorted(pirqs) and irq.handle(5, Query(5, NIC)).pirqs == pirqs
+            assert irq.handle(6, MapMsi(6, NIC)).error == "not_assigned"
+    finally:
+        logger.remove(sink)
+    assert [m for m in logged if "listed by domains" in m and "domain 5's" in m][0] and len(logged) == 3  # 1, 2, 4
     xs.nodes[f"{BE}/num_devs"] = "0"                      # the owner lets go: now it may move
     irq.sync(xs, {6: be6, 5: BE})
     assert _bindings(tmp_path, 5) == [] and irq.handle(6, MapMsi(6, NIC)).ok

@@ -32,7 +32,8 @@ class Errno(enum.IntEnum):
     TIMEOUT = 8              # a worker did not answer in time
 
 
-__doc__ += "\n".join(f"    {e.value}  {e.name}" for e in Errno) + "\n"
+if __doc__ is not None:              # None under python -OO
+    __doc__ += "\n".join(f"    {e.value}  {e.name}" for e in Errno) + "\n"
 
 
 class BadRequest(Exception):

@@ -77,7 +77,8 @@ def render_table() -> str:
                      for (state, event), new in TRANSITIONS.items())
 
 
-__doc__ += render_table() + "\n"
+if __doc__ is not None:              # None under python -OO
+    __doc__ += render_table() + "\n"
 
 
 class IllegalTransition(RuntimeError):

@@ -11,7 +11,15 @@ only read it), never from a worker's report.  At every scan:
 * a function whose ``state-N`` turns Closing/Closed (hot-unplug), or that
   leaves the backend, is ``unassign``-ed: its PIRQs are unmapped before the
   toolstack takes it away;
-* a guest whose backend directory goes is ``domain_gone``.
+* a guest whose backend directory goes is ``domain_gone``;
+* a function that left and is no other guest's after the scan is released
+  (PHYSDEVOP_release_msix);
+* a function two guests list stays with the one that holds it: a worker has a
+  dom0 xenstore connection and can write any backend node (logged, rate-limited);
+* after a restart, the first scan tears down every replayed mapping its
+  guest's backend no longer lists.
+
+A journal that cannot be written costs the request (EIO), never the supervisor.
 
 A worker's request names a guest; the broker serves it only for the guest of
 the worker that sent it (its authenticated identity, passed in as ``domid``),
@@ -29,34 +37,36 @@ from pathlib import Path
 
 from loguru import logger
 
+from pcibackd.common.ratelimit import worth_logging
 from pcibackd.irq.broker import Broker
 from pcibackd.irq.function import record_for
 from pcibackd.irq.journal import Journal
 from pcibackd.irq.messages import Answer, Mapping, WorkerRequest, refused
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import XenbusState
+from pcibackd.worker.xenbus_nodes import MAX_DEVS, parse_backend, parse_uint
 from pcibackd.xenstore.client import XenStore
 
-MAX_DEVS = 256                  # num_devs beyond this is not a toolstack's
 RATE, BURST = 2000.0, 512       # broker requests per second per guest; a guest driver needs a handful
-LEAVING = (str(int(XenbusState.Closing)), str(int(XenbusState.Closed)))
+LEAVING = (int(XenbusState.Closing), int(XenbusState.Closed))
 
 
 def assigned_functions(xs: XenStore, backend: str) -> set[BDF]:
-    """The functions a guest's backend lists and that are not on their way out."""
-    untrusted_num = xs.read(f"{backend}/num_devs") or "0"
-    if not untrusted_num.isdigit() or len(untrusted_num) > 3:
-        return set()
-    out = set()
-    for i in range(min(int(untrusted_num), MAX_DEVS)):
-        dev = xs.read(f"{backend}/dev-{i}")
-        if dev is None or len(dev) > 16 or xs.read(f"{backend}/state-{i}") in LEAVING:
-            continue
-        try:
-            out.add(BDF.parse(dev))
-        except ValueError:
-            continue
-    return out
+    """The functions a guest's backend lists and that are not on their way out.
+
+    Read with the worker's own rules (:func:`~pcibackd.worker.xenbus_nodes.parse_backend`):
+    the supervisor and the worker must agree on what the toolstack wrote.
+    """
+    untrusted_nodes: dict[str, str] = {}
+    untrusted_num = xs.read(f"{backend}/num_devs")
+    if untrusted_num is not None:
+        untrusted_nodes["num_devs"] = untrusted_num
+    for i in range(parse_uint(untrusted_num, MAX_DEVS) or 0):
+        for key in (f"dev-{i}", f"state-{i}"):
+            untrusted = xs.read(f"{backend}/{key}")
+            if untrusted is not None:
+                untrusted_nodes[key] = untrusted
+    return {dev.host for dev in parse_backend(untrusted_nodes).devs if dev.state not in LEAVING}
 
 
 class Interrupts:
@@ -66,12 +76,20 @@ class Interrupts:
         self.platform, self.clock = platform, clock
         self.broker = Broker(platform.physdev(), Journal(Path(runtime) / "irq"))
         self.assigned: dict[int, set[BDF]] = {}
+        self.adopted: dict[int, set[BDF]] = {}   # replayed at start, not yet checked against xenstore
         self.unreadable: set[BDF] = set()     # warned about once; retried at every scan
+        self.conflicts: dict[BDF, int] = {}   # scans in which two guests listed one function
         self.budget: dict[int, tuple[float, float]] = {}      # domid -> (tokens, at time)
 
     def start(self, alive: set[int]) -> None:
-        """Replay the journal: keep what live guests hold, unmap the rest."""
-        r = self.broker.replay(lambda domid: domid in alive)
+        """Replay the journal: keep what live guests hold (until the first sync), unmap the rest."""
+        try:
+            r = self.broker.replay(lambda domid: domid in alive)
+        except OSError as exc:
+            logger.error("irq journal: replay failed, mappings of live guests may be unknown: {}", exc)
+            return
+        for m in r.adopted:
+            self.adopted.setdefault(m.domid, set()).add(m.bdf)
         if r.adopted or r.torn_down or r.uncertain or r.orphans or r.problems:
             logger.info("irq journal: {} mapping(s) adopted, {} torn down, {} uncertain, {} orphaned{}",
                         len(r.adopted), len(r.torn_down), len(r.uncertain), len(r.orphans),
@@ -81,26 +99,77 @@ class Interrupts:
         """Follow the backends (``{domid: backend path}``) now in xenstore.
 
         Everything that leaves is let go before anything new is taken, so a
-        function moving from one guest to another in one scan ends up the new one's.
+        function moving from one guest to another in one scan ends up the new
+        one's; a function that leaves for good is released (release_msix).  A
+        function two guests list stays with the one holding it (a worker can
+        write any backend node): the other is refused.
         """
-        wanted = {domid: assigned_functions(xs, path) for domid, path in present.items()}
+        try:
+            self._sync(xs, present)
+        except OSError as exc:             # a journal that cannot be written must not stop the daemon
+            logger.error("irq: scan of the backends stopped: {}", exc)
+
+    def _sync(self, xs: XenStore, present: dict[int, str]) -> None:
+        wanted = self._resolve_conflicts({domid: assigned_functions(xs, path) for domid, path in present.items()})
+        leaving: set[BDF] = set()
+        for domid, adopted in self.adopted.items():
+            for bdf in sorted(adopted - wanted.get(domid, set())):
+                m = self.broker.live.get(bdf)
+                if m is not None and m.domid == domid:
+                    self._unassign(domid, bdf, leaving)
+        self.adopted = {}
         for domid in [d for d in self.assigned if d not in present]:
+            leaving |= self.assigned.pop(domid)
             self.broker.domain_gone(domid)
-            del self.assigned[domid]
             self.budget.pop(domid, None)
         for domid, want in wanted.items():
             have = self.assigned.setdefault(domid, set())
             for bdf in sorted(have - want):
-                answer = self.broker.unassign(bdf)
                 have.discard(bdf)
-                if not answer.ok:
-                    logger.error("{} left domain {} with interrupts still mapped: {}", bdf, domid,
-                                 answer.detail)
+                self._unassign(domid, bdf, leaving)
         for domid, want in wanted.items():
             have = self.assigned[domid]
             for bdf in sorted(want - have):
                 if self._assign(domid, bdf):
                     have.add(bdf)
+        held = set().union(*self.assigned.values())
+        for bdf in sorted(leaving - held):
+            answer = self.broker.release(bdf)
+            if not answer.ok:
+                logger.error("{}: PHYSDEVOP_release_msix failed ({}: {})", bdf, answer.error, answer.detail)
+
+    def _resolve_conflicts(self, wanted: dict[int, set[BDF]]) -> dict[int, set[BDF]]:
+        """One function, one guest: whoever holds it keeps it; a newcomer (or two) is refused."""
+        claims: dict[BDF, list[int]] = {}
+        for domid, want in sorted(wanted.items()):
+            for bdf in want:
+                claims.setdefault(bdf, []).append(domid)
+        self.conflicts = {bdf: n for bdf, n in self.conflicts.items() if len(claims.get(bdf, ())) > 1}
+        for bdf, domids in claims.items():
+            if len(domids) < 2:
+                continue
+            holder = self._holder(bdf)
+            for domid in domids:
+                if domid != holder:
+                    wanted[domid].discard(bdf)
+            count = self.conflicts[bdf] = self.conflicts.get(bdf, 0) + 1
+            if worth_logging(count):
+                logger.error("{} is listed by domains {}: it stays {}, the others are refused ({} scan(s))",
+                             bdf, domids, f"domain {holder}'s" if holder is not None else "unassigned", count)
+        return wanted
+
+    def _holder(self, bdf: BDF) -> int | None:
+        for domid, have in self.assigned.items():
+            if bdf in have:
+                return domid
+        m = self.broker.live.get(bdf)
+        return m.domid if m is not None and bdf in self.adopted.get(m.domid, ()) else None
+
+    def _unassign(self, domid: int, bdf: BDF, leaving: set[BDF]) -> None:
+        leaving.add(bdf)
+        answer = self.broker.unassign(bdf)
+        if not answer.ok:
+            logger.error("{} left domain {} with interrupts still mapped: {}", bdf, domid, answer.detail)
 
     def _assign(self, domid: int, bdf: BDF) -> bool:
         try:
@@ -117,12 +186,15 @@ class Interrupts:
                 logger.warning("{} (domain {}): no interrupt record, MSI will be refused: {}", bdf, domid, exc)
             return False
         self.unreadable.discard(bdf)
+        answer = self.broker.assign(domid, record)
+        if not answer.ok:
+            logger.error("{} not assigned to domain {} for interrupts: {}", bdf, domid, answer.detail)
+            return False
         if record.has_msix:
             answer = self.broker.prepare(record)
             if not answer.ok:
                 logger.warning("{}: PHYSDEVOP_prepare_msix failed ({}: {}); MSI-X will be refused",
                                bdf, answer.error, answer.detail)
-        self.broker.assign(domid, record)
         logger.debug("{} is domain {}'s for interrupts", bdf, domid)
         return True
 
@@ -139,4 +211,8 @@ class Interrupts:
             self.budget[domid] = (tokens, now)
             return refused(errno.EAGAIN, "rate", f"more than {RATE:.0f} requests a second")
         self.budget[domid] = (tokens - 1, now)
-        return self.broker.handle(domid, request)
+        try:
+            return self.broker.handle(domid, request)
+        except OSError as exc:
+            logger.error("irq: dom{}'s {} failed: {}", domid, type(request).__name__, exc)
+            return refused(errno.EIO, "internal", str(exc)[:200])

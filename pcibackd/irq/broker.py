@@ -17,7 +17,6 @@ unmap       ctrl &= ~ENABLE (MSI-X: and MASKALL); COMMAND &= ~INTX_DISABLE;
             unmap_pirq each (ESRCH/EINVAL/ENOENT: already gone)
 prepare     MSI-X functions only: MEMORY on for the call, prepare_msix, COMMAND back
 release     nothing mapped any more: release_msix
-restore     restore_msi (Xen sets ENABLE again); COMMAND |= INTX_DISABLE
 ==========  ===================================================================
 
 Control words are written exactly 2 bytes wide at cap+2 and COMMAND at 0x04,
@@ -34,7 +33,7 @@ from typing import Callable
 from pcibackd.irq.function import FunctionRecord, Kind, control_offset, find_capability
 from pcibackd.wire.pciregs import CAP_MSI, CAP_MSIX, COMMAND, COMMAND_INTX_DISABLE, COMMAND_MEM, MSIX_ENABLE, MSIX_MASKALL, MSI_ENABLE
 from pcibackd.irq.messages import (PIRQ_MAX, VECTOR_MAX, Answer, MapMsi, MapMsix, Mapping, Query,
-                                   Restore, Unmap, refused)
+                                   Unmap, refused)
 from pcibackd.irq.ports import JournalStore, Physdev, PhysdevError
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import SH_INFO_MAX_VEC
@@ -45,6 +44,10 @@ ENABLE_BITS = {Kind.msi: MSI_ENABLE, Kind.msix: MSIX_ENABLE | MSIX_MASKALL}
 
 class ReadbackError(OSError):
     """A control-register write did not take (Xen dropped it, or the device refused)."""
+
+
+class JournalError(OSError):
+    """The journal could not be written (always EIO to the guest, whatever the disk said)."""
 
 
 @dataclass(frozen=True)
@@ -77,13 +80,23 @@ class Broker:
 
     # -- supervisor ----------------------------------------------------------
 
-    def assign(self, domid: int, record: FunctionRecord) -> None:
-        """``record.bdf`` now belongs to ``domid`` (after xc_assign_device)."""
-        stale = self.live.get(record.bdf)
-        self.records[record.bdf] = record
+    def assign(self, domid: int, record: FunctionRecord) -> Answer:
+        """``record.bdf`` now belongs to ``domid`` (after xc_assign_device).
+
+        Refused while another guest owns the function: only that owner's
+        :meth:`unassign` or :meth:`domain_gone` lets it go.  What another guest
+        left mapped without owning it any more (a failed unassign) is torn down.
+        """
+        bdf = record.bdf
+        holder = self.owner.get(bdf)
+        if holder is not None and holder != domid:
+            return refused(errno.EBUSY, "owned", f"{bdf} is dom{holder}'s")
+        stale = self.live.get(bdf)
+        self.records[bdf] = record
         if stale is not None and stale.domid != domid:
             self._tear_down(stale)
-        self.owner[record.bdf] = domid
+        self.owner[bdf] = domid
+        return Answer()
 
     def unassign(self, bdf: BDF) -> Answer:
         """Unmap everything of ``bdf``; call before xc_deassign_device."""
@@ -103,7 +116,10 @@ class Broker:
         for bdf in [b for b, d in self.owner.items() if d == domid]:
             del self.owner[bdf]
         self.damaged_domains.discard(domid)
-        self.journal.forget(domid)
+        try:
+            self.journal.forget(domid)
+        except OSError as exc:
+            return refused(errno.EIO, "journal", f"dom{domid}'s journal not removed: {exc}")
         return Answer()
 
     def prepare(self, record: FunctionRecord) -> Answer:
@@ -121,8 +137,7 @@ class Broker:
             if not (exc.errno == errno.EBUSY and self.prepared_unknown):
                 return _failed(exc)
         self.prepared.add(bdf)
-        self.journal.save_prepared(self.prepared)
-        return Answer()
+        return self._save_prepared()
 
     def release(self, bdf: BDF) -> Answer:
         """PHYSDEVOP_release_msix before the function returns to dom0."""
@@ -135,7 +150,14 @@ class Broker:
         except OSError as exc:
             return _failed(exc)
         self.prepared.discard(bdf)
-        self.journal.save_prepared(self.prepared)
+        return self._save_prepared()
+
+    def _save_prepared(self) -> Answer:
+        """Xen's state changed whatever the disk says: keep it in memory, report a failed write."""
+        try:
+            self.journal.save_prepared(self.prepared)
+        except OSError as exc:
+            return refused(errno.EIO, "journal", f"prepared functions not journaled: {exc}")
         return Answer()
 
     def _with_memory_decoding(self, bdf: BDF, call: Callable[[BDF], None]) -> None:
@@ -249,17 +271,6 @@ class Broker:
             return Answer(detail=f"PIRQs {list(left.pirqs)} failed to unmap; kept for retry")
         return Answer()
 
-    def _restore(self, req: Restore) -> Answer:
-        m = self.live.get(req.bdf)
-        if m is None or not m.held:
-            return Answer()
-        try:
-            self.physdev.restore_msi(req.bdf)
-            self._bits(req.bdf, COMMAND, 0, COMMAND_INTX_DISABLE)
-        except OSError as exc:
-            return _failed(exc)
-        return Answer()
-
     def _query(self, req: Query) -> Answer:
         m = self.live.get(req.bdf)
         if m is None or not m.held or m.domid != req.domid:
@@ -273,7 +284,11 @@ class Broker:
         # Orphan (not the guest's) until the last control write: a crash before that
         # leaves a record replay tears down; after it, one replay adopts.
         m = Mapping(domid, bdf, kind, entries, orphan=True)
-        self._put(m)
+        try:
+            self._put(m)
+        except OSError as exc:
+            del self.live[bdf]                       # nothing done yet: nothing to journal
+            return _failed(exc)
         top, base = (VECTOR_MAX, rec.table_base) if kind is Kind.msix else (PIRQ_MAX, 0)
         intx_before = COMMAND_INTX_DISABLE
         try:
@@ -293,11 +308,12 @@ class Broker:
                 self._bits(bdf, ctrl, 0, MSI_ENABLE)
             else:
                 self._bits(bdf, ctrl, MSIX_MASKALL, MSIX_ENABLE)
+            # A guest answered with PIRQs that a replay would tear down must not be.
+            self._put(replace(m, orphan=False))
         except OSError as exc:
             # A hypercall that failed mapped nothing, and none after it ran: no unknowns.
             self._tear_down(replace(m, entries=m.entries[:len(m.pirqs)]), restore_intx=not intx_before)
             return _failed(exc)
-        self._put(replace(m, orphan=False))
         return Answer(pirqs=m.pirqs)
 
     def _tear_down(self, m: Mapping, restore_intx: bool = True) -> Mapping | None:
@@ -308,7 +324,10 @@ class Broker:
         left = None
         if kept_pirqs or unknown:
             left = replace(m, entries=kept_entries + unknown, pirqs=kept_pirqs, orphan=True)
-        self._put(left, m.bdf, m.domid)
+        try:
+            self._put(left, m.bdf, m.domid)
+        except OSError:
+            pass          # best effort: the table is right, the domain's next save rewrites its file
         return left
 
     def _unmap_pirqs(self, domid: int, entries: tuple[int, ...],
@@ -359,12 +378,16 @@ class Broker:
         self._save(domid)                                  # type: ignore[arg-type]
 
     def _save(self, domid: int) -> None:
-        self.journal.save(domid, tuple(m for m in self.live.values() if m.domid == domid))
+        try:
+            self.journal.save(domid, tuple(m for m in self.live.values() if m.domid == domid))
+        except OSError as exc:
+            raise JournalError(errno.EIO, f"dom{domid}'s journal not written: {exc}") from exc
 
 
 def _failed(exc: OSError) -> Answer:
     err = exc.errno or errno.EIO
-    kind = "readback" if isinstance(exc, ReadbackError) else "hypervisor"
+    kind = "readback" if isinstance(exc, ReadbackError) else "journal" if isinstance(exc, JournalError) \
+        else "hypervisor"
     return refused(err, kind, exc.strerror or str(exc))
 
 
@@ -372,6 +395,5 @@ _HANDLERS: dict[type, Callable[[Broker, object], Answer]] = {
     MapMsi: Broker._map_msi,             # type: ignore[dict-item]
     MapMsix: Broker._map_msix,           # type: ignore[dict-item]
     Unmap: Broker._unmap,                # type: ignore[dict-item]
-    Restore: Broker._restore,            # type: ignore[dict-item]
     Query: Broker._query,                # type: ignore[dict-item]
 }

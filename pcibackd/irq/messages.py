@@ -75,14 +75,6 @@ class Unmap:
 
 
 @dataclass(frozen=True)
-class Restore:
-    """Re-establish MSI state after a reset of a function the guest holds."""
-
-    domid: int
-    bdf: BDF
-
-
-@dataclass(frozen=True)
 class Query:
     """What the broker holds for this function (a restarted worker's question)."""
 
@@ -104,9 +96,9 @@ class Release:
     bdf: BDF
 
 
-WorkerRequest = Union[MapMsi, MapMsix, Unmap, Restore, Query]
+WorkerRequest = Union[MapMsi, MapMsix, Unmap, Query]
 WORKER_REQUESTS: dict[str, type] = {
-    "map_msi": MapMsi, "map_msix": MapMsix, "unmap": Unmap, "restore": Restore, "query": Query,
+    "map_msi": MapMsi, "map_msix": MapMsix, "unmap": Unmap, "query": Query,
 }
 _NAMES = {cls: name for name, cls in WORKER_REQUESTS.items()}
 
@@ -170,7 +162,7 @@ def request_to_wire(req: WorkerRequest) -> dict:
     return doc
 
 
-_EXTRA = {MapMsi: {"nvec"}, MapMsix: {"entries"}, Unmap: {"kind"}, Restore: set(), Query: set()}
+_EXTRA = {MapMsi: {"nvec"}, MapMsix: {"entries"}, Unmap: {"kind"}, Query: set()}
 
 
 def request_from_wire(untrusted: object) -> WorkerRequest:
@@ -253,9 +245,6 @@ class Client:
 
     def unmap_msix(self, bdf: BDF) -> None:
         self._ask(Unmap(self.domid, bdf, Kind.msix))
-
-    def restore(self, bdf: BDF) -> None:
-        self._ask(Restore(self.domid, bdf))
 
     def query(self, bdf: BDF) -> Answer:
         return self._ask(Query(self.domid, bdf))

@@ -23,6 +23,7 @@ worker's link); this process never maps a PIRQ itself.
 
 from __future__ import annotations
 
+import errno
 from typing import Callable
 
 from loguru import logger
@@ -59,10 +60,13 @@ KINDS = {MapMsi: Kind.msi, MapMsix: Kind.msix}
 
 class MsiService:
     """Serves the MSI ops of guest ``domid``'s worker over the link's ``ask`` (waits) and
-    ``tell`` (does not); ``lookup`` finds a guest address's host function."""
+    ``tell`` (does not); ``lookup`` finds a guest address's host function;
+    ``open_device`` (the platform's) opens an SR-IOV VF's physical function,
+    read only: a VF's memory decoding is its PF's."""
 
-    def __init__(self, domid: int, ask: Callable, tell: Callable, lookup: Lookup) -> None:
-        self.ask, self.tell, self.lookup = ask, tell, lookup
+    def __init__(self, domid: int, ask: Callable, tell: Callable, lookup: Lookup,
+                 open_device: Callable[[BDF], HostPort] | None = None) -> None:
+        self.ask, self.tell, self.lookup, self.open_device = ask, tell, lookup, open_device
         self.broker = Client(domid, self._send)
         self.facts: dict[BDF, PortFacts] = {}
         self.states: dict[BDF, MsiState] = {}
@@ -95,7 +99,7 @@ class MsiService:
         host, port = found
         facts = self.facts.get(host)
         if facts is None:
-            facts = self.facts[host] = PortFacts(port)
+            facts = self.facts[host] = PortFacts(port, self._physfn(host, port))
         self._settle(host)
         broker = self.broker
         state = self.states.get(host)
@@ -118,6 +122,19 @@ class MsiService:
             logger.warning("{}: {}", host, outcome.problem)
         return outcome.reply
 
+    def _physfn(self, host: BDF, port: HostPort) -> HostPort | None:
+        """A VF's physical function (None for others, or when it cannot be opened: MSI-X refused)."""
+        physfn = port.info.physfn
+        if physfn is None:
+            return None
+        try:
+            if self.open_device is None:
+                raise OSError(errno.ENODEV, "no platform to open it through")
+            return self.open_device(physfn)
+        except OSError as exc:
+            logger.warning("{}: physical function {} not readable, MSI-X will be refused: {}", host, physfn, exc)
+            return None
+
     def _settle(self, host: BDF) -> None:
         """Ask again for the unmaps still owed for ``host`` (they stay owed while the link fails)."""
         for kind in sorted(k for b, k in self.unmap_due if b == host):
@@ -138,7 +155,9 @@ class MsiService:
     def forget(self, hosts) -> None:
         """``hosts`` are no longer served (their PIRQs are the supervisor's to tear down)."""
         for host in hosts:
-            self.facts.pop(host, None)
+            facts = self.facts.pop(host, None)
+            if facts is not None and facts.physfn is not facts.port:
+                getattr(facts.physfn, "close", lambda: None)()
             self.states.pop(host, None)
             self.unmap_due -= {(host, kind) for kind in Kind}
 

@@ -92,7 +92,8 @@ class Worker:
         self.reporter = Reporter(cfg, self) if cfg.supervisor_endpoint else None
         self.msi: MsiService | None = None
         if self.reporter:           # PIRQs come from the supervisor's broker, or MSI is not offered
-            self.msi = MsiService(cfg.domid, self.reporter.ask, self.reporter.tell, self.devices.find)
+            self.msi = MsiService(cfg.domid, self.reporter.ask, self.reporter.tell, self.devices.find,
+                                  self.platform.open_device)
             self.msi.install(self.dispatcher.external)
         self.stopping = False
         self.orphaned = False

@@ -386,4 +386,5 @@ def render_table() -> str:
     return "\n".join(rows)
 
 
-__doc__ = __doc__.replace("{table}", render_table())
+if __doc__ is not None:              # None under python -OO
+    __doc__ = __doc__.replace("{table}", render_table())

@@ -24,7 +24,7 @@ from typing import Callable
 
 from pcibackd.wire.pciregs import (
     BASE_ADDRESS_0, BIST_CAPABLE, BIST_START, CAP_MSI, CAP_MSIX, CAP_PCIE, CAP_PM, CAP_VENDOR,
-    CAP_VPD, COMMAND_DEFINED, D1, D2, EXT_CAP_ACS, EXT_CAP_AER, EXT_CAP_ARI, EXT_CAP_DSN,
+    CAP_VPD, COMMAND, COMMAND_DEFINED, COMMAND_IO, COMMAND_MEM, D1, D2, EXT_CAP_ACS, EXT_CAP_AER, EXT_CAP_ARI, EXT_CAP_DSN,
     EXT_CAP_SRIOV, EXT_CAP_VSEC, HEADER_TYPE, HEADER_TYPE_MASK, MSI_64BIT, MSI_FLAGS,
     MSI_MASKABLE, MSIX_ENABLE, MSIX_FLAGS, MSIX_MASKALL, PM_CTRL, PM_PMC, PMC_D1, PMC_D2,
     PMCSR_PME_ENABLE, PMCSR_PME_STATUS, PMCSR_STATE, ROM_ADDRESS_MASK, ROM_ENABLE, STATUS_RW1C)
@@ -78,8 +78,21 @@ def _bridge_io32(ctx: Ctx) -> bool:
     return ctx.cfg[0x1C] & 0xF == 0x1      # I/O window decodes 32 bits
 
 
+# A VF's I/O and Memory Space Enable are RsvdP, read as zero (PCIe 4.0 §9.3.4.1.3): its
+# memory decoding is the PF's (VF MSE in the SR-IOV control), not its own COMMAND's.
+VF_COMMAND_ZERO = COMMAND_IO | COMMAND_MEM
+
+
+def _command_rw(ctx: Ctx) -> int:
+    return COMMAND_DEFINED & ~VF_COMMAND_ZERO if ctx.virtfn else COMMAND_DEFINED
+
+
+def _command_init(ctx: Ctx) -> int | None:
+    return int.from_bytes(ctx.cfg[COMMAND:COMMAND + 2], "little") & ~VF_COMMAND_ZERO if ctx.virtfn else None
+
+
 HEADER_COMMON = (   # PCI LB 3.0 §6.2.2-§6.2.4
-    HwReg("command", 0x04, 2, rw=COMMAND_DEFINED),
+    HwReg("command", 0x04, 2, rw=_command_rw, init=_command_init),
     HwReg("status", 0x06, 2, rw1c=STATUS_RW1C),
     HwReg("cache_line_size", 0x0C, 1, rw=0xFF),
     HwReg("latency_timer", 0x0D, 1, rw=0xFF),

@@ -7,7 +7,7 @@ What is modelled (facts: docs/interrupts.md):
 * ``map_pirq`` needs the function assigned to the domain (``pci_get_pdev``:
   ``ENODEV``); a non-zero ``table_base`` selects MSI-X (as in ``pci_enable_msi``),
   which needs ``prepare_msix`` first (``ENODATA``), memory decoding
-  (``ENXIO``) and ``entry < table size`` (``EINVAL``);
+  (``ENXIO``; a VF's is its physical function's) and ``entry < table size`` (``EINVAL``);
 * Xen does NOT refuse a second mapping of the same MSI-X entry (or a second
   MSI): it happens, and is counted in :attr:`SimPhysdev.double_maps`;
 * ``prepare_msix``: ``EBUSY`` when prepared already, ``ENXIO`` with decoding
@@ -184,10 +184,16 @@ class SimPhysdev:
             raise SimXenCrash(f"prepare_msix on {bdf}, which has no MSI-X: NULL dereference in Xen")
         if bdf in self.prepared:
             raise PhysdevError(errno.EBUSY, f"{bdf}: MSI-X already prepared")
-        if not port.read(COMMAND, 2) & COMMAND_MEM:
-            raise PhysdevError(errno.ENXIO, f"{bdf}: memory decoding is off")
+        self._need_decoding(bdf, port)
         self.prepared.add(bdf)
         self._changed()
+
+    def _need_decoding(self, bdf: BDF, port: HostPort) -> None:
+        """Xen's ``memory_decoded``: a VF decodes as its physical function does."""
+        physfn = port.info.physfn
+        decoder = self._port(physfn) if physfn is not None else port
+        if not decoder.read(COMMAND, 2) & COMMAND_MEM:
+            raise PhysdevError(errno.ENXIO, f"{bdf}: memory decoding is off")
 
     def release_msix(self, bdf: BDF) -> None:
         self._enter("release_msix")
@@ -212,8 +218,7 @@ class SimPhysdev:
                 raise PhysdevError(errno.ENODEV, f"{bdf} has no MSI-X")
             if bdf not in self.prepared:
                 raise PhysdevError(errno.ENODATA, f"{bdf}: MSI-X table not known (prepare_msix)")
-            if not port.read(COMMAND, 2) & COMMAND_MEM:
-                raise PhysdevError(errno.ENXIO, f"{bdf}: memory decoding is off")
+            self._need_decoding(bdf, port)
             if not 0 <= entry < msix_table_size(port.read(control_offset(cap), 2)):
                 raise PhysdevError(errno.EINVAL, f"{bdf}: entry {entry} outside the table")
         else:
@@ -246,8 +251,7 @@ class SimPhysdev:
             off = control_offset(find_capability(port.read, CAP_MSI))     # type: ignore[arg-type]
             port.write(off, 2, port.read(off, 2) | MSI_ENABLE)
         if Kind.msix in kinds:
-            if not port.read(COMMAND, 2) & COMMAND_MEM:
-                raise PhysdevError(errno.ENXIO, f"{bdf}: memory decoding is off")
+            self._need_decoding(bdf, port)
             off = control_offset(find_capability(port.read, CAP_MSIX))    # type: ignore[arg-type]
             port.write(off, 2, port.read(off, 2) | MSIX_ENABLE)
 

@@ -23,7 +23,7 @@ from pcibackd.irq.function import control_offset, find_capability
 from pcibackd.irq.messages import MapMsix
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import Err, Op
-from pcibackd.wire.pciregs import CAP_MSI, CAP_MSIX, COMMAND, COMMAND_INTX_DISABLE, MSIX_ENABLE, MSI_ENABLE
+from pcibackd.wire.pciregs import CAP_MSI, CAP_MSIX, COMMAND, COMMAND_INTX_DISABLE, COMMAND_MEM, MSIX_ENABLE, MSI_ENABLE
 from pcibackd.worker.link import WorkerIrqRequest
 from pcibackd.xenstore.client import XenStore
 from pcibackd.xenstore.toolstack import Toolstack
@@ -164,8 +164,9 @@ def test_enable_pending_when_the_worker_died_is_answered_with_the_mapped_pirqs(f
     assert guest.front.disable_msix(G_NVME).ok and guest.pirqs() == []
 
 
-def test_hot_unplug_and_guest_destroy_unmap(guest):
+def test_hot_unplug_and_guest_destroy_unmap_and_release(guest):
     assert guest.front.enable_msix(G_NVME, [0, 1]).ok
+    assert guest.xen()["prepared"] == sorted([NVME, NIC])
     assert guest.front.enable_msi(G_NIC).ok
     done = threading.Event()
 
@@ -184,9 +185,11 @@ def test_hot_unplug_and_guest_destroy_unmap(guest):
     assert [d.bdf for d in guest.front.devices] == [G_NIC]
     assert guest.pirqs("msix") == [] and not guest.enabled(G_NVME, CAP_MSIX, MSIX_ENABLE)
     assert len(guest.pirqs("msi")) == 1
+    wait_until(lambda: guest.xen()["prepared"] == [NIC], what="the unplugged function's MSI-X released")
     guest.dom0.toolstack.destroy(1, wait=False)
     wait_until(lambda: guest.pirqs() == [], what="the destroyed guest's PIRQs unmapped")
     assert not guest.enabled(G_NIC, CAP_MSI, MSI_ENABLE)
+    wait_until(lambda: guest.xen()["prepared"] == [], what="the destroyed guest's functions released")
 
 
 def test_supervisor_restart_adopts_the_journal(guest):
@@ -273,3 +276,21 @@ def test_status_shows_each_functions_interrupts(guest):
     assert ["1", NIC, "pirq", str(msi.pirqs[0]), "off"] in text
     guest.front.disable_msix(G_NVME)
     assert devices()[NVME]["msix"] == {}
+
+
+def test_msix_on_an_sriov_vf(dom0):
+    """A VF's own COMMAND never shows memory decoding: its physical function's is what counts."""
+    pf, vf = BDF(0, 1, 0, 0), BDF(0, 1, 0, 2)
+    dom0.host.add("nvme-sriov", pf)
+    hw = dom0.host.add("nvme-vf", vf, physfn=pf)
+    dom0.create_guest(2, [str(vf)])
+    front = dom0.frontend(2)
+    [dev] = front.connect()
+    r = front.enable_msix(dev.bdf, [0, 1])
+    assert r.ok, r
+    assert not hw.read(COMMAND, 2) & COMMAND_MEM
+    path = physdev_state_path(dom0.sim_dir)
+    bindings = json.loads(path.read_text())["bindings"]
+    assert sorted(b["pirq"] for b in bindings if b["domid"] == 2) == sorted(r.pirqs)
+    assert front.disable_msix(dev.bdf).ok
+    assert [b for b in json.loads(path.read_text())["bindings"] if b["domid"] == 2] == []

@@ -5,9 +5,13 @@ from __future__ import annotations
 import itertools
 import re
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+import pcibackd
 
 from pcibackd.daemon import guests
 from pcibackd.daemon.guests import TRANSITIONS, Guest, GuestEvent, IllegalTransition, describe_exit, exit_event
@@ -144,3 +148,15 @@ def test_info_hides_the_pid_of_a_dead_worker():
     g.report = WorkerReport(domid=4, pid=99, token="t")
     info = g.info(now=12.5)
     assert (info.pid, info.heartbeat_age, info.report) == (99, 2.5, g.report)
+
+
+def test_the_product_imports_and_answers_help_under_python_OO():
+    """``python -OO`` strips docstrings: modules that extend theirs must still import."""
+    root = Path(pcibackd.__file__).parent
+    modules = sorted("pcibackd." + ".".join(p.relative_to(root).with_suffix("").parts)
+                     for p in root.rglob("*.py") if p.name not in ("__init__.py", "__main__.py"))
+    script = "import importlib, sys\nfor m in sys.argv[1:]: importlib.import_module(m)\n"
+    for argv in (["-c", script, *modules], ["-m", "pcibackd.control.cli", "--help"],
+                 ["-m", "pcibackd", "--help"]):
+        run = subprocess.run([sys.executable, "-OO", *argv], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]

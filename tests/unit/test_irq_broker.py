@@ -17,7 +17,7 @@ from pcibackd.irq.broker import Broker, Limits
 from pcibackd.irq.function import Kind, find_capability, record_for
 from pcibackd.wire.pciregs import CAP_MSIX, COMMAND, COMMAND_INTX_DISABLE, COMMAND_MEM, MSIX_ENABLE, MSIX_MASKALL, MSI_ENABLE
 from pcibackd.irq.journal import Journal
-from pcibackd.irq.messages import (Answer, Client, IrqRefused, MapMsi, MapMsix, Prepare, Query, Restore,
+from pcibackd.irq.messages import (Answer, Client, IrqRefused, MapMsi, MapMsix, Prepare, Query,
                                    Unmap, answer_from_wire, answer_to_wire, request_from_wire,
                                    request_to_wire)
 from pcibackd.wire.bdf import BDF
@@ -242,20 +242,11 @@ def test_a_failed_unmap_is_kept_as_an_orphan_and_retried(env):
     assert env.journal_doc(DOM) is None
 
 
-def test_restore_after_a_reset(env):
-    env.attach(NIC)
-    assert env.ask(MapMsix(DOM, NIC, (0,))).ok
-    env.devs[NIC].reset()                            # bus reset: enables and INTx-disable gone
-    assert not env.ctrl(NIC, MSIX_CTRL) & MSIX_ENABLE
-    assert env.ask(Restore(DOM, NIC)).ok
-    assert env.ctrl(NIC, MSIX_CTRL) & MSIX_ENABLE and env.ctrl(NIC, COMMAND) & COMMAND_INTX_DISABLE
-
-
 # -- the wire form and the client --------------------------------------------------------------
 
 def test_requests_and_answers_survive_the_wire(env):
     for req in (MapMsi(DOM, NIC), MapMsix(DOM, NIC, (3, 1)), Unmap(DOM, NIC, Kind.msix),
-                Restore(DOM, NIC), Query(DOM, NIC)):
+                Query(DOM, NIC)):
         assert request_from_wire(json.loads(json.dumps(request_to_wire(req)))) == req
     a = Answer(pirqs=(55, 54), kind=Kind.msix, entries=(3, 1))
     assert answer_from_wire(json.loads(json.dumps(answer_to_wire(a)))) == a
@@ -263,6 +254,7 @@ def test_requests_and_answers_survive_the_wire(env):
 
 JUNK = [
     [], "map_msix", {"irq": "prepare", "domid": 5, "bdf": "0000:03:00.0"},
+    {"irq": "restore", "domid": 5, "bdf": "0000:03:00.0"},          # nothing a worker needs yet
     {"irq": "map_msi", "domid": True, "bdf": "0000:03:00.0", "nvec": 1},
     {"irq": "map_msi", "domid": 0, "bdf": "0000:03:00.0", "nvec": 1},
     {"irq": "map_msi", "domid": 5, "bdf": "0000:03:00.0", "nvec": 1, "pirq": 9},
@@ -424,3 +416,63 @@ def test_a_damaged_prepared_record_lets_prepare_adopt_ebusy(env):
     assert broker.prepared == set() and broker.prepared_unknown
     assert broker.prepare(record_for(env.devs[NIC].read, env.devs[NIC].info)).ok
     assert broker.prepared == {NIC}
+
+
+# -- ownership and a journal that cannot be written ------------------------------------------------
+
+def test_assign_never_takes_a_function_its_owner_still_holds(env):
+    env.attach(NIC, DOM)
+    pirqs = env.ask(MapMsix(DOM, NIC, (0, 1))).pirqs
+    answer = env.broker.assign(OTHER, record_for(env.devs[NIC].read, env.devs[NIC].info))
+    assert answer.errno == errno.EBUSY and answer.error == "owned"
+    assert env.ask(Query(DOM, NIC)).pirqs == pirqs and env.xen.pirq_count(DOM) == 2
+    assert env.ask(MapMsi(OTHER, NIC), OTHER).error == "not_assigned"
+    assert env.broker.unassign(NIC).ok and env.xen.pirq_count(DOM) == 0     # the owner's unassign may
+    assert env.broker.assign(OTHER, record_for(env.devs[NIC].read, env.devs[NIC].info)).ok
+
+
+class FailingJournal(Journal):
+    """A disk that takes ``saves_left`` domain writes, then refuses every write."""
+
+    def __init__(self, directory: Path, saves_left: int = 0) -> None:
+        super().__init__(directory)
+        self.saves_left = saves_left
+
+    def _spend(self) -> None:
+        if self.saves_left == 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.saves_left -= 1
+
+    def save(self, domid, mappings) -> None:
+        self._spend()
+        super().save(domid, mappings)
+
+    def save_prepared(self, prepared) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    def forget(self, domid) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+
+@pytest.mark.parametrize("saves_left", [0, 1, 2, 3])
+def test_a_journal_that_cannot_be_written_fails_the_map_not_the_broker(env, saves_left):
+    """Intent, PIRQ 1, PIRQ 2, settled: whichever write fails, EIO and nothing left mapped."""
+    env.attach(NIC)
+    env.broker.journal = FailingJournal(env.jdir, saves_left)
+    answer = env.ask(MapMsix(DOM, NIC, (0, 1)))
+    assert (answer.errno, answer.error) == (errno.EIO, "journal")
+    assert env.xen.pirq_count(DOM) == 0 and NIC not in env.broker.live
+    assert not env.ctrl(NIC, MSIX_CTRL) & MSIX_ENABLE
+    env.broker.journal = Journal(env.jdir)
+    assert env.ask(MapMsix(DOM, NIC, (0, 1))).ok                # and the next one works
+
+
+def test_supervisor_side_journal_failures_are_answers(env):
+    env.attach(NIC)
+    assert env.ask(MapMsix(DOM, NIC, (0,))).ok
+    env.broker.journal = FailingJournal(env.jdir)
+    assert env.broker.unassign(NIC).ok and env.xen.pirq_count(DOM) == 0   # tear-down: best effort
+    assert env.broker.release(NIC).errno == errno.EIO and NIC not in env.broker.prepared
+    assert env.broker.prepare(record_for(env.devs[NIC].read, env.devs[NIC].info)).errno == errno.EIO
+    assert NIC in env.broker.prepared                            # Xen's state, whatever the disk says
+    assert env.broker.domain_gone(DOM).errno == errno.EIO

@@ -12,15 +12,17 @@ from types import SimpleNamespace
 
 import pytest
 import zmq
+from loguru import logger
 
 from pcibackd.daemon.interrupts import BURST, RATE, Interrupts, assigned_functions
 from pcibackd.irq.function import Kind
+from pcibackd.irq.journal import Journal
 from pcibackd.irq.messages import Answer, MapMsi, MapMsix, Query, Unmap
 from pcibackd.platform.xen import NoPhysdev
 from pcibackd.wire import pciif
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import Err, Op
-from pcibackd.wire.pciregs import MSIX_ENABLE
+from pcibackd.wire.pciregs import COMMAND, COMMAND_MEM, MSIX_ENABLE
 from pcibackd.worker.interrupts import MsiService
 from pcibackd.worker.reporter import Reporter
 from pcibackd.worker.link import (BadMessage, IrqReply, WorkerCommand, WorkerIrqRequest,
@@ -154,6 +156,10 @@ def test_assignments_come_from_dev_nodes_not_leaving():
     assert assigned_functions(xs, BE) == {NIC, BDF(0, 5, 0, 1)}
     assert assigned_functions(Store({f"{BE}/num_devs": "99999999"}), BE) == set()
     assert assigned_functions(Store({f"{BE}/num_devs": "-1"}), BE) == set()
+    # the worker's rules exactly: no non-ASCII digits, states compared as numbers
+    one = {f"{BE}/dev-0": str(NIC), f"{BE}/dev-1": "0000:04:00.0"}
+    assert assigned_functions(Store({f"{BE}/num_devs": "\u0662", **one}), BE) == set()
+    assert assigned_functions(Store({f"{BE}/num_devs": "2", f"{BE}/state-1": "05", **one}), BE) == {NIC}
 
 
 def test_supervisor_serves_only_the_assigned_guest_and_tears_down(tmp_path):
@@ -237,6 +243,128 @@ def test_a_function_moving_between_guests_in_one_scan_is_the_new_ones(tmp_path):
     irq.sync(xs, {6: be6, 5: BE})                          # dom6 is scanned first
     assert irq.handle(6, MapMsi(6, NIC)).ok and irq.mappings(5) == {}
     assert irq.handle(5, Query(5, NIC)).error == "not_assigned"
+
+
+def _bindings(tmp_path: Path, domid: int) -> list[int]:
+    state = json.loads(physdev_state_path(tmp_path).read_text())
+    return sorted(b["pirq"] for b in state["bindings"] if b["domid"] == domid)
+
+
+def test_a_second_backend_listing_a_held_function_is_refused(tmp_path):
+    irq = Interrupts(SimPlatform(tmp_path, 0), tmp_path / "run")
+    SimHost(tmp_path / "pci").add("e1000e", NIC)
+    be6 = "/local/domain/0/backend/pci/6/0"
+    xs = Store({f"{BE}/num_devs": "1", f"{BE}/dev-0": str(NIC), f"{be6}/num_devs": "0"})
+    irq.sync(xs, {5: BE, 6: be6})
+    pirqs = irq.handle(5, MapMsix(5, NIC, (0, 1))).pirqs
+    xs.nodes.update({f"{be6}/num_devs": "1", f"{be6}/dev-0": str(NIC)})    # a worker wrote it
+    logged: list[str] = []
+    sink = logger.add(lambda msg: logged.append(msg), level="ERROR", format="{message}")
+    try:
+        for _ in range(5):
+            irq.sync(xs, {6: be6, 5: BE})
+            assert _bindings(tmp_path, 5) == sorted(pirqs) and irq.handle(5, Query(5, NIC)).pirqs == pirqs
+            assert irq.handle(6, MapMsi(6, NIC)).error == "not_assigned"
+    finally:
+        logger.remove(sink)
+    assert [m for m in logged if "listed by domains" in m and "domain 5's" in m][0] and len(logged) == 3  # 1, 2, 4
+    xs.nodes[f"{BE}/num_devs"] = "0"                      # the owner lets go: now it may move
+    irq.sync(xs, {6: be6, 5: BE})
+    assert _bindings(tmp_path, 5) == [] and irq.handle(6, MapMsi(6, NIC)).ok
+
+
+def test_two_newcomers_listing_one_function_both_are_refused(tmp_path):
+    irq = Interrupts(SimPlatform(tmp_path, 0), tmp_path / "run")
+    SimHost(tmp_path / "pci").add("e1000e", NIC)
+    be6 = "/local/domain/0/backend/pci/6/0"
+    irq.sync(Store({f"{BE}/num_devs": "1", f"{BE}/dev-0": str(NIC),
+                    f"{be6}/num_devs": "1", f"{be6}/dev-0": str(NIC)}), {5: BE, 6: be6})
+    assert irq.handle(5, Query(5, NIC)).error == irq.handle(6, Query(6, NIC)).error == "not_assigned"
+
+
+def test_after_a_restart_the_first_scan_tears_down_what_no_backend_lists(tmp_path):
+    SimHost(tmp_path / "pci").add("e1000e", NIC)
+    disk = BDF(0, 4, 0, 0)
+    SimHost(tmp_path / "pci").add("nvme", disk)
+    xs = Store({f"{BE}/num_devs": "2", f"{BE}/dev-0": str(NIC), f"{BE}/dev-1": str(disk)})
+    irq = Interrupts(SimPlatform(tmp_path, 0), tmp_path / "run")
+    irq.start(set())
+    irq.sync(xs, {5: BE})
+    kept = irq.handle(5, MapMsix(5, NIC, (0,))).pirqs
+    assert irq.handle(5, MapMsix(5, disk, (0, 1))).ok
+    # the supervisor dies; meanwhile the disk is unplugged
+    xs.nodes[f"{BE}/num_devs"] = "1"
+    irq = Interrupts(SimPlatform(tmp_path, 0), tmp_path / "run")
+    irq.start({5})
+    assert set(irq.mappings(5)) == {NIC, disk}             # adopted, not yet checked
+    irq.sync(xs, {5: BE})
+    assert set(irq.mappings(5)) == {NIC} and _bindings(tmp_path, 5) == sorted(kept)
+    assert irq.handle(5, Query(5, NIC)).pirqs == kept
+    assert str(disk) not in json.loads(physdev_state_path(tmp_path).read_text())["prepared"]
+
+
+def test_a_function_leaving_for_good_is_released(tmp_path):
+    irq = Interrupts(SimPlatform(tmp_path, 0), tmp_path / "run")
+    SimHost(tmp_path / "pci").add("e1000e", NIC)
+    prepared = lambda: json.loads(physdev_state_path(tmp_path).read_text())["prepared"]   # noqa: E731
+    be6 = "/local/domain/0/backend/pci/6/0"
+    xs = Store({f"{BE}/num_devs": "1", f"{BE}/dev-0": str(NIC), f"{be6}/num_devs": "0"})
+    irq.sync(xs, {5: BE, 6: be6})
+    assert irq.handle(5, MapMsix(5, NIC, (0,))).ok and prepared() == [str(NIC)]
+    xs.nodes.update({f"{BE}/num_devs": "0", f"{be6}/num_devs": "1", f"{be6}/dev-0": str(NIC)})
+    irq.sync(xs, {5: BE, 6: be6})                          # moves: stays prepared
+    assert prepared() == [str(NIC)] and irq.handle(6, MapMsix(6, NIC, (0,))).ok
+    xs.nodes[f"{be6}/state-0"] = "5"                       # hot-unplug
+    irq.sync(xs, {5: BE, 6: be6})
+    assert prepared() == [] and irq.broker.prepared == set()
+    xs.nodes[f"{be6}/state-0"] = "4"
+    irq.sync(xs, {5: BE, 6: be6})
+    assert prepared() == [str(NIC)]
+    irq.sync(xs, {5: BE})                                  # the guest is destroyed
+    assert prepared() == [] and irq.broker.prepared == set()
+
+
+class ReadOnlyDisk(Journal):
+    def save(self, domid, mappings) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    save_prepared = forget = lambda self, *args: ReadOnlyDisk.save(self, 0, ())     # noqa: E731
+
+
+def test_a_journal_that_cannot_be_written_never_stops_the_supervisor(tmp_path):
+    irq = Interrupts(SimPlatform(tmp_path, 0), tmp_path / "run")
+    SimHost(tmp_path / "pci").add("e1000e", NIC)
+    xs = Store({f"{BE}/num_devs": "1", f"{BE}/dev-0": str(NIC)})
+    irq.sync(xs, {5: BE})
+    assert irq.handle(5, MapMsi(5, NIC)).ok
+    irq.broker.journal = ReadOnlyDisk(tmp_path / "run" / "irq")
+    assert irq.handle(5, Unmap(5, NIC, Kind.msi)).ok and _bindings(tmp_path, 5) == []
+    assert irq.handle(5, MapMsix(5, NIC, (0,))).errno == errno.EIO and _bindings(tmp_path, 5) == []
+    xs.nodes[f"{BE}/state-0"] = "5"
+    irq.sync(xs, {5: BE})
+    irq.sync(xs, {})
+    assert irq.mappings(5) == {}
+
+
+def test_msix_on_an_sriov_vf_decodes_through_its_physical_function(tmp_path):
+    pf, vf = BDF(0, 1, 0, 0), BDF(0, 1, 0, 2)
+    platform = SimPlatform(tmp_path, 0)
+    host = SimHost(tmp_path / "pci")
+    host.add("nvme-sriov", pf)
+    vf_port = host.add("nvme-vf", vf, physfn=pf)
+    vf_port.write(COMMAND, 2, vf_port.read(COMMAND, 2) | COMMAND_MEM)
+    assert not vf_port.read(COMMAND, 2) & COMMAND_MEM          # as on hardware: the PF decodes for it
+    assert platform.open_device(pf).read(COMMAND, 2) & COMMAND_MEM
+    irq = Interrupts(platform, tmp_path / "run")
+    irq.sync(Store({f"{BE}/num_devs": "1", f"{BE}/dev-0": str(vf)}), {5: BE})
+    svc = MsiService(5, lambda req: irq.handle(5, req), lambda req: None,
+                     lambda d, b, devfn: (vf, vf_port) if (d, b, devfn) == (0, 0, 0) else None,
+                     platform.open_device)
+    reply = svc.serve(snapshot(Op.enable_msix, value=2, entries=(0, 1)))
+    assert reply.err == 0 and len(reply.vectors) == 2 and all(reply.vectors), reply
+    assert _bindings(tmp_path, 5) == sorted(reply.vectors)
+    assert svc.serve(snapshot(Op.disable_msix)).err == 0 and _bindings(tmp_path, 5) == []
+    svc.forget([vf])
 
 
 # -- the worker's side of the link, against a ROUTER standing in for the supervisor ------------

@@ -64,11 +64,11 @@ class Command:
     @classmethod
     def from_module(cls, mod: ModuleType) -> "Command":
         return cls(mod.NAME, getattr(mod, "WORDS", (mod.NAME,)), mod.ARGS, mod.execute, mod.render,
-                   mod.__doc__.strip())
+                   (mod.__doc__ or "").strip())
 
     @property
     def short(self) -> str:
-        return self.doc.splitlines()[0]
+        return (self.doc.splitlines() or [""])[0]
 
     def check(self, untrusted_args: dict) -> dict:
         """Exactly the declared arguments, each of its type."""

@@ -8,6 +8,7 @@ started is stopped and removed by :meth:`SimDom0.stop`, also on errors.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -23,7 +24,7 @@ from pcibackd.xenstore.client import XenStore
 from pcibackd.xenstore.toolstack import Toolstack
 from simdom0.hostpci import SimHost
 from simdom0.pcifront import PCIFront
-from simdom0.platform import SimPlatform
+from simdom0.platform import BOOT_OPTIONS, SimPlatform
 from simdom0.xenstored import Xenstored
 
 
@@ -41,13 +42,18 @@ class SimDom0:
 
     def __init__(self, topology: str = "vpci", log_level: str = "INFO", poll_window_us: float = 50.0,
                  daemon_log: Path | None = None, extra_args: list[str] | None = None,
-                 config: dict | None = None, env: dict | None = None):
+                 config: dict | None = None, env: dict | None = None,
+                 extra_guest_irqs: int | None = None):
+        """``extra_guest_irqs``: the simulated Xen's per-guest PIRQ pool (Xen's boot option)."""
         self.topology, self.log_level, self.poll_window_us = topology, log_level, poll_window_us
         self.extra_args = extra_args or []
         self.config, self.extra_env = config or {}, env or {}
         self.dir = Path(tempfile.mkdtemp(prefix="pcibackd-sim-", dir=_base_dir()))
         self.sim_dir = self.dir / "sim"
         self.sim_dir.mkdir()
+        if extra_guest_irqs is not None:
+            (self.sim_dir / "xen").mkdir()
+            (self.sim_dir / "xen" / BOOT_OPTIONS).write_text(json.dumps({"extra_guest_irqs": extra_guest_irqs}))
         self.runtime = self.sim_dir / "run"
         self.daemon_log = daemon_log or (self.dir / "daemon.log")
         self.xenstored = None

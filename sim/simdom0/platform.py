@@ -20,6 +20,7 @@ Layout of ``sim_dir``::
 from __future__ import annotations
 
 import errno
+import json
 import mmap
 import os
 import struct
@@ -39,6 +40,10 @@ FIRST_GREF = 8             # Xen reserves the first 8 grant entries
 
 _GRANT_HEADER = struct.Struct("<4sII")
 _GRANT_MAGIC = b"PBSG"
+
+
+BOOT_OPTIONS = "boot.json"
+DEFAULT_EXTRA_GUEST_IRQS = 32
 
 
 def physdev_state_path(sim_dir: Path | str) -> Path:
@@ -105,9 +110,21 @@ class SimPlatform:
         return SimHost(root).devices() if root.exists() else []
 
     def physdev(self) -> SimPhysdev:
-        """Xen's PIRQ/MSI side (the supervisor's); its state is kept in ``xen/physdev.json``."""
-        (self.sim_dir / "xen").mkdir(exist_ok=True)
-        return SimPhysdev(self.open_device, assume_assigned=True,
+        """Xen's PIRQ/MSI side (the supervisor's); its state is kept in ``xen/physdev.json``.
+
+        ``xen/boot.json`` may hold Xen boot options of the simulated host:
+        ``{"extra_guest_irqs": N}`` (Xen's default 32) sizes each guest's PIRQ pool.
+        """
+        xen = self.sim_dir / "xen"
+        xen.mkdir(exist_ok=True)
+        try:
+            boot = json.loads((xen / BOOT_OPTIONS).read_text())
+        except FileNotFoundError:
+            boot = {}
+        extra = boot.get("extra_guest_irqs", DEFAULT_EXTRA_GUEST_IRQS)
+        if type(extra) is not int or not 0 < extra <= 4096:
+            raise ValueError(f"{xen / BOOT_OPTIONS}: extra_guest_irqs must be 1..4096, not {extra!r}")
+        return SimPhysdev(self.open_device, assume_assigned=True, extra_guest_irqs=extra,
                           state_file=physdev_state_path(self.sim_dir))
 
     # -- grants ------------------------------------------------------------

@@ -602,3 +602,13 @@ def test_rebind_when_dead_port_number_went_to_another_guest(sim_dir, agents):
 
 if __name__ == "__main__":
     _agent_main(sys.argv[1], int(sys.argv[2]))
+
+
+def test_xen_boot_options_size_the_pirq_pool(tmp_path):
+    from simdom0.platform import BOOT_OPTIONS, DEFAULT_EXTRA_GUEST_IRQS
+    assert SimPlatform(tmp_path, 0).physdev().extra_guest_irqs == DEFAULT_EXTRA_GUEST_IRQS
+    (tmp_path / "xen" / BOOT_OPTIONS).write_text('{"extra_guest_irqs": 128}')
+    assert SimPlatform(tmp_path, 0).physdev().extra_guest_irqs == 128
+    (tmp_path / "xen" / BOOT_OPTIONS).write_text('{"extra_guest_irqs": "lots"}')
+    with pytest.raises(ValueError, match="extra_guest_irqs"):
+        SimPlatform(tmp_path, 0).physdev()

@@ -77,7 +77,10 @@ def _run(args, parser) -> int:
     except NotADom0 as exc:
         print(f"pcibackd: {exc}", file=sys.stderr)
         return 1
-    except (PlatformError, ValueError) as exc:
+    except PlatformError as exc:
+        print(f"pcibackd: {exc.strerror or exc}", file=sys.stderr)      # the errno is no news to an admin
+        return 1
+    except ValueError as exc:
         print(f"pcibackd: {exc}", file=sys.stderr)
         return 1
     logs.setup(cfg.log_level)

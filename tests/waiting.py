@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import psutil
+
 
 def wait_until(predicate, timeout=10.0, what="", interval=0.02):
     """Poll predicate() until it returns a truthy value; return that value.
@@ -15,3 +17,12 @@ def wait_until(predicate, timeout=10.0, what="", interval=0.02):
             raise AssertionError(f"timed out after {timeout}s waiting for {what() if callable(what) else what}")
         time.sleep(interval)
     return value
+
+
+def process_gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (gone, or a zombie nobody reaped yet); race-free
+    against the process exiting between the checks."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

@@ -9,7 +9,7 @@ from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import Err, Op, XenbusState as S
 from pcibackd.wire.paths import backend_path, error_path, frontend_path
 from pcibackd.xenstore.toolstack import wait_for_value
-from waiting import wait_until
+from waiting import process_gone, wait_until
 
 EDU = ("edu", "0000:00:05.0")
 TESTDEV = ("pci-testdev", "0000:00:06.0")
@@ -171,6 +171,5 @@ def test_teardown_and_worker_exit(dom0):
     pid = dom0.guest_status(1)["pid"]
     assert dom0.toolstack.destroy(1) is True           # backend reached Closed
     wait_until(lambda: dom0.guest_status(1) is None, what="dom1's worker gone")
-    import psutil
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert process_gone(pid)
     assert dev.config_bytes() == power_on           # reset before the claim was released

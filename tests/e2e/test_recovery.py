@@ -13,7 +13,7 @@ import pytest
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import Err, XenbusState as S
 from pcibackd.wire.paths import backend_path
-from waiting import wait_until
+from waiting import process_gone, wait_until
 
 G0 = BDF(0, 0, 0, 0)
 
@@ -185,9 +185,7 @@ def test_orphaned_worker_exits_cleanly_after_grace(faulty_dom0):
     f1, f2 = two_guests(dom0)
     pid = wait_guest(dom0, 1, lambda g: g["worker_state"] == "RUNNING")["pid"]
     dom0.stop_daemon(signal.SIGKILL)
-    import psutil
-    wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
-               what=f"the orphaned worker (pid {pid}) to exit")
+    wait_until(lambda: process_gone(pid), what=f"the orphaned worker (pid {pid}) to exit")
     assert dom0.xs.read(f"{backend_path(1)}/state") == "4"   # left for a successor, no state change
 
 

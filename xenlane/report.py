@@ -17,7 +17,7 @@ import re
 import sys
 from pathlib import Path
 
-VIDS = {"edu": "1234:11e8", "pci-testdev": "1b36:0005", "e1000e": "8086:10d3"}
+VIDS = {"edu": "1234:11e8", "pci-testdev": "1b36:0005", "e1000e": "8086:10d3", "nvme": "1b36:0010"}
 
 HEADER = [  # (offset, size, name) of a type 0 header
     (0x00, 2, "VENDOR_ID"), (0x02, 2, "DEVICE_ID"), (0x04, 2, "COMMAND"), (0x06, 2, "STATUS"),

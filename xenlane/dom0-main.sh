@@ -123,7 +123,7 @@ if [[ " $LANE_DEVICES " == *" e1000e "* ]]; then
     result all dom0 net-up PASS "$NETIF $PEER"
   else result all dom0 net-up FAIL "no dom0 NIC with 52:54:00:12:34:09 up (${NETIF:-none})"; fi
 fi
-LANE_INTMODES=${LANE_INTMODES:-2 0 1}
+LANE_INTMODES=${LANE_INTMODES:-1 0 2}
 INTMODE_NAME=([0]=INTx [1]=MSI [2]=MSI-X)
 
 con_has() { grep -q "$2" "$CON/guest-$1.log" 2>/dev/null; }
@@ -166,9 +166,12 @@ drive_checks() { # dev mode name bdf: the guest driver used the device through i
     ;;
   *) return ;;
   esac
+  tr -d '\r' < "$CON/guest-$name.log" > "$OUT/$dev.$mode.console"     # with the driver's part
   # dom0's view of the function while the guest holds it (MASKALL, enable bits as Xen left them)
   lspci -vvv -s "$bdf" > "$OUT/$dev.$mode.dom0-live.lspci" 2>&1
   result "$dev" "$mode" dom0-view-live INFO "$(grep -E 'MSI-X:|MSI:' "$OUT/$dev.$mode.dom0-live.lspci" | tr -s ' ' | tr '\n' ';')"
+  # after the driver's work: do wrong-width dom0 writes to the MSI-X capability pass Xen?
+  [ "$dev" = nvme ] && result "$dev" "$mode" msix-write-widths INFO "$(timeout 60 "$LANE_PY" "$LANE_REPO/xenlane/msiprobe.py" "$bdf" 2>&1 | tail -1)"
 }
 
 msi_off_after() { # dev mode bdf: nothing left enabled in hardware after the guest left

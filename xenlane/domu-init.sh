@@ -41,7 +41,7 @@ nvme_test() {
   after=$(irqs nvme)
   echo "LANE-NVME sha=${sum:-none} irq_before=$before irq_after=$after polled=$(dmesg | grep -c 'completion polled')"
   echo "LANE-NVME-IRQ $(irq_lines nvme)"
-  dmesg | grep -i -E 'nvme|msi' | tail -15 | sed 's/^/LANE-NVME-DMESG /'
+  dmesg | grep -i -E "nvme|msi|pcifront|irq" | tail -25 | sed 's/^/LANE-NVME-DMESG /'
   echo "LANE-NVME-END"
 }
 net_test() { # for each IntMode: up, own ping to dom0, then wait for dom0's three echo requests

@@ -136,7 +136,7 @@ fi
   [ -n "${XENLANE_DAEMON_CMD:-}" ] && printf 'LANE_DAEMON_CMD=%q\n' "$XENLANE_DAEMON_CMD"
   [ -n "${XENLANE_ATTACH_CMD:-}" ] && printf 'LANE_ATTACH_CMD=%q\n' "$XENLANE_ATTACH_CMD"
   [ -n "${XENLANE_DOM0_PYTEST:-}" ] && echo "LANE_DOM0_PYTEST=$XENLANE_DOM0_PYTEST"
-  echo "LANE_NVME_SHA=$NVME_SHA"; echo "LANE_INTMODES='${XENLANE_INTMODES:-2 0 1}'"
+  echo "LANE_NVME_SHA=$NVME_SHA"; echo "LANE_INTMODES='${XENLANE_INTMODES:-1 0 2}'"
   true
 } > "$RUN/out/lane.conf"
 

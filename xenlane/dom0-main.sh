@@ -48,7 +48,7 @@ result() { # device mode check verdict detail...
   log "$verdict $dev/$mode $check $*"
 }
 kmod() { modprobe -d "$LANE_KX" "$@"; }
-vid_of() { case $1 in edu) echo 1234:11e8 ;; pci-testdev) echo 1b36:0005 ;; e1000e) echo 8086:10d3 ;; esac; }
+vid_of() { case $1 in edu) echo 1234:11e8 ;; pci-testdev) echo 1b36:0005 ;; e1000e) echo 8086:10d3 ;; nvme) echo 1b36:0010 ;; esac; }
 driver_of() { local l; l=$(readlink "/sys/bus/pci/devices/$1/driver" 2>/dev/null) && basename "$l" || echo none; }
 finish() {
   log "finishing: $1"
@@ -116,13 +116,84 @@ for dev in $LANE_DEVICES; do
     result "$dev" dom0 present PASS "${BDF[$dev]} driver=$(driver_of "${BDF[$dev]}")"; fi
 done
 
+# dom0's end of the QEMU-internal network (a hub with no host backend): virtio-net,
+# IPv6 link-local only; the domU pings it, and it pings the domU's e1000e
+PEER=fe80::5054:ff:fe12:3409; DOMU_LL=fe80::5054:ff:fe12:3407; NETIF=""
+if [[ " $LANE_DEVICES " == *" e1000e "* ]]; then
+  echo 0 > /proc/sys/net/ipv6/conf/default/accept_dad
+  kmod virtio_net
+  poll 20 sh -c 'grep -l 52:54:00:12:34:09 /sys/class/net/*/address >/dev/null 2>&1'
+  NETIF=$(grep -l 52:54:00:12:34:09 /sys/class/net/*/address 2>/dev/null | head -1 | cut -d/ -f5)
+  if [ -n "$NETIF" ] && ip link set "$NETIF" up && poll 20 sh -c "ip -6 addr show dev $NETIF | grep -q $PEER"; then
+    result all dom0 net-up PASS "$NETIF $PEER"
+  else result all dom0 net-up FAIL "no dom0 NIC with 52:54:00:12:34:09 up (${NETIF:-none})"; fi
+fi
+LANE_INTMODES=${LANE_INTMODES:-1 0 2}
+INTMODE_NAME=([0]=INTx [1]=MSI [2]=MSI-X)
+
+con_has() { grep -q "$2" "$CON/guest-$1.log" 2>/dev/null; }
+con_line() { tr -d '\r' < "$CON/guest-$1.log" | grep "$2" | tail -1; }
+field() { echo "$1" | tr ' ' '\n' | sed -n "s/^$2=//p" | head -1; }
+
+drive_checks() { # dev mode name bdf: the guest driver used the device through its interrupts
+  local dev=$1 mode=$2 name=$3 bdf=$4 l m irqline
+  case $dev in
+  nvme)
+    if ! poll 150 con_has "$name" LANE-NVME-END; then result nvme "$mode" nvme-driver FAIL "no LANE-NVME-END from the domU"; return; fi
+    l=$(con_line "$name" '^LANE-NVME ')
+    if [ "$(field "$l" sha)" = "$LANE_NVME_SHA" ]; then result nvme "$mode" nvme-data PASS "first MiB sha256 matches the host's"
+    else result nvme "$mode" nvme-data FAIL "$l (host ${LANE_NVME_SHA:0:16})"; fi
+    irqline=$(con_line "$name" '^LANE-NVME-IRQ')
+    if [ "$(field "$l" irq_after)" -gt "$(field "$l" irq_before)" ] && echo "$irqline" | grep -qi 'msi-x\|msix'; then
+      result nvme "$mode" nvme-msix-irqs PASS "$(field "$l" irq_before) -> $(field "$l" irq_after): ${irqline#LANE-NVME-IRQ }"
+    else result nvme "$mode" nvme-msix-irqs FAIL "$(field "$l" irq_before) -> $(field "$l" irq_after): ${irqline#LANE-NVME-IRQ }"; fi
+    if [ "$(field "$l" polled)" = 0 ]; then result nvme "$mode" nvme-no-polling PASS ""
+    else result nvme "$mode" nvme-no-polling FAIL "'completion polled' $(field "$l" polled) time(s) in the domU's dmesg"; fi
+    ;;
+  e1000e)
+    for m in $LANE_INTMODES; do
+      if ! poll 120 con_has "$name" "LANE-NET-READY mode=$m"; then result e1000e "$mode" "net-${INTMODE_NAME[$m]}" FAIL "domU not ready in IntMode=$m"; break; fi
+      local out rc=0; out=$(busybox ping -6 -c 3 -w 20 "$DOMU_LL%$NETIF" 2>&1) || rc=$?
+      poll 60 con_has "$name" "LANE-NET-DONE mode=$m"
+      l=$(con_line "$name" "^LANE-NET mode=$m "); irqline=$(con_line "$name" "^LANE-NET-IRQ mode=$m ")
+      local done_l; done_l=$(con_line "$name" "^LANE-NET-DONE mode=$m ")
+      local want; case $m in 2) want='msi-x' ;; 1) want='msi' ;; 0) want='' ;; esac
+      local kind_ok=1 lines=${irqline#LANE-NET-IRQ mode=$m }
+      if [ -n "$want" ]; then echo "$lines" | grep -qi -- "-$want" || kind_ok=""
+        [ "$m" = 1 ] && echo "$lines" | grep -qi -- '-msi-x' && kind_ok=""
+      else echo "$lines" | grep -qi -- '-msi' && kind_ok=""; fi
+      if [ "$(field "$l" ping_rc)" = 0 ] && [ "$rc" = 0 ] && [ "$(field "$done_l" irq)" -gt "$(field "$l" irq_before)" ] 2>/dev/null && [ -n "$kind_ok" ]; then
+        result e1000e "$mode" "net-${INTMODE_NAME[$m]}" PASS "ping both ways; irqs $(field "$l" irq_before) -> $(field "$done_l" irq): $lines"
+      else
+        result e1000e "$mode" "net-${INTMODE_NAME[$m]}" FAIL "domU ping rc=$(field "$l" ping_rc), dom0 ping rc=$rc ($(echo "$out" | tail -1)), irqs $(field "$l" irq_before) -> $(field "$done_l" irq), kind ok=${kind_ok:-no}: $lines"
+      fi
+    done
+    ;;
+  *) return ;;
+  esac
+  tr -d '\r' < "$CON/guest-$name.log" > "$OUT/$dev.$mode.console"     # with the driver's part
+  # dom0's view of the function while the guest holds it (MASKALL, enable bits as Xen left them)
+  lspci -vvv -s "$bdf" > "$OUT/$dev.$mode.dom0-live.lspci" 2>&1
+  result "$dev" "$mode" dom0-view-live INFO "$(grep -E 'MSI-X:|MSI:' "$OUT/$dev.$mode.dom0-live.lspci" | tr -s ' ' | tr '\n' ';')"
+  # after the driver's work: do wrong-width dom0 writes to the MSI-X capability pass Xen?
+  [ "$dev" = nvme ] && result "$dev" "$mode" msix-write-widths INFO "$(timeout 60 "$LANE_PY" "$LANE_REPO/xenlane/msiprobe.py" "$bdf" 2>&1 | tail -1)"
+}
+
+msi_off_after() { # dev mode bdf: nothing left enabled in hardware after the guest left
+  local l; lspci -vvv -s "$3" > "$OUT/$1.$2.dom0-after.lspci" 2>&1
+  l=$(grep -E 'MSI-X:|MSI:' "$OUT/$1.$2.dom0-after.lspci" | tr -s ' ' | tr '\n' ';')
+  if [ -z "$l" ]; then return; fi
+  if echo "$l" | grep -q 'Enable+'; then result "$1" "$2" msi-off-after-destroy FAIL "$l"
+  else result "$1" "$2" msi-off-after-destroy PASS "$l"; fi
+}
+
 write_cfg() { # name -> /tmp/name.cfg (no pci= line)
   cat > "/tmp/$1.cfg" <<CFG
 name = "$1"
 type = "pv"
 kernel = "$LANE_GUEST/vmlinuz"
 ramdisk = "$LANE_GUEST/domU.cpio.gz"
-extra = "console=hvc0 loglevel=3 iommu=soft lane.wait=$((LANE_DOMU_TIMEOUT - 30))"
+extra = "console=hvc0 loglevel=3 iommu=soft lane.wait=$((LANE_DOMU_TIMEOUT - 30)) lane.peer=$PEER lane.intmodes=${LANE_INTMODES// /,}"
 memory = 256
 vcpus = 1
 on_poweroff = "destroy"
@@ -184,7 +255,9 @@ run_kernel() { # dev
   fi
   d=$(xl domid "$name"); log "$dev/kernel: domain $d created"
   collect "$dev" kernel "$name" "$d"
+  drive_checks "$dev" kernel "$name" "$bdf"
   destroy_and_check "$dev" kernel "$name" "$d"
+  msi_off_after "$dev" kernel "$bdf"
   xl pci-assignable-remove "$bdf" >> "$OUT/xl-$dev-kernel.log" 2>&1 || result "$dev" kernel assignable-remove FAIL ""
 }
 
@@ -256,7 +329,19 @@ run_pcibackd() { # dev
   # (no <(...) here: the chroot's devtmpfs has no /dev/fd)
   awk '{print $1}' "$OUT/$dev.pcibackd.processes" | sort > /tmp/tree.running
   result "$dev" pcibackd worker-running INFO "$(comm -13 /tmp/tree.base /tmp/tree.running | wc -l) new process(es) under the daemon"
+  drive_checks "$dev" pcibackd "$name" "$bdf"
+  local p held=""
+  for p in $(comm -13 /tmp/tree.base /tmp/tree.running); do
+    ls -l "/proc/$p/fd" 2>/dev/null | grep -q '/dev/xen/privcmd' && held="$held $p"
+  done
+  if [ -z "$held" ]; then result "$dev" pcibackd worker-no-privcmd PASS "(the supervisor holds $(ls -l "/proc/$DPID/fd" 2>/dev/null | grep -c privcmd))"
+  else result "$dev" pcibackd worker-no-privcmd FAIL "privcmd open in pid(s)$held"; fi
   destroy_and_check "$dev" pcibackd "$name" "$d"
+  msi_off_after "$dev" pcibackd "$bdf"
+  local j=/run/pcibackd/irq/dom$d.json
+  # the broker's journal holds a guest's file only while it has PIRQs mapped
+  if poll 10 test ! -e "$j"; then result "$dev" pcibackd no-pirq-journaled PASS "$(cat /run/pcibackd/irq/prepared.json 2>/dev/null)"
+  else result "$dev" pcibackd no-pirq-journaled FAIL "$(cat "$j")"; fi
   if poll "$LANE_CLEAN_TIMEOUT" tree_within /tmp/tree.base; then result "$dev" pcibackd worker-gone PASS ""
   else result "$dev" pcibackd worker-gone FAIL "left: $(tree_of "$DPID" | tr '\n' ';')"; fi
   if [ "$(driver_of "$bdf")" = pci-stub ]; then result "$dev" pcibackd held-after-destroy PASS ""

@@ -28,4 +28,48 @@ for d in /sys/bus/pci/devices/*; do
 done
 echo "LANE-DOMU-END devices=$n uptime=$(up)"
 dmesg | grep -i -E 'pcifront|pci 0000|pci_bus|xen:' | tail -30 | sed 's/^/LANE-DOMU-DMESG /'
+
+# Drive the device with its own driver (through pcifront's MSI/MSI-X/INTx).
+irqs() { grep -E "$1" /proc/interrupts | awk '{ s += $2 } END { print s + 0 }'; }
+irq_lines() { grep -E "$1" /proc/interrupts | awk '{ $1 = ""; print }' | tr -s ' ' | tr '\n' ';'; }
+nvme_test() {
+  modprobe nvme
+  i=0; while [ ! -b /dev/nvme0n1 ] && [ $i -lt 240 ]; do sleep 0.25; i=$((i + 1)); done
+  echo 3 > /proc/sys/vm/drop_caches
+  before=$(irqs nvme)
+  sum=$(dd if=/dev/nvme0n1 bs=65536 count=16 2>/dev/null | sha256sum | cut -d' ' -f1)
+  after=$(irqs nvme)
+  echo "LANE-NVME sha=${sum:-none} irq_before=$before irq_after=$after polled=$(dmesg | grep -c 'completion polled')"
+  echo "LANE-NVME-IRQ $(irq_lines nvme)"
+  dmesg | grep -i -E "nvme|msi|pcifront|irq" | tail -25 | sed 's/^/LANE-NVME-DMESG /'
+  echo "LANE-NVME-END"
+}
+net_test() { # for each IntMode: up, own ping to dom0, then wait for dom0's three echo requests
+  peer=$(arg peer)
+  for mode in $(arg intmodes | tr ',' ' '); do
+    modprobe e1000e IntMode=$mode
+    ip link set eth0 up
+    i=0; until ip -6 addr show dev eth0 2>/dev/null | grep 'fe80' | grep -qv tentative || [ $i -ge 120 ]; do sleep 0.25; i=$((i + 1)); done
+    before=$(irqs eth0)
+    ping -6 -c 3 -w 20 "$peer%eth0" > /tmp/ping.out 2>&1; rc=$?
+    after=$(irqs eth0)
+    echo "LANE-NET mode=$mode ping_rc=$rc irq_before=$before irq_after=$after $(tail -2 /tmp/ping.out | tr '\n' ' ')"
+    echo "LANE-NET-IRQ mode=$mode $(irq_lines eth0)"
+    rx=$(cat /sys/class/net/eth0/statistics/rx_packets)
+    echo "LANE-NET-READY mode=$mode"
+    i=0; while [ $(( $(cat /sys/class/net/eth0/statistics/rx_packets) - rx )) -lt 3 ] && [ $i -lt 160 ]; do sleep 0.25; i=$((i + 1)); done
+    sleep 1
+    echo "LANE-NET-DONE mode=$mode rx=$(( $(cat /sys/class/net/eth0/statistics/rx_packets) - rx )) irq=$(irqs eth0)"
+    ip link set eth0 down; rmmod e1000e
+  done
+  dmesg | grep -i -E 'e1000e|msi' | tail -15 | sed 's/^/LANE-NET-DMESG /'
+  echo "LANE-NET-END"
+}
+for d in /sys/bus/pci/devices/*; do
+  [ -e "$d/vendor" ] || continue
+  case "$(cat "$d/vendor"):$(cat "$d/device")" in
+    0x1b36:0x0010) nvme_test ;;
+    0x8086:0x10d3) net_test ;;
+  esac
+done
 while :; do sleep 5; done

@@ -17,7 +17,7 @@ import re
 import sys
 from pathlib import Path
 
-VIDS = {"edu": "1234:11e8", "pci-testdev": "1b36:0005", "e1000e": "8086:10d3"}
+VIDS = {"edu": "1234:11e8", "pci-testdev": "1b36:0005", "e1000e": "8086:10d3", "nvme": "1b36:0010"}
 
 HEADER = [  # (offset, size, name) of a type 0 header
     (0x00, 2, "VENDOR_ID"), (0x02, 2, "DEVICE_ID"), (0x04, 2, "COMMAND"), (0x06, 2, "STATUS"),
@@ -33,8 +33,15 @@ CAP_NAMES = {0x01: "PM", 0x03: "VPD", 0x05: "MSI", 0x09: "VNDR", 0x10: "EXP", 0x
 # Differences that are virtualized on purpose: (kind, pattern, reason).  kind
 # "reg" matches a register name (e.g. "COMMAND", "CAP_MSI+0x2"), kind "line" a
 # decoded lspci line from either side.
+_STALE_MSI = ("the MSI address/data Xen wrote for the kernel-mode guest's MSI (that scenario runs "
+              "first); the pcibackd guest reads what the function still holds")
 REASONS: list[tuple[str, str, str]] = [
+    ("reg", r"^CAP_MSI\+0x([4-9a-f]|1[0-3])$", _STALE_MSI),
+    ("line", r"^\s+Address: [0-9a-f]+  Data: [0-9a-f]{4}$", _STALE_MSI),
 ]
+
+# checks of the guest driver's use of the device (interrupts, data, pings)
+DRIVER_CHECK = re.compile(r"^(nvme-|net-)")
 
 RESULT_RE = re.compile(r"^(\S+) (\S+) (\S+) (PASS|FAIL|INFO) ?(.*)$")
 
@@ -147,9 +154,17 @@ def main(argv: list[str]) -> int:
         if not regs and not lines:
             print("  none: identical")
     print("\n===== checks =====")
+    kernel_failed = {(dev, check) for dev, mode, check, verdict, _ in results if mode == "kernel" and verdict == "FAIL"}
     for dev, mode, check, verdict, detail in results:
-        print(f"  {verdict:<5} {dev:<12} {mode:<9} {check:<24} {detail}")
-        ok &= verdict != "FAIL"
+        note = ""
+        if verdict == "FAIL" and DRIVER_CHECK.match(check):
+            # the guest driver's outcome is pcibackd's to match, not to beat
+            if mode == "kernel":
+                note = "(reference backend; not counted) "
+            elif (dev, check) in kernel_failed:
+                note = "(xen-pciback fails it too; not counted) "
+        print(f"  {verdict:<5} {dev:<12} {mode:<9} {check:<24} {note}{detail}")
+        ok &= verdict != "FAIL" or bool(note)
     if not results:
         print("  (no results: dom0 did not run the scenarios)")
         ok = False

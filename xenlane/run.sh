@@ -1,5 +1,5 @@
 #!/bin/bash
-# xenlane/run.sh [--quick] [--devices "edu pci-testdev e1000e"] [--modes "kernel pcibackd"]
+# xenlane/run.sh [--quick] [--devices "edu pci-testdev e1000e nvme"] [--modes "kernel pcibackd"]
 #
 # The Xen lane: boots Debian's Xen 4.17 inside QEMU (TCG) with a PV dom0 and PV
 # domUs on Debian's 6.1 kernel, passes QEMU-emulated PCI devices to a domU once
@@ -38,7 +38,7 @@ log() { echo "[xenlane $(date +%T) +$(( $(date +%s) - T_START ))s] $*"; }
 die() { log "ERROR: $*"; exit 1; }
 [ "$(id -u)" = 0 ] || die "needs root (QEMU 9p export of /, apt-get, dpkg -x)"
 case "$REPO$CACHE" in *[[:space:],]*) die "paths with spaces or commas are not supported: $REPO $CACHE" ;; esac
-for d in $DEVICES; do case $d in edu|pci-testdev|e1000e) ;; *) die "unknown device $d" ;; esac; done
+for d in $DEVICES; do case $d in edu|pci-testdev|e1000e|nvme) ;; *) die "unknown device $d" ;; esac; done
 
 # ------------------------------------------------------------ 1. host packages
 # dom0 runs the host's own xl/xenstored/python (chroot over 9p), so they live on the host
@@ -110,13 +110,17 @@ base_root() {
 }
 pack() { (cd "$1" && find . | cpio -o -H newc 2>/dev/null | gzip -1) > "$2"; }
 
-R=$RUN/domUroot; base_root; copy_mods xen-pcifront
+R=$RUN/domUroot; base_root; copy_mods xen-pcifront nvme e1000e
 copy_bin /usr/bin/lspci; mkdir -p "$R/usr/share/misc"; cp -L /usr/share/misc/pci.ids "$R/usr/share/misc/" 2>/dev/null || true
 cp "$LANE/domu-init.sh" "$R/init"; chmod +x "$R/init"; pack "$R" "$RUN/guest/domU.cpio.gz"
 R=$RUN/dom0root; base_root
 copy_mods xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs virtio_pci 9pnet_virtio 9p
 cp "$LANE/dom0-init.sh" "$R/init"; chmod +x "$R/init"; pack "$R" "$RUN/dom0.cpio.gz"
 rm -rf "$RUN/domUroot" "$RUN/dom0root"
+
+# the NVMe disk: known bytes, their checksum taken here (the domU reads them back)
+(yes "xenlane nvme pattern $KV" || true) | head -c 8M > "$RUN/nvme.img"
+NVME_SHA=$(head -c 1M "$RUN/nvme.img" | sha256sum | cut -d' ' -f1)
 
 # ------------------------------------------------------------ 5. settings for dom0
 PY=${XENLANE_PYTHON:-}
@@ -132,6 +136,7 @@ fi
   [ -n "${XENLANE_DAEMON_CMD:-}" ] && printf 'LANE_DAEMON_CMD=%q\n' "$XENLANE_DAEMON_CMD"
   [ -n "${XENLANE_ATTACH_CMD:-}" ] && printf 'LANE_ATTACH_CMD=%q\n' "$XENLANE_ATTACH_CMD"
   [ -n "${XENLANE_DOM0_PYTEST:-}" ] && echo "LANE_DOM0_PYTEST=$XENLANE_DOM0_PYTEST"
+  echo "LANE_NVME_SHA=$NVME_SHA"; echo "LANE_INTMODES='${XENLANE_INTMODES:-1 0 2}'"
   true
 } > "$RUN/out/lane.conf"
 
@@ -160,7 +165,11 @@ run_qemu() { # one boot; rc 124 = overall bound, 125 = dom0 never came up (TCG b
   timeout --kill-after=10 "$TMO" qemu-system-x86_64 -accel "tcg${XENLANE_TCG_OPTS:-}" -machine q35 -cpu "$CPU" -smp 2 -m 3072 \
     -display none -vga none -no-reboot -nic none -serial file:serial.log \
     -device intel-iommu,intremap=on \
-    -device edu,addr=0x5 -device pci-testdev,addr=0x6 -device e1000e,addr=0x7 \
+    -device edu,addr=0x5 -device pci-testdev,addr=0x6 \
+    -netdev hubport,id=lanenet0,hubid=0 -netdev hubport,id=lanenet1,hubid=0 \
+    -device e1000e,addr=0x7,netdev=lanenet0,mac=52:54:00:12:34:07 \
+    -drive file="$RUN/nvme.img",if=none,id=lanedisk,format=raw -device nvme,addr=0x8,serial=xenlane,drive=lanedisk \
+    -device virtio-net-pci,addr=0x9,netdev=lanenet1,mac=52:54:00:12:34:09 \
     -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
     -virtfs local,path="$RUN/out",mount_tag=laneout,security_model=none,multidevs=remap \
     -kernel xen.elf -append "$XENARGS" -initrd "vmlinuz $DOM0ARGS,dom0.cpio.gz" > qemu.out 2>&1 &

@@ -19,13 +19,14 @@ import errno
 import fcntl
 import mmap
 import os
-from ctypes import POINTER, c_int, c_uint, c_uint8, c_uint32, c_ulong, c_void_p
+from ctypes import POINTER, c_int, c_size_t, c_uint, c_uint8, c_uint32, c_uint64, c_ulong, c_void_p
 from typing import Callable
 
 from pcibackd.hostpci.stubs import stub_bound
 from pcibackd.hostpci.sysfs import SysfsDevice
 from pcibackd.platform import atomic
 from pcibackd.platform.api import PlatformError
+from pcibackd.platform.physdev import RealPhysdev
 from pcibackd.platform.select import running_on_xen
 from pcibackd.wire.bdf import BDF
 
@@ -66,6 +67,18 @@ _LIBS: dict[str, tuple[str, str, dict[str, tuple[object, list[object]]]]] = {
         "xc_domain_irq_permission": (c_int, [c_void_p, c_uint32, c_uint32, c_uint8]),
         "xc_assign_device": (c_int, [c_void_p, c_uint32, c_uint32, c_uint32]),
         "xc_deassign_device": (c_int, [c_void_p, c_uint32, c_uint32]),
+        # the supervisor's interrupt broker (pcibackd.platform.physdev)
+        "xc_physdev_map_pirq_msi": (c_int, [c_void_p, c_uint32, c_int, POINTER(c_int), c_int, c_int, c_int,
+                                            c_uint64]),
+        "xc_physdev_unmap_pirq": (c_int, [c_void_p, c_uint32, c_int]),
+    }),
+    # physdev ops libxenctrl does not wrap (pcibackd.platform.physdev)
+    "call": ("libxencall.so.1", "libxencall1", {
+        "xencall_open": (c_void_p, [c_void_p, c_uint]),
+        "xencall_close": (c_int, [c_void_p]),
+        "xencall_alloc_buffer": (c_void_p, [c_void_p, c_size_t]),
+        "xencall_free_buffer": (None, [c_void_p, c_void_p]),
+        "xencall2": (c_int, [c_void_p, c_uint, c_uint64, c_uint64]),
     }),
 }
 
@@ -76,7 +89,7 @@ _loaded: dict[str, ctypes.CDLL] = {}
 
 
 def load_library(kind: str) -> ctypes.CDLL:
-    """The ctypes handle of ``kind`` ("gnttab", "evtchn" or "ctrl") with typed functions."""
+    """The ctypes handle of ``kind`` ("gnttab", "evtchn", "ctrl" or "call") with typed functions."""
     if kind not in _loaded:
         soname, package, functions = _LIBS[kind]
         try:
@@ -230,18 +243,15 @@ class RealEventChannel:
 
 
 class NoPhysdev:
-    """The real platform's ``Physdev`` until it exists: every call fails with ENOSYS.
+    """A ``Physdev`` that fails every call with ENOSYS (a platform without the hypercalls).
 
-    The real one issues ``PHYSDEVOP_map_pirq``/``unmap_pirq`` through libxenctrl
-    and ``prepare_msix``/``release_msix``/``restore_msi_ext`` through libxencall
-    (in the supervisor only), and writes the two control words through dom0's
-    sysfs config; that is a later step.  Until then the broker answers every
-    MSI/MSI-X request with ENOSYS, which the worker passes to the guest as a
-    refused enable (the guest falls back to INTx), and nothing is mapped.
+    The broker then answers every MSI/MSI-X request with ENOSYS, which the
+    worker passes to the guest as a refused enable (the guest falls back to
+    INTx), and nothing is mapped.
     """
 
     def _nosys(self, *args) -> None:
-        raise OSError(errno.ENOSYS, "MSI/MSI-X hypercalls are not implemented on this platform yet")
+        raise OSError(errno.ENOSYS, "MSI/MSI-X hypercalls are not available")
 
     prepare_msix = release_msix = map_pirq = unmap_pirq = restore_msi = _nosys
     read_config = write_config = _nosys
@@ -277,9 +287,9 @@ class RealPlatform:
         """Functions bound to a stub driver."""
         return stub_bound()
 
-    def physdev(self) -> NoPhysdev:
-        """The interrupt hypercalls: not implemented on real Xen yet (see :class:`NoPhysdev`)."""
-        return NoPhysdev()
+    def physdev(self) -> RealPhysdev:
+        """The interrupt hypercalls and control writes (for the supervisor only: it opens privcmd)."""
+        return RealPhysdev(load_library)
 
     def _handle(self, kind: str) -> _Handle:
         h = self._handles.get(kind)

@@ -25,7 +25,8 @@ from pcibackd.worker.link import (MAX_FRAME, DeviceReport, IrqReply, Latency, Wo
                                   WorkerIrqRequest, WorkerReply, WorkerReport, parse_supervisor_message)
 
 HWM = 16
-IRQ_TIMEOUT = 1.0        # seconds a broker question may take (pcifront gives up on an op after 2 s)
+IRQ_TIMEOUT = 1.6        # seconds a broker question may take: pcifront gives up on the op after 2 s, and
+                         # a 3-vector MSI-X map took ~0.8 s on the TCG lane
 
 
 class Reporter:

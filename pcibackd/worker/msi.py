@@ -39,10 +39,10 @@ from dataclasses import dataclass, replace
 from typing import Callable, Protocol
 
 from pcibackd.hostpci.port import HostPort
-from pcibackd.irq.function import Kind, control_offset, find_capability, msix_table_size
-from pcibackd.wire.pciregs import CAP_MSI, CAP_MSIX, CAP_PM, COMMAND, COMMAND_MEM, MSIX_ENABLE, MSI_ENABLE, PMCSR_STATE, PM_CTRL
+from pcibackd.irq.function import Kind, control_offset, record_for
 from pcibackd.irq.messages import Answer, IrqRefused
 from pcibackd.wire import pciif
+from pcibackd.wire.pciregs import COMMAND, COMMAND_MEM, MSI_ENABLE, MSIX_ENABLE, PM_CTRL, PMCSR_STATE
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import SH_INFO_MAX_VEC, Err, Op, OpHeader
 from pcibackd.worker.ops import Reply
@@ -258,12 +258,9 @@ class PortFacts:
 
     def __init__(self, port: HostPort, physfn: HostPort | None = None) -> None:
         self.port, self.physfn = port, physfn or port
-        read = port.read
-        self.msi_cap = find_capability(read, CAP_MSI)
-        self.msix_cap = find_capability(read, CAP_MSIX)
-        self.pm_cap = find_capability(read, CAP_PM)
-        self.table_size = (msix_table_size(read(control_offset(self.msix_cap), 2))
-                           if self.msix_cap is not None else 0)
+        record = record_for(port.read, port.info)        # the broker's view of the same function
+        self.msi_cap, self.msix_cap, self.pm_cap = record.msi_cap, record.msix_cap, record.pm_cap
+        self.table_size = record.msix_entries
 
     def _ctrl(self, cap: int | None, bit: int) -> bool:
         return cap is not None and bool(self.port.read(control_offset(cap), 2) & bit)

@@ -9,6 +9,12 @@ sysfs, ``<root>/sys/bus/pci/devices/<bdf>/``:
 * ``sim-model.json``: the compiled writable-bit model (:mod:`.hwmodel`) plus the
   power-on config used by :meth:`SimDevice.reset`;
 * ``sim-writes.log``: one JSON line per write that reached the device;
+* ``reset_method`` (only when a test or an administrator set it): the methods
+  the kernel tries, as sysfs shows them; absent, the device's own methods
+  (:func:`.hwmodel.reset_methods`) in the kernel's order;
+* ``sim-reset-fail`` (only to make a reset fail): ``error`` (the kernel gives
+  up, the config is as before), ``dead`` (the function never comes back and
+  reads all-ones) or ``silent`` (as ``dead``, but the kernel reports success);
 * ``physfn`` (an SR-IOV VF only): a link to its physical function.
 
 A function placed behind a simulated bridge lives inside the bridge's
@@ -22,6 +28,7 @@ a test process asserts and a restarted worker sees the same state.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import mmap
@@ -37,12 +44,15 @@ from typing import Iterator
 
 from pcibackd.wire.bdf import BDF
 from simdom0.dumps import load_dump
-from simdom0.hwmodel import Model, compile_model, power_on_config
+from simdom0.hwmodel import Model, compile_model, kernel_restore, power_on_config, reset_methods
 from pcibackd.hostpci.port import DeviceInfo
 from pcibackd.hostpci.sysfs import check_access, devices_dir, list_host_devices, read_device_info
 
 MODEL_FILE = "sim-model.json"
 WRITE_LOG = "sim-writes.log"
+RESET_METHOD = "reset_method"
+RESET_FAIL = "sim-reset-fail"
+RESET_FAILURES = ("error", "dead", "silent")
 
 
 _UNPACK = {1: struct.Struct("<B").unpack_from, 2: struct.Struct("<H").unpack_from,
@@ -234,10 +244,62 @@ class SimDevice:
         with self._locked(fcntl.LOCK_EX):
             self._mm[offset:offset + size] = data
 
-    def reset(self) -> None:
-        """Return to the config the device was created with (a reset plus state restore); not logged."""
+    def alone_on_bus(self) -> bool:
+        """Below a simulated bridge with no other function on its bus."""
+        real = Path(os.path.realpath(self.path))
+        if not (real.parent / MODEL_FILE).is_file():
+            return False                  # on the root bus
+        return not any(p.name != str(self.bdf) and (p / MODEL_FILE).is_file()
+                       for p in real.parent.iterdir())
+
+    def reset_methods(self) -> tuple[str, ...]:
+        """The methods the kernel tries, in order (sysfs ``reset_method``)."""
+        try:
+            return tuple((self.path / RESET_METHOD).read_text().split())
+        except FileNotFoundError:
+            return reset_methods(self.config_bytes(), self.alone_on_bus())
+
+    def set_reset_methods(self, methods: tuple[str, ...] | None) -> None:
+        """What an administrator writes to ``reset_method`` (None: the default)."""
+        if methods is None:
+            (self.path / RESET_METHOD).unlink(missing_ok=True)
+        else:
+            (self.path / RESET_METHOD).write_text(" ".join(methods) + "\n")
+
+    def fail_resets(self, how: str | None) -> None:
+        """Make every reset fail ``how`` (see the module docstring); None: resets work again."""
+        if how is None:
+            (self.path / RESET_FAIL).unlink(missing_ok=True)
+        elif how not in RESET_FAILURES:
+            raise ValueError(f"reset failure {how!r} not in {RESET_FAILURES}")
+        else:
+            (self.path / RESET_FAIL).write_text(how)
+
+    def function_reset(self) -> None:
+        """What any reset does to the function: every register back to its power-on value."""
         with self._locked(fcntl.LOCK_EX):
             self._mm[:] = self._power_on
+
+    def reset(self) -> None:
+        """The kernel's reset (sysfs ``reset``, pci_reset_function): the function's config
+        is saved, the function reset by its first method, and the saved config written back
+        (:func:`.hwmodel.kernel_restore`); not logged, as the kernel's own accesses are not
+        ours.  FileNotFoundError without a method (the kernel hides ``reset``), OSError
+        ENOTTY when it fails."""
+        if not self.reset_methods():
+            raise FileNotFoundError(errno.ENOENT, "no reset method", str(self.path / "reset"))
+        try:
+            failure = (self.path / RESET_FAIL).read_text().strip()
+        except FileNotFoundError:
+            failure = ""
+        with self._locked(fcntl.LOCK_EX):
+            saved = bytes(self._mm)
+            if failure in ("dead", "silent"):
+                self._mm[:] = b"\xff" * len(self._mm)
+            elif not failure:
+                self._mm[:] = kernel_restore(self.model, saved, self._power_on)
+        if failure in ("error", "dead"):
+            raise OSError(errno.ENOTTY, os.strerror(errno.ENOTTY))
 
     def config_bytes(self) -> bytes:
         """Snapshot of the whole config space."""

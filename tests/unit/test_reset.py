@@ -340,3 +340,46 @@ def test_records_survive_as_json_and_bad_ones_are_skipped(tmp_path):
     (state / "junk.release").write_text("{")
     (state / f"{BDF(0, 1, 0, 0)}.release").write_text("[]")
     assert read_records(state) == {DEV: (rec, False)}
+
+
+# --- the real sysfs code path, on a fake sysfs tree ----------------------------------------
+
+def fake_sysfs(root: Path, bdf: BDF, config: bytes, parent: str = "pci0000:00/0000:00:1c.0") -> Path:
+    """``/sys/devices/<parent>/<bdf>`` with the attributes SysfsDevice reads, and its bus link."""
+    dev = root / "sys/devices" / parent / str(bdf)
+    dev.mkdir(parents=True)
+    (dev / "config").write_bytes(config)
+    for name in ("vendor", "device", "class", "subsystem_vendor", "subsystem_device", "revision"):
+        (dev / name).write_text("0x0\n")
+    link = root / "sys/bus/pci/devices" / str(bdf)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(dev)
+    return dev
+
+
+def test_sysfs_probe_sees_siblings_and_root_buses(tmp_path):
+    nvme = (DUMPS_DIR / "nvme" / "config.bin").read_bytes()
+    e1000e = (DUMPS_DIR / "e1000e" / "config.bin").read_bytes()
+    fake_sysfs(tmp_path, BDF(0, 5, 0, 0), e1000e)
+    fake_sysfs(tmp_path, BDF(0, 0, 3, 0), e1000e, parent="pci0000:00")
+    with SysfsDevice(BDF(0, 5, 0, 0), root=tmp_path) as alone, \
+            SysfsDevice(BDF(0, 0, 3, 0), root=tmp_path) as on_root:
+        assert alone.reset_methods() == ("pm", "bus") and on_root.reset_methods() == ("pm",)
+    fake_sysfs(tmp_path, BDF(0, 5, 0, 1), nvme)
+    with SysfsDevice(BDF(0, 5, 0, 0), root=tmp_path) as shared:
+        assert shared.reset_methods() == ("pm",)
+
+
+def test_sysfs_reset_writes_the_kernels_attribute_for_the_listed_method(tmp_path):
+    dev = fake_sysfs(tmp_path, BDF(0, 5, 0, 0), (DUMPS_DIR / "nvme" / "config.bin").read_bytes())
+    (dev / "reset_method").write_text("bus\n")           # an administrator's choice
+    (dev / "reset").write_text("")
+    with SysfsDevice(BDF(0, 5, 0, 0), root=tmp_path, writable=True) as real:
+        assert reset_function(real) == reset_function(real).__class__("bus", True)
+    assert (dev / "reset").read_text() == "1"
+    (dev / "reset").unlink()                             # the kernel found no method after all
+    with SysfsDevice(BDF(0, 5, 0, 0), root=tmp_path, writable=True) as real:
+        assert reset_function(real).method == "none"
+    with SysfsDevice(BDF(0, 5, 0, 0), root=tmp_path) as read_only:
+        result = reset_function(read_only)               # never on a read-only opening
+    assert not result.ok and result.method == "bus"

@@ -17,6 +17,9 @@ sysfs, ``<root>/sys/bus/pci/devices/<bdf>/``:
   reads all-ones) or ``silent`` (as ``dead``, but the kernel reports success);
 * ``physfn`` (an SR-IOV VF only): a link to its physical function.
 
+A write taking a function from D3hot to D0 resets it unless its PMCSR says
+No_Soft_Reset (power-on values; the PME bits stay), as PCI PM 1.2 says.
+
 A function placed behind a simulated bridge lives inside the bridge's
 directory and ``devices/<bdf>`` links to it, as in sysfs, so the bridges above
 a function can be read from its real path.
@@ -43,6 +46,7 @@ from pathlib import Path
 from typing import Iterator
 
 from pcibackd.wire.bdf import BDF
+from pcibackd.wire.pciregs import CAP_PM, D0, D3HOT, PM_CTRL, PMCSR_PME_ENABLE, PMCSR_PME_STATUS, PMCSR_STATE
 from simdom0.dumps import load_dump
 from simdom0.hwmodel import Model, compile_model, kernel_restore, power_on_config, reset_methods
 from pcibackd.hostpci.port import DeviceInfo
@@ -53,6 +57,17 @@ WRITE_LOG = "sim-writes.log"
 RESET_METHOD = "reset_method"
 RESET_FAIL = "sim-reset-fail"
 RESET_FAILURES = ("error", "dead", "silent")
+PMCSR_NO_SOFT_RESET = 0x08
+PMCSR_STICKY = PMCSR_PME_ENABLE | PMCSR_PME_STATUS    # kept across a reset (PME from D3cold)
+
+
+def soft_reset_config(power_on: bytes, now: bytes, pmcsr: int) -> bytes:
+    """The config after a D3hot -> D0 soft reset: power-on values, the PME bits kept."""
+    out = bytearray(power_on)
+    sticky = int.from_bytes(now[pmcsr:pmcsr + 2], "little") & PMCSR_STICKY
+    value = int.from_bytes(out[pmcsr:pmcsr + 2], "little") & ~(PMCSR_STICKY | PMCSR_STATE) | sticky | D0
+    out[pmcsr:pmcsr + 2] = value.to_bytes(2, "little")
+    return bytes(out)
 
 
 _UNPACK = {1: struct.Struct("<B").unpack_from, 2: struct.Struct("<H").unpack_from,
@@ -114,6 +129,8 @@ class SimDevice:
         self._finalizer = weakref.finalize(self, _release, self._mm, (self._fd, self._log_fd))
         self._thread_lock = threading.Lock()    # flock does not exclude threads sharing our fd
         self.info: DeviceInfo = read_device_info(self.path, bdf, self.model.config_size)
+        pm = next((c.offset for c in self.model.capabilities if c.kind == "legacy" and c.cap_id == CAP_PM), None)
+        self._pmcsr = None if pm is None else pm + PM_CTRL
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -218,12 +235,23 @@ class SimDevice:
             current = bytes(self._mm)
             new = self.model.apply(current, offset, size, value)
             self._mm[offset:offset + size] = new
+            if self._soft_reset(current, offset, size):
+                self._mm[:] = soft_reset_config(self._power_on, bytes(self._mm), self._pmcsr)
             record = WriteRecord(
                 offset=offset, size=size, value=value,
                 before=int.from_bytes(current[offset:offset + size], "little"),
                 after=int.from_bytes(new, "little"),
                 register=self.model.describe(offset), pid=os.getpid())
             os.write(self._log_fd, (json.dumps(asdict(record)) + "\n").encode())
+
+    def _soft_reset(self, before: bytes, offset: int, size: int) -> bool:
+        """Whether this write took the function from D3hot to D0 without No_Soft_Reset:
+        that transition resets it (PCI PM 1.2 §5.4.1), the kernel's ``pm`` reset."""
+        if self._pmcsr is None or not offset <= self._pmcsr < offset + size:
+            return False
+        old, new = before[self._pmcsr], self._mm[self._pmcsr]
+        return (old & PMCSR_STATE == D3HOT and new & PMCSR_STATE == D0
+                and not old & PMCSR_NO_SOFT_RESET)
 
     # --- simulation-only -------------------------------------------------
 

@@ -174,14 +174,18 @@ def _restore_only(dev):
 
 
 def test_power_state_back_to_d0_first(host):
+    """e1000e resets itself on D3hot -> D0: done last, that would undo the rest."""
     dev = host.add("e1000e", DEV)
+    dev.write(0x0C, 1, 0x08)                              # dom0's cache line size at seize
     saved = _restore_only(dev)
     pm = cap(dev, "pm")
+    dev.write(0x0C, 1, 0x10)
     dev.write(pm + 4, 2, dev.read(pm + 4, 2) | 0x3)       # the guest left it in D3hot
     dev.clear_write_log()
     done = restore_state(dev, saved)
     assert dev.read(pm + 4, 2) & 0x3 == 0 and done[0] == "pm"
     assert dev.write_log()[0].register.endswith("pmcsr")
+    assert dev.read(0x0C, 1) == 0x08
 
 
 def test_pcie_control_registers_as_seized(host):

@@ -15,7 +15,11 @@ differs (:func:`restore_state`), in the order of the kernel's restore:
    after its restore (it disables the function again): Bus Master off, so a
    function nobody drives does no DMA until a dom0 driver enables it; INTx
    enabled, since message interrupts are off;
-4. MSI and MSI-X disabled and masked (a guest killed abruptly leaves them on).
+4. MSI and MSI-X disabled and masked (a guest killed abruptly leaves them on):
+   MSI's per-vector mask bits set where it has them, MSI-X's Function Mask
+   set (its per-vector masks are in the MSI-X table, outside config space).
+   A dom0 driver that binds later, or the broker for the next guest, clears
+   the Function Mask when it enables MSI-X, as Linux does.
 
 A function without a reset method (QEMU's edu and pci-testdev) therefore still
 gets all of this back.  Every register written is one the kernel's
@@ -36,7 +40,8 @@ from pcibackd.common.files import write_atomic
 from pcibackd.hostpci.reset import ResetResult, find_cap, reset_function
 from pcibackd.hostpci.seize import quiesce_command
 from pcibackd.wire.bdf import BDF
-from pcibackd.wire.pciregs import (CAP_MSI, CAP_MSIX, CAP_PCIE, CAP_PM, COMMAND_INTX_DISABLE, D0, MSI_64BIT,
+from pcibackd.wire.pciregs import (CAP_MSI, CAP_MSIX, CAP_PCIE, CAP_PM, COMMAND_INTX_DISABLE, D0, HEADER_TYPE_MASK,
+                                   MSI_64BIT,
                                    MSI_ENABLE, MSI_FLAGS, MSI_MASKABLE, MSIX_ENABLE, MSIX_FLAGS, MSIX_MASKALL,
                                    PM_CTRL, PMCSR_PME_STATUS, PMCSR_STATE, ROM_ENABLE)
 
@@ -145,7 +150,7 @@ def released_command(command: int, header_type: int) -> int:
     """COMMAND as a release leaves it: :func:`quiesce_command`, and INTx enabled on a
     type-0 function (its MSI/MSI-X are off, as pci_disable_msi re-enables INTx)."""
     command = quiesce_command(command, header_type)
-    return command & ~COMMAND_INTX_DISABLE if header_type & 0x7F == 0 else command
+    return command & ~COMMAND_INTX_DISABLE if header_type & HEADER_TYPE_MASK == 0 else command
 
 
 def _wanted(saved: bytes, offset: int, size: int) -> int:

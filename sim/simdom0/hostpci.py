@@ -7,7 +7,7 @@ sysfs, ``<root>/sys/bus/pci/devices/<bdf>/``:
 * ``resource``, ``irq``, ``vendor``, ``device``, ``class``, ``subsystem_*``,
   ``revision``: as sysfs shows them (so ``SysfsDevice(bdf, root)`` reads it too);
 * ``sim-model.json``: the compiled writable-bit model (:mod:`.hwmodel`) plus the
-  power-on config used by :meth:`SimDevice.reset`;
+  power-on config a reset returns to (:meth:`SimDevice.function_reset`);
 * ``sim-writes.log``: one JSON line per write that reached the device;
 * ``reset_method`` (only when a test or an administrator set it): the methods
   the kernel tries, as sysfs shows them; absent, the device's own methods
@@ -49,6 +49,7 @@ from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciregs import CAP_PM, D0, D3HOT, PM_CTRL, PMCSR_PME_ENABLE, PMCSR_PME_STATUS, PMCSR_STATE
 from simdom0.dumps import load_dump
 from simdom0.hwmodel import Model, compile_model, kernel_restore, power_on_config, reset_methods
+from simdom0.hwtables import PM_NO_SOFT_RESET
 from pcibackd.hostpci.port import DeviceInfo
 from pcibackd.hostpci.sysfs import check_access, devices_dir, list_host_devices, read_device_info
 
@@ -57,7 +58,6 @@ WRITE_LOG = "sim-writes.log"
 RESET_METHOD = "reset_method"
 RESET_FAIL = "sim-reset-fail"
 RESET_FAILURES = ("error", "dead", "silent")
-PMCSR_NO_SOFT_RESET = 0x08
 PMCSR_STICKY = PMCSR_PME_ENABLE | PMCSR_PME_STATUS    # kept across a reset (PME from D3cold)
 
 
@@ -251,7 +251,7 @@ class SimDevice:
             return False
         old, new = before[self._pmcsr], self._mm[self._pmcsr]
         return (old & PMCSR_STATE == D3HOT and new & PMCSR_STATE == D0
-                and not old & PMCSR_NO_SOFT_RESET)
+                and not old & PM_NO_SOFT_RESET)
 
     # --- simulation-only -------------------------------------------------
 

@@ -13,8 +13,8 @@ import pytest
 
 from pcibackd.common.files import write_atomic
 from pcibackd.hostpci.release import (ReleaseRecord, SavedState, capture_state, clear_quarantine, quarantined,
-                                      read_records, release_function, restore_state)
-from pcibackd.hostpci.reset import ResetFacts, probe_methods, reset_function
+                                      read_records, release_function, restore_state, write_record)
+from pcibackd.hostpci.reset import ResetFacts, ResetResult, probe_methods, reset_function
 from pcibackd.hostpci.sysfs import SysfsDevice
 from pcibackd.wire.bdf import BDF
 from pcibackd.worker.devices import DeviceSet
@@ -119,9 +119,10 @@ def test_an_administrators_reset_method_is_what_runs(host):
     result = reset_function(dev)
     assert (result.method, result.ok) == ("pm", True)
     dev.set_reset_methods(())                           # resets disabled
-    msi_like = dev.read(0x0C, 1)
-    dev.write(0x0C, 1, msi_like ^ 0x10)
-    assert reset_function(dev).method == "none"
+    msix = cap(dev, "msix")
+    dev.write(msix + 2, 2, 0x8000)
+    assert reset_function(dev) == ResetResult("none", True)
+    assert dev.read(msix + 2, 2) & 0x8000                 # nothing was reset
 
 
 @pytest.mark.parametrize("dump,method", [("nvme", "flr"), ("e1000e", "pm"), ("edu", "none")])
@@ -139,7 +140,7 @@ def test_each_method_resets_message_interrupts_to_power_on(host, dump, method):
 
 def test_af_flr_and_bus_reset_run_through_the_kernel_too(host, tmp_path):
     af = host.add(with_af(tmp_path, 3), DEV)
-    assert reset_function(af) == reset_function(af).__class__("af_flr", True)
+    assert reset_function(af) == ResetResult("af_flr", True)
     host.add("pci-bridge", BRIDGE)
     alone = host.add("edu", BEHIND, bridge=BRIDGE)
     result = reset_function(alone)
@@ -339,7 +340,6 @@ def test_records_survive_as_json_and_bad_ones_are_skipped(tmp_path):
     state = tmp_path / "state"
     state.mkdir()
     rec = ReleaseRecord(str(DEV), "pm", True, restored=("pm",), when=5.0)
-    from pcibackd.hostpci.release import write_record
     write_record(state, rec)
     (state / "junk.release").write_text("{")
     (state / f"{BDF(0, 1, 0, 0)}.release").write_text("[]")
@@ -379,7 +379,7 @@ def test_sysfs_reset_writes_the_kernels_attribute_for_the_listed_method(tmp_path
     (dev / "reset_method").write_text("bus\n")           # an administrator's choice
     (dev / "reset").write_text("")
     with SysfsDevice(BDF(0, 5, 0, 0), root=tmp_path, writable=True) as real:
-        assert reset_function(real) == reset_function(real).__class__("bus", True)
+        assert reset_function(real) == ResetResult("bus", True)
     assert (dev / "reset").read_text() == "1"
     (dev / "reset").unlink()                             # the kernel found no method after all
     with SysfsDevice(BDF(0, 5, 0, 0), root=tmp_path, writable=True) as real:

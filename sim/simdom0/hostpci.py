@@ -18,7 +18,7 @@ sysfs, ``<root>/sys/bus/pci/devices/<bdf>/``:
 * ``physfn`` (an SR-IOV VF only): a link to its physical function.
 
 A write taking a function from D3hot to D0 resets it unless its PMCSR says
-No_Soft_Reset (power-on values; the PME bits stay), as PCI PM 1.2 says.
+No_Soft_Reset (power-on values; the PME bits stay), as PCI PM 1.2 §3.2.4 says.
 
 A function placed behind a simulated bridge lives inside the bridge's
 directory and ``devices/<bdf>`` links to it, as in sysfs, so the bridges above
@@ -246,7 +246,7 @@ class SimDevice:
 
     def _soft_reset(self, before: bytes, offset: int, size: int) -> bool:
         """Whether this write took the function from D3hot to D0 without No_Soft_Reset:
-        that transition resets it (PCI PM 1.2 §5.4.1), the kernel's ``pm`` reset."""
+        that transition resets it (PCI PM 1.2 §3.2.4, No_Soft_Reset), the kernel's ``pm`` reset."""
         if self._pmcsr is None or not offset <= self._pmcsr < offset + size:
             return False
         old, new = before[self._pmcsr], self._mm[self._pmcsr]

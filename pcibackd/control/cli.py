@@ -44,6 +44,9 @@ def _add_command(sub, cmd, common) -> None:
     p = sub.add_parser(cmd.words[-1], help=cmd.short, description=cmd.doc, formatter_class=RAW,
                        parents=[common])
     for a in cmd.args:
+        if a.type is bool:
+            p.add_argument(f"--{a.name}", dest=f"arg_{a.name}", action="store_true", help=a.help)
+            continue
         p.add_argument(f"arg_{a.name}", type=a.type, choices=a.choices, help=a.help, metavar=a.metavar or a.name)
     p.set_defaults(command=cmd.name)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from pcibackd.daemon.views import DaemonInfo, GuestInfo
+from pcibackd.hostpci.release import ReleaseRecord
 from pcibackd.wire.bdf import BDF
 
 
@@ -27,6 +28,12 @@ class DaemonFace(Protocol):
 
     def assignable(self) -> list[BDF]:
         """The host functions that can be given to guests, in the platform's order."""
+
+    def releases(self) -> dict[BDF, tuple[ReleaseRecord, bool]]:
+        """Each function's last release (reset method and result) and whether it is quarantined."""
+
+    def clear_quarantine(self, bdf: BDF) -> bool:
+        """Let a quarantined function be handed to a guest again; False: it was not quarantined."""
 
     def restart(self, domid: int) -> bool:
         """Replace the guest's worker (reviving a FATAL one); False: no such guest."""

@@ -35,6 +35,7 @@ from pcibackd.daemon.config import DaemonConfig
 from pcibackd.daemon.endpoint import OpenControl
 from pcibackd.daemon.guests import Guest, GuestEvent, describe_exit, exit_event
 from pcibackd.daemon.interrupts import Interrupts
+from pcibackd.daemon.releases import ReleaseViews
 from pcibackd.daemon.spawner import Spawner
 from pcibackd.daemon.states import RestartPolicy, WorkerState
 from pcibackd.daemon.views import DaemonInfo, GuestInfo
@@ -49,7 +50,7 @@ MESSAGE_BATCH = 256      # worker messages per wake-up: a flooding worker cannot
 LIVE = (WorkerState.STARTING, WorkerState.RUNNING)      # states that expect heartbeats
 
 
-class Supervisor:
+class Supervisor(ReleaseViews):
     """Owns the guests table; see the module docstring for the loop."""
 
     def __init__(self, cfg: DaemonConfig, open_control: OpenControl, policy: RestartPolicy | None = None):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pcibackd.wire.bdf import BDF
 from pcibackd.hostpci.port import DeviceInfo, Resource
+from pcibackd.hostpci.reset import parse_reset_method, probe_methods, read_facts
 
 SYSFS_DEVICES = Path("sys/bus/pci/devices")
 ACCESS_SIZES = (1, 2, 4)
@@ -89,6 +90,21 @@ def upstream_of(devdir: Path) -> tuple[BDF, ...]:
     return tuple(reversed(chain))
 
 
+def alone_on_bus(devdir: Path) -> bool:
+    """Whether the function sits below a bridge with no other function on that bus
+    (in sysfs a bridge's directory holds its children's directories)."""
+    real = Path(os.path.realpath(devdir))
+    if _bdf_or_none(real.parent.name) is None:
+        return False                      # on a root bus: no bridge above to reset it
+    me = _bdf_or_none(real.name)
+    try:
+        names = os.listdir(real.parent)
+    except OSError:
+        return False
+    return not any((b := _bdf_or_none(n)) is not None and b != me and me is not None and b.bus == me.bus
+                   for n in names)
+
+
 def read_device_info(devdir: Path, bdf: BDF, config_size: int) -> DeviceInfo:
     """Build DeviceInfo from the sysfs attribute files of one function."""
     ids = {field: int((devdir / name).read_text().strip(), 16) for name, field in _ID_FILES.items()}
@@ -150,6 +166,14 @@ class SysfsDevice:
             raise ValueError(f"value {value:#x} does not fit {size} bytes")
         if os.pwrite(self._fd, value.to_bytes(size, "little"), offset) != size:
             raise OSError(f"short config write at {offset:#x} on {self.bdf}")
+
+    def reset_methods(self) -> tuple[str, ...]:
+        """The reset methods the kernel tries, in order: sysfs ``reset_method`` (which an
+        administrator may have changed), else the kernel's rules applied to config space."""
+        try:
+            return parse_reset_method((self.path / "reset_method").read_text())
+        except FileNotFoundError:
+            return probe_methods(read_facts(self.read, alone_on_bus(self.path)))
 
     def reset(self) -> None:
         """Function reset through sysfs ``reset`` (the kernel saves and restores

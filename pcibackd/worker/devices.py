@@ -11,11 +11,14 @@ The emulated config-space state of each device is saved outside the worker
 (``<runtime>/state/dom<N>-<bdf>.snap``, written atomically at every change) so
 a restarted worker continues where its predecessor stopped.
 
-The function's header as it was before any guest had it is kept in
+The function's state as it was before any guest had it is kept in
 ``<runtime>/state/<bdf>.orig`` from its first export until it has been reset
 and restored on leaving (:mod:`pcibackd.hostpci.release`); a guest whose
 worker was abandoned mid-way therefore never becomes the next guest's
-"original".
+"original".  How that release went is kept in ``<bdf>.release``; a function
+whose reset failed is quarantined (``<bdf>.quarantine``) and no guest gets it
+until ``pcibackctl quarantine clear --force`` (the check is in :meth:`DeviceSet.export`,
+where every function reaches a guest).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from loguru import logger
 from pcibackd.common.files import write_atomic
 from pcibackd.confspace import ConfSpace, PolicyStore
 from pcibackd.hostpci.port import HostPort
-from pcibackd.hostpci.release import capture_header, restore_header
+from pcibackd.hostpci.release import SavedState, capture_state, quarantined, release_function, write_record
 from pcibackd.platform.api import Platform
 from pcibackd.wire.bdf import BDF
 from pcibackd.worker.ops import Dispatcher
@@ -72,6 +75,10 @@ class DeviceSet:
         added: list[BDF] = []
         try:
             for host, guest in placement:
+                if not resume and (why := quarantined(self.state_dir, host)) is not None:
+                    raise OSError(errno.EBUSY, f"{host} is quarantined: its last reset failed "
+                                               f"({why.describe()}); clear it with "
+                                               f"'pcibackctl quarantine clear --force {host}'")
                 fd = self._claim(host)
                 try:
                     port = self.platform.open_device(host)
@@ -126,7 +133,7 @@ class DeviceSet:
         orig = self._orig_path(host)
         if not orig.exists():
             try:
-                write_atomic(orig, capture_header(port))
+                write_atomic(orig, capture_state(port).to_bytes())
             except ValueError as exc:
                 logger.warning("{}: not saving its header for release: {}", host, exc)
         conf = ConfSpace.build(port, self.policy.for_device(port.info), snapshot)
@@ -161,33 +168,27 @@ class DeviceSet:
         self._publish_map()
 
     def _release(self, host: BDF, port) -> None:
-        """Reset (when the function has a method) and restore the seize-time header."""
-        how = "no reset method"
-        reset = getattr(port, "reset", None)
-        if reset is not None:
-            try:
-                reset()
-                how = "reset"
-            except FileNotFoundError:
-                pass                              # sysfs hides `reset` when there is no method
-            except OSError as exc:
-                how = f"reset failed ({exc})"
-                logger.warning("{}: reset failed: {}", host, exc)
+        """Reset with the function's best method and restore its seize-time state; record how
+        it went (a failed reset quarantines the function)."""
         orig = self._orig_path(host)
+        saved, why = None, ""
         try:
-            restored = restore_header(port, orig.read_bytes())
+            saved = SavedState.from_bytes(orig.read_bytes())
         except FileNotFoundError:
-            logger.warning("{}: no saved header to restore ({} missing)", host, orig)
-            return
-        except ValueError as exc:
-            logger.warning("{}: saved header not restored, discarded: {}", host, exc)
-            orig.unlink(missing_ok=True)      # stale: the next export captures afresh
-            return
-        except OSError as exc:
-            logger.warning("{}: restoring its header failed: {}", host, exc)
-            return
-        orig.unlink(missing_ok=True)
-        logger.info("released {}: {}; {} header register(s) restored", host, how, len(restored))
+            why = f"no saved state ({orig} missing)"
+        except (OSError, ValueError) as exc:
+            why = f"saved state unreadable: {exc}"
+        record = release_function(host, port, saved, why)
+        if not record.keep_saved:
+            orig.unlink(missing_ok=True)      # used, or stale: the next export captures afresh
+        write_record(self.state_dir, record)
+        if record.reset_ok and not record.restore_error:
+            logger.info("released {}: {}", host, record.describe())
+        elif record.reset_ok:
+            logger.warning("released {}: {}", host, record.describe())
+        else:
+            logger.error("released {}: {}; quarantined: no guest gets it until cleared with --force",
+                         host, record.describe())
 
     def _claim(self, host: BDF) -> int:
         fd = os.open(self.lock_dir / f"{host}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)

@@ -7,9 +7,18 @@ sysfs, ``<root>/sys/bus/pci/devices/<bdf>/``:
 * ``resource``, ``irq``, ``vendor``, ``device``, ``class``, ``subsystem_*``,
   ``revision``: as sysfs shows them (so ``SysfsDevice(bdf, root)`` reads it too);
 * ``sim-model.json``: the compiled writable-bit model (:mod:`.hwmodel`) plus the
-  power-on config used by :meth:`SimDevice.reset`;
+  power-on config a reset returns to (:meth:`SimDevice.function_reset`);
 * ``sim-writes.log``: one JSON line per write that reached the device;
+* ``reset_method`` (only when a test or an administrator set it): the methods
+  the kernel tries, as sysfs shows them; absent, the device's own methods
+  (:func:`.hwmodel.reset_methods`) in the kernel's order;
+* ``sim-reset-fail`` (only to make a reset fail): ``error`` (the kernel gives
+  up, the config is as before), ``dead`` (the function never comes back and
+  reads all-ones) or ``silent`` (as ``dead``, but the kernel reports success);
 * ``physfn`` (an SR-IOV VF only): a link to its physical function.
+
+A write taking a function from D3hot to D0 resets it unless its PMCSR says
+No_Soft_Reset (power-on values; the PME bits stay), as PCI PM 1.2 §3.2.4 says.
 
 A function placed behind a simulated bridge lives inside the bridge's
 directory and ``devices/<bdf>`` links to it, as in sysfs, so the bridges above
@@ -22,6 +31,7 @@ a test process asserts and a restarted worker sees the same state.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import mmap
@@ -36,13 +46,28 @@ from pathlib import Path
 from typing import Iterator
 
 from pcibackd.wire.bdf import BDF
+from pcibackd.wire.pciregs import CAP_PM, D0, D3HOT, PM_CTRL, PMCSR_PME_ENABLE, PMCSR_PME_STATUS, PMCSR_STATE
 from simdom0.dumps import load_dump
-from simdom0.hwmodel import Model, compile_model, power_on_config
+from simdom0.hwmodel import Model, compile_model, kernel_restore, power_on_config, reset_methods
+from simdom0.hwtables import PM_NO_SOFT_RESET
 from pcibackd.hostpci.port import DeviceInfo
 from pcibackd.hostpci.sysfs import check_access, devices_dir, list_host_devices, read_device_info
 
 MODEL_FILE = "sim-model.json"
 WRITE_LOG = "sim-writes.log"
+RESET_METHOD = "reset_method"
+RESET_FAIL = "sim-reset-fail"
+RESET_FAILURES = ("error", "dead", "silent")
+PMCSR_STICKY = PMCSR_PME_ENABLE | PMCSR_PME_STATUS    # kept across a reset (PME from D3cold)
+
+
+def soft_reset_config(power_on: bytes, now: bytes, pmcsr: int) -> bytes:
+    """The config after a D3hot -> D0 soft reset: power-on values, the PME bits kept."""
+    out = bytearray(power_on)
+    sticky = int.from_bytes(now[pmcsr:pmcsr + 2], "little") & PMCSR_STICKY
+    value = int.from_bytes(out[pmcsr:pmcsr + 2], "little") & ~(PMCSR_STICKY | PMCSR_STATE) | sticky | D0
+    out[pmcsr:pmcsr + 2] = value.to_bytes(2, "little")
+    return bytes(out)
 
 
 _UNPACK = {1: struct.Struct("<B").unpack_from, 2: struct.Struct("<H").unpack_from,
@@ -104,6 +129,8 @@ class SimDevice:
         self._finalizer = weakref.finalize(self, _release, self._mm, (self._fd, self._log_fd))
         self._thread_lock = threading.Lock()    # flock does not exclude threads sharing our fd
         self.info: DeviceInfo = read_device_info(self.path, bdf, self.model.config_size)
+        pm = next((c.offset for c in self.model.capabilities if c.kind == "legacy" and c.cap_id == CAP_PM), None)
+        self._pmcsr = None if pm is None else pm + PM_CTRL
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -208,12 +235,23 @@ class SimDevice:
             current = bytes(self._mm)
             new = self.model.apply(current, offset, size, value)
             self._mm[offset:offset + size] = new
+            if self._soft_reset(current, offset, size):
+                self._mm[:] = soft_reset_config(self._power_on, bytes(self._mm), self._pmcsr)
             record = WriteRecord(
                 offset=offset, size=size, value=value,
                 before=int.from_bytes(current[offset:offset + size], "little"),
                 after=int.from_bytes(new, "little"),
                 register=self.model.describe(offset), pid=os.getpid())
             os.write(self._log_fd, (json.dumps(asdict(record)) + "\n").encode())
+
+    def _soft_reset(self, before: bytes, offset: int, size: int) -> bool:
+        """Whether this write took the function from D3hot to D0 without No_Soft_Reset:
+        that transition resets it (PCI PM 1.2 §3.2.4, No_Soft_Reset), the kernel's ``pm`` reset."""
+        if self._pmcsr is None or not offset <= self._pmcsr < offset + size:
+            return False
+        old, new = before[self._pmcsr], self._mm[self._pmcsr]
+        return (old & PMCSR_STATE == D3HOT and new & PMCSR_STATE == D0
+                and not old & PM_NO_SOFT_RESET)
 
     # --- simulation-only -------------------------------------------------
 
@@ -234,10 +272,62 @@ class SimDevice:
         with self._locked(fcntl.LOCK_EX):
             self._mm[offset:offset + size] = data
 
-    def reset(self) -> None:
-        """Return to the config the device was created with (a reset plus state restore); not logged."""
+    def alone_on_bus(self) -> bool:
+        """Below a simulated bridge with no other function on its bus."""
+        real = Path(os.path.realpath(self.path))
+        if not (real.parent / MODEL_FILE).is_file():
+            return False                  # on the root bus
+        return not any(p.name != str(self.bdf) and (p / MODEL_FILE).is_file()
+                       for p in real.parent.iterdir())
+
+    def reset_methods(self) -> tuple[str, ...]:
+        """The methods the kernel tries, in order (sysfs ``reset_method``)."""
+        try:
+            return tuple((self.path / RESET_METHOD).read_text().split())
+        except FileNotFoundError:
+            return reset_methods(self.config_bytes(), self.alone_on_bus())
+
+    def set_reset_methods(self, methods: tuple[str, ...] | None) -> None:
+        """What an administrator writes to ``reset_method`` (None: the default)."""
+        if methods is None:
+            (self.path / RESET_METHOD).unlink(missing_ok=True)
+        else:
+            (self.path / RESET_METHOD).write_text(" ".join(methods) + "\n")
+
+    def fail_resets(self, how: str | None) -> None:
+        """Make every reset fail ``how`` (see the module docstring); None: resets work again."""
+        if how is None:
+            (self.path / RESET_FAIL).unlink(missing_ok=True)
+        elif how not in RESET_FAILURES:
+            raise ValueError(f"reset failure {how!r} not in {RESET_FAILURES}")
+        else:
+            (self.path / RESET_FAIL).write_text(how)
+
+    def function_reset(self) -> None:
+        """What any reset does to the function: every register back to its power-on value."""
         with self._locked(fcntl.LOCK_EX):
             self._mm[:] = self._power_on
+
+    def reset(self) -> None:
+        """The kernel's reset (sysfs ``reset``, pci_reset_function): the function's config
+        is saved, the function reset by its first method, and the saved config written back
+        (:func:`.hwmodel.kernel_restore`); not logged, as the kernel's own accesses are not
+        ours.  FileNotFoundError without a method (the kernel hides ``reset``), OSError
+        ENOTTY when it fails."""
+        if not self.reset_methods():
+            raise FileNotFoundError(errno.ENOENT, "no reset method", str(self.path / "reset"))
+        try:
+            failure = (self.path / RESET_FAIL).read_text().strip()
+        except FileNotFoundError:
+            failure = ""
+        with self._locked(fcntl.LOCK_EX):
+            saved = bytes(self._mm)
+            if failure in ("dead", "silent"):
+                self._mm[:] = b"\xff" * len(self._mm)
+            elif not failure:
+                self._mm[:] = kernel_restore(self.model, saved, self._power_on)
+        if failure in ("error", "dead"):
+            raise OSError(errno.ENOTTY, os.strerror(errno.ENOTTY))
 
     def config_bytes(self) -> bytes:
         """Snapshot of the whole config space."""

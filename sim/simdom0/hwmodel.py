@@ -16,7 +16,7 @@ from pcibackd.wire.pciregs import (
     HEADER_TYPE_MASK, STATUS, STATUS_CAP_LIST)
 from pcibackd.hostpci.port import Resource
 from simdom0.hwspec import U32, Ctx, HwReg, mask_value
-from simdom0.hwtables import EXTENDED_CAPS, HEADER_COMMON, HEADER_TABLES, HOOKS, LEGACY_CAPS
+from simdom0.hwtables import EXTENDED_CAPS, HEADER_COMMON, HEADER_TABLES, HOOKS, LEGACY_CAPS, RESET_METHODS
 
 CAP_POINTER = {0: CAPABILITY_LIST, 1: CAPABILITY_LIST, 2: CARDBUS_CAPABILITY_LIST}  # by header type
 MAX_CAPS = 64                                # bounds a looped list
@@ -180,3 +180,36 @@ def power_on_config(cfg: bytes, model: Model) -> bytes:
     for off, (size, value) in model.initial.items():
         out[off:off + size] = value.to_bytes(size, "little")
     return bytes(out)
+
+
+def reset_methods(cfg: bytes, alone_on_bus: bool) -> tuple[str, ...]:
+    """The reset methods a function with config ``cfg`` offers, in the kernel's order."""
+    caps = find_capabilities(cfg)
+    return tuple(name for name, has in RESET_METHODS if has(cfg, caps, alone_on_bus))
+
+
+# What the kernel's pci_save_state keeps and pci_restore_state writes back around a
+# reset of a function no dom0 driver uses (no MSI state of its own): the header dwords
+# and the PCIe control registers, by the name the model gives them.
+KERNEL_SAVED_PCIE = ("devctl", "lnkctl", "sltctl", "rootctl", "devctl2", "lnkctl2")
+
+
+def kernel_restore(model: Model, saved: bytes, now: bytes) -> bytes:
+    """``now`` after the kernel wrote back what it saved (``saved``) around a reset:
+    the PCIe control registers, then the header dwords that differ, in its order."""
+    cfg = bytearray(now)
+
+    def put(offset: int, size: int) -> None:
+        want = int.from_bytes(saved[offset:offset + size], "little")
+        if int.from_bytes(cfg[offset:offset + size], "little") != want:
+            cfg[offset:offset + size] = model.apply(bytes(cfg), offset, size, want)
+
+    for f in model.fields:
+        if f.name.startswith("pcie@") and f.name.split(".")[-1] in KERNEL_SAVED_PCIE:
+            put(f.offset, f.size)
+    bridge = saved[HEADER_TYPE] & HEADER_TYPE_MASK == 1
+    order = ((12, 16), (9, 12), (0, 9)) if bridge else ((10, 16), (4, 10), (0, 4))
+    for first, end in order:
+        for dword in reversed(range(first, end)):
+            put(dword * 4, 4)
+    return bytes(cfg)

@@ -10,7 +10,11 @@ Sources (section numbers of the public specifications):
   windows, secondary status, bridge control).
 * PCI Bus Power Management Interface 1.2 §3.2 (PMC, PMCSR).
 * PCI Express Base 4.0 §7.5.3 (PCI Express capability), §7.8.4 (AER),
-  §7.7.7 (ACS), §7.8.7 (ARI), §9.3.3 (SR-IOV).
+  §7.7.7 (ACS), §7.8.7 (ARI), §9.3.3 (SR-IOV), §6.6.2 (Function Level Reset).
+* PCI Advanced Features capability ECN (conventional-PCI FLR).
+
+The reset methods a function offers (:data:`RESET_METHODS`) are facts of the
+same specifications, evaluated on the function's config bytes.
 
 Simplifications (hardware may hard-wire more bits than this): command bits are
 the conventional-PCI set for every function; the I/O window and I/O BAR
@@ -131,6 +135,8 @@ HEADER_TABLES = {0: HEADER_TYPE0, 1: HEADER_TYPE1, 2: ()}   # CardBus: common re
 
 # --- legacy capabilities ------------------------------------------------------
 
+CAP_AF = 0x13                     # Advanced Features (PCI AF ECN)
+
 # PM (PCI PM 1.2 §3.2.4): PowerState 1:0 RW (unsupported states discarded by a
 # hook), PME_En (8) RW, PME_Status (15) RW1C; No_Soft_Reset, Data_Scale RO.
 PM_REGS = (
@@ -222,9 +228,14 @@ PCIE_REGS = (
     HwReg("rootsta", 0x20, 4, rw1c=0x0001_0000,
           when=lambda ctx: _pcie_type(ctx) in PCIE_ROOT_REGS),
     HwReg("devctl2", 0x28, 2, rw=0xF7FF, when=lambda ctx: (ctx.u16(PCIE_FLAGS) & 0xF) >= 2),
+    # target speed 3:0, enter compliance 4, HW autonomous speed disable 5, margin 9:7,
+    # modified compliance 10, compliance SOS 11, de-emphasis 15:12 (6 is RO)
+    HwReg("lnkctl2", 0x30, 2, rw=0xFFBF,
+          when=lambda ctx: (ctx.u16(PCIE_FLAGS) & 0xF) >= 2 and _pcie_type(ctx) not in PCIE_NO_LINK),
 )
 
 LEGACY_CAPS: dict[int, tuple[str, tuple[HwReg, ...]]] = {
+    CAP_AF: ("af", ()),                  # Initiate FLR reads 0: nothing to keep
     CAP_PM: ("pm", PM_REGS),
     CAP_VPD: ("vpd", VPD_REGS),
     CAP_MSI: ("msi", MSI_REGS),
@@ -300,6 +311,51 @@ EXTENDED_CAPS: dict[int, tuple[str, tuple[HwReg, ...]]] = {
     EXT_CAP_ARI: ("ari", ARI_REGS),
     EXT_CAP_SRIOV: ("sriov", SRIOV_REGS),
 }
+
+
+# --- reset methods ---------------------------------------------------------------
+
+PCIE_DEVCAP_FLR = 1 << 28         # PCIe 4.0 §7.5.3.3: Function Level Reset Capability
+AF_TP_FLR = 0x03                  # AF capabilities byte (cap + 3): TP (0) and FLR (1) capable
+PM_NO_SOFT_RESET = 0x0008         # PM 1.2 §3.2.4: D3hot -> D0 keeps the function's state
+
+
+def _cap_at(cfg: bytes, caps, cap_id: int) -> int | None:
+    return next((c.offset for c in caps if c.kind == "legacy" and c.cap_id == cap_id), None)
+
+
+def _u(cfg: bytes, offset: int, size: int) -> int:
+    return int.from_bytes(cfg[offset:offset + size], "little")
+
+
+def _has_flr(cfg: bytes, caps, alone: bool) -> bool:
+    pcie = _cap_at(cfg, caps, CAP_PCIE)
+    return pcie is not None and bool(_u(cfg, pcie + 4, 4) & PCIE_DEVCAP_FLR)
+
+
+def _has_af_flr(cfg: bytes, caps, alone: bool) -> bool:
+    af = _cap_at(cfg, caps, CAP_AF)
+    return af is not None and cfg[af + 3] & AF_TP_FLR == AF_TP_FLR
+
+
+def _has_pm_reset(cfg: bytes, caps, alone: bool) -> bool:
+    pm = _cap_at(cfg, caps, CAP_PM)
+    return pm is not None and not _u(cfg, pm + PM_CTRL, 2) & PM_NO_SOFT_RESET
+
+
+def _has_bus_reset(cfg: bytes, caps, alone: bool) -> bool:
+    # a secondary bus reset (bridge control bit 6) resets everything below the bridge
+    return alone and cfg[HEADER_TYPE] & HEADER_TYPE_MASK == 0
+
+
+# (kernel's name, whether the function has it from (config, capabilities, alone on its bus)),
+# in the order the kernel prefers them
+RESET_METHODS: tuple[tuple[str, Callable[[bytes, list, bool], bool]], ...] = (
+    ("flr", _has_flr),
+    ("af_flr", _has_af_flr),
+    ("pm", _has_pm_reset),
+    ("bus", _has_bus_reset),
+)
 
 
 # --- value-dependent hooks ------------------------------------------------------

@@ -133,10 +133,13 @@ def test_list(guests):
 
 def test_devices(guests):
     dom0, _ = guests
-    assert rows(ok(dom0, "devices")) == [["BDF", "HELD", "BY"], [EDU, "1"], [TESTDEV, "2"], [SPARE, "-"],
-                                          [E1000E, "1"]]
-    assert ok_json(dom0, "devices") == [{"bdf": EDU, "held_by": 1}, {"bdf": TESTDEV, "held_by": 2},
-                                        {"bdf": SPARE, "held_by": None}, {"bdf": E1000E, "held_by": 1}]
+    assert rows(ok(dom0, "devices")) == [["BDF", "HELD", "BY", "LAST", "RESET", "QUARANTINED"],
+                                          [EDU, "1", "-", "-"], [TESTDEV, "2", "-", "-"], [SPARE, "-", "-", "-"],
+                                          [E1000E, "1", "-", "-"]]
+    free = {"reset": None, "quarantined": False}
+    assert ok_json(dom0, "devices") == [{"bdf": EDU, "held_by": 1, **free}, {"bdf": TESTDEV, "held_by": 2, **free},
+                                        {"bdf": SPARE, "held_by": None, **free},
+                                        {"bdf": E1000E, "held_by": 1, **free}]
 
 
 # -------------------------------------------------------------- restart --

@@ -54,6 +54,16 @@ class FakeDaemon:
     def assignable(self):
         return [BDF.parse("0000:00:05.0"), BDF.parse("0000:00:07.0")]
 
+    release_records: dict = {}
+
+    def releases(self):
+        return dict(self.release_records)
+
+    def clear_quarantine(self, bdf):
+        record, quarantined = self.release_records.get(bdf, (None, False))
+        self.release_records = {**self.release_records, bdf: (record, False)}
+        return quarantined
+
     def restart(self, domid):
         self.restarted.append(domid)
         return any(g.domid == domid for g in self.guest_list)
@@ -305,7 +315,8 @@ def test_client_not_running_and_stale_socket(runtime):
 
 # ------------------------------------------------------------ registry --
 def test_registry_one_module_per_command_docstring_is_help(capsys):
-    assert set(COMMANDS) == {"status", "list", "devices", "restart", "permissive", "policy-reload", "log-level"}
+    assert set(COMMANDS) == {"status", "list", "devices", "restart", "permissive", "policy-reload", "log-level",
+                             "quarantine-clear"}
     for name, cmd in COMMANDS.items():
         assert cmd.execute.__module__ == f"pcibackd.control.commands.{name.replace('-', '_')}"
         assert cmd.doc == __import__(cmd.execute.__module__, fromlist=["x"]).__doc__.strip()
@@ -358,7 +369,7 @@ def test_renderers_of_empty_results():
     assert COMMANDS["list"].render([{"domid": 3, "worker_state": "RUNNING", "xenbus_state": None,
                                      "devices": []}]).splitlines()[1].split() == ["3", "RUNNING", "-", "-", "-"]
     assert COMMANDS["devices"].render([{"bdf": "0000:00:07.0", "held_by": None}]).splitlines()[1].split() == \
-        ["0000:00:07.0", "-"]
+        ["0000:00:07.0", "-", "-", "-"]
 
 
 GUEST_KEYS = {"domid", "worker_state", "pid", "adopted", "restarts", "last_exit", "xenbus_state", "connected",
@@ -389,7 +400,43 @@ def test_list_and_devices_read_the_reports(server):
          "devices": [{"bdf": "0000:00:05.0", "vbdf": "0000:00:00.0"}, {"bdf": "0000:02:00.0", "vbdf": "0000:00:01.0"}]},
         {"domid": 2, "worker_state": "RUNNING", "xenbus_state": None, "devices": []}]
     assert dispatch(server, {"id": 1, "command": "devices"})["result"] == [
-        {"bdf": "0000:00:05.0", "held_by": 1}, {"bdf": "0000:00:07.0", "held_by": None}]
+        {"bdf": "0000:00:05.0", "held_by": 1, "reset": None, "quarantined": False},
+        {"bdf": "0000:00:07.0", "held_by": None, "reset": None, "quarantined": False}]
+
+
+def test_devices_shows_the_last_reset_and_a_quarantine_only_force_clears(server):
+    from pcibackd.hostpci.release import ReleaseRecord
+    ok = ReleaseRecord("0000:00:05.0", "flr", True, restored=("header.0x04",), when=1.0)
+    bad = ReleaseRecord("0000:00:09.0", "pm", False, "every method failed (ENOTTY)", when=2.0)
+    server.face.release_records = {BDF.parse(ok.bdf): (ok, False), BDF.parse(bad.bdf): (bad, True)}
+    result = dispatch(server, {"id": 1, "command": "devices"})["result"]
+    assert [(d["bdf"], d["reset"] and (d["reset"]["method"], d["reset"]["result"]), d["quarantined"])
+            for d in result] == [("0000:00:05.0", ("flr", "ok"), False), ("0000:00:07.0", None, False),
+                                 ("0000:00:09.0", ("pm", "failed"), True)]   # quarantined, even if not assignable
+    rows = [line.split() for line in COMMANDS["devices"].render(result).splitlines()]
+    assert rows[0] == ["BDF", "HELD", "BY", "LAST", "RESET", "QUARANTINED"]
+    assert rows[1:] == [["0000:00:05.0", "1", "flr", "ok", "-"], ["0000:00:07.0", "-", "-", "-"],
+                        ["0000:00:09.0", "-", "pm", "failed", "yes"]]
+    clear = {"id": 2, "command": "quarantine-clear", "args": {"bdf": "0000:00:09.0", "force": False}}
+    rep = dispatch(server, clear)
+    assert rep["errno"] == Errno.BAD_ARGUMENTS and "--force" in rep["reason"] and "ENOTTY" in rep["reason"]
+    assert server.face.release_records[BDF.parse(bad.bdf)][1]             # still quarantined
+    rep = dispatch(server, {**clear, "args": {"bdf": "0000:00:09.0", "force": "yes"}})
+    assert rep["errno"] == Errno.BAD_ARGUMENTS                            # a flag is a JSON boolean
+    rep = dispatch(server, {**clear, "args": {"bdf": "0000:00:09.0", "force": True}})
+    assert rep["status"] == "ok" and not server.face.release_records[BDF.parse(bad.bdf)][1]
+    rep = dispatch(server, {**clear, "args": {"bdf": "0000:00:05.0", "force": True}})
+    assert rep["errno"] == Errno.NOT_FOUND                                # never quarantined
+
+
+def test_quarantine_clear_cli_sends_force_only_when_given(monkeypatch):
+    sent = []
+    monkeypatch.setattr(cli, "call", lambda rt, name, args, *a, **kw: sent.append((name, args)) or
+                        {"status": "ok", "result": {"bdf": "0000:00:09.0", "method": "pm", "detail": ""}})
+    assert cli.main(["quarantine", "clear", "0000:00:09.0"]) == 0
+    assert cli.main(["quarantine", "clear", "--force", "0000:00:09.0"]) == 0
+    assert sent == [("quarantine-clear", {"bdf": "0000:00:09.0", "force": False}),
+                    ("quarantine-clear", {"bdf": "0000:00:09.0", "force": True})]
 
 
 def test_status_fills_process_figures(server):

@@ -14,7 +14,7 @@ from pcibackd.hostpci.sysfs import SysfsDevice
 from pcibackd.wire.bdf import BDF
 from simdom0.hostpci import SimHost
 from simdom0.platform import SimPlatform
-from pcibackd.hostpci.release import HEADER_SIZE, capture_header, restore_header
+from pcibackd.hostpci.release import HEADER_SIZE, SavedState, capture_header, read_records, restore_header
 
 BDF_ = BDF(0, 0x42, 3, 0)
 
@@ -132,27 +132,33 @@ def test_header_captured_at_first_export_survives_a_worker_restart(simdir, tmp_p
     pristine = capture_header(dev)
     first = _devices(simdir, tmp_path)
     first.export([(BDF_, BDF(0, 0, 0, 0))], {})
-    assert first._orig_path(BDF_).read_bytes() == pristine
+    assert SavedState.from_bytes(first._orig_path(BDF_).read_bytes()).header == pristine
     _guest_scribbles(dev)
     first.close(forget_state=False)                     # the worker dies; the guest stays
     successor = _devices(simdir, tmp_path)
     successor.export([(BDF_, BDF(0, 0, 0, 0))], {}, resume=True)
-    assert successor._orig_path(BDF_).read_bytes() == pristine      # not the guest's settings
+    saved = SavedState.from_bytes(successor._orig_path(BDF_).read_bytes())
+    assert saved.header == pristine                     # not the guest's settings
     successor.close(forget_state=True)                  # the guest goes
-    assert capture_header(dev) == pristine and not successor._orig_path(BDF_).exists()
+    assert capture_header(dev) == _without_bus_master(pristine)
+    assert not successor._orig_path(BDF_).exists()
 
 
 def test_release_with_a_stale_or_missing_header_changes_nothing_and_goes_on(simdir, tmp_path):
     host = SimHost(simdir / "pci")
     dev, other = host.add("edu", BDF_), host.add("pci-testdev", BDF(0, 0x42, 4, 0))
     devices = _devices(simdir, tmp_path)
-    power_on = dev.config_bytes()
     _guest_scribbles(dev)
+    scribbled = dev.config_bytes()
     write_atomic(devices._orig_path(BDF_), capture_header(other))   # the address was reused
     devices._release(BDF_, dev)
     assert not devices._orig_path(BDF_).exists()        # discarded: the next export captures afresh
-    devices._release(BDF_, dev)                         # nothing saved at all: logged, no exception
-    assert dev.config_bytes() == power_on               # the reset itself still ran
+    record, quarantined = read_records(devices.state_dir)[BDF_]
+    assert "not this function's" in record.restore_error and not quarantined
+    devices._release(BDF_, dev)                         # nothing saved at all: recorded, no exception
+    record, quarantined = read_records(devices.state_dir)[BDF_]
+    assert "no saved state" in record.restore_error and record.method == "none" and not quarantined
+    assert dev.config_bytes() == scribbled              # edu has no reset, and nothing was restored
 
 
 def test_a_function_that_does_not_answer_leaves_no_header_to_restore(simdir, tmp_path, monkeypatch):
@@ -161,7 +167,7 @@ def test_a_function_that_does_not_answer_leaves_no_header_to_restore(simdir, tmp
 
     def gone(port):
         raise ValueError("the function does not answer config reads (vendor ID 0xffff)")
-    monkeypatch.setattr(devices_mod, "capture_header", gone)
+    monkeypatch.setattr(devices_mod, "capture_state", gone)
     devices = _devices(simdir, tmp_path)
     devices.export([(BDF_, BDF(0, 0, 0, 0))], {})       # the export itself goes on
     assert not devices._orig_path(BDF_).exists()

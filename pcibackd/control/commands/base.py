@@ -34,13 +34,17 @@ class CommandError(Exception):
 @dataclass(frozen=True)
 class Arg:
     name: str
-    type: type                       # int or str
+    type: type                       # int, str, or bool (a --NAME flag on the command line)
     help: str
     choices: tuple[str, ...] | None = None
     metavar: str | None = None
 
     def check(self, untrusted):
         """The validated value, or CommandError(BAD_ARGUMENTS)."""
+        if self.type is bool:
+            if not isinstance(untrusted, bool):
+                raise CommandError(Errno.BAD_ARGUMENTS, f"{self.name} must be true or false")
+            return untrusted
         if self.type is int:
             if not isinstance(untrusted, int) or isinstance(untrusted, bool):
                 raise CommandError(Errno.BAD_ARGUMENTS, f"{self.name} must be an integer")

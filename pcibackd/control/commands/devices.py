@@ -1,7 +1,10 @@
-"""List the assignable PCI devices of this host and which guest holds each.
+"""List the assignable PCI devices of this host, which guest holds each, and how its last reset went.
 
 Assignable: bound to pciback or pci-stub on a Xen dom0; every simulated
 function on the simulated platform.  HELD BY is the domid, "-" when free.
+LAST RESET is the method the last release used ("none": the function has
+no reset method) and its result.  QUARANTINED "yes": that reset failed, and
+no guest gets the function until ``pcibackctl quarantine clear --force BDF``.
 
   {"command": "devices", "args": {}}
 """
@@ -15,10 +18,30 @@ NAME = "devices"
 ARGS = ()
 
 
+def _reset(record) -> dict | None:
+    if record is None:
+        return None
+    return {"method": record.method, "result": record.result, "detail": record.detail,
+            "restored": len(record.restored), "restore_error": record.restore_error, "when": record.when}
+
+
 def execute(face: DaemonFace, args: dict) -> list[dict]:
     held = {d.bdf: g.domid for g in face.guests() for d in g.devices}
-    return [{"bdf": str(b), "held_by": held.get(b)} for b in face.assignable()]
+    releases = face.releases()
+    bdfs = list(face.assignable())
+    bdfs += sorted(b for b, (_, quarantined) in releases.items() if quarantined and b not in bdfs)
+    out = []
+    for b in bdfs:
+        record, quarantined = releases.get(b, (None, False))
+        out.append({"bdf": str(b), "held_by": held.get(b), "reset": _reset(record), "quarantined": quarantined})
+    return out
+
+
+def _last_reset(reset: dict | None) -> str:
+    return "-" if reset is None else f"{reset['method']} {reset['result']}"
 
 
 def render(result: list[dict]) -> str:
-    return table(["BDF", "HELD BY"], [[d["bdf"], dash(d.get("held_by"))] for d in result])
+    return table(["BDF", "HELD BY", "LAST RESET", "QUARANTINED"],
+                 [[d["bdf"], dash(d.get("held_by")), _last_reset(d.get("reset")),
+                   "yes" if d.get("quarantined") else "-"] for d in result])

@@ -119,7 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     if ns.json:
         print(json.dumps(rep["result"], indent=2, sort_keys=True))
     else:
-        print(cmd.render(rep["result"]))
+        try:
+            out = cmd.render(rep["result"])
+        except RuntimeError as exc:       # e.g. an optional library the command needs is missing
+            return _fail(False, "UNAVAILABLE", None, str(exc), EXIT_FAILED, str(exc))
+        print(out)
     return EXIT_OK
 
 

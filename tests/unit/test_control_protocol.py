@@ -310,7 +310,8 @@ def test_client_not_running_and_stale_socket(runtime):
 
 # ------------------------------------------------------------ registry --
 def test_registry_one_module_per_command_docstring_is_help(capsys):
-    assert set(COMMANDS) == {"status", "list", "devices", "restart", "permissive", "policy-reload", "log-level"}
+    assert set(COMMANDS) == {"status", "list", "devices", "restart", "permissive", "policy-reload", "log-level",
+                             "metrics"}
     for name, cmd in COMMANDS.items():
         assert cmd.execute.__module__ == f"pcibackd.control.commands.{name.replace('-', '_')}"
         assert cmd.doc == __import__(cmd.execute.__module__, fromlist=["x"]).__doc__.strip()
@@ -352,7 +353,7 @@ def test_status_render_latency_dash_until_workers_report_it():
     assert head == ["DOMID", "NAME", "XENBUS", "WORKER", "PID", "RESTARTS", "RSS", "USS", "CPU", "CPU%", "OPS",
                     "MISSES", "ERRORS", "P50", "P99"]
     row1 = next(line.split() for line in lines if line.startswith("1 ") and "RUNNING" in line)
-    assert row1 == ["1", "guest1", "Connected", "RUNNING", "1001", "0", "30.0M", "8.0M", "1.5s", "-", "10", "7",
+    assert row1 == ["1", "guest1", "Connected", "RUNNING", "1001", "0", "30.0M", "8.0M", "1.50s", "-", "10", "7",
                     "1", "-", "-"]                    # CPU% needs a window of beats; P50, P99 unknown
     row2 = next(line for line in lines if line.startswith("2 ") and "FATAL" in line)
     assert "12us" in row2 and "2.5ms" in row2

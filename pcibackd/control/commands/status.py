@@ -71,6 +71,10 @@ def _latency(g: dict, key: str) -> str:
     return dash(lat.get(key), micros)
 
 
+def _seconds(v: float) -> str:
+    return f"{v:.2f}s" if v < 10 else f"{v:.1f}s" if v < 600 else duration(v)
+
+
 def _msi(dev: dict) -> str:
     msi = dev.get("msi")
     return f"pirq {msi}" if msi is not None else "off"
@@ -110,7 +114,7 @@ def render(result: dict) -> str:
         misses, errors = Totals.summed(g.get("misses", {})), Totals.summed(g.get("errors", {}))
         rows.append([g["domid"], g.get("name") or "-", xenbus_name(g.get("xenbus_state")), g["worker_state"],
                      dash(g.get("pid")), g["restarts"], dash(g.get("rss"), size), dash(g.get("uss"), size),
-                     dash(g.get("cpu_seconds"), lambda v: f"{v:.1f}s"),
+                     dash(g.get("cpu_seconds"), _seconds),
                      dash(g.get("cpu_percent"), lambda v: f"{v:.1f}%"), sum(g.get("served", {}).values()),
                      sum(misses.values()), sum(errors.values()), _latency(g, "p50"), _latency(g, "p99")])
         detail.append([g["domid"], counts(g.get("served", {})), counts(misses), counts(errors),

@@ -130,14 +130,14 @@ def test_status_without_guests(dom0):
 def test_list(guests):
     dom0, _ = guests
     assert rows(ok(dom0, "list")) == [
-        ["DOMID", "WORKER", "XENBUS", "HOST", "BDF", "GUEST", "BDF"],
-        ["1", "RUNNING", "Connected", EDU, "0000:00:00.0"],
-        ["1", "RUNNING", "Connected", E1000E, "0000:00:01.0"],
-        ["2", "RUNNING", "Initialised", TESTDEV, "0000:00:00.0"]]
+        ["DOMID", "NAME", "WORKER", "XENBUS", "HOST", "BDF", "GUEST", "BDF"],
+        ["1", "guest1", "RUNNING", "Connected", EDU, "0000:00:00.0"],
+        ["1", "guest1", "RUNNING", "Connected", E1000E, "0000:00:01.0"],
+        ["2", "guest2", "RUNNING", "Initialised", TESTDEV, "0000:00:00.0"]]
     assert ok_json(dom0, "list") == [
-        {"domid": 1, "worker_state": "RUNNING", "xenbus_state": 4,
+        {"domid": 1, "name": "guest1", "worker_state": "RUNNING", "xenbus_state": 4,
          "devices": [{"bdf": EDU, "vbdf": "0000:00:00.0"}, {"bdf": E1000E, "vbdf": "0000:00:01.0"}]},
-        {"domid": 2, "worker_state": "RUNNING", "xenbus_state": 3,
+        {"domid": 2, "name": "guest2", "worker_state": "RUNNING", "xenbus_state": 3,
          "devices": [{"bdf": TESTDEV, "vbdf": "0000:00:00.0"}]}]
 
 

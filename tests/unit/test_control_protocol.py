@@ -373,9 +373,10 @@ def test_status_header_shows_a_lost_xenstore():
 def test_renderers_of_empty_results():
     st = status_of()
     assert st["guests"] == [] and COMMANDS["status"].render(st).endswith("0 guest(s)")
-    assert COMMANDS["list"].render([]).split() == ["DOMID", "WORKER", "XENBUS", "HOST", "BDF", "GUEST", "BDF"]
-    assert COMMANDS["list"].render([{"domid": 3, "worker_state": "RUNNING", "xenbus_state": None,
-                                     "devices": []}]).splitlines()[1].split() == ["3", "RUNNING", "-", "-", "-"]
+    assert COMMANDS["list"].render([]).split() == ["DOMID", "NAME", "WORKER", "XENBUS", "HOST", "BDF", "GUEST",
+                                                   "BDF"]
+    assert COMMANDS["list"].render([{"domid": 3, "name": "", "worker_state": "RUNNING", "xenbus_state": None,
+                                     "devices": []}]).splitlines()[1].split() == ["3", "-", "RUNNING", "-", "-", "-"]
     assert COMMANDS["devices"].render([{"bdf": "0000:00:07.0", "held_by": None}]).splitlines()[1].split() == \
         ["0000:00:07.0", "-"]
 
@@ -408,9 +409,9 @@ def test_status_json_shape():
 def test_list_and_devices_read_the_reports(server):
     server.face.guest_list = [guest(1, devices=["0000:00:05.0", "0000:02:00.0"]), guest(2, beat=False)]
     assert dispatch(server, {"id": 1, "command": "list"})["result"] == [
-        {"domid": 1, "worker_state": "RUNNING", "xenbus_state": 4,
+        {"domid": 1, "name": "guest1", "worker_state": "RUNNING", "xenbus_state": 4,
          "devices": [{"bdf": "0000:00:05.0", "vbdf": "0000:00:00.0"}, {"bdf": "0000:02:00.0", "vbdf": "0000:00:01.0"}]},
-        {"domid": 2, "worker_state": "RUNNING", "xenbus_state": None, "devices": []}]
+        {"domid": 2, "name": "guest2", "worker_state": "RUNNING", "xenbus_state": None, "devices": []}]
     assert dispatch(server, {"id": 1, "command": "devices"})["result"] == [
         {"bdf": "0000:00:05.0", "held_by": 1}, {"bdf": "0000:00:07.0", "held_by": None}]
 

@@ -111,3 +111,14 @@ def test_totals_never_go_down(steps):
         now = _flat(t.totals(float(i)))
         assert all(now.get(k, 0) >= v for k, v in before.items()), (before, now)
         before = now
+
+
+def test_a_guest_record_feeds_its_tally_and_shows_totals():
+    from pcibackd.daemon.guests import Guest
+    g = Guest(1, "p", name="web")
+    assert g.info(0.0).totals is None and g.info(0.0).name == "web"
+    g.report = beat(10, reads=3, denied=1)
+    g.report = beat(11, reads=2, denied=1)
+    info = g.info(0.0)
+    assert info.totals.served == {"conf_read": 5} and info.report.pid == 11
+    assert [(str(d.bdf), d.denied_writes) for d in info.devices] == [(str(DEV), 1)]

@@ -5,9 +5,9 @@ metric families; :func:`text` prints them in the Prometheus text format (what
 node_exporter's textfile collector reads) or OpenMetrics.
 :class:`MetricsListener` serves them over HTTP (``pcibackd run --metrics-listen
 ADDR``) from a thread: the supervisor's loop owns its tables, so the thread
-never reads them; it asks the loop for a fresh snapshot (published from
-:meth:`MetricsListener.publish_if_wanted`, at most half a second later) and
-serves the last one it has if none comes in time.
+never reads them; each scrape asks the loop for a snapshot (published from
+:meth:`MetricsListener.publish_if_wanted`: the loop wakes at least every half
+second) and serves the last one it has if none comes in time.
 
 Every series is labelled ``domid`` and ``name`` (the domain's name); counters
 add up all of a guest's workers, so they only go back to zero when pcibackd
@@ -126,7 +126,6 @@ class _Quiet(WSGIRequestHandler):
 class MetricsListener:
     """Serves the metrics over HTTP from a thread (see the module docstring)."""
 
-    FRESH = 1.0        # seconds a snapshot counts as fresh
     WAIT = 2.0         # seconds a scrape waits for the loop before serving an older snapshot
 
     def __init__(self, addr: str):
@@ -165,11 +164,12 @@ class MetricsListener:
             self._fresh.notify_all()
 
     def collect(self) -> Iterator[Metric]:
-        """From the HTTP thread (the registry's collector): the freshest snapshot."""
+        """From the HTTP thread (the registry's collector): a snapshot taken after the
+        scrape came, or the last one if the loop does not publish within :data:`WAIT`."""
+        asked = time.monotonic()
         with self._fresh:
-            if time.monotonic() - self._at > self.FRESH:
-                self._wanted.set()
-                self._fresh.wait_for(lambda: time.monotonic() - self._at <= self.FRESH, timeout=self.WAIT)
+            self._wanted.set()
+            self._fresh.wait_for(lambda: self._at >= asked, timeout=self.WAIT)
             data = self._data
         return families(data) if data is not None else iter(())
 

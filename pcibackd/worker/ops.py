@@ -1,8 +1,9 @@
 """The request-page op dispatcher: an op's bytes in, a reply out.
 
 I/O-injected: apart from a rate-limited log line for errors this module does
-no I/O of its own, but :meth:`Dispatcher.dispatch` runs the guest-visible device (a ConfSpace) synchronously, and that reaches the
-hardware through the HostPort it was built on.
+no I/O of its own, but :meth:`Dispatcher.dispatch` runs the guest-visible
+device (a ConfSpace) synchronously, and that reaches the hardware through the
+HostPort it was built on.
 
 XSA-155: the loop copies ``xen_pci_op`` out of the shared page ONCE
 (:func:`snapshot_op`) and everything here works on that private copy; the

@@ -258,3 +258,10 @@ def test_cli_prints_an_error_when_render_is_unavailable(monkeypatch, capsys):
     assert "needs prometheus_client" in capsys.readouterr().err
     assert cli.main(["metrics", "--json"]) == 0
     assert '"pool_size": 0' in capsys.readouterr().out
+
+
+def test_pcibackd_run_refuses_a_bad_metrics_address(capsys, tmp_path):
+    from pcibackd import cli as daemon_cli
+    with pytest.raises(SystemExit) as exc:
+        daemon_cli.main(["run", "--platform", f"sim:{tmp_path}", "--metrics-listen", "9477"])
+    assert exc.value.code == 2 and "expected HOST:PORT" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import zmq
+from loguru import logger
 
 from pcibackd import __version__
 from pcibackd.common import logs
@@ -17,6 +18,11 @@ from pcibackd.daemon.arbiter import Supervisor
 from pcibackd.daemon.config import DaemonConfig
 from pcibackd.platform.api import PlatformError
 from pcibackd.platform.select import NotADom0, default_spec
+
+try:
+    from pcibackd.control import exposition
+except ImportError:                # prometheus_client is an optional extra
+    exposition = None
 
 EPILOG = """\
 examples:
@@ -42,6 +48,9 @@ def _run_parser(sub) -> None:
     p.add_argument("--heartbeat-timeout", type=float,
                    help="kill and replace a worker silent this long, seconds (default 1.0; raise on slow emulators)")
     p.add_argument("--foreground", action="store_true", help="accepted for compatibility; always foreground")
+    p.add_argument("--metrics-listen", metavar="ADDR",
+                   help="serve Prometheus metrics over HTTP on HOST:PORT (e.g. 127.0.0.1:9477; needs "
+                        "prometheus_client, the 'metrics' extra); default: off")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,13 +63,34 @@ def main(argv: list[str] | None = None) -> int:
     return _run(args, parser)
 
 
-def control_opener(cfg: DaemonConfig):
+def control_opener(cfg: DaemonConfig, metrics_listen: str | None = None):
     """How the supervisor makes its control endpoint, once its ZeroMQ context
-    exists (the daemon package does not know the control package)."""
+    exists (the daemon package does not know the control package); with
+    ``metrics_listen`` the endpoint also starts the HTTP metrics listener
+    (a thread: only once the supervisor's fork server runs)."""
     def open_control(zctx: zmq.Context, face: DaemonFace) -> ControlServer:
-        return ControlServer(zctx, Path(cfg.runtime_dir) / ENDPOINT_NAME, face,
-                             tcp=cfg.control_tcp, curve_dir=cfg.control_curve_dir)
+        metrics = _metrics_listener(metrics_listen) if metrics_listen else None
+        try:
+            return ControlServer(zctx, Path(cfg.runtime_dir) / ENDPOINT_NAME, face,
+                                 tcp=cfg.control_tcp, curve_dir=cfg.control_curve_dir, metrics=metrics)
+        except BaseException:
+            if metrics is not None:
+                metrics.close()
+            raise
     return open_control
+
+
+def _metrics_listener(addr: str):
+    if exposition is None:
+        raise ControlSetupError("--metrics-listen needs prometheus_client: pip install 'pcibackd[metrics]' "
+                                "(Debian: apt install python3-prometheus-client)")
+    listener = exposition.MetricsListener(addr)
+    try:
+        where = listener.start()
+    except OSError as exc:
+        raise ControlSetupError(f"--metrics-listen {addr}: {exc.strerror or exc}") from None
+    logger.info("metrics on {}", where)
+    return listener
 
 
 def _run(args, parser) -> int:
@@ -71,9 +101,14 @@ def _run(args, parser) -> int:
                                 log_level=args.log_level, heartbeat_timeout=args.heartbeat_timeout)
     except (OSError, ValueError) as exc:
         parser.error(str(exc))
+    if args.metrics_listen and exposition is not None:
+        try:
+            exposition.parse_address(args.metrics_listen)
+        except ValueError as exc:
+            parser.error(str(exc))
     try:
         cfg.platform = cfg.platform or default_spec()
-        supervisor = Supervisor(cfg, control_opener(cfg))
+        supervisor = Supervisor(cfg, control_opener(cfg, args.metrics_listen))
     except NotADom0 as exc:
         print(f"pcibackd: {exc}", file=sys.stderr)
         return 1
@@ -87,7 +122,7 @@ def _run(args, parser) -> int:
     try:
         return supervisor.run()
     except ControlSetupError as exc:
-        print(f"pcibackd: control socket: {exc}", file=sys.stderr)
+        print(f"pcibackd: control: {exc}", file=sys.stderr)
     except (ConnectionError, FileNotFoundError, TimeoutError) as exc:
         where = cfg.xenstored_path or "the default xenstored socket (or $XENSTORED_PATH)"
         print(f"pcibackd: cannot reach xenstored at {where}: {exc}", file=sys.stderr)

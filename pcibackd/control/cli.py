@@ -12,6 +12,10 @@ exit codes:
   5  the daemon did not answer in time
   6  no such guest or device
   7  the daemon is busy (too many requests waiting for workers)
+
+Errors name their cause symbolically (NOT_FOUND, TIMEOUT ...); with --json they
+are printed on stdout as {"error": {"name": ..., "errno": ..., "reason": ...,
+"exit_code": ...}} as well.
 """
 
 from __future__ import annotations
@@ -76,6 +80,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def errno_name(errno) -> str:
+    """The control protocol's error number by name (it is not a POSIX errno)."""
+    try:
+        return Errno(errno).name
+    except (ValueError, TypeError):
+        return f"ERROR_{errno}"
+
+
+def _fail(as_json: bool, name: str, errno: int | None, reason: str, exit_code: int, text: str) -> int:
+    """Report a failure: a line on stderr, and with --json an error object on stdout."""
+    if as_json:
+        print(json.dumps({"error": {"name": name, "errno": errno, "reason": reason, "exit_code": exit_code}},
+                         indent=2, sort_keys=True))
+    print(f"pcibackctl: {text}", file=sys.stderr)
+    return exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
@@ -90,19 +111,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rep = call(ns.runtime_dir, cmd.name, args, ns.timeout, endpoint=ns.endpoint, curve_dir=ns.curve_dir)
     except DaemonUnreachable as exc:
-        print(f"pcibackctl: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _fail(ns.json, exc.name, None, str(exc), exc.exit_code, str(exc))
     except CurveError as exc:
-        print(f"pcibackctl: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(ns.json, "CURVE_KEYS", None, str(exc), EXIT_USAGE, str(exc))
     if rep.get("status") != "ok":
-        errno = rep.get("errno")
-        print(f"pcibackctl: {' '.join(cmd.words)}: {rep.get('reason')} (errno {errno})", file=sys.stderr)
-        return ERRNO_EXIT.get(errno, EXIT_FAILED)
+        errno, reason = rep.get("errno"), str(rep.get("reason"))
+        name = errno_name(errno)
+        return _fail(ns.json, name, errno, reason, ERRNO_EXIT.get(errno, EXIT_FAILED),
+                     f"{' '.join(cmd.words)}: {reason} ({name})")
     if ns.json:
         print(json.dumps(rep["result"], indent=2, sort_keys=True))
     else:
-        print(cmd.render(rep["result"]))
+        try:
+            out = cmd.render(rep["result"])
+        except RuntimeError as exc:       # e.g. an optional library the command needs is missing
+            return _fail(False, "UNAVAILABLE", None, str(exc), EXIT_FAILED, str(exc))
+        print(out)
     return EXIT_OK
 
 

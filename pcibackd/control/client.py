@@ -26,18 +26,22 @@ class DaemonUnreachable(RuntimeError):
     """No reply; ``exit_code`` is pcibackctl's."""
 
     exit_code = 3
+    name = "UNREACHABLE"
 
 
 class NotRunning(DaemonUnreachable):
     exit_code = 3
+    name = "NOT_RUNNING"
 
 
 class AccessDenied(DaemonUnreachable):
     exit_code = 4
+    name = "ACCESS_DENIED"
 
 
 class NoAnswer(DaemonUnreachable):
     exit_code = 5
+    name = "NO_ANSWER"
 
 
 def ipc_endpoint(runtime_dir: str | Path) -> str:

@@ -33,6 +33,7 @@ BATCH = 64               # requests per wake-up: the supervisor loop has other w
 MAX_PENDING = 64         # requests waiting for workers at once
 SNDHWM = 64              # replies queued per client; further ones are dropped
 HANDSHAKE_MS = 5000      # a connection that never completes the ZMTP handshake is closed
+READ_ONLY = ("status", "list", "devices", "metrics")     # not logged: monitoring asks often
 
 
 class ControlSetupError(RuntimeError):
@@ -63,11 +64,14 @@ class ControlServer:
     ``ControlEndpoint``), which polls :attr:`sock` and calls :meth:`handle_ready`
     and :meth:`flush_pending` from its loop.  Commands act on ``face``.
 
-    ``tcp``: also listen there, CURVE only, for the client keys in ``curve_dir``."""
+    ``tcp``: also listen there, CURVE only, for the client keys in ``curve_dir``.
+    ``metrics``: an HTTP metrics listener (control/exposition.py) whose snapshots
+    this endpoint publishes from the supervisor's loop (in :meth:`flush_pending`)."""
 
     def __init__(self, zctx: zmq.Context, path: Path, face: DaemonFace, tcp: str | None = None,
-                 curve_dir: str | Path | None = None):
+                 curve_dir: str | Path | None = None, metrics=None):
         self.face = face
+        self.metrics = metrics
         self.path = Path(path)
         self.pending: dict[str, Pending] = {}
         self.auth = None
@@ -138,7 +142,7 @@ class ControlServer:
             if cmd is None:
                 raise BadRequest(Errno.UNKNOWN_COMMAND, f"unknown command {name[:40]!r}", req_id)
             args = cmd.check(untrusted_args)
-            if cmd.name not in ("status", "list", "devices"):
+            if cmd.name not in READ_ONLY:
                 logger.info("control: {} {}", cmd.name, args)
             result = cmd.execute(self.face, args)
             if isinstance(result, Pending):
@@ -187,7 +191,10 @@ class ControlServer:
             pending.replies[reply.domid] = Answer(reply.ok, reply.result)
 
     def flush_pending(self) -> None:
-        """Answer requests whose workers all replied or whose time is up."""
+        """Answer requests whose workers all replied or whose time is up (and publish
+        a metrics snapshot if a scrape waits for one)."""
+        if self.metrics is not None:
+            self.metrics.publish_if_wanted(self.face)
         now = time.monotonic()
         for key, p in list(self.pending.items()):
             if not p.done(now):
@@ -208,6 +215,9 @@ class ControlServer:
         return min((p.deadline for p in self.pending.values()), default=None)
 
     def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         if self.auth is not None:
             self.auth.stop()
             self.auth = None

@@ -35,6 +35,7 @@ from pcibackd.daemon.config import DaemonConfig
 from pcibackd.daemon.endpoint import OpenControl
 from pcibackd.daemon.guests import Guest, GuestEvent, describe_exit, exit_event
 from pcibackd.daemon.interrupts import Interrupts
+from pcibackd.daemon.names import domain_name
 from pcibackd.daemon.releases import ReleaseViews
 from pcibackd.daemon.spawner import Spawner
 from pcibackd.daemon.states import RestartPolicy, WorkerState
@@ -183,7 +184,7 @@ class Supervisor(ReleaseViews):
                     and self.xs.read(f"{path}/state") in (None, "1")):
                 del self._guests[domid]       # a new backend in the same place: serve it afresh
             if domid not in self._guests:
-                self._guests[domid] = guest = Guest(domid, path)
+                self._guests[domid] = guest = Guest(domid, path, name=domain_name(self.xs, domid))
                 if not adopt_live_worker(self.runtime, guest):
                     logger.info("new PCI backend for domain {}", domid)
                     self._start(guest)

@@ -14,11 +14,13 @@ from __future__ import annotations
 import enum
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 
 from loguru import logger
 
 from pcibackd.daemon.states import WorkerState
+from pcibackd.daemon.tally import Tally
 from pcibackd.daemon.views import GuestInfo
 from pcibackd.worker.link import WorkerReply, WorkerReport
 from pcibackd.worker.main import EXIT_DONE, EXIT_ORPHANED, EXIT_STOPPED
@@ -130,9 +132,22 @@ class Guest:
     started_at: float = 0.0
     restart_at: float = 0.0
     last_beat: float = 0.0
-    report: WorkerReport | None = None   # the last heartbeat
     last_exit: str = ""
+    name: str = ""                   # the domain's name in xenstore ("" if not known)
+    tally: Tally = field(default_factory=Tally, repr=False)   # counters over all its workers
+    _report: WorkerReport | None = field(default=None, init=False, repr=False)
     _state: WorkerState = field(default=WorkerState.NEW, init=False, repr=False)
+
+    @property
+    def report(self) -> WorkerReport | None:
+        """The last heartbeat; setting it also adds it to :attr:`tally`."""
+        return self._report
+
+    @report.setter
+    def report(self, msg: WorkerReport | None) -> None:
+        self._report = msg
+        if msg is not None:
+            self.tally.add(msg, time.monotonic())
 
     @property
     def state(self) -> WorkerState:
@@ -202,4 +217,5 @@ class Guest:
         return GuestInfo(domid=self.domid, state=self._state, pid=self.pid if alive else None,
                          adopted=self.adopted, restarts=self.restarts, last_exit=self.last_exit,
                          heartbeat_age=round(now - self.last_beat, 3) if alive else None, report=self.report,
-                         interrupts=interrupts)
+                         interrupts=interrupts, name=self.name,
+                         totals=self.tally.totals(now) if self._report is not None else None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pcibackd.daemon.states import WorkerState
+from pcibackd.daemon.tally import Totals
 from pcibackd.irq.function import Kind
 from pcibackd.irq.messages import Mapping
 from pcibackd.wire.bdf import BDF
@@ -39,9 +40,10 @@ class DeviceStatus:
     msix: tuple[tuple[int, int], ...] = ()       # (entry, PIRQ); empty: MSI-X off
 
     @classmethod
-    def of(cls, d: DeviceReport, m: Mapping | None) -> "DeviceStatus":
+    def of(cls, d: DeviceReport, m: Mapping | None, denied_writes: int | None = None) -> "DeviceStatus":
+        """``denied_writes``: the guest's total over its workers (None: the report's)."""
         held = m is not None and m.held
-        return cls(d.bdf, d.vbdf, d.permissive, d.denied_writes,
+        return cls(d.bdf, d.vbdf, d.permissive, d.denied_writes if denied_writes is None else denied_writes,
                    m.pirqs[0] if held and m.kind is Kind.msi else None,
                    tuple(zip(m.entries, m.pirqs)) if held and m.kind is Kind.msix else ())
 
@@ -62,10 +64,13 @@ class GuestInfo:
     heartbeat_age: float | None          # seconds since the last beat; None without a live worker
     report: WorkerReport | None          # the last heartbeat (None before the first)
     interrupts: dict[BDF, Mapping] | None = None   # the broker's PIRQs by function (None: not known)
+    name: str = ""                       # the domain's name ("" if not known)
+    totals: Totals | None = None         # counters over all the guest's workers (None before a report)
 
     @property
     def devices(self) -> tuple[DeviceReport | DeviceStatus, ...]:
         devices = self.report.devices if self.report else ()
-        if self.interrupts is None:
+        if self.interrupts is None and self.totals is None:
             return devices
-        return tuple(DeviceStatus.of(d, self.interrupts.get(d.bdf)) for d in devices)
+        interrupts, denied = self.interrupts or {}, self.totals.denied_writes if self.totals else {}
+        return tuple(DeviceStatus.of(d, interrupts.get(d.bdf), denied.get(str(d.bdf))) for d in devices)

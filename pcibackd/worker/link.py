@@ -75,6 +75,24 @@ def _counts(v, name: str) -> dict[str, int]:
     return {_str(k, f"{name} key"): _count(n, f"{name}[{k[:20]!r}]") for k, n in v.items()}
 
 
+def _by_op(v, name: str) -> dict[str, dict[str, int]]:
+    """op name -> code name -> count; absent (an older worker) = none."""
+    if v is None:
+        return {}
+    if type(v) is not dict:
+        raise BadMessage(f"{name} must be an object")
+    return {_str(op, f"{name} key"): _counts(codes, f"{name}[{op[:20]!r}]") for op, codes in v.items()}
+
+
+def _seconds(v, name: str) -> float:
+    """A non-negative number of seconds; absent (an older worker) = 0."""
+    if v is None:
+        return 0.0
+    if _number(v, name) < 0:
+        raise BadMessage(f"{name} must not be negative")
+    return v
+
+
 def _fields(table: dict, untrusted: dict, what: str) -> dict:
     """Each field of ``table`` checked by its validator (absent = None, which most refuse)."""
     if type(untrusted) is not dict:
@@ -123,6 +141,48 @@ class Latency:
 _LATENCY_FIELDS = {"p50": _number, "p99": _number, "n": _count}
 
 
+MAX_BUCKETS = 32
+
+
+@dataclass(frozen=True)
+class ServiceTimes:
+    """Op service time as histogram buckets since the worker started: ``counts[i]`` ops
+    took at most ``bounds_us[i]`` and more than the bound before; ``counts[-1]`` took longer
+    than the last bound.  ``sum_us``: their total."""
+
+    bounds_us: tuple[float, ...]
+    counts: tuple[int, ...]
+    sum_us: float
+
+    def to_dict(self) -> dict:
+        return {"bounds_us": list(self.bounds_us), "counts": list(self.counts), "sum_us": self.sum_us}
+
+    @classmethod
+    def from_dict(cls, untrusted: dict) -> "ServiceTimes":
+        f = _fields(_SERVICE_FIELDS, untrusted, "service")
+        bounds, counts = f["bounds_us"], f["counts"]
+        if not bounds or any(b <= a for a, b in zip(bounds, bounds[1:])) or bounds[0] <= 0:
+            raise BadMessage("service bounds_us must be positive and increasing")
+        if len(counts) != len(bounds) + 1:
+            raise BadMessage("service counts must have one more entry than bounds_us")
+        return cls(tuple(bounds), tuple(counts), f["sum_us"])
+
+
+def _list_of(check):
+    def validate(v, name: str) -> list:
+        if type(v) is not list or len(v) > MAX_BUCKETS + 1:
+            raise BadMessage(f"{name} must be a list of at most {MAX_BUCKETS + 1} entries")
+        return [check(x, name) for x in v]
+    return validate
+
+
+_SERVICE_FIELDS = {"bounds_us": _list_of(_number), "counts": _list_of(_count), "sum_us": _seconds}
+
+
+def _service(v, name: str) -> ServiceTimes | None:
+    return None if v is None else ServiceTimes.from_dict(v)
+
+
 def _latency(v, name: str) -> Latency | None:
     return None if v is None else Latency.from_dict(v)
 
@@ -144,10 +204,15 @@ class WorkerReport:
     xenbus_state: int = 0
     connected: bool = False              # the guest's ring is mapped
     served: dict[str, int] = field(default_factory=dict)     # ops by name
-    errors: dict[str, int] = field(default_factory=dict)     # error replies by code name
+    # Answers by op name, then code name (worker/ops.py classify): errors, and probe misses.
+    # All counters count from this worker's start; the supervisor adds up its workers'.
+    op_errors: dict[str, dict[str, int]] = field(default_factory=dict)
+    op_misses: dict[str, dict[str, int]] = field(default_factory=dict)
     spurious: int = 0                    # event-channel wake-ups with nothing to serve
     ignored_inputs: int = 0              # xenbus inputs the driver refused
     latency_us: Latency | None = None
+    service: ServiceTimes | None = None  # op service time histogram
+    cpu_seconds: float = 0.0             # user + system CPU time of the worker process
     devices: tuple[DeviceReport, ...] = ()
     started: float = 0.0                 # wall-clock start of the worker
 
@@ -156,9 +221,11 @@ class WorkerReport:
     def to_dict(self) -> dict:
         return {"type": self.TYPE, "domid": self.domid, "pid": self.pid, "token": self.token,
                 "final": self.final, "xenbus_state": self.xenbus_state, "connected": self.connected,
-                "served": dict(self.served), "errors": dict(self.errors), "spurious": self.spurious,
+                "served": dict(self.served), "op_errors": {op: dict(c) for op, c in self.op_errors.items()},
+                "op_misses": {op: dict(c) for op, c in self.op_misses.items()}, "spurious": self.spurious,
                 "ignored_inputs": self.ignored_inputs,
                 "latency_us": self.latency_us.to_dict() if self.latency_us else None,
+                "service": self.service.to_dict() if self.service else None, "cpu_seconds": self.cpu_seconds,
                 "devices": [d.to_dict() for d in self.devices], "started": self.started}
 
     def to_json(self) -> bytes:
@@ -170,8 +237,9 @@ class WorkerReport:
 
 
 _REPORT_FIELDS = {"domid": _int, "pid": _int, "token": _str, "final": _bool, "xenbus_state": _int,
-                  "connected": _bool, "served": _counts, "errors": _counts, "spurious": _count,
-                  "ignored_inputs": _count, "latency_us": _latency, "devices": _devices, "started": _number}
+                  "connected": _bool, "served": _counts, "op_errors": _by_op, "op_misses": _by_op,
+                  "spurious": _count, "ignored_inputs": _count, "latency_us": _latency, "service": _service,
+                  "cpu_seconds": _seconds, "devices": _devices, "started": _number}
 
 
 def _any(v, name: str):

@@ -72,6 +72,7 @@ class OpLoop:
         buf, page = ring.page.buf, ring.page
         dispatch, window = self.dispatch, self.poll_window
         clock, record = time.perf_counter_ns, self.service_ns.append
+        observe = self.dispatcher.stats.service.add      # the histogram the worker reports
         served, limit = 0, self.max_batch
         flag, active = _ACTIVE_BYTE, _ACTIVE_MASK
         while True:
@@ -81,7 +82,9 @@ class OpLoop:
                 write_reply(buf, reply)
                 page.clear_bit(_FLAGS, _ACTIVE)     # atomic, a full barrier after the writes
                 ring.evtchn.notify(ring.port)
-                record(clock() - t0)
+                elapsed = clock() - t0
+                record(elapsed)
+                observe(elapsed)
                 served += 1
                 if served >= limit:
                     self.backlog = bool(buf[flag] & active)

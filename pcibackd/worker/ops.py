@@ -1,8 +1,9 @@
 """The request-page op dispatcher: an op's bytes in, a reply out.
 
-I/O-injected: this module does no I/O of its own, but :meth:`Dispatcher.dispatch`
-runs the guest-visible device (a ConfSpace) synchronously, and that reaches the
-hardware through the HostPort it was built on.
+I/O-injected: apart from a rate-limited log line for errors this module does
+no I/O of its own, but :meth:`Dispatcher.dispatch` runs the guest-visible
+device (a ConfSpace) synchronously, and that reaches the hardware through the
+HostPort it was built on.
 
 XSA-155: the loop copies ``xen_pci_op`` out of the shared page ONCE
 (:func:`snapshot_op`) and everything here works on that private copy; the
@@ -25,14 +26,39 @@ enable_multi_msi   likewise; msi.py answers ``not_implemented``, like Linux
 other              ``not_implemented`` (incl. AER ops 6..9, which only travel
                    backend->frontend)
 =================  ============================================================
+
+Every answer is counted (:class:`OpStats`) as served, and a non-zero ``err``
+as a *miss* or an *error* by :func:`classify`'s table :data:`MISSES`
+(op, err, offset): a miss is an answer a healthy guest asks for on purpose,
+an error is one an administrator should look at.
+
+==========  ==============  ==========  =====================================
+op          err             offset      why it is a miss
+==========  ==============  ==========  =====================================
+conf_read   dev_not_found   any         enumeration of an empty slot, or a read
+                                        of a function on its way out (unplug)
+conf_write  dev_not_found   any         a write to a function on its way out
+conf_read   invalid_offset  0x100       extended config space probe of a
+                                        conventional function (Linux
+                                        pci_cfg_space_size, lspci)
+==========  ==============  ==========  =====================================
+
+Codes are named symbolically (:func:`code_name`): ``XEN_PCI_ERR_*``, or for
+``enable_msix``, which answers with Linux errnos, ``-EINVAL`` and the like.
 """
 
 from __future__ import annotations
 
+import enum
+import errno
+from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from loguru import logger
+
+from pcibackd.common.ratelimit import worth_logging
 from pcibackd.wire import pciif
 from pcibackd.wire.pciif import Err, Op, OpHeader
 
@@ -53,21 +79,92 @@ class Reply:
     vectors: tuple[int, ...] = ()
 
 
-@dataclass
-class OpStats:
-    """Counters a worker reports to the supervisor."""
+class Outcome(enum.Enum):
+    OK = "ok"
+    MISS = "miss"        # asked for on purpose by a healthy guest (a probe)
+    ERROR = "error"
 
-    served: Counter = field(default_factory=Counter)   # by op name
-    errors: Counter = field(default_factory=Counter)   # by Err name
 
-    def count(self, untrusted_cmd: int, err: int) -> None:
-        self.served[_OP_NAMES.get(untrusted_cmd, "unknown")] += 1
-        if err:
-            self.errors[_ERR_NAMES.get(err, str(err))] += 1
+EXT_CONFIG_PROBE = 0x100     # the first dword of extended config space
+
+# (op, err) -> which offsets make that answer a miss (see the module docstring)
+MISSES: dict[tuple[int, int], Callable[[int], bool]] = {
+    (Op.conf_read, Err.dev_not_found): lambda offset: True,
+    (Op.conf_write, Err.dev_not_found): lambda offset: True,
+    (Op.conf_read, Err.invalid_offset): lambda offset: offset == EXT_CONFIG_PROBE,
+}
+
+
+def classify(cmd: int, err: int, offset: int) -> Outcome:
+    """Whether an answer is a success, a probe miss or an error (table :data:`MISSES`)."""
+    if err == 0:
+        return Outcome.OK
+    rule = MISSES.get((cmd, err))
+    return Outcome.MISS if rule is not None and rule(offset) else Outcome.ERROR
 
 
 _OP_NAMES = {int(o): o.name for o in Op}
-_ERR_NAMES = {int(e): e.name for e in Err}
+_ERR_NAMES = {int(e): f"XEN_PCI_ERR_{e.name}" for e in Err}
+_ERRNO_OPS = {int(Op.enable_msix)}       # answer failures with negative Linux errnos
+
+
+def op_name(cmd: int) -> str:
+    """``conf_read`` ...; a command no guest should send is ``unknown`` (bounded names)."""
+    return _OP_NAMES.get(cmd, "unknown")
+
+
+def code_name(cmd: int, err: int) -> str:
+    """An answer's ``err`` by name: ``XEN_PCI_ERR_*``, ``-EINVAL`` for ``enable_msix``'s errnos."""
+    if cmd in _ERRNO_OPS and err != Err.dev_not_found and -err in errno.errorcode:
+        return f"-{errno.errorcode[-err]}"
+    name = _ERR_NAMES.get(err)
+    if name is not None:
+        return name
+    return f"-{errno.errorcode[-err]}" if -err in errno.errorcode else f"err_{err}"
+
+
+# Op service time histogram bounds (microseconds; Prometheus 'le' buckets, +Inf implied).
+SERVICE_BOUNDS_US = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 50_000, 250_000, 1_000_000)
+
+
+class ServiceHistogram:
+    """Bucket counts of op service times since the worker started (``counts[-1]``: above
+    the last bound); cheap enough for the op path (one bisect)."""
+
+    def __init__(self, bounds_us: tuple[float, ...] = SERVICE_BOUNDS_US):
+        self.bounds_us = tuple(bounds_us)
+        self._bounds_ns = [b * 1000 for b in bounds_us]
+        self.counts = [0] * (len(bounds_us) + 1)
+        self.sum_ns = 0
+
+    def add(self, ns: int) -> None:
+        self.counts[bisect_left(self._bounds_ns, ns)] += 1
+        self.sum_ns += ns
+
+
+@dataclass
+class OpStats:
+    """Counters a worker reports to the supervisor (since the worker started)."""
+
+    served: Counter = field(default_factory=Counter)                  # by op name
+    errors: dict[str, Counter] = field(default_factory=dict)          # op name -> code name -> n
+    misses: dict[str, Counter] = field(default_factory=dict)          # op name -> code name -> n
+    service: ServiceHistogram = field(default_factory=ServiceHistogram)
+
+    def count(self, untrusted_cmd: int, err: int, untrusted_offset: int = 0) -> Outcome:
+        name = op_name(untrusted_cmd)
+        self.served[name] += 1
+        if not err:
+            return Outcome.OK
+        outcome = classify(untrusted_cmd, err, untrusted_offset)
+        where = self.misses if outcome is Outcome.MISS else self.errors
+        where.setdefault(name, Counter())[code_name(untrusted_cmd, err)] += 1
+        return outcome
+
+    @property
+    def error_count(self) -> int:
+        return sum(sum(c.values()) for c in self.errors.values())
+
 
 Handler = Callable[["Dispatcher", OpHeader], Reply]
 
@@ -98,8 +195,17 @@ class Dispatcher:
             reply = external(op)
         else:
             reply = HANDLERS.get(untrusted.cmd, _not_implemented)(self, untrusted)
-        self.stats.count(untrusted.cmd, reply.err)
+        if self.stats.count(untrusted.cmd, reply.err, untrusted.offset) is Outcome.ERROR:
+            self._log_error(untrusted, reply.err)
         return reply
+
+    def _log_error(self, untrusted: OpHeader, err: int) -> None:
+        n = self.stats.error_count
+        if worth_logging(n):          # a guest can repeat errors at will: log2 of them
+            logger.warning("{} {:04x}:{:02x}:{:02x}.{} offset {:#x} size {}: {} ({} error(s) so far)",
+                           op_name(untrusted.cmd), untrusted.domain & 0xFFFF, untrusted.bus & 0xFF,
+                           untrusted.devfn >> 3 & 0x1F, untrusted.devfn & 7, untrusted.offset & 0xFFFFFFFF,
+                           untrusted.size, code_name(untrusted.cmd, err), n)
 
 
 def _device(d: Dispatcher, untrusted: OpHeader) -> DeviceView | None:

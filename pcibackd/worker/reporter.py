@@ -21,7 +21,7 @@ import zmq
 
 from pcibackd.irq.messages import Answer, WorkerRequest, refused
 from pcibackd.wire.bdf import BDF
-from pcibackd.worker.link import (MAX_FRAME, DeviceReport, IrqReply, Latency, WorkerCommand,
+from pcibackd.worker.link import (MAX_FRAME, DeviceReport, IrqReply, Latency, ServiceTimes, WorkerCommand,
                                   WorkerIrqRequest, WorkerReply, WorkerReport, parse_supervisor_message)
 
 HWM = 16
@@ -59,9 +59,12 @@ class Reporter:
         return WorkerReport(
             domid=w.cfg.domid, pid=os.getpid(), token=w.cfg.token, final=final,
             xenbus_state=int(w.machine.state), connected=w.loop.ring is not None,
-            served=dict(stats.served), errors=dict(stats.errors),
+            served=dict(stats.served), op_errors={op: dict(c) for op, c in stats.errors.items()},
+            op_misses={op: dict(c) for op, c in stats.misses.items()},
             spurious=w.loop.spurious, ignored_inputs=w.driver.ignored,
             latency_us=Latency(latency["p50"], latency["p99"], latency["n"]) if latency else None,
+            service=ServiceTimes(stats.service.bounds_us, tuple(stats.service.counts), stats.service.sum_ns / 1000),
+            cpu_seconds=round(sum(os.times()[:2]), 3),
             devices=tuple(DeviceReport(BDF.parse(d["bdf"]), BDF.parse(d["vbdf"]), d["permissive"],
                                        d["denied_writes"]) for d in w.devices.summary()),
             started=self.started)

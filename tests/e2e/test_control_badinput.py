@@ -186,6 +186,7 @@ def test_a_client_of_another_uid_is_refused(served):
         p = ctl_nobody(dom0, "--json", "restart", "1")
         assert p.returncode == 4, (p.stdout, p.stderr)
         assert "permission denied on" in p.stderr and "control.sock (owner uid 0, mode 0600)" in p.stderr
+        assert json.loads(p.stdout)["error"]["name"] == "ACCESS_DENIED"
     finally:
         for d, mode in modes.items():
             os.chmod(d, mode)

@@ -272,6 +272,7 @@ def test_status_shows_each_functions_interrupts(guest):
     assert devices()[NVME]["msix"] == {"0": msix.pirqs[0], "3": msix.pirqs[1]}
     assert (devices()[NIC]["msi"], devices()[NIC]["msix"]) == (msi.pirqs[0], {})
     text = [line.split() for line in render_status(guest.dom0.status()).splitlines()]
+    text = [row[:2] + row[5:] for row in text]              # DOMID FUNCTION (GUEST PERMISSIVE DENIED) MSI MSI-X
     assert ["1", NVME, "off", f"0={msix.pirqs[0]}", f"3={msix.pirqs[1]}"] in text
     assert ["1", NIC, "pirq", str(msi.pirqs[0]), "off"] in text
     guest.front.disable_msix(G_NVME)

@@ -17,6 +17,7 @@ from pcibackd.control.commands.base import WORKER_TIMEOUT
 from pcibackd.control.protocol import Errno
 from pcibackd.control.server import MAX_PENDING, ControlServer, ControlSetupError
 from pcibackd.daemon.states import WorkerState
+from pcibackd.daemon.tally import Tally
 from pcibackd.daemon.views import DaemonInfo, GuestInfo
 from pcibackd.wire.bdf import BDF
 from pcibackd.worker.link import DeviceReport, Latency, WorkerReply, WorkerReport
@@ -26,12 +27,16 @@ def guest(domid, state="RUNNING", devices=(), pid=None, latency=None, last_exit=
     """A guest as the daemon shows it, with a heartbeat listing ``devices`` (host BDFs)."""
     running = state == "RUNNING"
     report = WorkerReport(domid=domid, pid=1000 + domid, token="t", xenbus_state=4, connected=True,
-                          served={"conf_read": 10}, errors={"invalid_offset": 1}, latency_us=latency,
-                          devices=tuple(DeviceReport(BDF.parse(b), BDF(0, 0, i, 0), False, 0)
-                                        for i, b in enumerate(devices)))
+                          served={"conf_read": 10}, op_errors={"conf_read": {"XEN_PCI_ERR_invalid_offset": 1}},
+                          op_misses={"conf_read": {"XEN_PCI_ERR_dev_not_found": 7}}, latency_us=latency,
+                          cpu_seconds=1.5, devices=tuple(DeviceReport(BDF.parse(b), BDF(0, 0, i, 0), False, 0)
+                                                         for i, b in enumerate(devices)))
+    tally = Tally()
+    tally.add(report, 0.0)
     return GuestInfo(domid=domid, state=WorkerState(state), pid=(pid or 1000 + domid) if running else None,
                      adopted=False, restarts=0, last_exit=last_exit, heartbeat_age=0.1 if running else None,
-                     report=report if beat else None)
+                     report=report if beat else None, name=f"guest{domid}",
+                     totals=tally.totals(0.0) if beat else None)
 
 
 class FakeDaemon:
@@ -316,7 +321,7 @@ def test_client_not_running_and_stale_socket(runtime):
 # ------------------------------------------------------------ registry --
 def test_registry_one_module_per_command_docstring_is_help(capsys):
     assert set(COMMANDS) == {"status", "list", "devices", "restart", "permissive", "policy-reload", "log-level",
-                             "quarantine-clear"}
+                             "quarantine-clear", "metrics"}
     for name, cmd in COMMANDS.items():
         assert cmd.execute.__module__ == f"pcibackd.control.commands.{name.replace('-', '_')}"
         assert cmd.doc == __import__(cmd.execute.__module__, fromlist=["x"]).__doc__.strip()
@@ -350,30 +355,45 @@ def status_of(*guests) -> dict:
 def test_status_render_latency_dash_until_workers_report_it():
     st = status_of(guest(1, devices=["0000:00:05.0"]),
                    guest(2, state="FATAL", last_exit="exit 1", latency=Latency(12.4, 2500.0, 7)))
-    st["guests"][0].update(rss=30 << 20, uss=8 << 20, cpu_percent=1.5)
+    st["guests"][0].update(rss=30 << 20, uss=8 << 20)
     text = COMMANDS["status"].render(st)
     lines = text.splitlines()
-    row1 = next(line for line in lines if line.startswith("1 ") and "RUNNING" in line)
-    assert "30.0M" in row1 and "8.0M" in row1 and "1.5%" in row1 and "0000:00:05.0 -> 0000:00:00.0" in row1
-    assert row1.split()[10:12] == ["-", "-"]                  # P50, P99 unknown
+    assert lines[1] == "xenstore x: connected"
+    head = lines[lines.index("") + 1].split()
+    assert head == ["DOMID", "NAME", "XENBUS", "WORKER", "PID", "RESTARTS", "RSS", "USS", "CPU", "CPU%", "OPS",
+                    "MISSES", "ERRORS", "P50", "P99"]
+    row1 = next(line.split() for line in lines if line.startswith("1 ") and "RUNNING" in line)
+    assert row1 == ["1", "guest1", "Connected", "RUNNING", "1001", "0", "30.0M", "8.0M", "1.50s", "-", "10", "7",
+                    "1", "-", "-"]                    # CPU% needs a window of beats; P50, P99 unknown
     row2 = next(line for line in lines if line.startswith("2 ") and "FATAL" in line)
     assert "12us" in row2 and "2.5ms" in row2
-    assert any("conf_read=10" in line and "invalid_offset=1" in line for line in lines)
+    assert any("conf_read=10" in line and "XEN_PCI_ERR_dev_not_found=7" in line
+               and "XEN_PCI_ERR_invalid_offset=1" in line for line in lines)
     assert any(line.startswith("2 ") and line.rstrip().endswith("exit 1") for line in lines)
+    dev = next(line.split() for line in lines if line.startswith("1 ") and "0000:00:05.0" in line)
+    assert dev == ["1", "0000:00:05.0", "0000:00:00.0", "no", "0", "off", "off"]
+
+
+def test_status_header_shows_a_lost_xenstore():
+    st = status_of()
+    st["daemon"]["xenstore_connected"] = False
+    assert COMMANDS["status"].render(st).splitlines()[1].startswith("xenstore x: DISCONNECTED")
 
 
 def test_renderers_of_empty_results():
     st = status_of()
     assert st["guests"] == [] and COMMANDS["status"].render(st).endswith("0 guest(s)")
-    assert COMMANDS["list"].render([]).split() == ["DOMID", "WORKER", "XENBUS", "HOST", "BDF", "GUEST", "BDF"]
-    assert COMMANDS["list"].render([{"domid": 3, "worker_state": "RUNNING", "xenbus_state": None,
-                                     "devices": []}]).splitlines()[1].split() == ["3", "RUNNING", "-", "-", "-"]
+    assert COMMANDS["list"].render([]).split() == ["DOMID", "NAME", "WORKER", "XENBUS", "HOST", "BDF", "GUEST",
+                                                   "BDF"]
+    assert COMMANDS["list"].render([{"domid": 3, "name": "", "worker_state": "RUNNING", "xenbus_state": None,
+                                     "devices": []}]).splitlines()[1].split() == ["3", "-", "RUNNING", "-", "-", "-"]
     assert COMMANDS["devices"].render([{"bdf": "0000:00:07.0", "held_by": None}]).splitlines()[1].split() == \
         ["0000:00:07.0", "-", "-", "-"]
 
 
-GUEST_KEYS = {"domid", "worker_state", "pid", "adopted", "restarts", "last_exit", "xenbus_state", "connected",
-              "served", "errors", "latency_us", "devices", "heartbeat_age", "cpu_percent"}
+GUEST_KEYS = {"domid", "name", "worker_state", "pid", "adopted", "restarts", "last_exit", "xenbus_state",
+              "connected", "served", "misses", "errors", "cpu_seconds", "cpu_percent", "latency_us", "devices",
+              "heartbeat_age"}
 
 
 def test_status_json_shape():
@@ -384,21 +404,24 @@ def test_status_json_shape():
     g1, g2 = st["guests"]
     assert set(g1) == set(g2) == GUEST_KEYS            # no process figures: pids 1001, 1002 are not ours
     assert g1["devices"] == [{"bdf": "0000:00:05.0", "vbdf": "0000:00:00.0", "permissive": False,
-                              "denied_writes": 0}]
-    assert (g1["worker_state"], g1["xenbus_state"], g1["connected"], g1["latency_us"]) == \
-        ("RUNNING", 4, True, {"p50": 12.5, "p99": 99.0, "n": 3})
-    assert (g1["served"], g1["errors"]) == ({"conf_read": 10}, {"invalid_offset": 1})
+                              "denied_writes": 0, "msi": None, "msix": {}}]
+    assert (g1["name"], g1["worker_state"], g1["xenbus_state"], g1["connected"], g1["latency_us"]) == \
+        ("guest1", "RUNNING", 4, True, {"p50": 12.5, "p99": 99.0, "n": 3})
+    assert (g1["served"], g1["errors"], g1["misses"]) == \
+        ({"conf_read": 10}, {"conf_read": {"XEN_PCI_ERR_invalid_offset": 1}},
+         {"conf_read": {"XEN_PCI_ERR_dev_not_found": 7}})
+    assert (g1["cpu_seconds"], g1["cpu_percent"]) == (1.5, None)
     # no heartbeat yet: nothing known
-    assert (g2["xenbus_state"], g2["connected"], g2["served"], g2["errors"], g2["latency_us"], g2["devices"]) == \
-        (None, False, {}, {}, None, [])
+    assert (g2["xenbus_state"], g2["connected"], g2["served"], g2["errors"], g2["misses"], g2["latency_us"],
+            g2["devices"], g2["cpu_seconds"]) == (None, False, {}, {}, {}, None, [], None)
 
 
 def test_list_and_devices_read_the_reports(server):
     server.face.guest_list = [guest(1, devices=["0000:00:05.0", "0000:02:00.0"]), guest(2, beat=False)]
     assert dispatch(server, {"id": 1, "command": "list"})["result"] == [
-        {"domid": 1, "worker_state": "RUNNING", "xenbus_state": 4,
+        {"domid": 1, "name": "guest1", "worker_state": "RUNNING", "xenbus_state": 4,
          "devices": [{"bdf": "0000:00:05.0", "vbdf": "0000:00:00.0"}, {"bdf": "0000:02:00.0", "vbdf": "0000:00:01.0"}]},
-        {"domid": 2, "worker_state": "RUNNING", "xenbus_state": None, "devices": []}]
+        {"domid": 2, "name": "guest2", "worker_state": "RUNNING", "xenbus_state": None, "devices": []}]
     assert dispatch(server, {"id": 1, "command": "devices"})["result"] == [
         {"bdf": "0000:00:05.0", "held_by": 1, "reset": None, "quarantined": False},
         {"bdf": "0000:00:07.0", "held_by": None, "reset": None, "quarantined": False}]
@@ -442,8 +465,8 @@ def test_quarantine_clear_cli_sends_force_only_when_given(monkeypatch):
 def test_status_fills_process_figures(server):
     server.face.guest_list = [guest(5, pid=os.getpid()), guest(7, state="FATAL")]
     g5, g7 = dispatch(server, {"id": 1, "command": "status"})["result"]["guests"]
-    assert 0 < g5["uss"] <= g5["rss"] and g5["cpu_seconds"] > 0 and g5["cpu_percent"] >= 0
-    assert g7["cpu_percent"] is None and "rss" not in g7
+    assert 0 < g5["uss"] <= g5["rss"] and g5["cpu_seconds"] == 1.5        # CPU: the workers' own reports
+    assert "rss" not in g7
     assert g5["latency_us"] is None
     assert dispatch(server, {"id": 1, "command": "status"})["result"]["daemon"]["control"] is None
     server.face.control = server                     # as the supervisor reports its endpoint

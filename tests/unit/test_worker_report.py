@@ -9,12 +9,15 @@ import random
 import pytest
 
 from pcibackd.wire.bdf import BDF
-from pcibackd.worker.link import (BadMessage, DeviceReport, Latency, WorkerCommand, WorkerReply, WorkerReport,
-                                  parse_worker_message)
+from pcibackd.worker.link import (BadMessage, DeviceReport, Latency, ServiceTimes, WorkerCommand, WorkerReply,
+                                  WorkerReport, parse_worker_message)
 
 REPORT = WorkerReport(domid=3, pid=4242, token="ab" * 16, final=False, xenbus_state=4, connected=True,
-                      served={"conf_read": 12, "conf_write": 2}, errors={"invalid_offset": 1}, spurious=5,
-                      ignored_inputs=0, latency_us=Latency(11.5, 80.25, 14),
+                      served={"conf_read": 12, "conf_write": 2},
+                      op_errors={"conf_write": {"XEN_PCI_ERR_invalid_offset": 1}},
+                      op_misses={"conf_read": {"XEN_PCI_ERR_dev_not_found": 9, "XEN_PCI_ERR_invalid_offset": 1}},
+                      spurious=5, ignored_inputs=0, latency_us=Latency(11.5, 80.25, 14),
+                      service=ServiceTimes((10.0, 100.0), (3, 10, 1), 950.5), cpu_seconds=0.25,
                       devices=(DeviceReport(BDF(0, 0, 5, 0), BDF(0, 0, 0, 0), False, 0),
                                DeviceReport(BDF(0, 2, 0, 0), BDF(0, 0, 1, 0), True, 7)),
                       started=1700000000.25)
@@ -30,8 +33,20 @@ def test_report_round_trip_and_wire_shape():
     assert d["type"] == "beat" and d["devices"][1] == {"bdf": "0000:02:00.0", "vbdf": "0000:00:01.0",
                                                        "permissive": True, "denied_writes": 7}
     assert d["latency_us"] == {"p50": 11.5, "p99": 80.25, "n": 14}
+    assert d["service"] == {"bounds_us": [10.0, 100.0], "counts": [3, 10, 1], "sum_us": 950.5}
+    assert d["op_misses"]["conf_read"] == {"XEN_PCI_ERR_dev_not_found": 9, "XEN_PCI_ERR_invalid_offset": 1}
     bare = WorkerReport(domid=1, pid=2, token="t")
     assert parse_worker_message(bare.to_json()) == bare and bare.to_dict()["latency_us"] is None
+
+
+def test_a_report_without_the_counters_an_older_worker_lacks():
+    d = beat_dict()
+    for key in ("op_errors", "op_misses", "service", "cpu_seconds"):
+        del d[key]
+    d["errors"] = {"invalid_offset": 1}                      # what an older worker sent: ignored
+    msg = parse_worker_message(json.dumps(d).encode())
+    assert (msg.op_errors, msg.op_misses, msg.service, msg.cpu_seconds) == ({}, {}, None, 0.0)
+    assert msg.served == REPORT.served
 
 
 def test_reply_round_trip():
@@ -68,7 +83,15 @@ _DROP = object()
     _with(domid="3"), _with(domid=True), _with(domid=3.0), _with(domid=2 ** 70), _with(pid=None),
     _with(pid=_DROP), _with(token=5), _with(token="x" * 100), _with(final="yes"), _with(xenbus_state="4"),
     _with(connected=1), _with(served=[1]), _with(served={"conf_read": "12"}), _with(served={"x": -1}),
-    _with(errors={"a": True}), _with(spurious=-1), _with(ignored_inputs=1.5), _with(latency_us=[1, 2]),
+    _with(op_errors={"a": True}), _with(op_errors={"a": {"b": -1}}), _with(op_errors=[]),
+    _with(op_misses={"a": {"b": 1.5}}), _with(op_misses={"x" * 80: {}}), _with(cpu_seconds=-1),
+    _with(cpu_seconds="1"), _with(service=[]), _with(service={"bounds_us": [1], "counts": [1]}),
+    _with(service={"bounds_us": [1, 1], "counts": [1, 2, 3], "sum_us": 0}),
+    _with(service={"bounds_us": [0, 1], "counts": [1, 2, 3], "sum_us": 0}),
+    _with(service={"bounds_us": [1, 2], "counts": [1, 2], "sum_us": 0}),
+    _with(service={"bounds_us": [1, 2], "counts": [1, 2, -3], "sum_us": 0}),
+    _with(service={"bounds_us": list(range(1, 40)), "counts": [0] * 40, "sum_us": 0}),
+    _with(spurious=-1), _with(ignored_inputs=1.5), _with(latency_us=[1, 2]),
     _with(latency_us={"p50": 1}), _with(latency_us={"p50": "1", "p99": 2, "n": 1}), _with(devices={}),
     _with(devices=[1]), _with(devices=[{"bdf": "0000:00:05.0"}]),
     _with(devices=[{"bdf": "zz", "vbdf": "0000:00:00.0", "permissive": False, "denied_writes": 0}]),

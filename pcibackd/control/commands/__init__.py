@@ -6,11 +6,12 @@ import it below and list it in ``_MODULES``.
 
 from __future__ import annotations
 
-from pcibackd.control.commands import devices, log_level, permissive, policy_reload, quarantine_clear, restart, status
+from pcibackd.control.commands import (devices, log_level, metrics, permissive, policy_reload, quarantine_clear,
+                                       restart, status)
 from pcibackd.control.commands import list as list_
 from pcibackd.control.commands.base import Answer, Arg, Command, CommandError, Pending
 
-_MODULES = (status, list_, devices, restart, permissive, policy_reload, log_level, quarantine_clear)
+_MODULES = (status, list_, devices, restart, permissive, policy_reload, log_level, quarantine_clear, metrics)
 
 COMMANDS: dict[str, Command] = {c.name: c for c in map(Command.from_module, _MODULES)}
 

@@ -1,4 +1,4 @@
-"""List guests and the devices each one is given (host BDF -> guest BDF).
+"""List guests (domid and domain name) and the devices each one is given (host BDF -> guest BDF).
 
   {"command": "list", "args": {}}
 """
@@ -13,7 +13,7 @@ ARGS = ()
 
 
 def execute(face: DaemonFace, args: dict) -> list[dict]:
-    return [{"domid": g.domid, "worker_state": g.state.value,
+    return [{"domid": g.domid, "name": g.name, "worker_state": g.state.value,
              "xenbus_state": g.report.xenbus_state if g.report else None,
              "devices": [{"bdf": str(d.bdf), "vbdf": str(d.vbdf)} for d in g.devices]}
             for g in face.guests()]
@@ -23,5 +23,6 @@ def render(result: list[dict]) -> str:
     rows = []
     for g in result:
         for d in g["devices"] or [{"bdf": "-", "vbdf": "-"}]:
-            rows.append([g["domid"], g["worker_state"], xenbus_name(g["xenbus_state"]), d["bdf"], d["vbdf"]])
-    return table(["DOMID", "WORKER", "XENBUS", "HOST BDF", "GUEST BDF"], rows)
+            rows.append([g["domid"], g.get("name") or "-", g["worker_state"], xenbus_name(g["xenbus_state"]),
+                         d["bdf"], d["vbdf"]])
+    return table(["DOMID", "NAME", "WORKER", "XENBUS", "HOST BDF", "GUEST BDF"], rows)

@@ -1,13 +1,25 @@
-"""Show the daemon and every guest: worker, xenbus state, memory, CPU, ops, latency, devices.
+"""Show the daemon and every guest: worker, xenbus state, memory, CPU, ops, misses, errors, latency, devices.
 
-Daemon: version, pid, uptime, platform (sim|xen), xenstore, topology (vpci|passthrough).
-Per guest: domid, xenbus state, worker state (STARTING RUNNING BACKOFF STOPPING
-EXITED FATAL), worker pid, restarts, RSS and USS, CPU (percent since the previous
-status, or since the worker started), ops served by type, errors by code, op
-latency p50/p99 (microseconds, from the worker), devices (host BDF -> guest BDF),
-and per function its interrupts as the supervisor's broker holds them: the MSI
-PIRQ, and the MSI-X entry=PIRQ pairs ("off" when not enabled).
-"-" means not known (no worker, or no data yet).
+Daemon: version, pid, uptime, platform (sim|xen), topology (vpci|passthrough),
+and the xenstore connection (connected or DISCONNECTED).
+Per guest: domid and domain name, xenbus state, worker state (STARTING RUNNING
+BACKOFF STOPPING EXITED FATAL), worker pid, restarts, RSS and USS, CPU (seconds
+used by all the guest's workers, and percent over the last 10 s), ops served,
+probe misses, errors, op latency p50/p99 (microseconds, the current worker's
+last 1024 ops), and the last exit.
+
+Counters add up all the workers a guest had: a restart does not reset them
+(what a dying worker counted after its last heartbeat, at most one heartbeat
+interval, is lost).  Probe misses are answers a healthy guest asks for:
+dev_not_found for empty slots it enumerates (or a function being unplugged),
+and invalid_offset for the extended-config-space probe at 0x100 of a
+conventional function.  Errors are every other failed answer, by symbolic
+code (XEN_PCI_ERR_*, or -E... for enable_msix).
+
+Per function: host and guest address, permissive, denied writes (guest writes
+dropped or refused, over all workers), and its interrupts as the supervisor's
+broker holds them: the MSI PIRQ, and the MSI-X entry=PIRQ pairs ("off" when
+not enabled).  "-" means not known (no worker, or no data yet).
 
   {"command": "status", "args": {}}
 """
@@ -20,6 +32,7 @@ from dataclasses import asdict
 from pcibackd.control.face import DaemonFace
 from pcibackd.control.procstats import ProcSampler
 from pcibackd.control.table import counts, dash, duration, micros, size, table, xenbus_name
+from pcibackd.daemon.tally import Totals
 from pcibackd.daemon.views import GuestInfo
 
 NAME = "status"
@@ -30,22 +43,27 @@ _procs = ProcSampler()
 
 def execute(face: DaemonFace, args: dict) -> dict:
     now = time.monotonic()
-    guests = [_guest(g) for g in face.guests()]
+    guests = [guest_dict(g) for g in face.guests()]
     for g in guests:
         _procs.fill(g, now)
     _procs.forget_others({g["pid"] for g in guests})
     return {"daemon": asdict(face.about()), "guests": guests}
 
 
-def _guest(g: GuestInfo) -> dict:
-    """One guest as ``status --json`` shows it (its worker's report flattened in)."""
-    r = g.report
-    return {"domid": g.domid, "worker_state": g.state.value, "pid": g.pid, "adopted": g.adopted,
+def guest_dict(g: GuestInfo) -> dict:
+    """One guest as ``status --json`` shows it (its counters over all its workers)."""
+    r, t = g.report, g.totals or Totals()
+    return {"domid": g.domid, "name": g.name, "worker_state": g.state.value, "pid": g.pid, "adopted": g.adopted,
             "restarts": g.restarts, "last_exit": g.last_exit,
             "xenbus_state": r.xenbus_state if r else None, "connected": r.connected if r else False,
-            "served": dict(r.served) if r else {}, "errors": dict(r.errors) if r else {},
+            "served": dict(t.served), "misses": _copy(t.misses), "errors": _copy(t.errors),
+            "cpu_seconds": t.cpu_seconds if g.totals else None, "cpu_percent": t.cpu_percent,
             "latency_us": r.latency_us.to_dict() if r and r.latency_us else None,
             "devices": [d.to_dict() for d in g.devices], "heartbeat_age": g.heartbeat_age}
+
+
+def _copy(by_op: dict) -> dict:
+    return {op: dict(codes) for op, codes in by_op.items()}
 
 
 def _latency(g: dict, key: str) -> str:
@@ -53,33 +71,57 @@ def _latency(g: dict, key: str) -> str:
     return dash(lat.get(key), micros)
 
 
-def _interrupts(dev: dict) -> tuple[str, str]:
+def _seconds(v: float) -> str:
+    return f"{v:.2f}s" if v < 10 else f"{v:.1f}s" if v < 600 else duration(v)
+
+
+def _msi(dev: dict) -> str:
     msi = dev.get("msi")
+    return f"pirq {msi}" if msi is not None else "off"
+
+
+def _msix(dev: dict) -> str:
     msix = dev.get("msix") or {}
-    return (f"pirq {msi}" if msi is not None else "off",
-            " ".join(f"{entry}={pirq}" for entry, pirq in sorted(msix.items(), key=lambda kv: int(kv[0]))) or "off")
+    return " ".join(f"{entry}={pirq}" for entry, pirq in sorted(msix.items(), key=lambda kv: int(kv[0]))) or "off"
+
+
+# The per-function table: (header, cell of one device dict); a new device field is one more row here.
+DEVICE_COLUMNS = (
+    ("FUNCTION", lambda d: d["bdf"]),
+    ("GUEST", lambda d: d["vbdf"]),
+    ("PERMISSIVE", lambda d: "yes" if d.get("permissive") else "no"),
+    ("DENIED", lambda d: dash(d.get("denied_writes"))),
+    ("MSI", _msi),
+    ("MSI-X (entry=pirq)", _msix),
+)
+
+
+def header(d: dict) -> str:
+    """The daemon's lines (shared with the metrics command's text)."""
+    xs = "connected" if d.get("xenstore_connected") else "DISCONNECTED (guest changes are not seen)"
+    return (f"pcibackd {d['version']} (pid {d['pid']}), up {duration(d['uptime'])}, platform {d['platform']}, "
+            f"topology {d['topology']}\nxenstore {d['xenstore']}: {xs}")
 
 
 def render(result: dict) -> str:
-    d = result["daemon"]
     guests = result["guests"]
-    head = (f"pcibackd {d['version']} (pid {d['pid']}), up {duration(d['uptime'])}, platform {d['platform']}, "
-            f"topology {d['topology']}, xenstore {d['xenstore']}\n{len(guests)} guest(s)")
+    head = f"{header(result['daemon'])}\n{len(guests)} guest(s)"
     if not guests:
         return head
-    rows, detail, irqs = [], [], []
+    rows, detail, devices = [], [], []
     for g in guests:
-        irqs.extend([g["domid"], x["bdf"], *_interrupts(x)] for x in g.get("devices", []))
-        devs = "\n".join(f"{x['bdf']} -> {x['vbdf']}" + (" (permissive)" if x.get("permissive") else "")
-                         for x in g.get("devices", [])) or "-"
-        rows.append([g["domid"], xenbus_name(g.get("xenbus_state")), g["worker_state"], dash(g.get("pid")),
-                     g["restarts"], dash(g.get("rss"), size), dash(g.get("uss"), size),
+        devices.extend([g["domid"], *(cell(x) for _, cell in DEVICE_COLUMNS)] for x in g.get("devices", []))
+        misses, errors = Totals.summed(g.get("misses", {})), Totals.summed(g.get("errors", {}))
+        rows.append([g["domid"], g.get("name") or "-", xenbus_name(g.get("xenbus_state")), g["worker_state"],
+                     dash(g.get("pid")), g["restarts"], dash(g.get("rss"), size), dash(g.get("uss"), size),
+                     dash(g.get("cpu_seconds"), _seconds),
                      dash(g.get("cpu_percent"), lambda v: f"{v:.1f}%"), sum(g.get("served", {}).values()),
-                     sum(g.get("errors", {}).values()), _latency(g, "p50"), _latency(g, "p99"), devs])
-        detail.append([g["domid"], counts(g.get("served", {})), counts(g.get("errors", {})),
+                     sum(misses.values()), sum(errors.values()), _latency(g, "p50"), _latency(g, "p99")])
+        detail.append([g["domid"], counts(g.get("served", {})), counts(misses), counts(errors),
                        g.get("last_exit") or "-"])
     return "\n\n".join([head,
-                        table(["DOMID", "XENBUS", "WORKER", "PID", "RESTARTS", "RSS", "USS", "CPU", "OPS", "ERRORS",
-                               "P50", "P99", "DEVICES (host -> guest)"], rows),
-                        table(["DOMID", "OPS BY TYPE", "ERRORS BY CODE", "LAST EXIT"], detail),
-                        table(["DOMID", "FUNCTION", "MSI", "MSI-X (entry=pirq)"], irqs or [["-", "-", "-", "-"]])])
+                        table(["DOMID", "NAME", "XENBUS", "WORKER", "PID", "RESTARTS", "RSS", "USS", "CPU", "CPU%",
+                               "OPS", "MISSES", "ERRORS", "P50", "P99"], rows),
+                        table(["DOMID", "OPS BY TYPE", "MISSES BY CODE", "ERRORS BY CODE", "LAST EXIT"], detail),
+                        table(["DOMID", *(h for h, _ in DEVICE_COLUMNS)],
+                              devices or [["-"] * (len(DEVICE_COLUMNS) + 1)])])

@@ -1,0 +1,184 @@
+"""Prometheus metrics with the standard client library (prometheus_client; extra ``metrics``).
+
+:func:`families` turns :func:`~pcibackd.control.metricsdata.collect`'s data into
+metric families; :func:`text` prints them in the Prometheus text format (what
+node_exporter's textfile collector reads) or OpenMetrics.
+:class:`MetricsListener` serves them over HTTP (``pcibackd run --metrics-listen
+ADDR``) from a thread: the supervisor's loop owns its tables, so the thread
+never reads them; each scrape asks the loop for a snapshot (published from
+:meth:`MetricsListener.publish_if_wanted`: the loop wakes at least every half
+second) and serves the last one it has if none comes in time.
+
+Every series is labelled ``domid`` and ``name`` (the domain's name); counters
+add up all of a guest's workers, so they only go back to zero when pcibackd
+itself restarts.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Iterator
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from loguru import logger
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+
+from pcibackd.control.face import DaemonFace
+from pcibackd.control.metricsdata import collect
+
+GUEST = ["domid", "name"]
+
+
+def families(data: dict) -> Iterator[Metric]:
+    """The metric families of one snapshot (see the module docstring)."""
+    d = data["daemon"]
+    info = GaugeMetricFamily("pcibackd_info", "pcibackd's version, platform and guest topology",
+                             labels=["version", "platform", "topology"])
+    info.add_metric([str(d["version"]), str(d["platform"]), str(d["topology"])], 1)
+    yield info
+    yield GaugeMetricFamily("pcibackd_start_time_seconds", "When pcibackd started (Unix time)",
+                            value=round(time.time() - d["uptime"], 1))
+    yield GaugeMetricFamily("pcibackd_xenstore_connected", "1 while the supervisor is connected to xenstored",
+                            value=1 if d["xenstore_connected"] else 0)
+    yield GaugeMetricFamily("pcibackd_pool_size", "Functions in pcibackd's pool of hidden functions",
+                            value=data["pool_size"])
+    yield GaugeMetricFamily("pcibackd_assignable_functions", "Host functions that can be given to guests",
+                            value=data["assignable"])
+    guests = data["guests"]
+    states = GaugeMetricFamily("pcibackd_guests", "Guests by worker state", labels=["state"])
+    for state in sorted({g["state"] for g in guests}):
+        states.add_metric([state], sum(g["state"] == state for g in guests))
+    yield states
+    ops = CounterMetricFamily("pcibackd_ops", "Ops served (all answers)", labels=[*GUEST, "op"])
+    errors = CounterMetricFamily("pcibackd_op_errors", "Failed answers other than probe misses, by code",
+                                 labels=[*GUEST, "op", "code"])
+    misses = CounterMetricFamily("pcibackd_op_misses", "Probe misses: empty slots enumerated, the "
+                                 "extended-space probe of a conventional function", labels=[*GUEST, "op", "code"])
+    service = HistogramMetricFamily("pcibackd_op_service_seconds", "Op service time, request seen to reply "
+                                    "posted", labels=GUEST)
+    restarts = CounterMetricFamily("pcibackd_worker_restarts", "Workers started again for the guest",
+                                   labels=GUEST)
+    cpu = CounterMetricFamily("pcibackd_worker_cpu_seconds", "CPU time of the guest's workers (user + system)",
+                              labels=GUEST)
+    denied = CounterMetricFamily("pcibackd_denied_writes", "Guest config writes dropped or refused, by function",
+                                 labels=[*GUEST, "bdf"])
+    for g in guests:
+        who = [str(g["domid"]), g["name"]]
+        for op, n in sorted(g["served"].items()):
+            ops.add_metric([*who, op], n)
+        for family, by_op in ((errors, g["errors"]), (misses, g["misses"])):
+            for op, codes in sorted(by_op.items()):
+                for code, n in sorted(codes.items()):
+                    family.add_metric([*who, op, code], n)
+        if g["service"] is not None:
+            service.add_metric(who, _buckets(g["service"]), sum_value=g["service"]["sum_us"] / 1e6)
+        restarts.add_metric(who, g["restarts"])
+        cpu.add_metric(who, g["cpu_seconds"])
+        for dev in g["devices"]:
+            denied.add_metric([*who, dev["bdf"]], dev["denied_writes"])
+    yield from (ops, errors, misses, service, restarts, cpu, denied)
+
+
+def _buckets(service: dict) -> list[tuple[str, float]]:
+    """Cumulative 'le' buckets in seconds, +Inf last."""
+    out, total = [], 0
+    for bound, n in zip([*service["bounds_us"], None], service["counts"]):
+        total += n
+        out.append(("+Inf" if bound is None else repr(bound / 1e6), total))
+    return out
+
+
+class _Snapshot:
+    """A registry collector over one data snapshot."""
+
+    def __init__(self, data: dict | None):
+        self.data = data
+
+    def collect(self) -> Iterator[Metric]:
+        return families(self.data) if self.data is not None else iter(())
+
+
+def text(data: dict, openmetrics: bool = False) -> str:
+    """The snapshot in the Prometheus text format (or OpenMetrics, which ends in ``# EOF``)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Snapshot(data))
+    return (generate_openmetrics if openmetrics else generate_latest)(registry).decode()
+
+
+def parse_address(addr: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (all addresses) -> (host, port)."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"--metrics-listen {addr!r}: expected HOST:PORT, [IPV6]:PORT or :PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format, *args):      # one line per scrape on stderr is noise
+        pass
+
+
+class MetricsListener:
+    """Serves the metrics over HTTP from a thread (see the module docstring)."""
+
+    WAIT = 2.0         # seconds a scrape waits for the loop before serving an older snapshot
+
+    def __init__(self, addr: str):
+        self.host, self.port = parse_address(addr)
+        self._data: dict | None = None
+        self._at = 0.0
+        self._wanted = threading.Event()
+        self._fresh = threading.Condition()
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> str:
+        """Bind and serve; OSError when the address cannot be bound.  Returns where it listens."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(self)
+        server_class = _V6Server if ":" in self.host else WSGIServer
+        self._server = make_server(self.host, self.port, make_wsgi_app(registry), server_class,
+                                   handler_class=_Quiet)
+        self.port = self._server.server_port
+        self._thread = threading.Thread(target=self._server.serve_forever, name="pcibackd-metrics", daemon=True)
+        self._thread.start()
+        return f"http://{self.host}:{self.port}/metrics"
+
+    def publish_if_wanted(self, face: DaemonFace) -> None:
+        """From the supervisor's loop: take a snapshot if a scrape is waiting for one."""
+        if not self._wanted.is_set() and self._data is not None:
+            return
+        self._wanted.clear()
+        try:
+            data = collect(face)
+        except Exception:          # a bug here must not take the supervisor's loop down
+            logger.exception("metrics: taking a snapshot failed")
+            return
+        with self._fresh:
+            self._data, self._at = data, time.monotonic()
+            self._fresh.notify_all()
+
+    def collect(self) -> Iterator[Metric]:
+        """From the HTTP thread (the registry's collector): a snapshot taken after the
+        scrape came, or the last one if the loop does not publish within :data:`WAIT`."""
+        asked = time.monotonic()
+        with self._fresh:
+            self._wanted.set()
+            self._fresh.wait_for(lambda: self._at >= asked, timeout=self.WAIT)
+            data = self._data
+        return families(data) if data is not None else iter(())
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+class _V6Server(WSGIServer):
+    address_family = socket.AF_INET6

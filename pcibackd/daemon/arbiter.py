@@ -35,6 +35,7 @@ from pcibackd.daemon.config import DaemonConfig
 from pcibackd.daemon.endpoint import OpenControl
 from pcibackd.daemon.guests import Guest, GuestEvent, describe_exit, exit_event
 from pcibackd.daemon.interrupts import Interrupts
+from pcibackd.daemon.lifecycle import Lifecycle
 from pcibackd.daemon.spawner import Spawner
 from pcibackd.daemon.states import RestartPolicy, WorkerState
 from pcibackd.daemon.views import DaemonInfo, GuestInfo
@@ -73,6 +74,7 @@ class Supervisor:
         self.runtime.mkdir(parents=True, exist_ok=True)
         os.chmod(self.runtime, 0o700)
         self.xs = XenStore(self.cfg.xenstored_path)
+        self.lifecycle = Lifecycle.start(self.xs, self.platform, self.cfg)    # [devices] hide: before any guest
         self.irq = Interrupts(self.platform, self.runtime)
         self.irq.start(set(list_backends(self.xs, self.ignored_names)))
         self.zctx = zmq.Context()
@@ -195,6 +197,7 @@ class Supervisor:
                 # The worker watches the same directory and finishes by itself
                 # (resetting its devices); SIGTERM only if it has not within stop_timeout.
                 guest.request_stop(time.monotonic() + self.cfg.stop_timeout, terminated=False)
+        self.lifecycle.backends_changed()
 
     def _worker_config(self, guest: Guest) -> WorkerConfig:
         c = self.cfg

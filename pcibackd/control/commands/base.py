@@ -38,9 +38,14 @@ class Arg:
     help: str
     choices: tuple[str, ...] | None = None
     metavar: str | None = None
+    flags: tuple[str, ...] = ()      # an option ("-f", "--force"; a bool is a switch), not a positional
 
     def check(self, untrusted):
         """The validated value, or CommandError(BAD_ARGUMENTS)."""
+        if self.type is bool:
+            if not isinstance(untrusted, bool):
+                raise CommandError(Errno.BAD_ARGUMENTS, f"{self.name} must be true or false")
+            return untrusted
         if self.type is int:
             if not isinstance(untrusted, int) or isinstance(untrusted, bool):
                 raise CommandError(Errno.BAD_ARGUMENTS, f"{self.name} must be an integer")
@@ -60,11 +65,12 @@ class Command:
     execute: Callable
     render: Callable
     doc: str
+    follow: Callable | None = None   # pcibackctl waits after success: follow(result, call) -> None | why not
 
     @classmethod
     def from_module(cls, mod: ModuleType) -> "Command":
         return cls(mod.NAME, getattr(mod, "WORDS", (mod.NAME,)), mod.ARGS, mod.execute, mod.render,
-                   (mod.__doc__ or "").strip())
+                   (mod.__doc__ or "").strip(), getattr(mod, "follow", None))
 
     @property
     def short(self) -> str:

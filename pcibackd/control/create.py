@@ -60,8 +60,9 @@ def plan(cfg_path: str, xl_opts: list[str]) -> tuple[str, str, list[str]]:
 
 
 def create(cfg_path: str, xl_opts: list[str], call: Callable[[str, dict], dict], xl: str = "xl",
-           out=sys.stdout, err=sys.stderr) -> int:
+           out=None, err=None) -> int:
     """The whole create; returns pcibackctl's exit code (0, 1 failed, 2 usage)."""
+    out, err = out or sys.stdout, err or sys.stderr
     try:
         name, text, specs = plan(cfg_path, xl_opts)
     except CreateError as exc:

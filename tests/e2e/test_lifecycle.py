@@ -3,6 +3,8 @@ pool, pci-attach/detach/list and create with pci=, each with its bad input."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from pcibackd.control import cli
 from pcibackd.wire.paths import backend_path
 from pcibackd.wire.pciif import XenbusState as S
 from simdom0 import drivers
@@ -23,11 +26,19 @@ EDU, TESTDEV, TESTDEV1, E1000E = "0000:00:05.0", "0000:00:06.0", "0000:00:06.1",
 
 
 def ctl(dom0, *argv, wait=True):
-    cmd = [sys.executable, "-m", "pcibackd.control.cli", "--runtime-dir", str(dom0.runtime), *argv]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), XENSTORED_PATH=dom0.xenstored.socket_path)
+    """pcibackctl ARGV: in this process (fast), or a subprocess to run beside the guest (wait=False)."""
+    argv = ["--runtime-dir", str(dom0.runtime), *argv]
     if not wait:
+        cmd = [sys.executable, "-m", "pcibackd.control.cli", *argv]
+        env = dict(os.environ, PYTHONPATH=str(ROOT), XENSTORED_PATH=dom0.xenstored.socket_path)
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(argv)
+        except SystemExit as exc:
+            code = exc.code
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def ok(dom0, *argv) -> str:
@@ -57,10 +68,11 @@ def devices(dom0):
 
 
 @pytest.fixture
-def host(request, tmp_path):
+def host(request, tmp_path, monkeypatch):
     """A simulated dom0 with four functions bound to dom0 drivers; the daemon not started."""
     conf = tmp_path / "pcibackd.toml"
     dom0 = SimDom0(log_level="DEBUG", extra_args=["--config", str(conf)]).start(daemon=False)
+    monkeypatch.setenv("XENSTORED_PATH", dom0.xenstored.socket_path)     # for the fake xl
     dom0.conf = conf
     conf.write_text("")
     devices(dom0)
@@ -189,3 +201,90 @@ def test_a_function_that_vanishes(running):
     assert "missing from the host" in ok(dom0, "assignable-list")
     assert "gone from the host" in ok(dom0, "assignable-remove", "-r", E1000E)
     assert pool(dom0) == {}
+
+
+# ------------------------------------------------------------------ create --
+CFG = """# an unchanged xl config
+name = "g1"
+type = "pv"
+kernel = "/boot/vmlinuz"
+memory = 512
+pci = [ '{a}',
+        '{b},permissive=1' ]
+"""
+
+
+@pytest.fixture
+def xl(running, tmp_path):
+    """A fake xl (simdom0.xl) on the simulated xenstored, as pcibackctl create's --xl."""
+    path = tmp_path / "xl"
+    path.write_text(f"#!/bin/sh\nexec {sys.executable} -m simdom0.xl \"$@\"\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def domains(dom0) -> dict[str, int]:
+    return {dom0.xs.read(f"/local/domain/{d}/name"): int(d) for d in dom0.xs.ls("/local/domain") if d != "0"}
+
+
+def test_create_attaches_before_unpause_and_destroy_frees(running, xl, tmp_path):
+    dom0 = running
+    ok(dom0, "assignable-add", EDU)
+    cfg = tmp_path / "g1.cfg"
+    cfg.write_text(CFG.format(a=EDU, b=f"{E1000E},seize=1"))
+    out = ok(dom0, "create", "--xl", xl, str(cfg))
+    assert "created with 2 PCI function(s)" in out
+    domid = domains(dom0)["g1"]
+    assert dom0.xs.read(f"/local/domain/{domid}/sim-paused") is None          # unpaused
+    be = backend_path(domid)
+    assert [dom0.xs.read(f"{be}/dev-{i}") for i in range(2)] == [EDU, E1000E]
+    assert "permissive=1" in dom0.xs.read(f"{be}/opts-1")
+    assert pool(dom0)[E1000E]["source"] == "seize"                             # seize=1 joined the pool
+    front = dom0.frontend(domid)
+    assert len(front.connect()) == 2
+
+    subprocess.run([xl, "destroy", "g1"], check=True, timeout=30)
+    wait_until(lambda: all(f["held_by"] is None for f in pool(dom0).values()), what="functions free")
+    wait_until(lambda: all(drivers.state(pci_root(dom0), b)["assigned"] is None for b in (EDU, E1000E)),
+               what="grants revoked")
+    assert set(pool(dom0)) == {EDU, E1000E}
+
+
+def test_create_config_syntax_error_names_the_line(running, xl, tmp_path):
+    dom0 = running
+    cfg = tmp_path / "bad.cfg"
+    cfg.write_text('name = "g1"\nmemory = 512\npci = [ "00:05.0" \nvcpus = 2\n')
+    err = fails(dom0, 2, "create", "--xl", xl, str(cfg))
+    assert f"{cfg}:4:" in err
+    cfg.write_text('name = "g1"\n\npci = [ "00:05.0,power_mgmt=1" ]\n')
+    err = fails(dom0, 2, "create", "--xl", xl, str(cfg))
+    assert f"{cfg}:3:" in err and "HVM-only" in err
+    assert "-c" in fails(dom0, 2, "create", "--xl", xl, str(cfg), "-c")
+    assert domains(dom0) == {}
+
+
+def test_create_failure_destroys_the_domain_and_frees_the_pool(running, xl, tmp_path):
+    dom0 = running
+    ok(dom0, "assignable-add", EDU)
+    cfg = tmp_path / "g1.cfg"
+    cfg.write_text(CFG.format(a=EDU, b=TESTDEV))                 # TESTDEV is not assignable
+    err = fails(dom0, 1, "create", "--xl", xl, str(cfg))
+    assert f"{TESTDEV} is not assignable" in err and "destroyed" in err
+    assert domains(dom0) == {}
+    wait_until(lambda: pool(dom0)[EDU]["held_by"] is None, what="EDU free")
+    assert drivers.state(pci_root(dom0), TESTDEV)["driver"] == "pci-testdev"   # untouched
+
+
+def test_a_domain_that_dies_mid_attach(running, xl, tmp_path):
+    dom0 = running
+    ok(dom0, "assignable-add", EDU)
+    ok(dom0, "assignable-add", E1000E)
+    cfg = tmp_path / "g1.cfg"
+    cfg.write_text(CFG.format(a=EDU, b=E1000E))
+    drivers.kill_on_give(pci_root(dom0))                        # the domain goes while EDU is given to it
+    err = fails(dom0, 1, "create", "--xl", xl, str(cfg))
+    assert "died during the attach of 0000:00:05.0" in err
+    assert domains(dom0) == {}
+    assert dom0.xs.ls("/local/domain/0/backend/pci") == []        # nothing half-written
+    assert all(f["held_by"] is None for f in pool(dom0).values())
+    assert all(drivers.state(pci_root(dom0), b)["assigned"] is None for b in (EDU, E1000E))

@@ -43,7 +43,7 @@ def default_route_interfaces(route_text: str) -> set[str]:
     found = set()
     for line in route_text.splitlines()[1:]:
         cols = line.split()
-        if len(cols) > 2 and cols[1] == "00000000":
+        if len(cols) >= 2 and cols[1] == "00000000":
             found.add(cols[0])
     return found
 
@@ -96,8 +96,10 @@ class SysfsDrivers:
         dev = os.path.realpath(self._dev(bdf))
         routes = self._read("proc/net/route")
         for iface in sorted(default_route_interfaces(routes)):
-            if os.path.realpath(self.root / "sys/class/net" / iface).startswith(dev + "/"):
-                return f"its interface {iface} carries the default route"
+            for lower in [iface, *self._lower(iface)]:
+                if os.path.realpath(self.root / "sys/class/net" / lower).startswith(dev + "/"):
+                    via = "" if lower == iface else f" (through {iface})"
+                    return f"its interface {lower} carries the default route{via}"
         mounted = mounted_sources(self._read("proc/self/mounts"), self._read("proc/swaps"))
         for blk in sorted((self.root / "sys/class/block").glob("*")):
             if not os.path.realpath(blk).startswith(dev + "/"):
@@ -106,6 +108,14 @@ class SysfsDrivers:
                 if name in mounted:
                     return f"its disk {blk.name} is in use (/dev/{name} is mounted or swap)"
         return None
+
+    def _lower(self, iface: str, depth: int = 0) -> list[str]:
+        """Interfaces under a bridge, bond or VLAN (``lower_*`` links, ``brif/``)."""
+        net = self.root / "sys/class/net" / iface
+        names = [p.name[6:] for p in net.glob("lower_*")] + [p.name for p in net.glob("brif/*")]
+        if depth < 4:
+            names += [n for name in list(names) for n in self._lower(name, depth + 1)]
+        return names
 
     def _holders(self, blk: Path, depth: int = 0) -> list[str]:
         """Device-mapper, md and partitions stacked on ``blk``."""

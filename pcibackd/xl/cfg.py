@@ -185,6 +185,8 @@ class _Reader:
             c = self.peek()
             if c == ",":
                 self.advance()
+            elif c == "":
+                raise self.error("list not closed: ']' missing", open_line)
             elif c != "]":
                 raise self.error(f"expected ',' or ']' in the list, found {self._near()}")
 

@@ -10,6 +10,8 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from pcibackd.xl.pcispec import SpecError, parse_pattern
+
 DEFAULT_CONFIG = Path("/etc/pcibackd/pcibackd.toml")
 
 
@@ -66,4 +68,9 @@ def _devices_section(path: Path, untrusted: object) -> tuple[str, ...]:
     hide = untrusted.get("hide", [])
     if not isinstance(hide, list) or not all(isinstance(h, str) for h in hide):
         raise ValueError(f"{path}: [devices] hide must be a list of PCI addresses")
+    for pattern in hide:
+        try:
+            parse_pattern(pattern)
+        except SpecError as exc:
+            raise ValueError(f"{path}: [devices] hide: {exc}") from None
     return tuple(hide)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, strategies as st
 
+from pcibackd.daemon.config import DaemonConfig
 from pcibackd.wire.bdf import BDF
 from pcibackd.xl.cfg import CfgError, parse_config
 from pcibackd.xl.pcispec import KEYS, SpecError, parse_pattern, parse_spec
@@ -117,3 +118,15 @@ def test_config_parser_raises_only_cfg_errors(text):
         parse_config(text).pci_specs()
     except CfgError:
         pass
+
+
+def test_daemon_config_devices_section(tmp_path):
+
+    p = tmp_path / "pcibackd.toml"
+    p.write_text('[pcibackd]\nstate_dir = "/x"\n[devices]\nhide = ["0000:03:00.0", "04:00.*"]\n')
+    c = DaemonConfig.load(p)
+    assert c.hide == ("0000:03:00.0", "04:00.*") and c.state_dir == "/x"
+    for bad in ('hide = "03:00.0"', 'hide = ["03:00.0,seize=1"]', 'hide = ["zz"]', 'other = 1'):
+        p.write_text(f"[devices]\n{bad}\n")
+        with pytest.raises(ValueError, match=r"\[devices\]"):
+            DaemonConfig.load(p)

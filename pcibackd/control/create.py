@@ -56,7 +56,11 @@ def plan(cfg_path: str, xl_opts: list[str]) -> tuple[str, str, list[str]]:
         raise CreateError(f"{cfg_path}:{cfg.line_of('type') or cfg.line_of('builder')}: type {kind!r}: "
                           "pcibackd serves PV guests (Linux pcifront); HVM/PVH passthrough is QEMU's or Xen's",
                           usage=True)
-    return name, cfg.without("pci"), [str(s) for s in specs]
+    text = cfg.without("pci")
+    if specs and cfg.get("passthrough") is None:
+        # libxl gives a domain an IOMMU context only when pci= is present: ask for it explicitly
+        text += '\npassthrough = "enabled"   # added by pcibackctl create (pci= taken out)\n'
+    return name, text, [str(s) for s in specs]
 
 
 def create(cfg_path: str, xl_opts: list[str], call: Callable[[str, dict], dict], xl: str = "xl",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, strategies as st
 
+from pcibackd.control.create import CreateError, plan
 from pcibackd.daemon.config import DaemonConfig
 from pcibackd.wire.bdf import BDF
 from pcibackd.xl.cfg import CfgError, parse_config
@@ -130,3 +131,21 @@ def test_daemon_config_devices_section(tmp_path):
         p.write_text(f"[devices]\n{bad}\n")
         with pytest.raises(ValueError, match=r"\[devices\]"):
             DaemonConfig.load(p)
+
+
+def test_create_plan_takes_pci_out_and_keeps_an_iommu_context(tmp_path):
+    cfg = tmp_path / "g.cfg"
+    cfg.write_text(CFG)
+    name, text, specs = plan(str(cfg), ["-q"])
+    assert name == "g1" and specs == ["0000:03:00.0@05,seize=1", "0000:04:00.1,permissive=1,seize=1"]
+    again = parse_config(text)
+    assert again.get("pci") is None and again.get("passthrough") == "enabled"
+    assert again.line_of("pci_seize") == parse_config(CFG).line_of("pci_seize")
+    cfg.write_text(CFG + 'passthrough = "sync_pt"\n')
+    assert parse_config(plan(str(cfg), [])[1]).get("passthrough") == "sync_pt"     # the admin's choice stays
+    for opts, message in ((["-c"], "console"), (["pci=['01:00.0']"], "config file")):
+        with pytest.raises(CreateError, match=message):
+            plan(str(cfg), opts)
+    cfg.write_text('name = "h"\ntype = "hvm"\npci = ["01:00.0"]\n')
+    with pytest.raises(CreateError, match=":2: type 'hvm'"):
+        plan(str(cfg), [])

@@ -72,6 +72,7 @@ class Lifecycle:
         drivers = own(cfg.state_dir) if own is not None else XenDrivers(cfg.state_dir)
         lifecycle = cls(xs, drivers, Pool(cfg.state_dir))
         lifecycle.hide(cfg.hide)
+        lifecycle.reclaim()
         return lifecycle
 
     # ------------------------------------------------------------ reading --
@@ -153,6 +154,17 @@ class Lifecycle:
                     logger.info("hidden from dom0: {} ({})", bdf, result["note"])
                 except LifecycleError as exc:
                     logger.error("[devices] hide {}: {}", bdf, exc.message)
+
+    def reclaim(self) -> None:
+        """At start: a pool member back with a dom0 driver (the host rebooted) is taken again."""
+        for m in self.pool.sorted():
+            if self.drivers.exists(m.bdf) and self.drivers.driver(m.bdf) == self.drivers.stub:
+                continue
+            try:
+                self.add(m.bdf)
+                logger.info("assignable pool: {} taken from dom0 again", m.bdf)
+            except LifecycleError as exc:
+                logger.error("assignable pool: {}", exc.message)
 
     def add(self, bdf: BDF, name: str | None = None, force: bool = False, source: str = "add") -> dict:
         """Make ``bdf`` assignable: stub driver, quarantine, persisted with its original driver."""
@@ -311,7 +323,14 @@ class Lifecycle:
             logger.info("domain {}: {} is back in the pool", domid, bdf)
 
     def backends_changed(self) -> None:
-        """Finish hot-unplugs the guest completed; take back what gone backends held."""
+        """Finish hot-unplugs the guest completed; take back what gone backends held.
+        Never raises: it runs in the supervisor's loop."""
+        try:
+            self._backends_changed()
+        except Exception as exc:        # xenstore trouble must not stop the supervisor
+            logger.exception("device lifecycle: {}", exc)
+
+    def _backends_changed(self) -> None:
         for domid, bdf in sorted(self.unplugging):
             state = self.xs.read(f"{backend_path(domid)}/state")
             if state is None or state == str(int(S.Connected)):

@@ -135,6 +135,9 @@ class SysfsDrivers:
     def bind_stub(self, bdf: BDF) -> str | None:
         if not self.exists(bdf):
             raise DriverError(2, f"no PCI function {bdf}")
+        stale = self.state_dir / "seized" / str(bdf)
+        if stale.exists() and self.driver(bdf) != self.stub:
+            stale.unlink()          # from before a reboot: the function is dom0's again
         try:
             record = seize(bdf, self.state_dir, self.stub, self.root)
         except SeizeError as exc:

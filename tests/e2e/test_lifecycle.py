@@ -106,8 +106,10 @@ def test_hide_at_start_persists_and_remove_rebinds(host):
 
     host.conf.write_text("")                                               # the pool outlives the daemon
     host.stop_daemon()
+    drivers.set_driver(pci_root(host), TESTDEV, "pci-testdev")            # ... and a reboot
     host.start_daemon()
     assert set(pool(host)) == {TESTDEV}
+    assert drivers.state(pci_root(host), TESTDEV)["driver"] == "pci-stub"  # taken again at start
     assert ok(host, "assignable-list").split() == [TESTDEV]
 
 

@@ -25,6 +25,9 @@ from pcibackd.xenstore.toolstack import Toolstack
 from pcibackd.xl.pcispec import PciSpec, SpecError, parse_pattern, parse_spec
 
 MAX_DOMID = 0x7FEF
+# backend states in which no device may be added (a reconfiguration in flight, or the end)
+BUSY_STATES = {str(int(S.Reconfiguring)): "reconfiguring", str(int(S.Reconfigured)): "reconfiguring",
+               str(int(S.Closing)): "closing", str(int(S.Closed)): "closed"}
 
 
 class LifecycleError(Exception):
@@ -238,6 +241,9 @@ class Lifecycle:
         except SpecError as exc:
             raise _bad(f"PCI spec {untrusted_spec[:64]!r}: {exc}") from None
         d = self.domain(untrusted_domain)
+        state = self.xs.read(f"{backend_path(d.domid)}/state")
+        if state in BUSY_STATES:
+            raise _failed(f"domain {d.domid}'s PCI backend is {BUSY_STATES[state]}; try again when it is not")
         bdfs = self._functions(spec)
         held = self.holders()
         for bdf in bdfs:
@@ -259,7 +265,6 @@ class Lifecycle:
                     raise _missing(f"PCI function {bdf} vanished during the attach")
                 self.drivers.give(d.domid, bdf)
                 given.append(bdf)
-            state = self.xs.read(f"{backend_path(d.domid)}/state")
             hotplug = state == str(int(S.Connected))
             indices = self.toolstack.attach(d.domid, bdfs, opts=spec.opts, name=spec.name,
                                             vdevfn=None if spec.vslot is None else spec.vslot << 3,

@@ -205,6 +205,15 @@ def test_a_function_that_vanishes(running):
     assert pool(dom0) == {}
 
 
+def test_no_attach_while_the_backend_reconfigures(running):
+    dom0 = running
+    ok(dom0, "assignable-add", EDU)
+    dom0.toolstack.create_domain(3, "g3")
+    dom0.xs.write(f"{backend_path(3)}/state", "7")
+    assert "reconfiguring" in fails(dom0, 1, "pci-attach", "g3", EDU)
+    assert pool(dom0)[EDU]["held_by"] is None and dom0.xs.read(f"{backend_path(3)}/num_devs") is None
+
+
 # ------------------------------------------------------------------ create --
 CFG = """# an unchanged xl config
 name = "g1"

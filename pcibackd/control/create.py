@@ -75,7 +75,8 @@ def create(cfg_path: str, xl_opts: list[str], call: Callable[[str, dict], dict],
     with tempfile.TemporaryDirectory(prefix="pcibackctl-create-") as tmp:
         stripped = Path(tmp) / Path(cfg_path).name
         stripped.write_text(text)
-        made = _xl(xl, ["create", "-p", *xl_opts, str(stripped)], err)
+        paused = "-p" in xl_opts          # the administrator's own -p: leave it paused
+        made = _xl(xl, ["create", "-p", *[o for o in xl_opts if o != "-p"], str(stripped)], err)
     if made is not None:
         print(f"pcibackctl create: xl create failed: {made}", file=err)
         return 1
@@ -85,7 +86,7 @@ def create(cfg_path: str, xl_opts: list[str], call: Callable[[str, dict], dict],
             if rep.get("status") != "ok":
                 raise CreateError(f"pci-attach {spec}: {rep.get('reason')}")
             print(f"{name}: {spec} attached", file=out)
-        why = _xl(xl, ["unpause", name], err)
+        why = None if paused else _xl(xl, ["unpause", name], err)
         if why is not None:
             raise CreateError(f"xl unpause {name}: {why}")
     except BaseException as exc:
@@ -96,7 +97,7 @@ def create(cfg_path: str, xl_opts: list[str], call: Callable[[str, dict], dict],
         if not isinstance(exc, Exception):
             raise
         return 1
-    print(f"{name}: created with {len(specs)} PCI function(s)", file=out)
+    print(f"{name}: created with {len(specs)} PCI function(s)" + (", paused" if paused else ""), file=out)
     return 0
 
 

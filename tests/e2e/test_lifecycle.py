@@ -256,6 +256,10 @@ def test_create_attaches_before_unpause_and_destroy_frees(running, xl, tmp_path)
 
     subprocess.run([xl, "destroy", "g1"], check=True, timeout=30)
     wait_until(lambda: all(f["held_by"] is None for f in pool(dom0).values()), what="functions free")
+    assert "paused" in ok(dom0, "create", "--xl", xl, str(cfg), "-p")       # the administrator's -p stays
+    assert dom0.xs.read(f"/local/domain/{domains(dom0)['g1']}/sim-paused") == "1"
+    subprocess.run([xl, "destroy", "g1"], check=True, timeout=30)
+    wait_until(lambda: all(f["held_by"] is None for f in pool(dom0).values()), what="functions free")
     wait_until(lambda: all(drivers.state(pci_root(dom0), b)["assigned"] is None for b in (EDU, E1000E)),
                what="grants revoked")
     assert set(pool(dom0)) == {EDU, E1000E}

@@ -12,6 +12,7 @@ read from the backend nodes, the toolstack's truth.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from loguru import logger
 
@@ -25,6 +26,7 @@ from pcibackd.xenstore.toolstack import Toolstack
 from pcibackd.xl.pcispec import PciSpec, SpecError, parse_pattern, parse_spec
 
 MAX_DOMID = 0x7FEF
+KERNEL_BACKEND = Path("/sys/module/xen_pciback")
 # backend states in which no device may be added (a reconfiguration in flight, or the end)
 BUSY_STATES = {str(int(S.Reconfiguring)): "reconfiguring", str(int(S.Reconfigured)): "reconfiguring",
                str(int(S.Closing)): "closing", str(int(S.Closed)): "closed"}
@@ -73,6 +75,9 @@ class Lifecycle:
         # the simulated dom0 models drivers itself; a real dom0 has sysfs and Xen
         own = getattr(platform, "host_drivers", None)
         drivers = own(cfg.state_dir) if own is not None else XenDrivers(cfg.state_dir)
+        if own is None and KERNEL_BACKEND.exists():
+            logger.warning("xen_pciback is loaded: the kernel backend also serves PCI backends in xenstore; "
+                           "blacklist it (see the README: Coexistence)")
         lifecycle = cls(xs, drivers, Pool(cfg.state_dir))
         lifecycle.hide(cfg.hide)
         lifecycle.reclaim()

@@ -48,6 +48,16 @@ def default_route_interfaces(route_text: str) -> set[str]:
     return found
 
 
+def default_route6_interfaces(route_text: str) -> set[str]:
+    """Interfaces of ``/proc/net/ipv6_route`` lines for ::/0 (not the loopback's unreachable one)."""
+    found = set()
+    for line in route_text.splitlines():
+        cols = line.split()
+        if len(cols) == 10 and cols[0] == "0" * 32 and cols[1] == "00" and cols[9] != "lo":
+            found.add(cols[9])
+    return found
+
+
 def mounted_sources(mounts_text: str, swaps_text: str = "") -> set[str]:
     """Device names (``sda1``) mounted or used as swap."""
     names = set()
@@ -94,8 +104,9 @@ class SysfsDrivers:
 
     def in_use(self, bdf: BDF) -> str | None:
         dev = os.path.realpath(self._dev(bdf))
-        routes = self._read("proc/net/route")
-        for iface in sorted(default_route_interfaces(routes)):
+        default = default_route_interfaces(self._read("proc/net/route")) | \
+            default_route6_interfaces(self._read("proc/net/ipv6_route"))
+        for iface in sorted(default):
             for lower in [iface, *self._lower(iface)]:
                 if os.path.realpath(self.root / "sys/class/net" / lower).startswith(dev + "/"):
                     via = "" if lower == iface else f" (through {iface})"

@@ -8,7 +8,8 @@ import os
 import pytest
 
 from pcibackd.daemon.pool import Member, Pool
-from pcibackd.hostpci.drivers import DriverError, SysfsDrivers, default_route_interfaces, mounted_sources
+from pcibackd.hostpci.drivers import (DriverError, SysfsDrivers, default_route6_interfaces, default_route_interfaces,
+                                      mounted_sources)
 from pcibackd.wire.bdf import BDF
 
 NIC, DISK = BDF.parse("0000:02:00.0"), BDF.parse("0000:03:00.0")
@@ -59,6 +60,11 @@ def test_in_use_probe(root, tmp_path):
 
 def test_parsers_of_proc():
     assert default_route_interfaces("Iface\tDestination\neth1\t0000FEA9\nbr0\t00000000\n") == {"br0"}
+    v6 = ("00000000000000000000000000000000 00 00000000000000000000000000000000 00 fe800000000000000000000000000001 "
+          "00000400 00000001 00000000 00000003 eth1\n"
+          "00000000000000000000000000000000 00 00000000000000000000000000000000 00 00000000000000000000000000000000 "
+          "ffffffff 00000001 00000000 00200200 lo\n")
+    assert default_route6_interfaces(v6) == {"eth1"}
     assert mounted_sources("/dev/sda1 / ext4 rw 0 0\nnone /x tmpfs\n",
                            "Filename Type\n/dev/sdb2 partition 0 0\n") == {"sda1", "sdb2"}
 

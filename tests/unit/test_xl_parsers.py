@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, strategies as st
 
+from pcibackd.control.commands import COMMANDS, CommandError
 from pcibackd.control.create import CreateError, plan
 from pcibackd.daemon.config import DaemonConfig
 from pcibackd.wire.bdf import BDF
@@ -149,3 +150,12 @@ def test_create_plan_takes_pci_out_and_keeps_an_iommu_context(tmp_path):
     cfg.write_text('name = "h"\ntype = "hvm"\npci = ["01:00.0"]\n')
     with pytest.raises(CreateError, match=":2: type 'hvm'"):
         plan(str(cfg), [])
+
+
+def test_lifecycle_commands_take_options_with_defaults():
+    add = COMMANDS["assignable-add"]
+    assert add.check({"bdf": "03:00.0"}) == {"bdf": "03:00.0", "name": "", "force": False}
+    assert add.check({"bdf": "03:00.0", "force": True})["force"] is True
+    for bad in ({"bdf": "03:00.0", "force": 1}, {"name": "x"}, {"bdf": "03:00.0", "rebind": True}):
+        with pytest.raises(CommandError):
+            add.check(bad)

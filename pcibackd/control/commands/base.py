@@ -77,15 +77,16 @@ class Command:
         return (self.doc.splitlines() or [""])[0]
 
     def check(self, untrusted_args: dict) -> dict:
-        """Exactly the declared arguments, each of its type."""
+        """Exactly the declared arguments, each of its type (an absent option takes its default)."""
         names = {a.name for a in self.args}
         unknown = [str(k)[:20] for k in untrusted_args if k not in names]
         if unknown:
             raise CommandError(Errno.BAD_ARGUMENTS, f"{self.name}: unknown argument(s) {', '.join(unknown)}")
-        missing = [n for n in names if n not in untrusted_args]
+        missing = [a.name for a in self.args if a.name not in untrusted_args and not a.flags]
         if missing:
             raise CommandError(Errno.BAD_ARGUMENTS, f"{self.name}: missing argument(s) {', '.join(sorted(missing))}")
-        return {a.name: a.check(untrusted_args[a.name]) for a in self.args}
+        return {a.name: a.check(untrusted_args[a.name]) if a.name in untrusted_args else a.type()
+                for a in self.args}
 
 
 class Answer(NamedTuple):

@@ -27,6 +27,7 @@ from pcibackd.xl.pcispec import PciSpec, SpecError, parse_pattern, parse_spec
 
 MAX_DOMID = 0x7FEF
 KERNEL_BACKEND = Path("/sys/module/xen_pciback")
+CLOSING = (str(int(S.Closing)), str(int(S.Closed)))
 # backend states in which no device may be added (a reconfiguration in flight, or the end)
 BUSY_STATES = {str(int(S.Reconfiguring)): "reconfiguring", str(int(S.Reconfigured)): "reconfiguring",
                str(int(S.Closing)): "closing", str(int(S.Closed)): "closed"}
@@ -62,12 +63,27 @@ class Lifecycle:
     def __init__(self, xs, drivers: HostDrivers, pool: Pool):
         self.xs, self.drivers, self.pool = xs, drivers, pool
         self.toolstack = Toolstack(xs)
-        self.unplugging: set[tuple[int, BDF]] = set()
         # functions of the pool given to each guest (revoked when its backend goes)
         self.given: dict[int, set[BDF]] = {}
         for bdf, domid in self.holders().items():
             if bdf in pool:
                 self.given.setdefault(domid, set()).add(bdf)
+
+    def _unplugged(self) -> list[tuple[int, BDF]]:
+        done = []
+        for untrusted in self.xs.ls(BACKEND_ROOT):
+            if not untrusted.isdigit() or len(untrusted) > 5:
+                continue
+            be = backend_path(int(untrusted))
+            if self.xs.read(f"{be}/state") != str(int(S.Connected)):
+                continue
+            for i in range(_count(self.xs.read(f"{be}/num_devs"))):
+                if self.xs.read(f"{be}/state-{i}") in CLOSING:
+                    try:
+                        done.append((int(untrusted), BDF.parse(self.xs.read(f"{be}/dev-{i}") or "")))
+                    except ValueError:
+                        pass
+        return done
 
     @classmethod
     def start(cls, xs, platform, cfg) -> "Lifecycle":
@@ -318,7 +334,6 @@ class Lifecycle:
                 self._revoke(d.domid, bdf)
             else:
                 self.toolstack.begin_detach(d.domid, bdf)
-                self.unplugging.add((d.domid, bdf))
         return {"domid": d.domid, "functions": [str(b) for b in sorted(bdfs)],
                 "state": "detaching" if connected and not force else "detached"}
 
@@ -341,13 +356,12 @@ class Lifecycle:
             logger.exception("device lifecycle: {}", exc)
 
     def _backends_changed(self) -> None:
-        for domid, bdf in sorted(self.unplugging):
-            state = self.xs.read(f"{backend_path(domid)}/state")
-            if state is None or state == str(int(S.Connected)):
-                self.unplugging.discard((domid, bdf))
-                if state is not None:
-                    self.toolstack.remove_nodes(domid, bdf)
-                self._revoke(domid, bdf)
+        # A function marked Closing in a backend that is Connected again was let go by the
+        # guest (the mark and state=7 are written together): libxl's last step is ours.
+        # Read from xenstore, not remembered, so a restarted daemon finishes it too.
+        for domid, bdf in self._unplugged():
+            self.toolstack.remove_nodes(domid, bdf)
+            self._revoke(domid, bdf)
         held = self.holders()
         for domid in list(self.given):
             for bdf in sorted(self.given[domid]):

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             return create_cmd.create(ns.cfg, ns.xl_opts, daemon, xl=ns.xl)
         cmd = COMMANDS[ns.command]
         rep = daemon(cmd.name, {a.name: getattr(ns, f"arg_{a.name}") for a in cmd.args})
-        if rep.get("status") == "ok" and cmd.follow is not None and (why := cmd.follow(rep["result"], daemon)):
+        if rep.get("status") == "ok" and cmd.follow is not None and (why := cmd.follow(rep["result"], daemon, ns.timeout)):
             print(f"pcibackctl: {why}", file=sys.stderr)
             return EXIT_FAILED
     except DaemonUnreachable as exc:

@@ -65,7 +65,7 @@ class Command:
     execute: Callable
     render: Callable
     doc: str
-    follow: Callable | None = None   # pcibackctl waits after success: follow(result, call) -> None | why not
+    follow: Callable | None = None   # pcibackctl waits after success: follow(result, call, timeout) -> None | why
 
     @classmethod
     def from_module(cls, mod: ModuleType) -> "Command":

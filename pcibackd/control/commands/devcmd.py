@@ -30,8 +30,10 @@ def bdf(untrusted: str) -> BDF:
 
 
 def wait_for(call: Callable[[str, dict], dict], domain: str, done: Callable[[dict], bool],
-             what: str, timeout: float = FOLLOW_TIMEOUT) -> str | None:
-    """Client side: poll ``pci-list DOMAIN`` until ``done(result)``; None, or why it stopped."""
+             what: str, timeout: float = 0.0) -> str | None:
+    """Client side: poll ``pci-list DOMAIN`` until ``done(result)``; None, or why it stopped.
+    Waits :data:`FOLLOW_TIMEOUT`, or pcibackctl's ``--timeout`` when that is longer."""
+    timeout = max(FOLLOW_TIMEOUT, timeout)
     deadline = time.monotonic() + timeout
     while True:
         rep = call("pci-list", {"domain": domain})

@@ -42,6 +42,7 @@ def _run_parser(sub) -> None:
                    help="xen (the default on a Xen dom0), or sim:DIR for the simulated dom0 of a checkout")
     p.add_argument("--xenstored-path", help="xenstored socket (default: $XENSTORED_PATH or the system one)")
     p.add_argument("--runtime-dir", help="control socket and claims (default /run/pcibackd)")
+    p.add_argument("--state-dir", help="the assignable pool's directory (default /var/lib/pcibackd)")
     p.add_argument("--topology", choices=("vpci", "passthrough"), help="guest PCI topology (default vpci)")
     p.add_argument("--poll-window-us", type=float, help="busy-poll window after each op (default 50)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR (default INFO)")
@@ -97,6 +98,7 @@ def _run(args, parser) -> int:
     try:
         cfg = DaemonConfig.load(args.config, platform=args.platform,
                                 xenstored_path=args.xenstored_path, runtime_dir=args.runtime_dir,
+                                state_dir=args.state_dir,
                                 topology=args.topology, poll_window_us=args.poll_window_us,
                                 log_level=args.log_level, heartbeat_timeout=args.heartbeat_timeout)
     except (OSError, ValueError) as exc:

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from pcibackd.control.client import DaemonUnreachable, call
 from pcibackd.control.commands import COMMANDS
+from pcibackd.control import create as create_cmd
 from pcibackd.control.curve import CurveError, keygen
 from pcibackd.control.protocol import Errno
 
@@ -49,9 +51,12 @@ def _add_command(sub, cmd, common) -> None:
                        parents=[common])
     for a in cmd.args:
         if a.type is bool:
-            p.add_argument(f"--{a.name}", dest=f"arg_{a.name}", action="store_true", help=a.help)
-            continue
-        p.add_argument(f"arg_{a.name}", type=a.type, choices=a.choices, help=a.help, metavar=a.metavar or a.name)
+            p.add_argument(*(a.flags or (f"--{a.name}",)), dest=f"arg_{a.name}", action="store_true", help=a.help)
+        elif a.flags:
+            p.add_argument(*a.flags, dest=f"arg_{a.name}", type=a.type, default=a.type(), help=a.help,
+                           metavar=a.metavar or a.name)
+        else:
+            p.add_argument(f"arg_{a.name}", type=a.type, choices=a.choices, help=a.help, metavar=a.metavar or a.name)
     p.set_defaults(command=cmd.name)
 
 
@@ -77,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     kg.add_argument("dir")
     kg.add_argument("name")
     kg.set_defaults(command="keygen")
+    cr = sub.add_parser("create", help="xl create with pci=[...]: create paused, attach through pcibackd, unpause",
+                        description=create_cmd.__doc__,
+                        formatter_class=RAW)
+    cr.add_argument("--xl", default=os.environ.get("PCIBACKD_XL", "xl"), help="the xl to run (default xl)")
+    cr.add_argument("cfg", metavar="CFG", help="the xl domain config")
+    cr.add_argument("xl_opts", nargs=argparse.REMAINDER, metavar="...", help="more xl create options")
+    cr.set_defaults(command="create")
     return parser
 
 
@@ -106,10 +118,17 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if ns.endpoint and not ns.endpoint.startswith("ipc://") and not ns.curve_dir:
         parser.error("a TCP endpoint needs --curve-dir (the daemon speaks CURVE only on TCP)")
-    cmd = COMMANDS[ns.command]
-    args = {a.name: getattr(ns, f"arg_{a.name}") for a in cmd.args}
+
+    def daemon(name: str, args: dict) -> dict:
+        return call(ns.runtime_dir, name, args, ns.timeout, endpoint=ns.endpoint, curve_dir=ns.curve_dir)
     try:
-        rep = call(ns.runtime_dir, cmd.name, args, ns.timeout, endpoint=ns.endpoint, curve_dir=ns.curve_dir)
+        if ns.command == "create":
+            return create_cmd.create(ns.cfg, ns.xl_opts, daemon, xl=ns.xl)
+        cmd = COMMANDS[ns.command]
+        rep = daemon(cmd.name, {a.name: getattr(ns, f"arg_{a.name}") for a in cmd.args})
+        if rep.get("status") == "ok" and cmd.follow is not None and (why := cmd.follow(rep["result"], daemon, ns.timeout)):
+            print(f"pcibackctl: {why}", file=sys.stderr)
+            return EXIT_FAILED
     except DaemonUnreachable as exc:
         return _fail(ns.json, exc.name, None, str(exc), exc.exit_code, str(exc))
     except CurveError as exc:

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from pcibackd.daemon.lifecycle import Lifecycle
 from pcibackd.daemon.views import DaemonInfo, GuestInfo
 from pcibackd.hostpci.release import ReleaseRecord
 from pcibackd.wire.bdf import BDF
 
 
 class DaemonFace(Protocol):
+    lifecycle: Lifecycle     # the assignable pool and pci-attach/detach/list (answers at once too)
+
     @property
     def policy_path(self) -> str | None:
         """The config-space policy file (None: built-in defaults)."""

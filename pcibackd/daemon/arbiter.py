@@ -5,10 +5,9 @@ Wake sources, all polled in one place: the xenstore watch on
 (ZeroMQ ROUTER), the control endpoint and a signal pipe.  Signal handlers
 only enqueue; all work happens in :meth:`Supervisor.run`.
 
-Workers' interrupt requests are answered by the broker in interrupts.py.
-The control endpoint (pcibackctl's socket) is made by the caller through
-``open_control`` (see endpoint.py); its commands see the supervisor through
-the methods under "what pcibackctl sees".
+Workers' interrupt requests are answered by the broker in interrupts.py.  The
+control endpoint is made by the caller (``open_control``, endpoint.py); its
+commands see the supervisor through the methods under "what pcibackctl sees".
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ from pcibackd.daemon.config import DaemonConfig
 from pcibackd.daemon.endpoint import OpenControl
 from pcibackd.daemon.guests import Guest, GuestEvent, describe_exit, exit_event
 from pcibackd.daemon.interrupts import Interrupts
+from pcibackd.daemon.lifecycle import Lifecycle
 from pcibackd.daemon.names import domain_name
 from pcibackd.daemon.releases import ReleaseViews
 from pcibackd.daemon.spawner import Spawner
@@ -75,6 +75,7 @@ class Supervisor(ReleaseViews):
         self.runtime.mkdir(parents=True, exist_ok=True)
         os.chmod(self.runtime, 0o700)
         self.xs = XenStore(self.cfg.xenstored_path)
+        self.lifecycle = Lifecycle.start(self.xs, self.platform, self.cfg)    # [devices] hide: before any guest
         self.irq = Interrupts(self.platform, self.runtime)
         self.irq.start(set(list_backends(self.xs, self.ignored_names)))
         self.zctx = zmq.Context()
@@ -197,6 +198,7 @@ class Supervisor(ReleaseViews):
                 # The worker watches the same directory and finishes by itself
                 # (resetting its devices); SIGTERM only if it has not within stop_timeout.
                 guest.request_stop(time.monotonic() + self.cfg.stop_timeout, terminated=False)
+        self.lifecycle.backends_changed()
 
     def _worker_config(self, guest: Guest) -> WorkerConfig:
         c = self.cfg

@@ -10,6 +10,8 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from pcibackd.xl.pcispec import SpecError, parse_pattern
+
 DEFAULT_CONFIG = Path("/etc/pcibackd/pcibackd.toml")
 
 
@@ -31,15 +33,18 @@ class DaemonConfig:
     stop_timeout: float = 5.0            # graceful stop: wait this long for workers
     control_tcp: str | None = None       # "tcp://ADDR:PORT": pcibackctl over TCP too, CURVE only; unset = ipc only
     control_curve_dir: str = "/etc/pcibackd/curve"   # server.key_secret + clients/*.key (see pcibackd.control.curve)
+    state_dir: str = "/var/lib/pcibackd"  # what outlives a reboot of the daemon: the assignable pool
+    hide: tuple[str, ...] = ()           # [devices] hide: functions made assignable at start (xen-pciback.hide)
 
     @classmethod
     def load(cls, path: str | Path | None, **overrides) -> "DaemonConfig":
         """Defaults <- TOML file (if any) <- non-None overrides; unknown keys are errors."""
         cfg = cls()
         p = Path(path) if path else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
-        names = {f.name for f in fields(cls)}
+        names = {f.name for f in fields(cls)} - {"hide"}
         if p is not None:
             data = tomllib.loads(p.read_text())
+            cfg.hide = _devices_section(p, data.pop("devices", {}))
             section = data.get("pcibackd", data)
             unknown = set(section) - names
             if unknown:
@@ -54,3 +59,18 @@ class DaemonConfig:
         if cfg.control_tcp is not None and not str(cfg.control_tcp).startswith("tcp://"):
             raise ValueError(f"control_tcp must be tcp://ADDRESS:PORT, not {cfg.control_tcp!r}")
         return cfg
+
+
+def _devices_section(path: Path, untrusted: object) -> tuple[str, ...]:
+    """``[devices] hide = ["0000:03:00.0", "0000:04:00.*"]``: addresses or slot wildcards."""
+    if not isinstance(untrusted, dict) or set(untrusted) - {"hide"}:
+        raise ValueError(f"{path}: [devices] takes only hide = [\"BDF\", ...]")
+    hide = untrusted.get("hide", [])
+    if not isinstance(hide, list) or not all(isinstance(h, str) for h in hide):
+        raise ValueError(f"{path}: [devices] hide must be a list of PCI addresses")
+    for pattern in hide:
+        try:
+            parse_pattern(pattern)
+        except SpecError as exc:
+            raise ValueError(f"{path}: [devices] hide: {exc}") from None
+    return tuple(hide)

@@ -49,12 +49,14 @@ class Toolstack:
         self.xs.run_transaction(tx)
 
     def attach(self, domid: int, bdf: BDF | list[BDF], opts: str = DEFAULT_OPTS, vdevfn: int | None = None,
-               name: str | None = None, starting: bool | None = None, wait: bool = True) -> list[int]:
+               name: str | None = None, starting: bool | None = None, wait: bool = True,
+               require_domain: bool = False) -> list[int]:
         """Add devices in one transaction; returns their indices N.
 
         ``starting`` (default: the backend does not exist yet) is libxl's
         domain-creation case; otherwise this is a hot-plug: wait for the
         backend to be Connected, then write backend ``state=7``.
+        ``require_domain``: LookupError, nothing written, when the domain is gone.
         """
         bdfs = [bdf] if isinstance(bdf, BDF) else list(bdf)
         be, fe = backend_path(domid), frontend_path(domid)
@@ -66,6 +68,8 @@ class Toolstack:
 
         def tx(t):
             result.clear()
+            if require_domain and t.read(f"/local/domain/{domid}/name") is None:
+                raise LookupError(f"domain {domid} does not exist (any more)")
             if t.read(f"{be}/state") is None:
                 domname = t.read(f"/local/domain/{domid}/name") or f"domain-{domid}"
                 # Permissions before children: new nodes inherit their parent's.
@@ -101,17 +105,33 @@ class Toolstack:
         be = backend_path(domid)
         if wait:
             self.wait_state(domid, S.Connected)
+        self.begin_detach(domid, bdf)
+        if wait:
+            self.wait_state(domid, S.Connected)
+        self.remove_nodes(domid, bdf)
+
+    def begin_detach(self, domid: int, bdf: BDF) -> None:
+        """Ask the backend to unplug ``bdf``: ``state-i=5`` and backend ``state=7`` (LookupError: not there)."""
+        be = backend_path(domid)
         index = self._index_of(domid, bdf)
 
         def mark(t):
             t.write(f"{be}/state-{index}", str(int(S.Closing)))
             t.write(f"{be}/state", str(int(S.Reconfiguring)))
         self.xs.run_transaction(mark)
-        if wait:
-            self.wait_state(domid, S.Connected)
+
+    def remove_nodes(self, domid: int, bdf: BDF) -> None:
+        """Remove ``bdf``'s ``*-N`` nodes and renumber the ones after it (libxl's last detach step)."""
+        be = backend_path(domid)
 
         def renumber(t):
+            index = None
             num = int(t.read(f"{be}/num_devs") or "0")
+            for i in range(num):
+                if _same(t.read(f"{be}/dev-{i}"), bdf):
+                    index = i
+            if index is None:
+                return
             keys = ("state", "key", "dev", "vdev", "opts", "vdevfn", "name")
             for k in keys:
                 t.rm(f"{be}/{k}-{index}")
@@ -145,8 +165,7 @@ class Toolstack:
     def _index_of(self, domid: int, bdf: BDF) -> int:
         be = backend_path(domid)
         for i in range(int(self.xs.read(f"{be}/num_devs") or "0")):
-            v = self.xs.read(f"{be}/dev-{i}")
-            if v is not None and BDF.parse(v) == bdf:
+            if _same(self.xs.read(f"{be}/dev-{i}"), bdf):
                 return i
         raise LookupError(f"{bdf} is not attached to domain {domid}")
 
@@ -154,6 +173,13 @@ class Toolstack:
         """Wait (on a watch) until the backend ``state`` node equals ``state``."""
         return wait_for_value(self.xs, f"{backend_path(domid)}/state", str(int(state)),
                               self.timeout, raise_on_timeout)
+
+
+def _same(untrusted: str | None, bdf: BDF) -> bool:
+    try:
+        return untrusted is not None and BDF.parse(untrusted) == bdf
+    except ValueError:
+        return False
 
 
 def wait_for_value(xs, path: str, value: str | None, timeout: float, raise_on_timeout: bool = True) -> bool:

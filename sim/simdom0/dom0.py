@@ -84,6 +84,7 @@ class SimDom0:
             conf = ["--config", str(path)]
         return [sys.executable, "-m", "pcibackd", "run", "--platform", f"sim:{self.sim_dir}",
                 "--xenstored-path", self.xenstored.socket_path, "--runtime-dir", str(self.runtime),
+                "--state-dir", str(self.sim_dir / "state"),
                 "--topology", self.topology, "--log-level", self.log_level,
                 "--poll-window-us", str(self.poll_window_us), *conf, *self.extra_args]
 

@@ -30,6 +30,7 @@ from pcibackd.platform import atomic
 from pcibackd.platform.api import PlatformError
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import PAGE_SIZE
+from simdom0.drivers import SimDrivers
 from simdom0.evtchn import NR_PORTS, PortSpace, SimEventChannel, check_domid, locked
 from simdom0.hostpci import SimDevice, SimHost
 from simdom0.physdev import SimPhysdev
@@ -108,6 +109,10 @@ class SimPlatform:
         """Every simulated function of this instance."""
         root = self.sim_dir / "pci"
         return SimHost(root).devices() if root.exists() else []
+
+    def host_drivers(self, state_dir: Path | str) -> SimDrivers:
+        """Driver binding, in-use probe and quarantine of the simulated functions (see :mod:`.drivers`)."""
+        return SimDrivers(self.sim_dir / "pci")
 
     def physdev(self) -> SimPhysdev:
         """Xen's PIRQ/MSI side (the supervisor's); its state is kept in ``xen/physdev.json``.

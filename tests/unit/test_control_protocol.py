@@ -321,7 +321,8 @@ def test_client_not_running_and_stale_socket(runtime):
 # ------------------------------------------------------------ registry --
 def test_registry_one_module_per_command_docstring_is_help(capsys):
     assert set(COMMANDS) == {"status", "list", "devices", "restart", "permissive", "policy-reload", "log-level",
-                             "quarantine-clear", "metrics"}
+                             "quarantine-clear", "metrics", "assignable-add", "assignable-remove",
+                             "assignable-list", "pci-attach", "pci-detach", "pci-list"}
     for name, cmd in COMMANDS.items():
         assert cmd.execute.__module__ == f"pcibackd.control.commands.{name.replace('-', '_')}"
         assert cmd.doc == __import__(cmd.execute.__module__, fromlist=["x"]).__doc__.strip()

@@ -38,6 +38,7 @@ class Arg:
     help: str
     choices: tuple[str, ...] | None = None
     metavar: str | None = None
+    flags: tuple[str, ...] = ()      # an option ("-f", "--force"; a bool is a switch), not a positional
 
     def check(self, untrusted):
         """The validated value, or CommandError(BAD_ARGUMENTS)."""
@@ -64,26 +65,28 @@ class Command:
     execute: Callable
     render: Callable
     doc: str
+    follow: Callable | None = None   # pcibackctl waits after success: follow(result, call, timeout) -> None | why
 
     @classmethod
     def from_module(cls, mod: ModuleType) -> "Command":
         return cls(mod.NAME, getattr(mod, "WORDS", (mod.NAME,)), mod.ARGS, mod.execute, mod.render,
-                   (mod.__doc__ or "").strip())
+                   (mod.__doc__ or "").strip(), getattr(mod, "follow", None))
 
     @property
     def short(self) -> str:
         return (self.doc.splitlines() or [""])[0]
 
     def check(self, untrusted_args: dict) -> dict:
-        """Exactly the declared arguments, each of its type."""
+        """Exactly the declared arguments, each of its type (an absent option takes its default)."""
         names = {a.name for a in self.args}
         unknown = [str(k)[:20] for k in untrusted_args if k not in names]
         if unknown:
             raise CommandError(Errno.BAD_ARGUMENTS, f"{self.name}: unknown argument(s) {', '.join(unknown)}")
-        missing = [n for n in names if n not in untrusted_args]
+        missing = [a.name for a in self.args if a.name not in untrusted_args and not a.flags]
         if missing:
             raise CommandError(Errno.BAD_ARGUMENTS, f"{self.name}: missing argument(s) {', '.join(sorted(missing))}")
-        return {a.name: a.check(untrusted_args[a.name]) for a in self.args}
+        return {a.name: a.check(untrusted_args[a.name]) if a.name in untrusted_args else a.type()
+                for a in self.args}
 
 
 class Answer(NamedTuple):

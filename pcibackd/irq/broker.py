@@ -2,10 +2,12 @@
 
 It runs in the supervisor, one request at a time.  Hypercalls and dom0
 config-space writes go through the injected :class:`Physdev`; the record of
-live PIRQs through the injected :class:`JournalStore`, saved before the
-hypercalls start, after every PIRQ and before the answer, so a crash at any
-point leaves a record that is complete or knows which PIRQs it may miss, and
-that says whether the guest was (about to be) answered with them.
+live PIRQs through the injected :class:`JournalStore`, written twice per
+map whatever its vector count: an intent before the first hypercall and a
+commit with every PIRQ before the answer.  A crash at any point leaves a
+record that is complete (the guest was, or is about to be, answered) or an
+intent whose PIRQs are unknown: replay turns that function's controls off
+and refuses it further maps until its guest goes (Xen frees the PIRQs then).
 
 Sequences (docs/interrupts.md, in Linux's order):
 
@@ -281,8 +283,11 @@ class Broker:
 
     def _map(self, domid: int, rec: FunctionRecord, kind: Kind, entries: tuple[int, ...]) -> Answer:
         bdf, ctrl = rec.bdf, control_offset(rec.cap(kind))   # type: ignore[arg-type]
-        # Orphan (not the guest's) until the last control write: a crash before that
-        # leaves a record replay tears down; after it, one replay adopts.
+        # Two journal writes whatever the vector count: the intent (an orphan with no
+        # PIRQs) before the first hypercall, the commit (held, every PIRQ) after the last
+        # control write.  A crash between leaves the intent, which replay cannot resolve
+        # to PIRQs: the function is "uncertain" (controls off, maps refused) until its
+        # guest goes and Xen frees them; never mapped twice, nothing outlives the guest.
         m = Mapping(domid, bdf, kind, entries, orphan=True)
         try:
             self._put(m)
@@ -291,6 +296,7 @@ class Broker:
             return _failed(exc)
         top, base = (VECTOR_MAX, rec.table_base) if kind is Kind.msix else (PIRQ_MAX, 0)
         intx_before = COMMAND_INTX_DISABLE
+        pirqs: list[int] = []
         try:
             intx_before = self.physdev.read_config(bdf, COMMAND, 2) & COMMAND_INTX_DISABLE
             if kind is Kind.msi:
@@ -299,8 +305,7 @@ class Broker:
                 self._bits(bdf, ctrl, 0, MSIX_ENABLE | MSIX_MASKALL)
             for entry in entries:
                 pirq = self.physdev.map_pirq(domid, kind, bdf, entry, base)
-                m = replace(m, pirqs=m.pirqs + (pirq,))
-                self._put(m)
+                pirqs.append(pirq)
                 if not 0 < pirq <= top:
                     raise PhysdevError(errno.ERANGE, f"PIRQ {pirq} does not fit the reply")
             self._bits(bdf, COMMAND, 0, COMMAND_INTX_DISABLE)
@@ -309,10 +314,12 @@ class Broker:
             else:
                 self._bits(bdf, ctrl, MSIX_MASKALL, MSIX_ENABLE)
             # A guest answered with PIRQs that a replay would tear down must not be.
-            self._put(replace(m, orphan=False))
+            m = replace(m, pirqs=tuple(pirqs), orphan=False)
+            self._put(m)
         except OSError as exc:
             # A hypercall that failed mapped nothing, and none after it ran: no unknowns.
-            self._tear_down(replace(m, entries=m.entries[:len(m.pirqs)]), restore_intx=not intx_before)
+            done = replace(m, entries=entries[:len(pirqs)], pirqs=tuple(pirqs), orphan=True)
+            self._tear_down(done, restore_intx=not intx_before)
             return _failed(exc)
         return Answer(pirqs=m.pirqs)
 

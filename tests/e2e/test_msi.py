@@ -27,6 +27,7 @@ from pcibackd.wire.pciregs import CAP_MSI, CAP_MSIX, COMMAND, COMMAND_INTX_DISAB
 from pcibackd.worker.link import WorkerIrqRequest
 from pcibackd.xenstore.client import XenStore
 from pcibackd.xenstore.toolstack import Toolstack
+from simdom0.physdev import read_state
 from simdom0.platform import physdev_state_path
 from waiting import wait_until
 
@@ -46,7 +47,7 @@ class Guest:
 
     def xen(self) -> dict:
         path = physdev_state_path(self.dom0.sim_dir)
-        return json.loads(path.read_text()) if path.exists() else {"bindings": [], "double_maps": []}
+        return read_state(path) if path.exists() else {"bindings": [], "double_maps": []}
 
     def pirqs(self, kind: str | None = None) -> list[int]:
         return sorted(b["pirq"] for b in self.xen()["bindings"]
@@ -290,7 +291,7 @@ def test_msix_on_an_sriov_vf(dom0):
     assert r.ok, r
     assert not hw.read(COMMAND, 2) & COMMAND_MEM
     path = physdev_state_path(dom0.sim_dir)
-    bindings = json.loads(path.read_text())["bindings"]
+    bindings = read_state(path)["bindings"]
     assert sorted(b["pirq"] for b in bindings if b["domid"] == 2) == sorted(r.pirqs)
     assert front.disable_msix(dev.bdf).ok
-    assert [b for b in json.loads(path.read_text())["bindings"] if b["domid"] == 2] == []
+    assert [b for b in read_state(path)["bindings"] if b["domid"] == 2] == []

@@ -28,7 +28,7 @@ from pcibackd.worker.reporter import Reporter
 from pcibackd.worker.link import (BadMessage, IrqReply, WorkerCommand, WorkerIrqRequest,
                                   parse_supervisor_message, parse_worker_message)
 from simdom0.hostpci import SimHost
-from simdom0.physdev import SimPhysdev
+from simdom0.physdev import SimPhysdev, read_state
 from simdom0.platform import SimPlatform, physdev_state_path
 
 NIC = BDF(0, 3, 0, 0)
@@ -173,7 +173,7 @@ def test_supervisor_serves_only_the_assigned_guest_and_tears_down(tmp_path):
     assert irq.handle(6, MapMsix(5, NIC, (0,))).error == "wrong_domain"   # the sender is who it is
     answer = irq.handle(5, MapMsix(5, NIC, (0, 1)))
     assert answer.ok and len(answer.pirqs) == 2 and dev.read(0xA2, 2) & MSIX_ENABLE
-    state = json.loads(physdev_state_path(tmp_path).read_text())
+    state = read_state(physdev_state_path(tmp_path))
     assert sorted(b["pirq"] for b in state["bindings"]) == sorted(answer.pirqs)
     assert state["prepared"] == [str(NIC)]
     # a fresh model of Xen reads the same state back (Xen outlives a supervisor)
@@ -181,7 +181,7 @@ def test_supervisor_serves_only_the_assigned_guest_and_tears_down(tmp_path):
 
     xs.nodes[f"{BE}/state-0"] = "5"                      # hot-unplug begins
     irq.sync(xs, {5: BE})
-    assert json.loads(physdev_state_path(tmp_path).read_text())["bindings"] == []
+    assert read_state(physdev_state_path(tmp_path))["bindings"] == []
     assert not dev.read(0xA2, 2) & MSIX_ENABLE
     assert irq.handle(5, Query(5, NIC)).error == "not_assigned"
 
@@ -189,7 +189,7 @@ def test_supervisor_serves_only_the_assigned_guest_and_tears_down(tmp_path):
     irq.sync(xs, {5: BE})
     assert irq.handle(5, MapMsi(5, NIC)).ok
     irq.sync(xs, {})                                     # the guest's backend is gone
-    assert json.loads(physdev_state_path(tmp_path).read_text())["bindings"] == []
+    assert read_state(physdev_state_path(tmp_path))["bindings"] == []
     assert not (tmp_path / "run" / "irq" / "dom5.json").exists()
 
 
@@ -246,7 +246,7 @@ def test_a_function_moving_between_guests_in_one_scan_is_the_new_ones(tmp_path):
 
 
 def _bindings(tmp_path: Path, domid: int) -> list[int]:
-    state = json.loads(physdev_state_path(tmp_path).read_text())
+    state = read_state(physdev_state_path(tmp_path))
     return sorted(b["pirq"] for b in state["bindings"] if b["domid"] == domid)
 
 
@@ -300,13 +300,13 @@ def test_after_a_restart_the_first_scan_tears_down_what_no_backend_lists(tmp_pat
     irq.sync(xs, {5: BE})
     assert set(irq.mappings(5)) == {NIC} and _bindings(tmp_path, 5) == sorted(kept)
     assert irq.handle(5, Query(5, NIC)).pirqs == kept
-    assert str(disk) not in json.loads(physdev_state_path(tmp_path).read_text())["prepared"]
+    assert str(disk) not in read_state(physdev_state_path(tmp_path))["prepared"]
 
 
 def test_a_function_leaving_for_good_is_released(tmp_path):
     irq = Interrupts(SimPlatform(tmp_path, 0), tmp_path / "run")
     SimHost(tmp_path / "pci").add("e1000e", NIC)
-    prepared = lambda: json.loads(physdev_state_path(tmp_path).read_text())["prepared"]   # noqa: E731
+    prepared = lambda: read_state(physdev_state_path(tmp_path))["prepared"]   # noqa: E731
     be6 = "/local/domain/0/backend/pci/6/0"
     xs = Store({f"{BE}/num_devs": "1", f"{BE}/dev-0": str(NIC), f"{be6}/num_devs": "0"})
     irq.sync(xs, {5: BE, 6: be6})

@@ -41,7 +41,7 @@ from pcibackd.common.ratelimit import worth_logging
 from pcibackd.irq.broker import Broker
 from pcibackd.irq.function import record_for
 from pcibackd.irq.journal import Journal
-from pcibackd.irq.messages import Answer, Mapping, WorkerRequest, refused
+from pcibackd.irq.messages import Answer, IrqStatus, Mapping, WorkerRequest, refused
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import XenbusState
 from pcibackd.worker.xenbus_nodes import MAX_DEVS, parse_backend, parse_uint
@@ -201,6 +201,13 @@ class Interrupts:
     def mappings(self, domid: int) -> dict[BDF, Mapping]:
         """What the broker holds for guest ``domid``, by function."""
         return {bdf: m for bdf, m in self.broker.live.items() if m.domid == domid}
+
+    def status(self, domid: int) -> dict[BDF, IrqStatus]:
+        """Per function of guest ``domid`` (held or mapped): PIRQs, MSI-X prepared, the last error."""
+        b = self.broker
+        bdfs = {bdf for bdf, d in b.owner.items() if d == domid} | set(self.mappings(domid))
+        return {bdf: IrqStatus(b.live.get(bdf) if bdf in b.live and b.live[bdf].domid == domid else None,
+                               bdf in b.prepared, b.last_error.get(bdf)) for bdf in bdfs}
 
     def handle(self, domid: int, request: WorkerRequest) -> Answer:
         """A request from the worker of ``domid`` (authenticated by the caller)."""

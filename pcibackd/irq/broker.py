@@ -34,8 +34,9 @@ from typing import Callable
 
 from pcibackd.irq.function import FunctionRecord, Kind, control_offset, find_capability
 from pcibackd.wire.pciregs import CAP_MSI, CAP_MSIX, COMMAND, COMMAND_INTX_DISABLE, COMMAND_MEM, MSIX_ENABLE, MSIX_MASKALL, MSI_ENABLE
-from pcibackd.irq.messages import (PIRQ_MAX, VECTOR_MAX, Answer, MapMsi, MapMsix, Mapping, Query,
-                                   Unmap, refused)
+from pcibackd.irq.messages import (PIRQ_MAX, VECTOR_MAX, Answer, Failed, IrqError, MapMsi, MapMsix,
+                                   Mapping, Query, Unmap, errno_name, op_error_name, refused)
+from pcibackd.wire.pciif import Op
 from pcibackd.irq.ports import JournalStore, Physdev, PhysdevError
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import SH_INFO_MAX_VEC
@@ -79,6 +80,7 @@ class Broker:
         self.prepared: set[BDF] = set()
         self.prepared_unknown = False
         self.damaged_domains: set[int] = set()
+        self.last_error: dict[BDF, IrqError] = {}       # for status; dropped when the function leaves
 
     # -- supervisor ----------------------------------------------------------
 
@@ -105,6 +107,7 @@ class Broker:
         m = self.live.get(bdf)
         left = self._tear_down(m) if m else None
         self.owner.pop(bdf, None)
+        self.last_error.pop(bdf, None)
         if left:
             return refused(errno.EBUSY, "unmap_failed", f"PIRQs {list(left.pirqs)} still mapped")
         return Answer()
@@ -117,6 +120,7 @@ class Broker:
             self.live.pop(m.bdf)
         for bdf in [b for b, d in self.owner.items() if d == domid]:
             del self.owner[bdf]
+            self.last_error.pop(bdf, None)
         self.damaged_domains.discard(domid)
         try:
             self.journal.forget(domid)
@@ -222,7 +226,15 @@ class Broker:
             return refused(errno.EPERM, "wrong_domain", f"dom{sender} asked for dom{domid}")
         if self.owner.get(bdf) != sender:
             return refused(errno.ENODEV, "not_assigned", f"{bdf} is not dom{sender}'s")
-        return handler(self, request)
+        answer = handler(self, request)
+        if not answer.ok:       # the worker's Failed note, if one follows, says what the guest got
+            self.last_error[bdf] = IrqError("broker", f"-{errno_name(answer.errno)}", answer.error)
+        return answer
+
+    def _note(self, req: Failed) -> Answer:
+        op = Op(req.op).name
+        self.last_error[req.bdf] = IrqError(op, op_error_name(req.op, req.err), req.cause)
+        return Answer()
 
     def _check_free(self, domid: int, bdf: BDF, kind: Kind, count: int) -> Answer | None:
         if domid in self.damaged_domains:
@@ -403,4 +415,5 @@ _HANDLERS: dict[type, Callable[[Broker, object], Answer]] = {
     MapMsix: Broker._map_msix,           # type: ignore[dict-item]
     Unmap: Broker._unmap,                # type: ignore[dict-item]
     Query: Broker._query,                # type: ignore[dict-item]
+    Failed: Broker._note,                # type: ignore[dict-item]
 }

@@ -30,7 +30,7 @@ from loguru import logger
 
 from pcibackd.hostpci.port import HostPort
 from pcibackd.irq.function import Kind
-from pcibackd.irq.messages import Client, IrqRefused, MapMsi, MapMsix, Unmap
+from pcibackd.irq.messages import Client, Failed, IrqRefused, MapMsi, MapMsix, Unmap
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import Op
 from pcibackd.worker import msi
@@ -120,6 +120,8 @@ class MsiService:
             self.states[host] = outcome.state
         if outcome.problem:
             logger.warning("{}: {}", host, outcome.problem)
+        if outcome.reply.err < 0:         # for status: the function's last interrupt error
+            self.tell(Failed(self.broker.domid, host, untrusted.cmd, outcome.reply.err, outcome.cause))
         return outcome.reply
 
     def _physfn(self, host: BDF, port: HostPort) -> HostPort | None:

@@ -268,15 +268,36 @@ def test_status_shows_each_functions_interrupts(guest):
         return {d["bdf"]: d for g in guest.dom0.status()["guests"] for d in g["devices"]}
     wait_until(lambda: NVME in devices() and NIC in devices(), what="both functions in the worker's report")
     assert (devices()[NVME]["msi"], devices()[NVME]["msix"]) == (None, {})
+    assert devices()[NVME]["msix_prepared"] and devices()[NVME]["irq_error"] is None
     msix = guest.front.enable_msix(G_NVME, [0, 3])
     msi = guest.front.enable_msi(G_NIC)
     assert devices()[NVME]["msix"] == {"0": msix.pirqs[0], "3": msix.pirqs[1]}
     assert (devices()[NIC]["msi"], devices()[NIC]["msix"]) == (msi.pirqs[0], {})
+    assert guest.front.enable_msix(G_NVME, [1]).result == -errno.EALREADY
+    assert guest.front.enable_msi(G_NVME).result == -errno.EINVAL        # no MSI: op_failed
+    wait_until(lambda: (devices()[NVME]["irq_error"] or {}).get("op") == "enable_msi",
+               what="the failed enable in status")
+    assert devices()[NVME]["irq_error"] == {"op": "enable_msi", "error": "XEN_PCI_ERR_op_failed", "cause": ""}
     text = [line.split() for line in render_status(guest.dom0.status()).splitlines()]
-    assert ["1", NVME, "off", f"0={msix.pirqs[0]}", f"3={msix.pirqs[1]}"] in text
-    assert ["1", NIC, "pirq", str(msi.pirqs[0]), "off"] in text
+    assert ["1", NVME, "off", f"0={msix.pirqs[0]}", f"3={msix.pirqs[1]}", "yes",
+            "enable_msi", "XEN_PCI_ERR_op_failed"] in text
+    assert ["1", NIC, "pirq", str(msi.pirqs[0]), "off", "yes", "-"] in text
     guest.front.disable_msix(G_NVME)
     assert devices()[NVME]["msix"] == {}
+
+
+def test_status_names_the_brokers_refusal_behind_an_error(dom0):
+    """Xen out of PIRQs: the guest gets -ENOSPC, status says the hypervisor refused."""
+    dom0.add_device("nvme", NVME)
+    dom0.create_guest(1, [NVME])
+    front = dom0.frontend(1)
+    [dev] = front.connect()
+    assert front.enable_msix(dev.bdf, list(range(40))).result == -errno.ENOSPC   # Xen's pool: 32
+    def error():
+        return next((d["irq_error"] for g in dom0.status()["guests"] for d in g["devices"]
+                     if d["bdf"] == NVME and d["irq_error"]), None)
+    wait_until(lambda: (error() or {}).get("op") == "enable_msix", what="the error in status")
+    assert error() == {"op": "enable_msix", "error": "-ENOSPC", "cause": "hypervisor/ENOSPC"}
 
 
 def test_msix_on_an_sriov_vf(dom0):

@@ -17,7 +17,7 @@ from loguru import logger
 from pcibackd.daemon.interrupts import BURST, RATE, Interrupts, assigned_functions
 from pcibackd.irq.function import Kind
 from pcibackd.irq.journal import Journal
-from pcibackd.irq.messages import Answer, MapMsi, MapMsix, Query, Unmap
+from pcibackd.irq.messages import Answer, Failed, MapMsi, MapMsix, Query, Unmap
 from pcibackd.platform.xen import NoPhysdev
 from pcibackd.wire import pciif
 from pcibackd.wire.bdf import BDF
@@ -444,12 +444,13 @@ def test_a_map_the_link_gave_up_on_is_undone_and_owed(service):
     svc.serve(snapshot(Op.disable_msi))                                  # state known
     broker.answers[MapMsix] = Answer(errno=errno.ETIMEDOUT, error="timeout")
     assert svc.serve(snapshot(Op.enable_msix, value=2, entries=(0, 1))).err == -errno.ETIMEDOUT
-    assert broker.told == [Unmap(3, NIC, Kind.msix)]                    # at once, without waiting
+    assert broker.told == [Unmap(3, NIC, Kind.msix),                    # at once, without waiting
+                           Failed(3, NIC, Op.enable_msix, -errno.ETIMEDOUT, "timeout/ETIMEDOUT")]   # for status
     broker.answers[MapMsi] = Answer(errno=errno.EAGAIN, error="link_busy")
     n = len(broker.asked)
     assert svc.serve(snapshot(Op.enable_msi)).err == Err.op_failed
     assert broker.asked[n:] == [Unmap(3, NIC, Kind.msix), MapMsi(3, NIC)]   # the owed unmap first
-    assert broker.told[-1] == Unmap(3, NIC, Kind.msi)
+    assert broker.told[-2:] == [Unmap(3, NIC, Kind.msi), Failed(3, NIC, Op.enable_msi, Err.op_failed, "link_busy/EAGAIN")]
     broker.answers[MapMsi] = Answer(pirqs=(53,))
     n = len(broker.asked)
     assert svc.serve(snapshot(Op.enable_msi)).value == 53

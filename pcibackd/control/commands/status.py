@@ -6,7 +6,9 @@ EXITED FATAL), worker pid, restarts, RSS and USS, CPU (percent since the previou
 status, or since the worker started), ops served by type, errors by code, op
 latency p50/p99 (microseconds, from the worker), devices (host BDF -> guest BDF),
 and per function its interrupts as the supervisor's broker holds them: the MSI
-PIRQ, and the MSI-X entry=PIRQ pairs ("off" when not enabled).
+PIRQ, the MSI-X entry=PIRQ pairs ("off" when not enabled), whether MSI-X is
+prepared (PHYSDEVOP_prepare_msix), and the last interrupt error by symbolic
+names (the op, what the guest got, the broker's refusal behind it).
 "-" means not known (no worker, or no data yet).
 
   {"command": "status", "args": {}}
@@ -53,11 +55,14 @@ def _latency(g: dict, key: str) -> str:
     return dash(lat.get(key), micros)
 
 
-def _interrupts(dev: dict) -> tuple[str, str]:
+def _interrupts(dev: dict) -> tuple[str, str, str, str]:
     msi = dev.get("msi")
     msix = dev.get("msix") or {}
+    err = dev.get("irq_error")
     return (f"pirq {msi}" if msi is not None else "off",
-            " ".join(f"{entry}={pirq}" for entry, pirq in sorted(msix.items(), key=lambda kv: int(kv[0]))) or "off")
+            " ".join(f"{entry}={pirq}" for entry, pirq in sorted(msix.items(), key=lambda kv: int(kv[0]))) or "off",
+            "yes" if dev.get("msix_prepared") else "no",
+            f"{err['op']} {err['error']}" + (f" ({err['cause']})" if err["cause"] else "") if err else "-")
 
 
 def render(result: dict) -> str:
@@ -82,4 +87,5 @@ def render(result: dict) -> str:
                         table(["DOMID", "XENBUS", "WORKER", "PID", "RESTARTS", "RSS", "USS", "CPU", "OPS", "ERRORS",
                                "P50", "P99", "DEVICES (host -> guest)"], rows),
                         table(["DOMID", "OPS BY TYPE", "ERRORS BY CODE", "LAST EXIT"], detail),
-                        table(["DOMID", "FUNCTION", "MSI", "MSI-X (entry=pirq)"], irqs or [["-", "-", "-", "-"]])])
+                        table(["DOMID", "FUNCTION", "MSI", "MSI-X (entry=pirq)", "PREPARED", "LAST IRQ ERROR"],
+                              irqs or [["-"] * 6])])

@@ -12,6 +12,8 @@ only read it), never from a worker's report.  At every scan:
   leaves the backend, is ``unassign``-ed: its PIRQs are unmapped before the
   toolstack takes it away;
 * a guest whose backend directory goes is ``domain_gone``;
+* a function its worker lets go (``Leave``, before the worker resets it) is
+  unassigned at once, and counts as leaving at the next scan;
 * a function that left and is no other guest's after the scan is released
   (PHYSDEVOP_release_msix);
 * a function two guests list stays with the one that holds it: a worker has a
@@ -41,7 +43,7 @@ from pcibackd.common.ratelimit import worth_logging
 from pcibackd.irq.broker import Broker
 from pcibackd.irq.function import record_for
 from pcibackd.irq.journal import Journal
-from pcibackd.irq.messages import Answer, IrqStatus, Mapping, WorkerRequest, refused
+from pcibackd.irq.messages import Answer, IrqStatus, Leave, Mapping, WorkerRequest, refused
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import XenbusState
 from pcibackd.worker.xenbus_nodes import MAX_DEVS, parse_backend, parse_uint
@@ -80,6 +82,7 @@ class Interrupts:
         self.unreadable: set[BDF] = set()     # warned about once; retried at every scan
         self.conflicts: dict[BDF, int] = {}   # scans in which two guests listed one function
         self.budget: dict[int, tuple[float, float]] = {}      # domid -> (tokens, at time)
+        self.left: set[BDF] = set()           # let go by their worker since the last scan
 
     def start(self, alive: set[int]) -> None:
         """Replay the journal: keep what live guests hold (until the first sync), unmap the rest."""
@@ -132,6 +135,8 @@ class Interrupts:
             for bdf in sorted(want - have):
                 if self._assign(domid, bdf):
                     have.add(bdf)
+        leaving |= self.left
+        self.left = set()
         held = set().union(*self.assigned.values())
         for bdf in sorted(leaving - held):
             answer = self.broker.release(bdf)
@@ -223,6 +228,9 @@ class Interrupts:
         except OSError as exc:
             logger.error("irq: dom{}'s {} failed: {}", domid, type(request).__name__, exc)
             return refused(errno.EIO, "internal", str(exc)[:200])
+        if isinstance(request, Leave) and request.domid == domid and request.bdf in self.assigned.get(domid, ()):
+            self.assigned[domid].discard(request.bdf)      # listed again later: assigned afresh
+            self.left.add(request.bdf)
         # rare (a few per driver load) and what an administrator asks first about a guest's
         # interrupts; the time matters: the worker waits IRQ_TIMEOUT, pcifront 2 s
         logger.info("interrupts: domain {} asked {} -> {} in {:.0f} ms", domid, request, answer,

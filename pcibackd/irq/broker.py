@@ -34,7 +34,7 @@ from typing import Callable
 
 from pcibackd.irq.function import FunctionRecord, Kind, control_offset, find_capability
 from pcibackd.wire.pciregs import CAP_MSI, CAP_MSIX, COMMAND, COMMAND_INTX_DISABLE, COMMAND_MEM, MSIX_ENABLE, MSIX_MASKALL, MSI_ENABLE
-from pcibackd.irq.messages import (PIRQ_MAX, VECTOR_MAX, Answer, Failed, IrqError, MapMsi, MapMsix,
+from pcibackd.irq.messages import (PIRQ_MAX, VECTOR_MAX, Answer, Failed, IrqError, Leave, MapMsi, MapMsix,
                                    Mapping, Query, Unmap, errno_name, op_error_name, refused)
 from pcibackd.wire.pciif import Op
 from pcibackd.irq.ports import JournalStore, Physdev, PhysdevError
@@ -103,7 +103,7 @@ class Broker:
         return Answer()
 
     def unassign(self, bdf: BDF) -> Answer:
-        """Unmap everything of ``bdf``; call before xc_deassign_device."""
+        """Controls off, every PIRQ of ``bdf`` unmapped, then not the guest's: before any reset."""
         m = self.live.get(bdf)
         left = self._tear_down(m) if m else None
         self.owner.pop(bdf, None)
@@ -230,6 +230,9 @@ class Broker:
         if not answer.ok:       # the worker's Failed note, if one follows, says what the guest got
             self.last_error[bdf] = IrqError("broker", f"-{errno_name(answer.errno)}", answer.error)
         return answer
+
+    def _leave(self, req: Leave) -> Answer:
+        return self.unassign(req.bdf)
 
     def _note(self, req: Failed) -> Answer:
         op = Op(req.op).name
@@ -415,5 +418,6 @@ _HANDLERS: dict[type, Callable[[Broker, object], Answer]] = {
     MapMsix: Broker._map_msix,           # type: ignore[dict-item]
     Unmap: Broker._unmap,                # type: ignore[dict-item]
     Query: Broker._query,                # type: ignore[dict-item]
+    Leave: Broker._leave,                # type: ignore[dict-item]
     Failed: Broker._note,                # type: ignore[dict-item]
 }

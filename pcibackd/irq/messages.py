@@ -84,6 +84,18 @@ class Query:
 
 
 @dataclass(frozen=True)
+class Leave:
+    """The function leaves the worker's guest (hot-unplug, guest gone), to be reset next.
+
+    The broker turns its MSI/MSI-X off, unmaps its PIRQs and stops serving it
+    for the guest, and only then answers: the worker resets after the answer.
+    """
+
+    domid: int
+    bdf: BDF
+
+
+@dataclass(frozen=True)
 class Failed:
     """A worker's note, for status: it answered the guest's ``op`` with ``err``.
 
@@ -159,9 +171,9 @@ class Release:
     bdf: BDF
 
 
-WorkerRequest = Union[MapMsi, MapMsix, Unmap, Query, Failed]
+WorkerRequest = Union[MapMsi, MapMsix, Unmap, Query, Leave, Failed]
 WORKER_REQUESTS: dict[str, type] = {
-    "map_msi": MapMsi, "map_msix": MapMsix, "unmap": Unmap, "query": Query, "failed": Failed,
+    "map_msi": MapMsi, "map_msix": MapMsix, "unmap": Unmap, "query": Query, "leave": Leave, "failed": Failed,
 }
 MSI_OP_NUMBERS = (Op.enable_msi, Op.disable_msi, Op.enable_msix, Op.disable_msix, Op.enable_multi_msi)
 _CAUSE_RE = re.compile(r"^[A-Za-z0-9_]{1,24}/[A-Z0-9]{1,16}$")
@@ -229,7 +241,8 @@ def request_to_wire(req: WorkerRequest) -> dict:
     return doc
 
 
-_EXTRA = {MapMsi: {"nvec"}, MapMsix: {"entries"}, Unmap: {"kind"}, Query: set(), Failed: {"op", "err", "cause"}}
+_EXTRA = {MapMsi: {"nvec"}, MapMsix: {"entries"}, Unmap: {"kind"}, Query: set(), Leave: set(),
+          Failed: {"op", "err", "cause"}}
 
 
 def request_from_wire(untrusted: object) -> WorkerRequest:
@@ -323,3 +336,6 @@ class Client:
 
     def query(self, bdf: BDF) -> Answer:
         return self._ask(Query(self.domid, bdf))
+
+    def leave(self, bdf: BDF) -> None:
+        self._ask(Leave(self.domid, bdf))

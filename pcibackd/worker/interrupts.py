@@ -17,6 +17,11 @@ that makes the broker agree with the guest's view is owed: sent at once
 without waiting, and asked again before the function's next op until the
 broker has answered it (an unmap of nothing is harmless).
 
+A function that leaves the guest (hot-unplug, guest gone) is let go through
+the broker before the worker resets it (:meth:`MsiService.leave`): MSI/MSI-X
+off, PIRQs unmapped, no longer the guest's, then the reset, so Xen never has
+PIRQs bound to a function that was reset behind its back.
+
 The broker is the supervisor's (:class:`pcibackd.irq.messages.Client` over the
 worker's link); this process never maps a PIRQ itself.
 """
@@ -153,6 +158,26 @@ class MsiService:
         if state != MsiState():
             logger.info("{}: interrupt state taken over from the broker: {}", host, state)
         return state
+
+    def leave(self, hosts) -> bool:
+        """``hosts`` leave the guest: wait until the broker has their interrupts off and unmapped.
+
+        Call before resetting them.  True when the broker confirmed every one
+        (a function it no longer holds for this guest was let go by the
+        supervisor's own scan, in the same order); False when it could not be
+        asked or failed to unmap, which is logged: the supervisor's next scan
+        tears down what is left.
+        """
+        done = True
+        for host in hosts:
+            try:
+                self.broker.leave(host)
+            except IrqRefused as exc:
+                if exc.error != "not_assigned":
+                    done = False
+                    logger.error("{}: leaving with its interrupts not confirmed gone: {}", host, exc)
+        self.forget(hosts)
+        return done
 
     def forget(self, hosts) -> None:
         """``hosts`` are no longer served (their PIRQs are the supervisor's to tear down)."""

@@ -152,6 +152,7 @@ class SimPhysdev:
         self.double_maps: list[Binding] = []
         self.dropped: list[Dropped] = []
         self.calls: Counter = Counter()
+        self.trail: list[tuple] = []        # what changed, in order: ("write"|"map"|"unmap"|..., bdf, ...)
         self._faults: dict[str, list[tuple[int, int]]] = {}
         self.generation = self._log_lines = 0
         if state_file is not None and state_file.exists():
@@ -251,6 +252,7 @@ class SimPhysdev:
             raise PhysdevError(errno.EBUSY, f"{bdf}: MSI-X already prepared")
         self._need_decoding(bdf, port)
         self.prepared.add(bdf)
+        self.trail.append(("prepare", bdf))
         self._changed()
 
     def _need_decoding(self, bdf: BDF, port: HostPort) -> None:
@@ -266,6 +268,7 @@ class SimPhysdev:
         if bdf not in self.prepared or any(b.bdf == bdf and b.kind is Kind.msix for b in self.bindings()):
             raise PhysdevError(errno.EBUSY, f"{bdf}: MSI-X not prepared, or still in use")
         self.prepared.discard(bdf)
+        self.trail.append(("release", bdf))
         self._changed()
 
     def map_pirq(self, domid: int, kind: Kind, bdf: BDF, entry: int, table_base: int) -> int:
@@ -300,14 +303,17 @@ class SimPhysdev:
         if double:
             self.double_maps.append(binding)
         dom.pirqs[pirq] = binding
+        self.trail.append(("map", bdf, pirq))
         self._logged({"map": _binding_doc(binding), "double": double})
         return pirq
 
     def unmap_pirq(self, domid: int, pirq: int) -> None:
         self._enter("unmap_pirq")
         dom = self._domain(domid)
-        if dom.pirqs.pop(pirq, None) is None:
+        binding = dom.pirqs.pop(pirq, None)
+        if binding is None:
             raise PhysdevError(errno.EINVAL, f"dom{domid}: PIRQ {pirq} is not mapped")
+        self.trail.append(("unmap", binding.bdf, pirq))
         self._logged({"unmap": [domid, pirq]})
 
     def restore_msi(self, bdf: BDF) -> None:
@@ -337,6 +343,7 @@ class SimPhysdev:
         if bdf in self.host_maskall and msix is not None and offset == control_offset(msix):
             value |= MSIX_MASKALL
         port.write(offset, size, value)
+        self.trail.append(("write", bdf, offset, value))
 
     # -- internals ------------------------------------------------------------------
 

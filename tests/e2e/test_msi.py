@@ -193,6 +193,38 @@ def test_hot_unplug_and_guest_destroy_unmap_and_release(guest):
     wait_until(lambda: guest.xen()["prepared"] == [], what="the destroyed guest's functions released")
 
 
+def _disabled_by(dev, cap_id: int, bit: int) -> list[int]:
+    """The pids whose config writes turned ``bit`` of the capability's control word off."""
+    ctrl = control_offset(find_capability(dev.read, cap_id))
+    return [r.pid for r in dev.write_log() if r.offset == ctrl and r.before & bit and not r.after & bit]
+
+
+def test_a_leaving_function_is_disabled_by_the_broker_not_by_its_reset(guest):
+    """On unplug and destroy the supervisor's write turns MSI/MSI-X off (a reset first would leave it
+    nothing to write).  Which of the scan and the worker's Leave gets there first is a race here; the
+    order inside the worker is tested with the simulated Xen's trail in tests/unit/test_irq_teardown.py."""
+    assert guest.front.enable_msix(G_NVME, [0, 1]).ok and guest.front.enable_msi(G_NIC).ok
+    worker = guest.worker_pid()
+    for dev in guest.hw.values():
+        dev.clear_write_log()
+    xs = XenStore(guest.dom0.xenstored.socket_path)
+    try:
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (Toolstack(xs).detach(1, BDF.parse(NVME)), done.set()))
+        t.start()
+        wait_until(lambda: guest.front.follow(timeout=0.05) is not None and done.is_set(), timeout=15,
+                   what="the unplug to finish")
+        t.join()
+    finally:
+        xs.close()
+    assert guest.pirqs("msix") == []
+    assert [pid for pid in _disabled_by(guest.hw[G_NVME], CAP_MSIX, MSIX_ENABLE) if pid != worker]
+    guest.dom0.toolstack.destroy(1, wait=False)
+    wait_until(lambda: guest.pirqs() == [], what="the destroyed guest's PIRQs unmapped")
+    wait_until(lambda: _disabled_by(guest.hw[G_NIC], CAP_MSI, MSI_ENABLE), what="MSI off")
+    assert worker not in _disabled_by(guest.hw[G_NIC], CAP_MSI, MSI_ENABLE)
+
+
 def test_supervisor_restart_adopts_the_journal(guest):
     r = guest.front.enable_msix(G_NVME, [0, 1])
     assert r.ok

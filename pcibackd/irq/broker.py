@@ -12,9 +12,9 @@ and refuses it further maps until its guest goes (Xen frees the PIRQs then).
 Sequences (docs/interrupts.md, in Linux's order):
 
 ==========  ===================================================================
-map MSI     ctrl &= ~ENABLE; map_pirq; COMMAND |= INTX_DISABLE; ctrl |= ENABLE
-map MSI-X   ctrl |= ENABLE|MASKALL; map_pirq per entry; COMMAND |= INTX_DISABLE;
-            ctrl &= ~MASKALL
+map MSI     ctrl &= ~ENABLE; map_pirq; COMMAND |= INTX_DISABLE (not on a VF); ctrl |= ENABLE
+map MSI-X   ctrl |= ENABLE|MASKALL; map_pirq per entry; COMMAND |= INTX_DISABLE (not on
+            a VF); ctrl &= ~MASKALL
 unmap       ctrl &= ~ENABLE (MSI-X: and MASKALL); COMMAND &= ~INTX_DISABLE;
             unmap_pirq each (ESRCH/EINVAL/ENOENT: already gone)
 prepare     MSI-X functions only: MEMORY on for the call, prepare_msix, COMMAND back
@@ -323,7 +323,8 @@ class Broker:
                 pirqs.append(pirq)
                 if not 0 < pirq <= top:
                     raise PhysdevError(errno.ERANGE, f"PIRQ {pirq} does not fit the reply")
-            self._bits(bdf, COMMAND, 0, COMMAND_INTX_DISABLE)
+            if rec.intx:                 # a VF has no INTx: the bit reads 0 whatever is written
+                self._bits(bdf, COMMAND, 0, COMMAND_INTX_DISABLE)
             if kind is Kind.msi:
                 self._bits(bdf, ctrl, 0, MSI_ENABLE)
             else:

@@ -333,16 +333,20 @@ def test_status_names_the_brokers_refusal_behind_an_error(dom0):
 
 
 def test_msix_on_an_sriov_vf(dom0):
-    """A VF's own COMMAND never shows memory decoding: its physical function's is what counts."""
+    """A VF's own COMMAND never shows memory decoding (its physical function's counts) nor
+    INTx-disable (a VF has no INTx), yet MSI-X maps and enables."""
     pf, vf = BDF(0, 1, 0, 0), BDF(0, 1, 0, 2)
     dom0.host.add("nvme-sriov", pf)
     hw = dom0.host.add("nvme-vf", vf, physfn=pf)
     dom0.create_guest(2, [str(vf)])
     front = dom0.frontend(2)
     [dev] = front.connect()
+    hw.write(COMMAND, 2, hw.read(COMMAND, 2) | COMMAND_INTX_DISABLE)
+    assert not hw.read(COMMAND, 2) & COMMAND_INTX_DISABLE     # a VF has no INTx: the bit is hardwired 0
     r = front.enable_msix(dev.bdf, [0, 1])
-    assert r.ok, r
+    assert r.ok, r                                             # no INTx-disable read-back to fail
     assert not hw.read(COMMAND, 2) & COMMAND_MEM
+    assert hw.read(control_offset(find_capability(hw.read, CAP_MSIX)), 2) & MSIX_ENABLE
     path = physdev_state_path(dom0.sim_dir)
     bindings = read_state(path)["bindings"]
     assert sorted(b["pirq"] for b in bindings if b["domid"] == 2) == sorted(r.pirqs)

@@ -43,7 +43,7 @@ from pcibackd.common.ratelimit import worth_logging
 from pcibackd.irq.broker import Broker
 from pcibackd.irq.function import record_for
 from pcibackd.irq.journal import Journal
-from pcibackd.irq.messages import Answer, IrqStatus, Leave, Mapping, WorkerRequest, refused
+from pcibackd.irq.messages import Answer, Failed, IrqStatus, Leave, Mapping, WorkerRequest, refused
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import XenbusState
 from pcibackd.worker.xenbus_nodes import MAX_DEVS, parse_backend, parse_uint
@@ -219,7 +219,10 @@ class Interrupts:
         now = self.clock()
         tokens, then = self.budget.get(domid, (BURST, now))
         tokens = min(BURST, tokens + (now - then) * RATE)
-        if tokens < 1:
+        note = isinstance(request, Failed)
+        # A note (for status) never takes the budget below half: a guest looping on a failing
+        # enable must not starve its own maps and unmaps; beyond that notes are dropped.
+        if tokens < (BURST / 2 if note else 1):
             self.budget[domid] = (tokens, now)
             return refused(errno.EAGAIN, "rate", f"more than {RATE:.0f} requests a second")
         self.budget[domid] = (tokens - 1, now)
@@ -233,6 +236,6 @@ class Interrupts:
             self.left.add(request.bdf)
         # rare (a few per driver load) and what an administrator asks first about a guest's
         # interrupts; the time matters: the worker waits IRQ_TIMEOUT, pcifront 2 s
-        logger.info("interrupts: domain {} asked {} -> {} in {:.0f} ms", domid, request, answer,
+        (logger.debug if note else logger.info)("interrupts: domain {} asked {} -> {} in {:.0f} ms", domid, request, answer,
                     (self.clock() - now) * 1000)
         return answer

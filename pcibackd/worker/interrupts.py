@@ -11,7 +11,7 @@ never answered: that one is answered with the mapped PIRQs
 (:func:`~pcibackd.worker.msi.readopt`), never mapped twice.
 
 The link can fail a question (no answer in time, a full queue) after the
-broker acted on it, or before.  Either way the guest is answered at once (a
+broker acted on it, or before; the supervisor's rate limit can refuse one.  Either way the guest is answered at once (a
 disable always succeeds, as in Linux; an enable is refused), and the unmap
 that makes the broker agree with the guest's view is owed: sent at once
 without waiting, and asked again before the function's next op until the
@@ -29,6 +29,7 @@ worker's link); this process never maps a PIRQ itself.
 from __future__ import annotations
 
 import errno
+import time
 from typing import Callable
 
 from loguru import logger
@@ -43,6 +44,7 @@ from pcibackd.worker.msi import MsiFunction, MsiOp, MsiState, PortFacts
 from pcibackd.worker.ops import Reply
 
 MSI_OPS = (Op.enable_msi, Op.disable_msi, Op.enable_msix, Op.disable_msix, Op.enable_multi_msi)
+NOTE_RATE, NOTE_BURST = 10.0, 4         # Failed notes a second: they share the link (16 frames) with maps
 
 Lookup = Callable[[int, int, int], "tuple[BDF, HostPort] | None"]
 
@@ -77,9 +79,14 @@ class MsiService:
         self.states: dict[BDF, MsiState] = {}
         self.reserving = False              # serving the op a dead predecessor left pending
         self.unmap_due: set[tuple[BDF, Kind]] = set()   # unmaps the broker has not answered yet
+        self.noted: dict[BDF, Failed] = {}                # the last error told, per function
+        self.note_budget = (float(NOTE_BURST), time.monotonic())
 
     def _send(self, request):
         answer = self.ask(request)
+        if isinstance(request, Unmap) and answer.error == "rate":
+            self.unmap_due.add((request.bdf, request.kind))      # not done: asked again later
+            return answer
         if answer.error not in LINK_ERRORS:
             if isinstance(request, Unmap):
                 self.unmap_due.discard((request.bdf, request.kind))
@@ -126,8 +133,26 @@ class MsiService:
         if outcome.problem:
             logger.warning("{}: {}", host, outcome.problem)
         if outcome.reply.err < 0:         # for status: the function's last interrupt error
-            self.tell(Failed(self.broker.domid, host, untrusted.cmd, outcome.reply.err, outcome.cause))
+            self._note(Failed(self.broker.domid, host, untrusted.cmd, outcome.reply.err, outcome.cause))
         return outcome.reply
+
+    def _note(self, note: Failed) -> None:
+        """Tell the broker, unless it is the error told last, or notes come too fast.
+
+        A guest looping on a failing enable must not fill the link its maps
+        and unmaps need; status may then show an older error.
+        """
+        if self.noted.get(note.bdf) == note:
+            return
+        tokens, then = self.note_budget
+        now = time.monotonic()
+        tokens = min(NOTE_BURST, tokens + (now - then) * NOTE_RATE)
+        if tokens < 1:
+            self.note_budget = (tokens, now)
+            return
+        self.note_budget = (tokens - 1, now)
+        self.noted[note.bdf] = note
+        self.tell(note)
 
     def _physfn(self, host: BDF, port: HostPort) -> HostPort | None:
         """A VF's physical function (None for others, or when it cannot be opened: MSI-X refused)."""
@@ -186,5 +211,6 @@ class MsiService:
             if facts is not None and facts.physfn is not facts.port:
                 getattr(facts.physfn, "close", lambda: None)()
             self.states.pop(host, None)
+            self.noted.pop(host, None)
             self.unmap_due -= {(host, kind) for kind in Kind}
 

@@ -23,7 +23,7 @@ from pcibackd.wire import pciif
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import Err, Op
 from pcibackd.wire.pciregs import COMMAND, COMMAND_MEM, MSIX_ENABLE
-from pcibackd.worker.interrupts import MsiService
+from pcibackd.worker.interrupts import NOTE_BURST, MsiService
 from pcibackd.worker.reporter import Reporter
 from pcibackd.worker.link import (BadMessage, IrqReply, WorkerCommand, WorkerIrqRequest,
                                   parse_supervisor_message, parse_worker_message)
@@ -230,6 +230,37 @@ def test_a_flooding_worker_is_refused_beyond_its_budget(tmp_path):
     assert irq.handle(6, Query(6, NIC)).error == "not_assigned"          # another guest's budget is its own
     now[0] += 10.5 / RATE                                               # ten more (and a half)
     assert [irq.handle(5, Query(5, NIC)).error for _ in range(11)] == ["not_assigned"] * 10 + ["rate"]
+
+
+def test_failed_notes_never_take_the_budget_below_half(tmp_path):
+    now = [100.0]
+    irq = Interrupts(NoHypercalls(tmp_path), tmp_path / "run", clock=lambda: now[0])
+    notes = [irq.handle(5, Failed(5, NIC, Op.enable_msi, Err.op_failed)) for _ in range(BURST)]
+    assert sum(a.error != "rate" for a in notes) == BURST // 2 + 1       # while half the budget is left
+    answers = [irq.handle(5, Query(5, NIC)) for _ in range(BURST // 2 - 1)]
+    assert "rate" not in [a.error for a in answers]                       # maps and unmaps still served
+
+
+def test_a_disable_refused_by_the_rate_limit_is_owed(service):
+    svc, broker = service
+    assert svc.serve(snapshot(Op.enable_msix, value=2, entries=(0, 1))).err == 0
+    broker.answers[Unmap] = Answer(errno=errno.EAGAIN, error="rate")
+    assert svc.serve(snapshot(Op.disable_msix)).err == Err.success
+    del broker.answers[Unmap]
+    n = len(broker.asked)
+    svc.serve(snapshot(Op.disable_msi))
+    assert broker.asked[n:] == [Unmap(3, NIC, Kind.msix)]                # asked again before the next op
+
+
+def test_failed_notes_are_not_repeated_nor_flooded(service):
+    svc, broker = service
+    svc.serve(snapshot(Op.disable_msi))                                  # state known
+    for _ in range(50):
+        assert svc.serve(snapshot(Op.enable_msix, value=0)).err == -errno.EINVAL
+    assert broker.told == [Failed(3, NIC, Op.enable_msix, -errno.EINVAL)]   # the same error: once
+    for i in range(50):
+        svc.serve(snapshot(Op.enable_msix, value=i % 2 * 6, entries=tuple(range(i % 2 * 6))))   # EINVAL, ENOSPC
+    assert 1 < len(broker.told) <= NOTE_BURST + 1                         # at most a burst at once
 
 
 def test_a_function_moving_between_guests_in_one_scan_is_the_new_ones(tmp_path):

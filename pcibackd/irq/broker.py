@@ -34,9 +34,8 @@ from typing import Callable
 
 from pcibackd.irq.function import FunctionRecord, Kind, control_offset, find_capability
 from pcibackd.wire.pciregs import CAP_MSI, CAP_MSIX, COMMAND, COMMAND_INTX_DISABLE, COMMAND_MEM, MSIX_ENABLE, MSIX_MASKALL, MSI_ENABLE
-from pcibackd.irq.messages import (PIRQ_MAX, VECTOR_MAX, Answer, Failed, IrqError, Leave, MapMsi, MapMsix,
-                                   Mapping, Query, Unmap, errno_name, op_error_name, refused)
-from pcibackd.wire.pciif import Op
+from pcibackd.irq.messages import (PIRQ_MAX, VECTOR_MAX, Answer, Failed, Leave, MapMsi, MapMsix, Mapping,
+                                   Query, Unmap, refused)
 from pcibackd.irq.ports import JournalStore, Physdev, PhysdevError
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import SH_INFO_MAX_VEC
@@ -80,7 +79,6 @@ class Broker:
         self.prepared: set[BDF] = set()
         self.prepared_unknown = False
         self.damaged_domains: set[int] = set()
-        self.last_error: dict[BDF, IrqError] = {}       # for status; dropped when the function leaves
 
     # -- supervisor ----------------------------------------------------------
 
@@ -107,7 +105,6 @@ class Broker:
         m = self.live.get(bdf)
         left = self._tear_down(m) if m else None
         self.owner.pop(bdf, None)
-        self.last_error.pop(bdf, None)
         if left:
             return refused(errno.EBUSY, "unmap_failed", f"PIRQs {list(left.pirqs)} still mapped")
         return Answer()
@@ -120,7 +117,6 @@ class Broker:
             self.live.pop(m.bdf)
         for bdf in [b for b, d in self.owner.items() if d == domid]:
             del self.owner[bdf]
-            self.last_error.pop(bdf, None)
         self.damaged_domains.discard(domid)
         try:
             self.journal.forget(domid)
@@ -226,18 +222,13 @@ class Broker:
             return refused(errno.EPERM, "wrong_domain", f"dom{sender} asked for dom{domid}")
         if self.owner.get(bdf) != sender:
             return refused(errno.ENODEV, "not_assigned", f"{bdf} is not dom{sender}'s")
-        answer = handler(self, request)
-        if not answer.ok:       # the worker's Failed note, if one follows, says what the guest got
-            self.last_error[bdf] = IrqError("broker", f"-{errno_name(answer.errno)}", answer.error)
-        return answer
+        return handler(self, request)
 
     def _leave(self, req: Leave) -> Answer:
         return self.unassign(req.bdf)
 
     def _note(self, req: Failed) -> Answer:
-        op = Op(req.op).name
-        self.last_error[req.bdf] = IrqError(op, op_error_name(req.op, req.err), req.cause)
-        return Answer()
+        return Answer()              # checked like any request; the supervisor keeps it for status
 
     def _check_free(self, domid: int, bdf: BDF, kind: Kind, count: int) -> Answer | None:
         if domid in self.damaged_domains:
@@ -298,11 +289,7 @@ class Broker:
 
     def _map(self, domid: int, rec: FunctionRecord, kind: Kind, entries: tuple[int, ...]) -> Answer:
         bdf, ctrl = rec.bdf, control_offset(rec.cap(kind))   # type: ignore[arg-type]
-        # Two journal writes whatever the vector count: the intent (an orphan with no
-        # PIRQs) before the first hypercall, the commit (held, every PIRQ) after the last
-        # control write.  A crash between leaves the intent, which replay cannot resolve
-        # to PIRQs: the function is "uncertain" (controls off, maps refused) until its
-        # guest goes and Xen frees them; never mapped twice, nothing outlives the guest.
+        # The intent: an orphan without PIRQs (see module doc); the commit follows the last write.
         m = Mapping(domid, bdf, kind, entries, orphan=True)
         try:
             self._put(m)

@@ -17,9 +17,9 @@ from pcibackd.irq.broker import Broker, Limits
 from pcibackd.irq.function import Kind, find_capability, record_for
 from pcibackd.wire.pciregs import CAP_MSIX, COMMAND, COMMAND_INTX_DISABLE, COMMAND_MEM, MSIX_ENABLE, MSIX_MASKALL, MSI_ENABLE
 from pcibackd.irq.journal import Journal
-from pcibackd.irq.messages import (Answer, Client, Failed, IrqError, IrqRefused, MapMsi, MapMsix, Prepare,
-                                   Query, Unmap, answer_from_wire, answer_to_wire, cause_of, op_error_name,
-                                   request_from_wire, request_to_wire)
+from pcibackd.irq.messages import (Answer, Client, Failed, IrqRefused, MapMsi, MapMsix, Prepare, Query, Unmap,
+                                   answer_from_wire, answer_to_wire, cause_of, op_error_name, request_from_wire,
+                                   request_to_wire)
 from pcibackd.wire.bdf import BDF
 from simdom0.hostpci import SimHost
 from simdom0.physdev import SimPhysdev, SimXenCrash
@@ -291,24 +291,11 @@ def test_the_client_raises_the_brokers_refusal(env):
         liar.map_msix(NIC, (0,))                    # a vector must fit the u16 on the wire
 
 
-# -- status: the last interrupt error -----------------------------------------------------------
-
-def test_the_last_interrupt_error_is_kept_by_symbolic_names_until_the_function_leaves(env):
-    env.attach(NIC)
-    assert env.ask(MapMsix(DOM, NIC, (0, 9))).error == "bad_entry"
-    assert env.broker.last_error[NIC] == IrqError("broker", "-EINVAL", "bad_entry")
-    env.xen.fail_next("map_pirq", errno.ENOSPC)
-    refusal = env.ask(MapMsix(DOM, NIC, (0,)))
-    exc = IrqRefused(refusal.errno, refusal.error, refusal.detail)
-    assert env.ask(Failed(DOM, NIC, 4, -errno.ENOSPC, cause_of(exc))).ok     # the worker's note follows
-    assert str(env.broker.last_error[NIC]) == "enable_msix -ENOSPC (hypervisor/ENOSPC)"
-    assert env.ask(Failed(DOM, NIC, 2, -5)).ok
-    assert str(env.broker.last_error[NIC]) == "enable_msi XEN_PCI_ERR_op_failed"
-    assert env.ask(Failed(OTHER, NIC, 2, -5), OTHER).error == "not_assigned"      # not its function
-    assert env.broker.unassign(NIC).ok and NIC not in env.broker.last_error
-
+# -- status: the names of an interrupt error -----------------------------------------------------------
 
 def test_op_error_names():
+    assert cause_of(IrqRefused(errno.ENOSPC, "hypervisor")) == "hypervisor/ENOSPC"
+    assert cause_of(IrqRefused(errno.EIO, "not a name!")) == "refused/EIO"
     assert op_error_name(4, -errno.EALREADY) == "-EALREADY"
     assert op_error_name(2, -5) == "XEN_PCI_ERR_op_failed" and op_error_name(5, -4) == "XEN_PCI_ERR_not_implemented"
     assert op_error_name(3, -77) == "-77"

@@ -17,7 +17,7 @@ from loguru import logger
 from pcibackd.daemon.interrupts import BURST, RATE, Interrupts, assigned_functions
 from pcibackd.irq.function import Kind
 from pcibackd.irq.journal import Journal
-from pcibackd.irq.messages import Answer, Failed, MapMsi, MapMsix, Query, Unmap
+from pcibackd.irq.messages import Answer, Failed, IrqError, MapMsi, MapMsix, Query, Unmap
 from pcibackd.platform.xen import NoPhysdev
 from pcibackd.wire import pciif
 from pcibackd.wire.bdf import BDF
@@ -230,6 +230,25 @@ def test_a_flooding_worker_is_refused_beyond_its_budget(tmp_path):
     assert irq.handle(6, Query(6, NIC)).error == "not_assigned"          # another guest's budget is its own
     now[0] += 10.5 / RATE                                               # ten more (and a half)
     assert [irq.handle(5, Query(5, NIC)).error for _ in range(11)] == ["not_assigned"] * 10 + ["rate"]
+
+
+def test_the_last_interrupt_error_is_kept_by_symbolic_names_until_the_function_leaves(tmp_path):
+    irq = Interrupts(SimPlatform(tmp_path, 0), tmp_path / "run")
+    SimHost(tmp_path / "pci").add("e1000e", NIC)
+    xs = Store({f"{BE}/num_devs": "1", f"{BE}/dev-0": str(NIC), f"{BE}/state-0": "4"})
+    irq.sync(xs, {5: BE})
+    assert irq.handle(5, MapMsix(5, NIC, (0, 9))).error == "bad_entry"
+    assert irq.status(5)[NIC].last_error == IrqError("broker", "-EINVAL", "bad_entry")
+    assert irq.handle(5, Failed(5, NIC, Op.enable_msix, -errno.ENOSPC, "hypervisor/ENOSPC")).ok
+    assert str(irq.status(5)[NIC].last_error) == "enable_msix -ENOSPC (hypervisor/ENOSPC)"
+    assert irq.handle(5, Failed(5, NIC, Op.enable_msi, Err.op_failed)).ok
+    assert str(irq.status(5)[NIC].last_error) == "enable_msi XEN_PCI_ERR_op_failed"
+    assert irq.handle(6, Failed(6, NIC, Op.enable_msi, -errno.EIO)).error == "not_assigned"
+    assert str(irq.status(5)[NIC].last_error) == "enable_msi XEN_PCI_ERR_op_failed"   # not another guest's
+    assert irq.status(5)[NIC].msix_prepared and irq.status(5)[NIC].mapping is None
+    xs.nodes[f"{BE}/state-0"] = "5"                      # hot-unplug
+    irq.sync(xs, {5: BE})
+    assert irq.status(5) == {} and NIC not in irq.last_error
 
 
 def test_failed_notes_never_take_the_budget_below_half(tmp_path):

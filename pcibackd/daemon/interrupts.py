@@ -257,6 +257,6 @@ class Interrupts:
             self.last_error.pop(request.bdf, None)
         # rare (a few per driver load) and what an administrator asks first about a guest's
         # interrupts; the time matters: the worker waits IRQ_TIMEOUT, pcifront 2 s
-        (logger.debug if note else logger.info)("interrupts: domain {} asked {} -> {} in {:.0f} ms", domid, request, answer,
-                    (self.clock() - now) * 1000)
+        log = logger.debug if note else logger.info
+        log("interrupts: domain {} asked {} -> {} in {:.0f} ms", domid, request, answer, (self.clock() - now) * 1000)
         return answer

@@ -142,8 +142,8 @@ class MsiService:
         A guest looping on a failing enable must not fill the link its maps
         and unmaps need; status may then show an older error.
         """
-        if self.noted.get(note.bdf) == note:
-            return
+        if self.noted.get(note.bdf) == note and not note.cause:
+            return                        # (a broker refusal was kept as the broker's: say it again)
         tokens, then = self.note_budget
         now = time.monotonic()
         tokens = min(NOTE_BURST, tokens + (now - then) * NOTE_RATE)

@@ -17,7 +17,7 @@ from pcibackd.irq.broker import Broker, Limits
 from pcibackd.irq.function import Kind, find_capability, record_for
 from pcibackd.wire.pciregs import CAP_MSIX, COMMAND, COMMAND_INTX_DISABLE, COMMAND_MEM, MSIX_ENABLE, MSIX_MASKALL, MSI_ENABLE
 from pcibackd.irq.journal import Journal
-from pcibackd.irq.messages import (Answer, Client, Failed, IrqRefused, MapMsi, MapMsix, Prepare, Query, Unmap,
+from pcibackd.irq.messages import (Answer, Client, Failed, IrqRefused, Leave, MapMsi, MapMsix, Prepare, Query, Unmap,
                                    answer_from_wire, answer_to_wire, cause_of, op_error_name, request_from_wire,
                                    request_to_wire)
 from pcibackd.wire.bdf import BDF
@@ -246,7 +246,8 @@ def test_a_failed_unmap_is_kept_as_an_orphan_and_retried(env):
 
 def test_requests_and_answers_survive_the_wire(env):
     for req in (MapMsi(DOM, NIC), MapMsix(DOM, NIC, (3, 1)), Unmap(DOM, NIC, Kind.msix),
-                Query(DOM, NIC), Failed(DOM, NIC, 4, -errno.ENOSPC, "hypervisor/ENOSPC"), Failed(DOM, NIC, 2, -5)):
+                Query(DOM, NIC), Leave(DOM, NIC), Failed(DOM, NIC, 4, -errno.ENOSPC, "hypervisor/ENOSPC"),
+                Failed(DOM, NIC, 2, -5)):
         assert request_from_wire(json.loads(json.dumps(request_to_wire(req)))) == req
     a = Answer(pirqs=(55, 54), kind=Kind.msix, entries=(3, 1))
     assert answer_from_wire(json.loads(json.dumps(answer_to_wire(a)))) == a
@@ -269,6 +270,7 @@ JUNK = [
     {"irq": "failed", "domid": 5, "bdf": "0000:03:00.0", "op": 4, "err": -5, "cause": "a b/EIO"},
     {"irq": "failed", "domid": 5, "bdf": "0000:03:00.0", "op": 4, "err": -5, "cause": "x" * 30 + "/EIO"},
     {"irq": "failed", "domid": 5, "bdf": "0000:03:00.0", "op": 4, "err": -5},
+    {"irq": "leave", "domid": 5, "bdf": "0000:03:00.0", "kind": "msix"},
 ]
 
 

@@ -29,14 +29,14 @@ every write is read back.  A failed map is undone before the answer.
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from pcibackd.irq.function import FunctionRecord, Kind, control_offset, find_capability
 from pcibackd.wire.pciregs import CAP_MSI, CAP_MSIX, COMMAND, COMMAND_INTX_DISABLE, COMMAND_MEM, MSIX_ENABLE, MSIX_MASKALL, MSI_ENABLE
 from pcibackd.irq.messages import (PIRQ_MAX, VECTOR_MAX, Answer, Failed, Leave, MapMsi, MapMsix, Mapping,
                                    Query, Unmap, refused)
-from pcibackd.irq.ports import JournalStore, Physdev, PhysdevError
+from pcibackd.irq.ports import JournalStore, Physdev, PhysdevError, ReplayReport
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import SH_INFO_MAX_VEC
 
@@ -57,15 +57,6 @@ class Limits:
     max_vectors: int = SH_INFO_MAX_VEC        # per function
     max_pirqs_per_domain: int = 512
 
-
-@dataclass
-class ReplayReport:
-    adopted: list[Mapping] = field(default_factory=list)      # guest alive: kept as they are
-    torn_down: list[Mapping] = field(default_factory=list)    # guest gone: unmapped, controls off
-    uncertain: list[BDF] = field(default_factory=list)        # interrupted map: maps refused
-    orphans: list[Mapping] = field(default_factory=list)      # PIRQs still failing to unmap
-    damaged_domains: list[int] = field(default_factory=list)  # live guest, unreadable journal
-    problems: list[str] = field(default_factory=list)
 
 
 class Broker:
@@ -223,12 +214,6 @@ class Broker:
         if self.owner.get(bdf) != sender:
             return refused(errno.ENODEV, "not_assigned", f"{bdf} is not dom{sender}'s")
         return handler(self, request)
-
-    def _leave(self, req: Leave) -> Answer:
-        return self.unassign(req.bdf)
-
-    def _note(self, req: Failed) -> Answer:
-        return Answer()              # checked like any request; the supervisor keeps it for status
 
     def _check_free(self, domid: int, bdf: BDF, kind: Kind, count: int) -> Answer | None:
         if domid in self.damaged_domains:
@@ -406,6 +391,6 @@ _HANDLERS: dict[type, Callable[[Broker, object], Answer]] = {
     MapMsix: Broker._map_msix,           # type: ignore[dict-item]
     Unmap: Broker._unmap,                # type: ignore[dict-item]
     Query: Broker._query,                # type: ignore[dict-item]
-    Leave: Broker._leave,                # type: ignore[dict-item]
-    Failed: Broker._note,                # type: ignore[dict-item]
+    Leave: lambda broker, req: broker.unassign(req.bdf),         # type: ignore[attr-defined]
+    Failed: lambda broker, req: Answer(),    # checked like any request; kept by the supervisor for status
 }

@@ -3,10 +3,10 @@
 A simulated guest (Linux pcifront's calls) enables MSI-X on a simulated NVMe
 function (65 table entries) and disables it again, over and over: each enable
 is one op to the worker, one request to the supervisor's broker (which maps a
-PIRQ per vector in the simulated Xen, journals it and writes the enable bits
+PIRQ per vector in the simulated Xen, journals an intent and a commit, and writes the enable bits
 with read-back) and the answer.  The simulated Xen gets a PIRQ pool of 128 per
 guest (Xen's ``extra_guest_irqs``; its default 32 would refuse 64 vectors).
-Target: p99 well inside the worker's 1 s wait for the broker (<= 250 ms), which
+Target: p99 well inside the worker's 1.6 s wait for the broker (<= 250 ms), which
 itself is inside Linux pcifront's 2 s per op.
 
     python bench/msix.py [--rounds N]

@@ -333,7 +333,7 @@ class Supervisor(ReleaseViews):
     def guests(self) -> list[GuestInfo]:
         """Every guest by domid, with its worker's last report (never waits for a worker)."""
         now = time.monotonic()
-        return [self._guests[d].info(now, self.irq.mappings(d)) for d in sorted(self._guests)]
+        return [self._guests[d].info(now, self.irq.status(d)) for d in sorted(self._guests)]
 
     def assignable(self) -> list[BDF]:
         """Assignable host functions (the platform's: on Xen those bound to a stub driver)."""

@@ -12,6 +12,8 @@ only read it), never from a worker's report.  At every scan:
   leaves the backend, is ``unassign``-ed: its PIRQs are unmapped before the
   toolstack takes it away;
 * a guest whose backend directory goes is ``domain_gone``;
+* a function its worker lets go (``Leave``, before the worker resets it) is
+  unassigned at once, and counts as leaving at the next scan;
 * a function that left and is no other guest's after the scan is released
   (PHYSDEVOP_release_msix);
 * a function two guests list stays with the one that holds it: a worker has a
@@ -41,9 +43,10 @@ from pcibackd.common.ratelimit import worth_logging
 from pcibackd.irq.broker import Broker
 from pcibackd.irq.function import record_for
 from pcibackd.irq.journal import Journal
-from pcibackd.irq.messages import Answer, Mapping, WorkerRequest, refused
+from pcibackd.irq.messages import (Answer, Failed, IrqError, IrqStatus, Leave, Mapping, WorkerRequest, errno_name,
+                                   op_error_name, refused)
 from pcibackd.wire.bdf import BDF
-from pcibackd.wire.pciif import XenbusState
+from pcibackd.wire.pciif import Op, XenbusState
 from pcibackd.worker.xenbus_nodes import MAX_DEVS, parse_backend, parse_uint
 from pcibackd.xenstore.client import XenStore
 
@@ -80,6 +83,8 @@ class Interrupts:
         self.unreadable: set[BDF] = set()     # warned about once; retried at every scan
         self.conflicts: dict[BDF, int] = {}   # scans in which two guests listed one function
         self.budget: dict[int, tuple[float, float]] = {}      # domid -> (tokens, at time)
+        self.left: set[BDF] = set()           # let go by their worker since the last scan
+        self.last_error: dict[BDF, IrqError] = {}     # for status; dropped when the function leaves
 
     def start(self, alive: set[int]) -> None:
         """Replay the journal: keep what live guests hold (until the first sync), unmap the rest."""
@@ -119,8 +124,11 @@ class Interrupts:
                     self._unassign(domid, bdf, leaving)
         self.adopted = {}
         for domid in [d for d in self.assigned if d not in present]:
-            leaving |= self.assigned.pop(domid)
+            gone = self.assigned.pop(domid)
+            leaving |= gone
             self.broker.domain_gone(domid)
+            for bdf in gone:
+                self.last_error.pop(bdf, None)
             self.budget.pop(domid, None)
         for domid, want in wanted.items():
             have = self.assigned.setdefault(domid, set())
@@ -132,6 +140,8 @@ class Interrupts:
             for bdf in sorted(want - have):
                 if self._assign(domid, bdf):
                     have.add(bdf)
+        leaving |= self.left
+        self.left = set()
         held = set().union(*self.assigned.values())
         for bdf in sorted(leaving - held):
             answer = self.broker.release(bdf)
@@ -167,6 +177,7 @@ class Interrupts:
 
     def _unassign(self, domid: int, bdf: BDF, leaving: set[BDF]) -> None:
         leaving.add(bdf)
+        self.last_error.pop(bdf, None)
         answer = self.broker.unassign(bdf)
         if not answer.ok:
             logger.error("{} left domain {} with interrupts still mapped: {}", bdf, domid, answer.detail)
@@ -202,12 +213,35 @@ class Interrupts:
         """What the broker holds for guest ``domid``, by function."""
         return {bdf: m for bdf, m in self.broker.live.items() if m.domid == domid}
 
+    def _keep_error(self, domid: int, request: WorkerRequest, answer: Answer) -> None:
+        """The function's last interrupt error: the worker's note of what the guest got, or
+        the broker's refusal (a note that follows says what the guest got of it)."""
+        if request.domid != domid or self.broker.owner.get(request.bdf) != domid:
+            return                                     # not the sender's function: nothing to keep
+        if isinstance(request, Failed):
+            error = IrqError(Op(request.op).name, op_error_name(request.op, request.err), request.cause)
+        elif not answer.ok:
+            error = IrqError("broker", f"-{errno_name(answer.errno)}", answer.error)
+        else:
+            return
+        self.last_error[request.bdf] = error
+
+    def status(self, domid: int) -> dict[BDF, IrqStatus]:
+        """Per function of guest ``domid`` (held or mapped): PIRQs, MSI-X prepared, the last error."""
+        b = self.broker
+        bdfs = {bdf for bdf, d in b.owner.items() if d == domid} | set(self.mappings(domid))
+        return {bdf: IrqStatus(b.live.get(bdf) if bdf in b.live and b.live[bdf].domid == domid else None,
+                               bdf in b.prepared, self.last_error.get(bdf)) for bdf in bdfs}
+
     def handle(self, domid: int, request: WorkerRequest) -> Answer:
         """A request from the worker of ``domid`` (authenticated by the caller)."""
         now = self.clock()
         tokens, then = self.budget.get(domid, (BURST, now))
         tokens = min(BURST, tokens + (now - then) * RATE)
-        if tokens < 1:
+        note = isinstance(request, Failed)
+        # A note (for status) never takes the budget below half: a guest looping on a failing
+        # enable must not starve its own maps and unmaps; beyond that notes are dropped.
+        if tokens < (BURST / 2 if note else 1):
             self.budget[domid] = (tokens, now)
             return refused(errno.EAGAIN, "rate", f"more than {RATE:.0f} requests a second")
         self.budget[domid] = (tokens - 1, now)
@@ -216,8 +250,13 @@ class Interrupts:
         except OSError as exc:
             logger.error("irq: dom{}'s {} failed: {}", domid, type(request).__name__, exc)
             return refused(errno.EIO, "internal", str(exc)[:200])
+        self._keep_error(domid, request, answer)
+        if isinstance(request, Leave) and request.domid == domid and request.bdf in self.assigned.get(domid, ()):
+            self.assigned[domid].discard(request.bdf)      # listed again later: assigned afresh
+            self.left.add(request.bdf)
+            self.last_error.pop(request.bdf, None)
         # rare (a few per driver load) and what an administrator asks first about a guest's
         # interrupts; the time matters: the worker waits IRQ_TIMEOUT, pcifront 2 s
-        logger.info("interrupts: domain {} asked {} -> {} in {:.0f} ms", domid, request, answer,
-                    (self.clock() - now) * 1000)
+        log = logger.debug if note else logger.info
+        log("interrupts: domain {} asked {} -> {} in {:.0f} ms", domid, request, answer, (self.clock() - now) * 1000)
         return answer

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pcibackd.daemon.states import WorkerState
 from pcibackd.daemon.tally import Totals
 from pcibackd.irq.function import Kind
-from pcibackd.irq.messages import Mapping
+from pcibackd.irq.messages import IrqError, IrqStatus
 from pcibackd.wire.bdf import BDF
 from pcibackd.worker.link import DeviceReport, WorkerReport
 
@@ -38,19 +38,26 @@ class DeviceStatus:
     denied_writes: int
     msi: int | None = None                       # the MSI PIRQ; None: MSI off
     msix: tuple[tuple[int, int], ...] = ()       # (entry, PIRQ); empty: MSI-X off
+    msix_prepared: bool = False                  # PHYSDEVOP_prepare_msix done for it
+    irq_error: IrqError | None = None            # the last interrupt error (symbolic names)
 
     @classmethod
-    def of(cls, d: DeviceReport, m: Mapping | None, denied_writes: int | None = None) -> "DeviceStatus":
+    def of(cls, d: DeviceReport, s: IrqStatus | None, denied_writes: int | None = None) -> "DeviceStatus":
         """``denied_writes``: the guest's total over its workers (None: the report's)."""
+        s = s or IrqStatus()
+        m = s.mapping
         held = m is not None and m.held
         return cls(d.bdf, d.vbdf, d.permissive, d.denied_writes if denied_writes is None else denied_writes,
                    m.pirqs[0] if held and m.kind is Kind.msi else None,
-                   tuple(zip(m.entries, m.pirqs)) if held and m.kind is Kind.msix else ())
+                   tuple(zip(m.entries, m.pirqs)) if held and m.kind is Kind.msix else (),
+                   s.msix_prepared, s.last_error)
 
     def to_dict(self) -> dict:
         return {"bdf": str(self.bdf), "vbdf": str(self.vbdf), "permissive": self.permissive,
                 "denied_writes": self.denied_writes, "msi": self.msi,
-                "msix": {str(entry): pirq for entry, pirq in self.msix}}
+                "msix": {str(entry): pirq for entry, pirq in self.msix},
+                "msix_prepared": self.msix_prepared,
+                "irq_error": self.irq_error.to_dict() if self.irq_error else None}
 
 
 @dataclass(frozen=True)
@@ -63,7 +70,7 @@ class GuestInfo:
     last_exit: str                       # how the previous worker ended ("" if none did)
     heartbeat_age: float | None          # seconds since the last beat; None without a live worker
     report: WorkerReport | None          # the last heartbeat (None before the first)
-    interrupts: dict[BDF, Mapping] | None = None   # the broker's PIRQs by function (None: not known)
+    interrupts: dict[BDF, IrqStatus] | None = None   # the broker's view by function (None: not known)
     name: str = ""                       # the domain's name ("" if not known)
     totals: Totals | None = None         # counters over all the guest's workers (None before a report)
 

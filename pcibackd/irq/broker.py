@@ -2,17 +2,19 @@
 
 It runs in the supervisor, one request at a time.  Hypercalls and dom0
 config-space writes go through the injected :class:`Physdev`; the record of
-live PIRQs through the injected :class:`JournalStore`, saved before the
-hypercalls start, after every PIRQ and before the answer, so a crash at any
-point leaves a record that is complete or knows which PIRQs it may miss, and
-that says whether the guest was (about to be) answered with them.
+live PIRQs through the injected :class:`JournalStore`, written twice per
+map whatever its vector count: an intent before the first hypercall and a
+commit with every PIRQ before the answer.  A crash at any point leaves a
+record that is complete (the guest was, or is about to be, answered) or an
+intent whose PIRQs are unknown: replay turns that function's controls off
+and refuses it further maps until its guest goes (Xen frees the PIRQs then).
 
 Sequences (docs/interrupts.md, in Linux's order):
 
 ==========  ===================================================================
-map MSI     ctrl &= ~ENABLE; map_pirq; COMMAND |= INTX_DISABLE; ctrl |= ENABLE
-map MSI-X   ctrl |= ENABLE|MASKALL; map_pirq per entry; COMMAND |= INTX_DISABLE;
-            ctrl &= ~MASKALL
+map MSI     ctrl &= ~ENABLE; map_pirq; COMMAND |= INTX_DISABLE (not on a VF); ctrl |= ENABLE
+map MSI-X   ctrl |= ENABLE|MASKALL; map_pirq per entry; COMMAND |= INTX_DISABLE (not on
+            a VF); ctrl &= ~MASKALL
 unmap       ctrl &= ~ENABLE (MSI-X: and MASKALL); COMMAND &= ~INTX_DISABLE;
             unmap_pirq each (ESRCH/EINVAL/ENOENT: already gone)
 prepare     MSI-X functions only: MEMORY on for the call, prepare_msix, COMMAND back
@@ -27,14 +29,14 @@ every write is read back.  A failed map is undone before the answer.
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from pcibackd.irq.function import FunctionRecord, Kind, control_offset, find_capability
 from pcibackd.wire.pciregs import CAP_MSI, CAP_MSIX, COMMAND, COMMAND_INTX_DISABLE, COMMAND_MEM, MSIX_ENABLE, MSIX_MASKALL, MSI_ENABLE
-from pcibackd.irq.messages import (PIRQ_MAX, VECTOR_MAX, Answer, MapMsi, MapMsix, Mapping, Query,
-                                   Unmap, refused)
-from pcibackd.irq.ports import JournalStore, Physdev, PhysdevError
+from pcibackd.irq.messages import (PIRQ_MAX, VECTOR_MAX, Answer, Failed, Leave, MapMsi, MapMsix, Mapping,
+                                   Query, Unmap, refused)
+from pcibackd.irq.ports import JournalStore, Physdev, PhysdevError, ReplayReport
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import SH_INFO_MAX_VEC
 
@@ -55,15 +57,6 @@ class Limits:
     max_vectors: int = SH_INFO_MAX_VEC        # per function
     max_pirqs_per_domain: int = 512
 
-
-@dataclass
-class ReplayReport:
-    adopted: list[Mapping] = field(default_factory=list)      # guest alive: kept as they are
-    torn_down: list[Mapping] = field(default_factory=list)    # guest gone: unmapped, controls off
-    uncertain: list[BDF] = field(default_factory=list)        # interrupted map: maps refused
-    orphans: list[Mapping] = field(default_factory=list)      # PIRQs still failing to unmap
-    damaged_domains: list[int] = field(default_factory=list)  # live guest, unreadable journal
-    problems: list[str] = field(default_factory=list)
 
 
 class Broker:
@@ -99,7 +92,7 @@ class Broker:
         return Answer()
 
     def unassign(self, bdf: BDF) -> Answer:
-        """Unmap everything of ``bdf``; call before xc_deassign_device."""
+        """Controls off, every PIRQ of ``bdf`` unmapped, then not the guest's: before any reset."""
         m = self.live.get(bdf)
         left = self._tear_down(m) if m else None
         self.owner.pop(bdf, None)
@@ -281,8 +274,7 @@ class Broker:
 
     def _map(self, domid: int, rec: FunctionRecord, kind: Kind, entries: tuple[int, ...]) -> Answer:
         bdf, ctrl = rec.bdf, control_offset(rec.cap(kind))   # type: ignore[arg-type]
-        # Orphan (not the guest's) until the last control write: a crash before that
-        # leaves a record replay tears down; after it, one replay adopts.
+        # The intent: an orphan without PIRQs (see module doc); the commit follows the last write.
         m = Mapping(domid, bdf, kind, entries, orphan=True)
         try:
             self._put(m)
@@ -291,6 +283,7 @@ class Broker:
             return _failed(exc)
         top, base = (VECTOR_MAX, rec.table_base) if kind is Kind.msix else (PIRQ_MAX, 0)
         intx_before = COMMAND_INTX_DISABLE
+        pirqs: list[int] = []
         try:
             intx_before = self.physdev.read_config(bdf, COMMAND, 2) & COMMAND_INTX_DISABLE
             if kind is Kind.msi:
@@ -299,20 +292,22 @@ class Broker:
                 self._bits(bdf, ctrl, 0, MSIX_ENABLE | MSIX_MASKALL)
             for entry in entries:
                 pirq = self.physdev.map_pirq(domid, kind, bdf, entry, base)
-                m = replace(m, pirqs=m.pirqs + (pirq,))
-                self._put(m)
+                pirqs.append(pirq)
                 if not 0 < pirq <= top:
                     raise PhysdevError(errno.ERANGE, f"PIRQ {pirq} does not fit the reply")
-            self._bits(bdf, COMMAND, 0, COMMAND_INTX_DISABLE)
+            if rec.intx:                 # a VF has no INTx: the bit reads 0 whatever is written
+                self._bits(bdf, COMMAND, 0, COMMAND_INTX_DISABLE)
             if kind is Kind.msi:
                 self._bits(bdf, ctrl, 0, MSI_ENABLE)
             else:
                 self._bits(bdf, ctrl, MSIX_MASKALL, MSIX_ENABLE)
             # A guest answered with PIRQs that a replay would tear down must not be.
-            self._put(replace(m, orphan=False))
+            m = replace(m, pirqs=tuple(pirqs), orphan=False)
+            self._put(m)
         except OSError as exc:
             # A hypercall that failed mapped nothing, and none after it ran: no unknowns.
-            self._tear_down(replace(m, entries=m.entries[:len(m.pirqs)]), restore_intx=not intx_before)
+            done = replace(m, entries=entries[:len(pirqs)], pirqs=tuple(pirqs), orphan=True)
+            self._tear_down(done, restore_intx=not intx_before)
             return _failed(exc)
         return Answer(pirqs=m.pirqs)
 
@@ -396,4 +391,6 @@ _HANDLERS: dict[type, Callable[[Broker, object], Answer]] = {
     MapMsix: Broker._map_msix,           # type: ignore[dict-item]
     Unmap: Broker._unmap,                # type: ignore[dict-item]
     Query: Broker._query,                # type: ignore[dict-item]
+    Leave: lambda broker, req: broker.unassign(req.bdf),         # type: ignore[attr-defined]
+    Failed: lambda broker, req: Answer(),    # checked like any request; kept by the supervisor for status
 }

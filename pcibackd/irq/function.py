@@ -63,7 +63,8 @@ class FunctionRecord:
 
     ``table_base`` is the start of the BAR holding the MSI-X table, from the
     sysfs resource captured then: never re-read from a function a guest has
-    had (XSA-337).  0 means no usable table.
+    had (XSA-337).  0 means no usable table.  ``intx`` is False for an SR-IOV
+    VF: it has no INTx, and its COMMAND.INTX_DISABLE is hardwired 0.
     """
 
     bdf: BDF
@@ -73,6 +74,7 @@ class FunctionRecord:
     msix_bir: int = 0
     table_base: int = 0
     pm_cap: int | None = None
+    intx: bool = True
 
     @property
     def has_msix(self) -> bool:
@@ -92,4 +94,5 @@ def record_for(read: Read, info: DeviceInfo) -> FunctionRecord:
         bir = read(msix + MSIX_TABLE, 4) & MSIX_BIR
         if bir < NR_BARS and bir < len(info.resources):
             base = info.resources[bir].start
-    return FunctionRecord(info.bdf, msi, msix, entries, bir, base, find_capability(read, CAP_PM))
+    return FunctionRecord(info.bdf, msi, msix, entries, bir, base, find_capability(read, CAP_PM),
+                          intx=not info.is_virtfn)

@@ -10,12 +10,13 @@ name the worker's own guest (``domid``); the supervisor-only ones
 from __future__ import annotations
 
 import errno
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Union
 
 from pcibackd.irq.function import Kind
 from pcibackd.wire.bdf import BDF
-from pcibackd.wire.pciif import SH_INFO_MAX_VEC
+from pcibackd.wire.pciif import SH_INFO_MAX_VEC, Err, Op
 
 MAX_TABLE = 2048                 # an MSI-X table has at most 2048 entries (11-bit size field)
 MAX_MSI_VECTORS = 32             # MSI Multiple Message Capable: at most 32
@@ -83,6 +84,80 @@ class Query:
 
 
 @dataclass(frozen=True)
+class Leave:
+    """The function leaves the worker's guest (hot-unplug, guest gone), to be reset next.
+
+    The broker turns its MSI/MSI-X off, unmaps its PIRQs and stops serving it
+    for the guest, and only then answers: the worker resets after the answer.
+    """
+
+    domid: int
+    bdf: BDF
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A worker's note, for status: it answered the guest's ``op`` with ``err``.
+
+    ``cause`` is the broker's refusal behind it (``error/ERRNO``), "" when the
+    worker refused on its own (the function's state, the guest's input).
+    Nothing is done with it but keep it as the function's last interrupt error.
+    """
+
+    domid: int
+    bdf: BDF
+    op: int
+    err: int
+    cause: str = ""
+
+
+@dataclass(frozen=True)
+class IrqError:
+    """A function's last interrupt error, by symbolic names (``pcibackctl status``)."""
+
+    op: str                          # enable_msix, ... or "broker" for a refusal the worker did not note
+    error: str                       # what the guest got: XEN_PCI_ERR_op_failed, -EALREADY, ...
+    cause: str = ""                  # the broker's refusal behind it: hypervisor/ENOSPC, ...
+
+    def __str__(self) -> str:
+        return f"{self.op} {self.error}" + (f" ({self.cause})" if self.cause else "")
+
+    def to_dict(self) -> dict:
+        return {"op": self.op, "error": self.error, "cause": self.cause}
+
+
+@dataclass(frozen=True)
+class IrqStatus:
+    """What the supervisor's broker knows of one function (``pcibackctl status``)."""
+
+    mapping: "Mapping | None" = None             # None: nothing mapped
+    msix_prepared: bool = False                  # PHYSDEVOP_prepare_msix done
+    last_error: IrqError | None = None
+
+
+def errno_name(err: int) -> str:
+    """``ENOSPC`` for 28 (the number itself when it has no name)."""
+    return errno.errorcode.get(err, str(err))
+
+
+def cause_of(exc: "IrqRefused") -> str:
+    """A broker refusal as :attr:`Failed.cause`: ``error/ERRNO``."""
+    error = exc.error if re.match(r"^[A-Za-z0-9_]{1,24}$", exc.error or "") else "refused"
+    name = errno_name(exc.errno or errno.EIO)
+    return f"{error}/{name}" if _CAUSE_RE.match(f"{error}/{name}") else f"{error}/EIO"
+
+
+def op_error_name(op: int, err: int) -> str:
+    """The symbolic name of an op's ``err``: enable_msix answers -errno (Linux), the others XEN_PCI_ERR_*."""
+    if op == Op.enable_msix and err < 0:
+        return f"-{errno_name(-err)}"
+    try:
+        return f"XEN_PCI_ERR_{Err(err).name}"
+    except ValueError:
+        return str(err)
+
+
+@dataclass(frozen=True)
 class Prepare:
     """Supervisor only, at seize: PHYSDEVOP_prepare_msix."""
 
@@ -96,10 +171,12 @@ class Release:
     bdf: BDF
 
 
-WorkerRequest = Union[MapMsi, MapMsix, Unmap, Query]
+WorkerRequest = Union[MapMsi, MapMsix, Unmap, Query, Leave, Failed]
 WORKER_REQUESTS: dict[str, type] = {
-    "map_msi": MapMsi, "map_msix": MapMsix, "unmap": Unmap, "query": Query,
+    "map_msi": MapMsi, "map_msix": MapMsix, "unmap": Unmap, "query": Query, "leave": Leave, "failed": Failed,
 }
+MSI_OP_NUMBERS = (Op.enable_msi, Op.disable_msi, Op.enable_msix, Op.disable_msix, Op.enable_multi_msi)
+_CAUSE_RE = re.compile(r"^[A-Za-z0-9_]{1,24}/[A-Z0-9]{1,16}$")
 _NAMES = {cls: name for name, cls in WORKER_REQUESTS.items()}
 
 
@@ -159,10 +236,13 @@ def request_to_wire(req: WorkerRequest) -> dict:
         doc["entries"] = list(req.entries)
     elif isinstance(req, Unmap):
         doc["kind"] = req.kind.value
+    elif isinstance(req, Failed):
+        doc.update(op=req.op, err=req.err, cause=req.cause)
     return doc
 
 
-_EXTRA = {MapMsi: {"nvec"}, MapMsix: {"entries"}, Unmap: {"kind"}, Query: set()}
+_EXTRA = {MapMsi: {"nvec"}, MapMsix: {"entries"}, Unmap: {"kind"}, Query: set(), Leave: set(),
+          Failed: {"op", "err", "cause"}}
 
 
 def request_from_wire(untrusted: object) -> WorkerRequest:
@@ -185,6 +265,14 @@ def request_from_wire(untrusted: object) -> WorkerRequest:
         if kind not in (Kind.msi.value, Kind.msix.value):
             raise ValueError("kind")
         return Unmap(domid, bdf, Kind(kind))
+    if cls is Failed:
+        op = _int(untrusted["op"], 0, 255, "op")
+        if op not in MSI_OP_NUMBERS:
+            raise ValueError("op")
+        cause = untrusted["cause"]
+        if not isinstance(cause, str) or not (cause == "" or _CAUSE_RE.match(cause)):
+            raise ValueError("cause")
+        return Failed(domid, bdf, op, _int(untrusted["err"], -4095, -1, "err"), cause)
     return cls(domid, bdf)
 
 
@@ -248,3 +336,6 @@ class Client:
 
     def query(self, bdf: BDF) -> Answer:
         return self._ask(Query(self.domid, bdf))
+
+    def leave(self, bdf: BDF) -> None:
+        self._ask(Leave(self.domid, bdf))

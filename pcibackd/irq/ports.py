@@ -42,6 +42,18 @@ class Recorded:
     problems: tuple[str, ...] = ()
 
 
+@dataclass
+class ReplayReport:
+    """What the broker's replay made of the journal at start."""
+
+    adopted: list[Mapping] = field(default_factory=list)      # guest alive: kept as they are
+    torn_down: list[Mapping] = field(default_factory=list)    # guest gone: unmapped, controls off
+    uncertain: list[BDF] = field(default_factory=list)        # interrupted map: maps refused
+    orphans: list[Mapping] = field(default_factory=list)      # PIRQs still failing to unmap
+    damaged_domains: list[int] = field(default_factory=list)  # live guest, unreadable journal
+    problems: list[str] = field(default_factory=list)
+
+
 class JournalStore(Protocol):
     def save(self, domid: int, mappings: Sequence[Mapping]) -> None: ...
     def save_prepared(self, prepared: Iterable[BDF]) -> None: ...

@@ -11,11 +11,16 @@ never answered: that one is answered with the mapped PIRQs
 (:func:`~pcibackd.worker.msi.readopt`), never mapped twice.
 
 The link can fail a question (no answer in time, a full queue) after the
-broker acted on it, or before.  Either way the guest is answered at once (a
+broker acted on it, or before; the supervisor's rate limit can refuse one.  Either way the guest is answered at once (a
 disable always succeeds, as in Linux; an enable is refused), and the unmap
 that makes the broker agree with the guest's view is owed: sent at once
 without waiting, and asked again before the function's next op until the
 broker has answered it (an unmap of nothing is harmless).
+
+A function that leaves the guest (hot-unplug, guest gone) is let go through
+the broker before the worker resets it (:meth:`MsiService.leave`): MSI/MSI-X
+off, PIRQs unmapped, no longer the guest's, then the reset, so Xen never has
+PIRQs bound to a function that was reset behind its back.
 
 The broker is the supervisor's (:class:`pcibackd.irq.messages.Client` over the
 worker's link); this process never maps a PIRQ itself.
@@ -24,13 +29,14 @@ worker's link); this process never maps a PIRQ itself.
 from __future__ import annotations
 
 import errno
+import time
 from typing import Callable
 
 from loguru import logger
 
 from pcibackd.hostpci.port import HostPort
 from pcibackd.irq.function import Kind
-from pcibackd.irq.messages import Client, IrqRefused, MapMsi, MapMsix, Unmap
+from pcibackd.irq.messages import Client, Failed, IrqRefused, MapMsi, MapMsix, Unmap
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import Op
 from pcibackd.worker import msi
@@ -38,6 +44,7 @@ from pcibackd.worker.msi import MsiFunction, MsiOp, MsiState, PortFacts
 from pcibackd.worker.ops import Reply
 
 MSI_OPS = (Op.enable_msi, Op.disable_msi, Op.enable_msix, Op.disable_msix, Op.enable_multi_msi)
+NOTE_RATE, NOTE_BURST = 10.0, 4         # Failed notes a second: they share the link (16 frames) with maps
 
 Lookup = Callable[[int, int, int], "tuple[BDF, HostPort] | None"]
 
@@ -72,9 +79,14 @@ class MsiService:
         self.states: dict[BDF, MsiState] = {}
         self.reserving = False              # serving the op a dead predecessor left pending
         self.unmap_due: set[tuple[BDF, Kind]] = set()   # unmaps the broker has not answered yet
+        self.noted: dict[BDF, Failed] = {}                # the last error told, per function
+        self.note_budget = (float(NOTE_BURST), time.monotonic())
 
     def _send(self, request):
         answer = self.ask(request)
+        if isinstance(request, Unmap) and answer.error == "rate":
+            self.unmap_due.add((request.bdf, request.kind))      # not done: asked again later
+            return answer
         if answer.error not in LINK_ERRORS:
             if isinstance(request, Unmap):
                 self.unmap_due.discard((request.bdf, request.kind))
@@ -120,7 +132,27 @@ class MsiService:
             self.states[host] = outcome.state
         if outcome.problem:
             logger.warning("{}: {}", host, outcome.problem)
+        if outcome.reply.err < 0:         # for status: the function's last interrupt error
+            self._note(Failed(self.broker.domid, host, untrusted.cmd, outcome.reply.err, outcome.cause))
         return outcome.reply
+
+    def _note(self, note: Failed) -> None:
+        """Tell the broker, unless it is the error told last, or notes come too fast.
+
+        A guest looping on a failing enable must not fill the link its maps
+        and unmaps need; status may then show an older error.
+        """
+        if self.noted.get(note.bdf) == note and not note.cause:
+            return                        # (a broker refusal was kept as the broker's: say it again)
+        tokens, then = self.note_budget
+        now = time.monotonic()
+        tokens = min(NOTE_BURST, tokens + (now - then) * NOTE_RATE)
+        if tokens < 1:
+            self.note_budget = (tokens, now)
+            return
+        self.note_budget = (tokens - 1, now)
+        self.noted[note.bdf] = note
+        self.tell(note)
 
     def _physfn(self, host: BDF, port: HostPort) -> HostPort | None:
         """A VF's physical function (None for others, or when it cannot be opened: MSI-X refused)."""
@@ -152,6 +184,26 @@ class MsiService:
             logger.info("{}: interrupt state taken over from the broker: {}", host, state)
         return state
 
+    def leave(self, hosts) -> bool:
+        """``hosts`` leave the guest: wait until the broker has their interrupts off and unmapped.
+
+        Call before resetting them.  True when the broker confirmed every one
+        (a function it no longer holds for this guest was let go by the
+        supervisor's own scan, in the same order); False when it could not be
+        asked or failed to unmap, which is logged: the supervisor's next scan
+        tears down what is left.
+        """
+        done = True
+        for host in hosts:
+            try:
+                self.broker.leave(host)
+            except IrqRefused as exc:
+                if exc.error != "not_assigned":
+                    done = False
+                    logger.error("{}: leaving with its interrupts not confirmed gone: {}", host, exc)
+        self.forget(hosts)
+        return done
+
     def forget(self, hosts) -> None:
         """``hosts`` are no longer served (their PIRQs are the supervisor's to tear down)."""
         for host in hosts:
@@ -159,5 +211,6 @@ class MsiService:
             if facts is not None and facts.physfn is not facts.port:
                 getattr(facts.physfn, "close", lambda: None)()
             self.states.pop(host, None)
+            self.noted.pop(host, None)
             self.unmap_due -= {(host, kind) for kind in Kind}
 

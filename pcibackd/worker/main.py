@@ -105,9 +105,9 @@ class Worker:
 
     def remove(self, hosts: tuple[BDF, ...]) -> None:
         self.loop.flush()
+        if self.msi:                  # interrupts off and unmapped by the broker before the reset
+            self.msi.leave(hosts)
         self.devices.remove(hosts)
-        if self.msi:
-            self.msi.forget(hosts)
 
     def map_ring(self, gref: int, port: int) -> None:
         page = self.platform.map_grant(self.cfg.domid, gref)
@@ -220,6 +220,8 @@ class Worker:
             gone = self.driver.exit_reason is not None or not self.xs.exists(self.cfg.backend_path)
         except OSError:
             gone = False
+        if gone and self.msi and not self.orphaned:     # the broker unmaps before the reset
+            self.msi.leave(tuple(self.devices.entries))
         self.devices.close(forget_state=gone)
         pidfile(self.cfg).unlink(missing_ok=True)
         if self.reporter:

@@ -40,7 +40,7 @@ from typing import Callable, Protocol
 
 from pcibackd.hostpci.port import HostPort
 from pcibackd.irq.function import Kind, control_offset, record_for
-from pcibackd.irq.messages import Answer, IrqRefused
+from pcibackd.irq.messages import Answer, IrqRefused, cause_of
 from pcibackd.wire import pciif
 from pcibackd.wire.pciregs import COMMAND, COMMAND_MEM, MSI_ENABLE, MSIX_ENABLE, PM_CTRL, PMCSR_STATE
 from pcibackd.wire.bdf import BDF
@@ -132,6 +132,7 @@ class Outcome:
     reply: Reply
     state: MsiState | None = None                      # None: unchanged (or no function)
     problem: str = ""                                  # for the log: a broker error disable swallowed
+    cause: str = ""                                    # the broker's refusal behind an error reply
 
 
 def serve(op: MsiOp, fn: MsiFunction | None, broker: IrqBroker) -> Outcome:
@@ -155,7 +156,7 @@ def enable_msi(op: MsiOp, fn: MsiFunction, broker: IrqBroker) -> Outcome:
     try:
         pirq = broker.map_msi(fn.host, 1)
     except IrqRefused as exc:
-        return Outcome(failed.reply, problem=f"enable_msi: {exc}")
+        return Outcome(failed.reply, problem=f"enable_msi: {exc}", cause=cause_of(exc))
     return Outcome(Reply(Err.success, pirq), replace(s, msi_pirq=pirq, intx_ack=False))
 
 
@@ -185,7 +186,7 @@ def enable_msix(op: MsiOp, fn: MsiFunction, broker: IrqBroker) -> Outcome:
     try:
         pirqs = broker.map_msix(fn.host, entries)
     except IrqRefused as exc:
-        return Outcome(_errno_reply(exc.errno or errno.EIO), problem=f"enable_msix: {exc}")
+        return Outcome(_errno_reply(exc.errno or errno.EIO), problem=f"enable_msix: {exc}", cause=cause_of(exc))
     state = replace(s, msix=tuple(zip(entries, pirqs)), intx_ack=False)
     return Outcome(Reply(Err.success, 0, tuple(pirqs)), state)
 

@@ -30,8 +30,11 @@ Two switches for the simulated dom0 (:meth:`simdom0.platform.SimPlatform.physdev
 simulated toolstack does not make (every function counts as assigned to the
 domain asking, and a domain exists once asked for); ``state_file`` keeps
 Xen's state (PIRQ bindings, prepared functions, double maps, dropped writes)
-in a JSON file, rewritten after every call that changes it and read at start,
-so it outlives the supervisor process, as Xen's state would, and tests can read it.
+in a JSON file, so it outlives the supervisor process, as Xen's state would,
+and tests can read it (:func:`read_state`).  A map or unmap appends one line
+to ``<state_file>.log`` (so a 64-vector map costs 64 small appends, not 64
+rewrites of every binding); any other change rewrites the snapshot, which
+starts a new generation and drops the log.
 
 Not modelled: message address/data and the MSI-X table contents, per-vector
 masks, interrupt remapping, multi-MSI, PCI segments (the address is passed whole).
@@ -41,8 +44,9 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -55,6 +59,47 @@ from pcibackd.irq.ports import PhysdevError
 from pcibackd.wire.bdf import BDF
 
 INTERCEPT_START, INTERCEPT_END = 64, 256
+LOG_LINES = 4096                  # maps and unmaps appended before the snapshot is rewritten
+
+
+def _log_path(state_file: Path) -> Path:
+    return state_file.with_name(state_file.name + ".log")
+
+
+def _binding_doc(b: "Binding") -> dict:
+    # by hand: dataclasses.asdict deep-copies, and this runs for every PIRQ of a snapshot
+    return {"domid": b.domid, "pirq": b.pirq, "bdf": str(b.bdf), "kind": b.kind.value,
+            "entry": b.entry, "table_base": b.table_base}
+
+
+def read_state(state_file: Path) -> dict:
+    """Xen's state as :meth:`SimPhysdev.state` gives it, from the snapshot and its log."""
+    while True:
+        doc = json.loads(state_file.read_text())
+        try:
+            lines = _log_path(state_file).read_bytes().splitlines()
+        except FileNotFoundError:
+            lines = []
+        again = json.loads(state_file.read_text())
+        if again.get("generation") == doc.get("generation"):
+            break                                 # no snapshot was written meanwhile
+    bindings = {(b["domid"], b["pirq"]): b for b in doc["bindings"]}
+    for line in lines:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            break                                 # the end of a line a killed writer left
+        if event["generation"] != doc.get("generation"):
+            continue
+        if "map" in event:
+            b = event["map"]
+            bindings[(b["domid"], b["pirq"])] = b
+            if event["double"]:
+                doc["double_maps"].append(b)
+        else:
+            bindings.pop(tuple(event["unmap"]), None)
+    doc["bindings"] = sorted(bindings.values(), key=lambda b: (b["domid"], b["pirq"]))
+    return doc
 
 
 class SimXenCrash(RuntimeError):
@@ -107,20 +152,21 @@ class SimPhysdev:
         self.double_maps: list[Binding] = []
         self.dropped: list[Dropped] = []
         self.calls: Counter = Counter()
+        self.trail: list[tuple] = []        # what changed, in order: ("write"|"map"|"unmap"|..., bdf, ...)
         self._faults: dict[str, list[tuple[int, int]]] = {}
+        self.generation = self._log_lines = 0
         if state_file is not None and state_file.exists():
-            self._load(json.loads(state_file.read_text()))
+            self._load(read_state(state_file))
+            self._changed()                      # compacted: one snapshot, no log
 
     # -- the state file ---------------------------------------------------------
 
     def state(self) -> dict:
         """Xen's state as JSON-able data (what :attr:`state_file` holds)."""
-        def binding(b: Binding) -> dict:
-            return dict(asdict(b), bdf=str(b.bdf), kind=b.kind.value)
-        return {"bindings": [binding(b) for b in self.bindings()],
+        return {"generation": self.generation, "bindings": [_binding_doc(b) for b in self.bindings()],
                 "dead_domains": sorted(d for d, dom in self.domains.items() if not dom.alive),
                 "prepared": sorted(str(b) for b in self.prepared),
-                "double_maps": [binding(b) for b in self.double_maps],
+                "double_maps": [_binding_doc(b) for b in self.double_maps],
                 "dropped": len(self.dropped), "calls": dict(self.calls)}
 
     def _load(self, doc: dict) -> None:
@@ -133,10 +179,30 @@ class SimPhysdev:
             self.domains.setdefault(domid, _Domain()).alive = False
         self.prepared = {BDF.parse(t) for t in doc["prepared"]}
         self.calls.update(doc["calls"])
+        self.generation = doc.get("generation", 0)
 
     def _changed(self) -> None:
+        """Rewrite the snapshot (a new generation) and drop the log it now contains."""
         if self.state_file is not None:
+            self.generation += 1
+            self._log_lines = 0
             write_atomic(self.state_file, json.dumps(self.state(), sort_keys=True).encode())
+            _log_path(self.state_file).unlink(missing_ok=True)
+
+    def _logged(self, event: dict) -> None:
+        """One map or unmap: a line appended to the log (the snapshot is rewritten now and then)."""
+        if self.state_file is None:
+            return
+        self._log_lines += 1
+        if self._log_lines > LOG_LINES:
+            self._changed()
+            return
+        line = json.dumps(dict(event, generation=self.generation), sort_keys=True).encode() + b"\n"
+        fd = os.open(_log_path(self.state_file), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, line)                    # one write: a killed process leaves whole lines
+        finally:
+            os.close(fd)
 
     # -- the toolstack's side and test controls ---------------------------------
 
@@ -186,6 +252,7 @@ class SimPhysdev:
             raise PhysdevError(errno.EBUSY, f"{bdf}: MSI-X already prepared")
         self._need_decoding(bdf, port)
         self.prepared.add(bdf)
+        self.trail.append(("prepare", bdf))
         self._changed()
 
     def _need_decoding(self, bdf: BDF, port: HostPort) -> None:
@@ -201,6 +268,7 @@ class SimPhysdev:
         if bdf not in self.prepared or any(b.bdf == bdf and b.kind is Kind.msix for b in self.bindings()):
             raise PhysdevError(errno.EBUSY, f"{bdf}: MSI-X not prepared, or still in use")
         self.prepared.discard(bdf)
+        self.trail.append(("release", bdf))
         self._changed()
 
     def map_pirq(self, domid: int, kind: Kind, bdf: BDF, entry: int, table_base: int) -> int:
@@ -230,18 +298,23 @@ class SimPhysdev:
         if pirq is None:
             raise PhysdevError(errno.ENOSPC, f"dom{domid}: no free PIRQ")
         binding = Binding(domid, pirq, bdf, kind, entry, table_base)
-        if any(b.bdf == bdf and b.kind is kind and b.entry == entry for b in self.bindings()):
+        double = any(b.bdf == bdf and b.kind is kind and b.entry == entry
+                     for d in self.domains.values() for b in d.pirqs.values())
+        if double:
             self.double_maps.append(binding)
         dom.pirqs[pirq] = binding
-        self._changed()
+        self.trail.append(("map", bdf, pirq))
+        self._logged({"map": _binding_doc(binding), "double": double})
         return pirq
 
     def unmap_pirq(self, domid: int, pirq: int) -> None:
         self._enter("unmap_pirq")
         dom = self._domain(domid)
-        if dom.pirqs.pop(pirq, None) is None:
+        binding = dom.pirqs.pop(pirq, None)
+        if binding is None:
             raise PhysdevError(errno.EINVAL, f"dom{domid}: PIRQ {pirq} is not mapped")
-        self._changed()
+        self.trail.append(("unmap", binding.bdf, pirq))
+        self._logged({"unmap": [domid, pirq]})
 
     def restore_msi(self, bdf: BDF) -> None:
         self._enter("restore_msi")
@@ -270,6 +343,7 @@ class SimPhysdev:
         if bdf in self.host_maskall and msix is not None and offset == control_offset(msix):
             value |= MSIX_MASKALL
         port.write(offset, size, value)
+        self.trail.append(("write", bdf, offset, value))
 
     # -- internals ------------------------------------------------------------------
 

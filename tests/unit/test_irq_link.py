@@ -17,18 +17,18 @@ from loguru import logger
 from pcibackd.daemon.interrupts import BURST, RATE, Interrupts, assigned_functions
 from pcibackd.irq.function import Kind
 from pcibackd.irq.journal import Journal
-from pcibackd.irq.messages import Answer, MapMsi, MapMsix, Query, Unmap
+from pcibackd.irq.messages import Answer, Failed, IrqError, MapMsi, MapMsix, Query, Unmap
 from pcibackd.platform.xen import NoPhysdev
 from pcibackd.wire import pciif
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import Err, Op
 from pcibackd.wire.pciregs import COMMAND, COMMAND_MEM, MSIX_ENABLE
-from pcibackd.worker.interrupts import MsiService
+from pcibackd.worker.interrupts import NOTE_BURST, MsiService
 from pcibackd.worker.reporter import Reporter
 from pcibackd.worker.link import (BadMessage, IrqReply, WorkerCommand, WorkerIrqRequest,
                                   parse_supervisor_message, parse_worker_message)
 from simdom0.hostpci import SimHost
-from simdom0.physdev import SimPhysdev
+from simdom0.physdev import SimPhysdev, read_state
 from simdom0.platform import SimPlatform, physdev_state_path
 
 NIC = BDF(0, 3, 0, 0)
@@ -173,7 +173,7 @@ def test_supervisor_serves_only_the_assigned_guest_and_tears_down(tmp_path):
     assert irq.handle(6, MapMsix(5, NIC, (0,))).error == "wrong_domain"   # the sender is who it is
     answer = irq.handle(5, MapMsix(5, NIC, (0, 1)))
     assert answer.ok and len(answer.pirqs) == 2 and dev.read(0xA2, 2) & MSIX_ENABLE
-    state = json.loads(physdev_state_path(tmp_path).read_text())
+    state = read_state(physdev_state_path(tmp_path))
     assert sorted(b["pirq"] for b in state["bindings"]) == sorted(answer.pirqs)
     assert state["prepared"] == [str(NIC)]
     # a fresh model of Xen reads the same state back (Xen outlives a supervisor)
@@ -181,7 +181,7 @@ def test_supervisor_serves_only_the_assigned_guest_and_tears_down(tmp_path):
 
     xs.nodes[f"{BE}/state-0"] = "5"                      # hot-unplug begins
     irq.sync(xs, {5: BE})
-    assert json.loads(physdev_state_path(tmp_path).read_text())["bindings"] == []
+    assert read_state(physdev_state_path(tmp_path))["bindings"] == []
     assert not dev.read(0xA2, 2) & MSIX_ENABLE
     assert irq.handle(5, Query(5, NIC)).error == "not_assigned"
 
@@ -189,7 +189,7 @@ def test_supervisor_serves_only_the_assigned_guest_and_tears_down(tmp_path):
     irq.sync(xs, {5: BE})
     assert irq.handle(5, MapMsi(5, NIC)).ok
     irq.sync(xs, {})                                     # the guest's backend is gone
-    assert json.loads(physdev_state_path(tmp_path).read_text())["bindings"] == []
+    assert read_state(physdev_state_path(tmp_path))["bindings"] == []
     assert not (tmp_path / "run" / "irq" / "dom5.json").exists()
 
 
@@ -232,6 +232,56 @@ def test_a_flooding_worker_is_refused_beyond_its_budget(tmp_path):
     assert [irq.handle(5, Query(5, NIC)).error for _ in range(11)] == ["not_assigned"] * 10 + ["rate"]
 
 
+def test_the_last_interrupt_error_is_kept_by_symbolic_names_until_the_function_leaves(tmp_path):
+    irq = Interrupts(SimPlatform(tmp_path, 0), tmp_path / "run")
+    SimHost(tmp_path / "pci").add("e1000e", NIC)
+    xs = Store({f"{BE}/num_devs": "1", f"{BE}/dev-0": str(NIC), f"{BE}/state-0": "4"})
+    irq.sync(xs, {5: BE})
+    assert irq.handle(5, MapMsix(5, NIC, (0, 9))).error == "bad_entry"
+    assert irq.status(5)[NIC].last_error == IrqError("broker", "-EINVAL", "bad_entry")
+    assert irq.handle(5, Failed(5, NIC, Op.enable_msix, -errno.ENOSPC, "hypervisor/ENOSPC")).ok
+    assert str(irq.status(5)[NIC].last_error) == "enable_msix -ENOSPC (hypervisor/ENOSPC)"
+    assert irq.handle(5, Failed(5, NIC, Op.enable_msi, Err.op_failed)).ok
+    assert str(irq.status(5)[NIC].last_error) == "enable_msi XEN_PCI_ERR_op_failed"
+    assert irq.handle(6, Failed(6, NIC, Op.enable_msi, -errno.EIO)).error == "not_assigned"
+    assert str(irq.status(5)[NIC].last_error) == "enable_msi XEN_PCI_ERR_op_failed"   # not another guest's
+    assert irq.status(5)[NIC].msix_prepared and irq.status(5)[NIC].mapping is None
+    xs.nodes[f"{BE}/state-0"] = "5"                      # hot-unplug
+    irq.sync(xs, {5: BE})
+    assert irq.status(5) == {} and NIC not in irq.last_error
+
+
+def test_failed_notes_never_take_the_budget_below_half(tmp_path):
+    now = [100.0]
+    irq = Interrupts(NoHypercalls(tmp_path), tmp_path / "run", clock=lambda: now[0])
+    notes = [irq.handle(5, Failed(5, NIC, Op.enable_msi, Err.op_failed)) for _ in range(BURST)]
+    assert sum(a.error != "rate" for a in notes) == BURST // 2 + 1       # while half the budget is left
+    answers = [irq.handle(5, Query(5, NIC)) for _ in range(BURST // 2 - 1)]
+    assert "rate" not in [a.error for a in answers]                       # maps and unmaps still served
+
+
+def test_a_disable_refused_by_the_rate_limit_is_owed(service):
+    svc, broker = service
+    assert svc.serve(snapshot(Op.enable_msix, value=2, entries=(0, 1))).err == 0
+    broker.answers[Unmap] = Answer(errno=errno.EAGAIN, error="rate")
+    assert svc.serve(snapshot(Op.disable_msix)).err == Err.success
+    del broker.answers[Unmap]
+    n = len(broker.asked)
+    svc.serve(snapshot(Op.disable_msi))
+    assert broker.asked[n:] == [Unmap(3, NIC, Kind.msix)]                # asked again before the next op
+
+
+def test_failed_notes_are_not_repeated_nor_flooded(service):
+    svc, broker = service
+    svc.serve(snapshot(Op.disable_msi))                                  # state known
+    for _ in range(50):
+        assert svc.serve(snapshot(Op.enable_msix, value=0)).err == -errno.EINVAL
+    assert broker.told == [Failed(3, NIC, Op.enable_msix, -errno.EINVAL)]   # the same error: once
+    for i in range(50):
+        svc.serve(snapshot(Op.enable_msix, value=i % 2 * 6, entries=tuple(range(i % 2 * 6))))   # EINVAL, ENOSPC
+    assert 1 < len(broker.told) <= NOTE_BURST + 1                         # at most a burst at once
+
+
 def test_a_function_moving_between_guests_in_one_scan_is_the_new_ones(tmp_path):
     irq = Interrupts(SimPlatform(tmp_path, 0), tmp_path / "run")
     SimHost(tmp_path / "pci").add("e1000e", NIC)
@@ -246,7 +296,7 @@ def test_a_function_moving_between_guests_in_one_scan_is_the_new_ones(tmp_path):
 
 
 def _bindings(tmp_path: Path, domid: int) -> list[int]:
-    state = json.loads(physdev_state_path(tmp_path).read_text())
+    state = read_state(physdev_state_path(tmp_path))
     return sorted(b["pirq"] for b in state["bindings"] if b["domid"] == domid)
 
 
@@ -300,13 +350,13 @@ def test_after_a_restart_the_first_scan_tears_down_what_no_backend_lists(tmp_pat
     irq.sync(xs, {5: BE})
     assert set(irq.mappings(5)) == {NIC} and _bindings(tmp_path, 5) == sorted(kept)
     assert irq.handle(5, Query(5, NIC)).pirqs == kept
-    assert str(disk) not in json.loads(physdev_state_path(tmp_path).read_text())["prepared"]
+    assert str(disk) not in read_state(physdev_state_path(tmp_path))["prepared"]
 
 
 def test_a_function_leaving_for_good_is_released(tmp_path):
     irq = Interrupts(SimPlatform(tmp_path, 0), tmp_path / "run")
     SimHost(tmp_path / "pci").add("e1000e", NIC)
-    prepared = lambda: json.loads(physdev_state_path(tmp_path).read_text())["prepared"]   # noqa: E731
+    prepared = lambda: read_state(physdev_state_path(tmp_path))["prepared"]   # noqa: E731
     be6 = "/local/domain/0/backend/pci/6/0"
     xs = Store({f"{BE}/num_devs": "1", f"{BE}/dev-0": str(NIC), f"{be6}/num_devs": "0"})
     irq.sync(xs, {5: BE, 6: be6})
@@ -444,12 +494,13 @@ def test_a_map_the_link_gave_up_on_is_undone_and_owed(service):
     svc.serve(snapshot(Op.disable_msi))                                  # state known
     broker.answers[MapMsix] = Answer(errno=errno.ETIMEDOUT, error="timeout")
     assert svc.serve(snapshot(Op.enable_msix, value=2, entries=(0, 1))).err == -errno.ETIMEDOUT
-    assert broker.told == [Unmap(3, NIC, Kind.msix)]                    # at once, without waiting
+    assert broker.told == [Unmap(3, NIC, Kind.msix),                    # at once, without waiting
+                           Failed(3, NIC, Op.enable_msix, -errno.ETIMEDOUT, "timeout/ETIMEDOUT")]   # for status
     broker.answers[MapMsi] = Answer(errno=errno.EAGAIN, error="link_busy")
     n = len(broker.asked)
     assert svc.serve(snapshot(Op.enable_msi)).err == Err.op_failed
     assert broker.asked[n:] == [Unmap(3, NIC, Kind.msix), MapMsi(3, NIC)]   # the owed unmap first
-    assert broker.told[-1] == Unmap(3, NIC, Kind.msi)
+    assert broker.told[-2:] == [Unmap(3, NIC, Kind.msi), Failed(3, NIC, Op.enable_msi, Err.op_failed, "link_busy/EAGAIN")]
     broker.answers[MapMsi] = Answer(pirqs=(53,))
     n = len(broker.asked)
     assert svc.serve(snapshot(Op.enable_msi)).value == 53

@@ -18,8 +18,10 @@ code (XEN_PCI_ERR_*, or -E... for enable_msix).
 
 Per function: host and guest address, permissive, denied writes (guest writes
 dropped or refused, over all workers), and its interrupts as the supervisor's
-broker holds them: the MSI PIRQ, and the MSI-X entry=PIRQ pairs ("off" when
-not enabled).  "-" means not known (no worker, or no data yet).
+broker holds them: the MSI PIRQ, the MSI-X entry=PIRQ pairs ("off" when not
+enabled), whether MSI-X is prepared (PHYSDEVOP_prepare_msix), and the last
+interrupt error by symbolic names (the op, what the guest got, the broker's
+refusal behind it).  "-" means not known (no worker, or no data yet).
 
   {"command": "status", "args": {}}
 """
@@ -85,6 +87,11 @@ def _msix(dev: dict) -> str:
     return " ".join(f"{entry}={pirq}" for entry, pirq in sorted(msix.items(), key=lambda kv: int(kv[0]))) or "off"
 
 
+def _irq_error(dev: dict) -> str:
+    err = dev.get("irq_error")
+    return f"{err['op']} {err['error']}" + (f" ({err['cause']})" if err["cause"] else "") if err else "-"
+
+
 # The per-function table: (header, cell of one device dict); a new device field is one more row here.
 DEVICE_COLUMNS = (
     ("FUNCTION", lambda d: d["bdf"]),
@@ -93,6 +100,8 @@ DEVICE_COLUMNS = (
     ("DENIED", lambda d: dash(d.get("denied_writes"))),
     ("MSI", _msi),
     ("MSI-X (entry=pirq)", _msix),
+    ("PREPARED", lambda d: "yes" if d.get("msix_prepared") else "no"),
+    ("LAST IRQ ERROR", _irq_error),
 )
 
 

@@ -195,8 +195,7 @@ class Supervisor(ReleaseViews):
                 del self._guests[domid]
                 logger.info("domain {} forgotten", domid)
             elif guest.state is not WorkerState.STOPPING:
-                # The worker watches the same directory and finishes by itself
-                # (resetting its devices); SIGTERM only if it has not within stop_timeout.
+                # The worker finishes by itself (resets its devices); SIGTERM after stop_timeout.
                 guest.request_stop(time.monotonic() + self.cfg.stop_timeout, terminated=False)
         self.lifecycle.backends_changed()
 

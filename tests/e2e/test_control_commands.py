@@ -112,9 +112,9 @@ def test_status_table(guests):
     assert int(g1[11]) >= 250 and g1[12] == "0"           # the bus scan's empty slots: misses, not errors
     # op service time p50 / p99: a duration in the table's units (a loaded machine may reach ms)
     assert all(re.fullmatch(r"\d+us|\d+\.\dms", cell) for cell in g1[13:15]), g1[13:15]
-    assert ["1", EDU, "0000:00:00.0", "no", "0", "off", "off"] in r
-    assert ["1", E1000E, "0000:00:01.0", "no", "0", "off", "off"] in r
-    assert ["2", TESTDEV, "0000:00:00.0", "no", "0", "off", "off"] in r
+    assert ["1", EDU, "0000:00:00.0", "no", "0", "off", "off", "no", "-"] in r
+    assert ["1", E1000E, "0000:00:01.0", "no", "0", "off", "off", "yes", "-"] in r      # MSI-X prepared at seize
+    assert ["2", TESTDEV, "0000:00:00.0", "no", "0", "off", "off", "no", "-"] in r
     assert next(x for x in r if x[:4] == ["2", "guest2", "Initialised", "RUNNING"])
     assert ["DOMID", "OPS", "BY", "TYPE", "MISSES", "BY", "CODE", "ERRORS", "BY", "CODE", "LAST", "EXIT"] in r
     assert any(x[:1] == ["1"] and x[1].startswith("conf_read=") and x[2].startswith("XEN_PCI_ERR_dev_not_found=")

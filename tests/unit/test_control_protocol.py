@@ -372,7 +372,7 @@ def test_status_render_latency_dash_until_workers_report_it():
                and "XEN_PCI_ERR_invalid_offset=1" in line for line in lines)
     assert any(line.startswith("2 ") and line.rstrip().endswith("exit 1") for line in lines)
     dev = next(line.split() for line in lines if line.startswith("1 ") and "0000:00:05.0" in line)
-    assert dev == ["1", "0000:00:05.0", "0000:00:00.0", "no", "0", "off", "off"]
+    assert dev == ["1", "0000:00:05.0", "0000:00:00.0", "no", "0", "off", "off", "no", "-"]
 
 
 def test_status_header_shows_a_lost_xenstore():
@@ -405,7 +405,8 @@ def test_status_json_shape():
     g1, g2 = st["guests"]
     assert set(g1) == set(g2) == GUEST_KEYS            # no process figures: pids 1001, 1002 are not ours
     assert g1["devices"] == [{"bdf": "0000:00:05.0", "vbdf": "0000:00:00.0", "permissive": False,
-                              "denied_writes": 0, "msi": None, "msix": {}}]
+                              "denied_writes": 0, "msi": None, "msix": {}, "msix_prepared": False,
+                              "irq_error": None}]
     assert (g1["name"], g1["worker_state"], g1["xenbus_state"], g1["connected"], g1["latency_us"]) == \
         ("guest1", "RUNNING", 4, True, {"p50": 12.5, "p99": 99.0, "n": 3})
     assert (g1["served"], g1["errors"], g1["misses"]) == \

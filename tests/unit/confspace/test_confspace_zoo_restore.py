@@ -1,0 +1,126 @@
+"""Zoo sweep, second half: restoring state, where Linux does write the device.
+
+* A function that lost its BARs (a D3hot->D0 transition without NoSoftRst, a reset)
+  gets each one back when the guest writes the value it is shown, exactly where
+  Linux's bar_write/rom_write would ("restoration of bar value": the device's
+  register differs and the guest writes the shown value), except the documented
+  deviations in RESTORE_DEVIATIONS, where pcibackd writes nothing.
+* A worker restart (the ConfSpace rebuilt from its snapshot) shows the guest the
+  same view after any write sequence.
+* Release: the seize-time header comes back after any guest write sequence, with
+  Bus Master off (Linux disables the function again), VFs included.
+* Permissive mode: no write sequence raises.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from confspace_support import make_rig
+from linux_oracle import bar_layout, linux_bar
+
+from simdom0.dumps import list_zoo, load_dump
+from pcibackd.confspace import ConfSpace, DevicePolicy
+from pcibackd.hostpci.port import Resource
+from pcibackd.hostpci.release import capture_header, restore_header
+from pcibackd.wire.pciif import Err
+
+ZOO = sorted(list_zoo())
+FIXED = Resource.IORESOURCE_PCI_FIXED
+
+# (reason, predicate over (resource, dump)): BARs Linux would write back and pcibackd never does.
+RESTORE_DEVIATIONS = (
+    ("the kernel fixed this address (legacy IDE ports, the VGA shadow ROM): it is not what "
+     "the register decodes, and writing it would move the device's BAR or ROM onto legacy "
+     "or shadow ranges dom0 owns", lambda res, d: bool(res.flags & FIXED)),
+    ("an SR-IOV VF's BAR registers are read-only zero (its PF places it): Linux's write "
+     "is a no-op in hardware, pcibackd skips it", lambda res, d: d.physfn is not None),
+)
+
+
+def _rig(tmp_path, name, **kw):
+    return make_rig(tmp_path / name, list_zoo()[name], **kw)
+
+
+def _resource_of(d, index: int) -> Resource:
+    """The kernel resource behind BAR ``index`` (a 64-bit BAR's upper half: its lower's)."""
+    if 0 < index < 6 and d.resources[index - 1].flags & Resource.IORESOURCE_MEM_64:
+        return d.resources[index - 1]
+    return d.resources[index] if index < len(d.resources) else Resource(0, 0, 0)
+
+
+def test_the_zoo_exercises_every_restore_deviation():
+    dumps = [load_dump(path) for path in list_zoo().values()]
+    for reason, hit in RESTORE_DEVIATIONS:
+        assert any(hit(res, d) and res.flags for d in dumps for res in d.resources[:7]), reason
+
+
+def _deviation(res: Resource, d) -> str | None:
+    return next((reason for reason, hit in RESTORE_DEVIATIONS if hit(res, d)), None)
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_lost_bars_come_back_where_linux_restores_them(tmp_path, name):
+    d = load_dump(list_zoo()[name])
+    r = _rig(tmp_path, name)
+    layout = bar_layout(r.dev.config_bytes())
+    for off in layout:
+        r.dev.poke(off, 4, 0)                                # the device lost its BARs
+    r.dev.clear_write_log()
+    for off, index in layout.items():
+        value = linux_bar(d.resources, index)[0]
+        hw_before = r.hw(off, 4)
+        r.write(off, 4, value)
+        linux_writes = hw_before != value                    # tmp != bar->val && value == val
+        res = _resource_of(d, index)
+        wrote = [rec for rec in r.log() if rec.offset == off]
+        if linux_writes and _deviation(res, d):
+            assert wrote == [], (hex(off), _deviation(res, d))
+        else:
+            assert [(rec.size, rec.value) for rec in wrote] == \
+                ([(4, value)] if linux_writes else []), hex(off)
+        r.dev.clear_write_log()
+
+
+def _random_writes(r, rng: random.Random, count: int) -> None:
+    size_cfg = r.cs.layout.config_size
+    for _ in range(count):
+        size = rng.choice((1, 2, 4))
+        off = rng.randrange(0, 0x40 if rng.random() < 0.6 else size_cfg, size)
+        value = rng.choice((rng.getrandbits(8 * size), (1 << 8 * size) - 1, 0))
+        assert r.cs.write(off, size, value) in (Err.success, Err.access_denied)
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_a_rebuilt_confspace_shows_the_same_view(tmp_path, name):
+    r = _rig(tmp_path, name)
+    r.cs.allow_interrupt_control = True
+    _random_writes(r, random.Random(f"snap-{name}"), 200)
+    again = ConfSpace.build(r.dev, None, r.cs.snapshot())
+    again.allow_interrupt_control = True
+    assert again.guest_config_dump() == r.cs.guest_config_dump()
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_release_gives_back_the_seize_time_header(tmp_path, name):
+    r = _rig(tmp_path, name)
+    saved = capture_header(r.dev)
+    r.cs.permissive = True                                   # the worst a guest can leave
+    _random_writes(r, random.Random(f"release-{name}"), 300)
+    restore_header(r.dev, saved)
+    assert capture_header(r.dev) == capture_header(r.dev)    # still answers, stable
+    now = r.dev.config_bytes()
+    command = int.from_bytes(saved[4:6], "little")
+    want = command & ~0x4 if saved[0x0E] & 0x7F == 0 else command & ~0x10
+    assert int.from_bytes(now[4:6], "little") == want
+    if saved[0x0E] & 0x7F == 0 and not load_dump(list_zoo()[name]).physfn:
+        assert now[0x10:0x34] == saved[0x10:0x34]           # BARs and ROM as seized
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_permissive_write_sequences_never_raise(tmp_path, name):
+    r = _rig(tmp_path, name, policy=DevicePolicy(permissive=True))
+    r.cs.allow_interrupt_control = True
+    _random_writes(r, random.Random(f"perm-{name}"), 300)
+    assert len(r.cs.guest_config_dump()) == r.cs.layout.config_size

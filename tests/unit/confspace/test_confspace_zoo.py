@@ -18,14 +18,23 @@ from confspace_support import make_rig
 from linux_oracle import U32, allowed_hw, bar_layout, legacy_caps, linux_bar, linux_view
 
 from simdom0.dumps import list_zoo, load_dump
+from pcibackd.irq.function import record_for
 from pcibackd.wire.pciif import Err
 
 ZOO = sorted(list_zoo())
-CAP_MSI, CAP_MSIX = 0x05, 0x11
+CAP_PM, CAP_MSI, CAP_MSIX = 0x01, 0x05, 0x11
 INTX_DISABLE = 0x0400
 
 # dump -> ((offset, size, reason), ...): bytes of the guest view allowed to differ from Linux.
 DEVIATIONS: dict[str, tuple[tuple[int, int, str], ...]] = {}
+
+# COMMAND as Linux's command_read shows it: the guest-controlled bits from the device, the
+# rest from the value the guest last wrote (cmd->val, first the device's value at seize).
+COMMAND_GUEST = 0x0004 | 0x0008 | 0x0010 | 0x0020 | 0x0080 | 0x0200
+# (bits, reason): COMMAND bits whose guest view deliberately differs from that rule.
+COMMAND_DEVIATIONS = ((0xF800, "reserved bits read 0 after a guest wrote 1s to them (Linux "
+                               "echoes them back from cmd->val); they never reach the device"),)
+COMMAND_COMPARED = 0xFFFF & ~sum(bits for bits, _ in COMMAND_DEVIATIONS)
 
 
 def test_the_zoo_is_wide():
@@ -119,6 +128,7 @@ def test_random_writes_never_change_the_device_outside_policy(tmp_path, name, in
         allowed = bytearray(a | b for a, b in zip(allowed, _interrupt_bits(hw0)))
     bars = {off: linux_bar(d.resources, index)[0] for off, index in bar_layout(hw0).items()}
     decode = int.from_bytes(hw0[4:6], "little") & 0x3
+    cmd_val = int.from_bytes(hw0[4:6], "little")
     rng = random.Random(f"zoo-{name}-{interrupts}")
     for step in range(400):
         off, size = _targets(hw0, rng)
@@ -126,6 +136,7 @@ def test_random_writes_never_change_the_device_outside_policy(tmp_path, name, in
         value = rng.choice((rng.getrandbits(8 * size), (1 << 8 * size) - 1, 0, shown,
                             shown ^ (1 << rng.randrange(8 * size))))
         r.dev.clear_write_log()
+        hw_before = int.from_bytes(r.dev.config_bytes()[4:6], "little")
         assert r.cs.write(off, size, value) in (Err.success, Err.access_denied)
         for rec in r.log():
             if rec.offset in bars and rec.size == 4:
@@ -135,4 +146,18 @@ def test_random_writes_never_change_the_device_outside_policy(tmp_path, name, in
                 changed = (rec.changed >> 8 * i) & 0xFF
                 assert changed & ~allowed[rec.offset + i] == 0, (step, hex(off), size,
                                                                    hex(value), rec)
-        assert int.from_bytes(r.dev.config_bytes()[4:6], "little") & decode == decode
+        hw_cmd = int.from_bytes(r.dev.config_bytes()[4:6], "little")
+        assert hw_cmd & decode == decode
+        cmd_val = _linux_command_written(cmd_val, hw_before, off, size, value)
+        expect = (hw_cmd & COMMAND_GUEST | cmd_val & ~COMMAND_GUEST) & COMMAND_COMPARED
+        assert r.cs.read(4, 2)[1] & COMMAND_COMPARED == expect, (step, hex(off), size, hex(value))
+
+
+def _linux_command_written(cmd_val: int, hw_before: int, off: int, size: int, value: int) -> int:
+    """cmd->val after a guest write: the written bytes merged into the COMMAND it showed."""
+    if not (off < 6 and off + size > 4):
+        return cmd_val
+    merged = bytearray(8)
+    merged[4:6] = (hw_before & COMMAND_GUEST | cmd_val & ~COMMAND_GUEST).to_bytes(2, "little")
+    merged[off:off + size] = value.to_bytes(size, "little")
+    return int.from_bytes(merged[4:6], "little")

@@ -161,3 +161,103 @@ def _linux_command_written(cmd_val: int, hw_before: int, off: int, size: int, va
     merged[4:6] = (hw_before & COMMAND_GUEST | cmd_val & ~COMMAND_GUEST).to_bytes(2, "little")
     merged[off:off + size] = value.to_bytes(size, "little")
     return int.from_bytes(merged[4:6], "little")
+
+
+PM_OK = 0x8000 | 0x1E00                   # Linux's PM_OK_BITS: PME status, data select
+# (condition, reason): PMCSR writes whose device effect deliberately differs from Linux's.
+PM_DEVIATIONS = (
+    ("a 1 written to a pending PME status, data select unchanged",
+     "Linux writes PMCSR only when the PM_OK_BITS it gets differ from the device's, so the "
+     "RW1C way to clear a pending PME status (writing back the 1 that was read) clears "
+     "nothing unless data select changes too; pcibackd clears it, as PM_OK_BITS intends"),
+)
+
+
+def _linux_pmcsr(old: int, new: int) -> int | None:
+    """The PMCSR value Linux's pm_ctrl_write puts into the device, None when it writes none
+    (the power state is left alone here)."""
+    if (old & PM_OK) == (new & PM_OK):
+        return None
+    return old & ~PM_OK | new & PM_OK
+
+
+@pytest.mark.parametrize("name", [n for n in ZOO if any(
+    cap == CAP_PM for _, cap in legacy_caps(load_dump(list_zoo()[n]).config))])
+def test_pmcsr_writes_act_on_the_device_as_linux(tmp_path, name):
+    r = _rig(tmp_path, name)
+    base = next(b for b, cap in legacy_caps(r.dev.config_bytes()) if cap == CAP_PM)
+    csr = base + 4
+    rng = random.Random(f"pm-{name}")
+    deviations = 0
+    for step in range(300):
+        if rng.random() < 0.5:
+            r.dev.poke(csr, 2, r.hw(csr, 2) | 0x8000)        # a PME is pending
+        old = r.hw(csr, 2)
+        new = old & 0x0003 | rng.getrandbits(16) & ~0x0003  # the power state stays
+        if rng.random() < 0.3:
+            new = old & ~0x0100 | rng.choice((0, 0x8000))    # a read-modify-write
+        r.dev.clear_write_log()
+        if rng.random() < 0.3:
+            r.cs.write(csr + 1, 1, new >> 8)
+            new = old & 0x00FF | new & 0xFF00
+        else:
+            r.cs.write(csr, 2, new)
+        linux = _linux_pmcsr(old, new)
+        pending = bool(old & 0x8000) and not (linux is not None and linux & 0x8000)
+        if old & new & 0x8000 and not (old ^ new) & 0x1E00:   # PM_DEVIATIONS[0]
+            deviations += 1
+            pending = False
+        assert bool(r.hw(csr, 2) & 0x8000) == pending, (step, hex(old), hex(new))
+        written = [rec.value for rec in r.log() if rec.offset == csr]
+        if linux is not None and (old ^ new) & 0x1E00:       # data select goes as written
+            assert [v & 0x1E00 for v in written] == [new & 0x1E00], (step, written)
+        assert all(not v & 0x0100 and v & 3 == old & 3 for v in written)   # no PME enable
+    assert deviations                                         # the deviation was exercised
+
+
+def _linux_flags_write(own: int, other_on: bool, new: int, old: int, allowed: int,
+                       control: bool) -> bool:
+    """Whether Linux's msi_msix_flags_write writes ``new`` (False: no write; refused if
+    ``new != old``), for the first capability of a type whose enable bit is ``own``."""
+    if new == old or not control or (new ^ old) & ~allowed:
+        return False
+    if new & own:                  # INTx counts only when neither MSI nor MSI-X is on
+        own_on = bool(old & own)
+        return not other_on or (own_on and not other_on)
+    return True
+
+
+MSI_ENABLE_BIT, MSIX_ENABLE_BIT, MSIX_MASKALL = 0x0001, 0x8000, 0x4000
+FLAGS_RULES = {CAP_MSI: (MSI_ENABLE_BIT, MSI_ENABLE_BIT, CAP_MSIX, MSIX_ENABLE_BIT),
+               CAP_MSIX: (MSIX_ENABLE_BIT, MSIX_ENABLE_BIT | MSIX_MASKALL, CAP_MSI,
+                          MSI_ENABLE_BIT)}
+
+
+@pytest.mark.parametrize("name", [n for n in ZOO if {cap for _, cap in legacy_caps(
+    load_dump(list_zoo()[n]).config)} & {CAP_MSI, CAP_MSIX}])
+def test_msi_and_msix_control_writes_follow_linux(tmp_path, name):
+    r = _rig(tmp_path, name)
+    caps = legacy_caps(r.dev.config_bytes())
+    first = {cap: next((b for b, c in caps if c == cap), None) for cap in (CAP_MSI, CAP_MSIX)}
+    for cap_id, (own, allowed, other_id, other_bit) in FLAGS_RULES.items():
+        base = first[cap_id]
+        if base is None:
+            continue
+        other = first[other_id]
+        for control in (False, True):
+            r.cs.allow_interrupt_control = control
+            for own_on in (False, True):
+                for other_on in ((False, True) if other is not None else (False,)):
+                    hw = r.hw(base + 2, 2) & ~own | (own if own_on else 0)
+                    for new in {hw ^ own, hw ^ allowed, hw ^ allowed & ~own, hw ^ 0x0070, hw}:
+                        r.dev.poke(base + 2, 2, hw)
+                        if other is not None:
+                            o = r.hw(other + 2, 2) & ~other_bit
+                            r.dev.poke(other + 2, 2, o | (other_bit if other_on else 0))
+                        r.dev.clear_write_log()
+                        err = r.cs.write(base + 2, 2, new)
+                        writes = _linux_flags_write(own, other_on, new, hw, allowed, control)
+                        case = (hex(cap_id), control, own_on, other_on, hex(hw), hex(new))
+                        assert (r.hw(base + 2, 2) == new) == (writes or new == hw), case
+                        assert err == (Err.success if writes or new == hw
+                                       else Err.access_denied), case

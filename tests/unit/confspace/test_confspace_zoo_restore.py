@@ -18,7 +18,7 @@ import random
 
 import pytest
 from confspace_support import make_rig
-from linux_oracle import bar_layout, linux_bar
+from linux_oracle import U32, bar_layout, legacy_caps, linux_bar
 
 from simdom0.dumps import list_zoo, load_dump
 from pcibackd.confspace import ConfSpace, DevicePolicy
@@ -124,3 +124,41 @@ def test_permissive_write_sequences_never_raise(tmp_path, name):
     r.cs.allow_interrupt_control = True
     _random_writes(r, random.Random(f"perm-{name}"), 300)
     assert len(r.cs.guest_config_dump()) == r.cs.layout.config_size
+
+
+def _chain(cfg: bytes) -> list[tuple[int, int, bool]]:
+    """(offset, id, extended) of both capability lists of a config image, in chain order."""
+    out = [(base, cap, False) for base, cap in legacy_caps(cfg)]
+    pos, seen = 0x100, set()
+    while len(cfg) > 0x100 and pos >= 0x100 and pos not in seen:
+        seen.add(pos)
+        hdr = int.from_bytes(cfg[pos:pos + 4], "little")
+        if hdr in (0, U32):
+            break
+        out.append((pos, hdr & 0xFFFF, True))
+        pos = hdr >> 20 & 0xFFC
+    return out
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_hiding_each_capability_unlinks_exactly_it(tmp_path, name):
+    """pcibackd's own policy feature (Linux hides nothing): over every capability of every
+    zoo function, the guest's lists skip exactly the hidden one and writes to it are dropped."""
+    chain = _chain(load_dump(list_zoo()[name]).config)
+    for index, (base, cap_id, ext) in enumerate(chain):
+        policy = DevicePolicy(hidden_ext_caps=frozenset({cap_id})) if ext else \
+            DevicePolicy(hidden_caps=frozenset({cap_id}))
+        r = _rig(tmp_path / f"h{index}", name, policy=policy)
+        view = r.cs.guest_config_dump()
+        want = [(o, c, e) for o, c, e in chain if (c, e) != (cap_id, ext)]
+        got = _chain(view)
+        if ext and base == 0x100:           # a null head (ID 0) keeps the list's start
+            got = [item for item in got if item != (0x100, 0, True)]
+        assert [(c, e) for _, c, e in got] == [(c, e) for _, c, e in want], (hex(cap_id), ext)
+        before = r.dev.config_bytes()
+        rng = random.Random(f"hide-{name}-{index}")
+        for _ in range(40):
+            size = rng.choice((1, 2, 4))
+            off = base + rng.randrange(0, 0x10, size)
+            r.cs.write(off, size, rng.getrandbits(8 * size))
+        assert r.dev.config_bytes()[base:base + 0x10] == before[base:base + 0x10]

@@ -9,10 +9,12 @@ identity files and the ``physfn`` link, base64 on the serial console.  Each
 function becomes ``<name>/`` here in the format of ``simdom0.dumps`` (its
 ``lspci-vvv.txt`` is decoded from the dump by ``lspci -F``, not taken live).
 
-Usage: collect.py [--kernel VMLINUZ] [--only MACHINE...] [--keep-going]
+Usage: .venv/bin/python sim/simdom0/dumps/zoo/collect.py [--kernel VMLINUZ] [--only MACHINE...]
 The kernel is --kernel, $ZOO_KERNEL, or the vmlinuz of a Debian linux-image .deb
 found in apt's cache (``apt-get download linux-image-cloud-amd64``'s dependency
-puts one there).  Needs qemu-system-x86_64, a static busybox, cpio and lspci.
+puts one there; the zoo was made with 6.1.0-53-cloud and QEMU 7.2).  Needs
+qemu-system-x86_64, a static busybox, cpio, dpkg-deb and lspci; takes about a
+minute.  A function that the machine does not show is reported and skipped.
 """
 
 from __future__ import annotations
@@ -247,7 +249,7 @@ def write_dump(name: str, bdf: str, files: dict[str, bytes]) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kernel", default=os.environ.get("ZOO_KERNEL"))
-    ap.add_argument("--only", nargs="*", default=list(MACHINES))
+    ap.add_argument("--only", nargs="*", default=list(MACHINES), choices=list(MACHINES))
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="zoo-") as tmp:
         work = Path(tmp)

@@ -12,12 +12,14 @@ DEVIATIONS with its reason.
 from __future__ import annotations
 
 import random
+import shutil
 
 import pytest
 from confspace_support import make_rig
 from linux_oracle import U32, allowed_hw, bar_layout, legacy_caps, linux_bar, linux_view
 
 from simdom0.dumps import list_zoo, load_dump
+from simdom0.lspci import lspci_vvv
 from pcibackd.irq.function import record_for
 from pcibackd.wire.pciif import Err
 
@@ -64,6 +66,18 @@ def test_guest_view_equals_linux(tmp_path, name):
             if not set(range(off, off + size)) & allowed:
                 assert value == int.from_bytes(ref[off:off + size], "little"), (hex(off), size)
     assert r.log() == []
+
+
+@pytest.mark.skipif(shutil.which("lspci") is None, reason="pciutils not installed")
+@pytest.mark.parametrize("name", ZOO)
+def test_lspci_decodes_the_guest_view_under_the_kernels_identity(tmp_path, name):
+    d = load_dump(list_zoo()[name])
+    guest = lspci_vvv(_rig(tmp_path, name).cs.guest_config_dump(), d.bdf).splitlines()
+    raw = lspci_vvv(d.config, d.bdf).splitlines()
+    assert f"[{d.ids['vendor']:04x}:{d.ids['device']:04x}]" in guest[0]
+    if not d.physfn:                    # a VF's raw ID registers read 0xffff
+        assert guest[0] == raw[0]
+    assert len(guest) > 3
 
 
 @pytest.mark.parametrize("name", ZOO)

@@ -162,3 +162,21 @@ def test_hiding_each_capability_unlinks_exactly_it(tmp_path, name):
             off = base + rng.randrange(0, 0x10, size)
             r.cs.write(off, size, rng.getrandbits(8 * size))
         assert r.dev.config_bytes()[base:base + 0x10] == before[base:base + 0x10]
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_permissive_command_dword_rmw_keeps_status_errors(tmp_path, name):
+    """Linux: an access that overlaps a field is handled by the fields alone, so a dword
+    read-modify-write of COMMAND (NetBSD writes only dwords) leaves STATUS's RW1C error bits
+    pending even when permissive; a STATUS write of its own clears them."""
+    r = _rig(tmp_path, name, policy=DevicePolicy(permissive=True))
+    errors = 0xF900                    # parity, signalled/received aborts, SERR: RW1C
+    r.dev.poke(6, 2, r.hw(6, 2) | errors)
+    pending = r.hw(6, 2) & errors
+    assert pending
+    dword = r.cs.read(4, 4)[1]
+    assert dword >> 16 & pending == pending                 # the guest sees them
+    r.write(4, 4, dword)
+    assert r.hw(6, 2) & errors == pending
+    r.write(6, 2, pending)
+    assert r.hw(6, 2) & errors == 0

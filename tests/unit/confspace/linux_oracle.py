@@ -114,3 +114,39 @@ def allowed_hw(hw: bytes) -> bytearray:
         for off, size, mask in ALLOWED_CAP.get(cap_id, ()):
             put(base + off, size, mask)
     return allowed
+
+
+# Linux's fields (conf_space_header.c, conf_space_capability.c): (offset, size, bits a
+# permissive guest may change in the device through the field's handler).  An access that
+# overlaps any field is handled by the fields alone; any other access is written as it is
+# when permissive.
+PERMISSIVE_HEADER_COMMON = ((0x00, 2, 0), (0x02, 2, 0),
+                            (0x04, 2, IO | MEMSP | 0x02BC | 0x0400),   # enable, guest bits, INTx
+                            (0x0C, 1, 0xFF), (0x0D, 1, 0), (0x0F, 1, 0x40),
+                            (0x3C, 1, 0), (0x3D, 1, 0))
+PERMISSIVE_BARS = {0: ((0x10, 24), (0x30, 4)), 1: ((0x10, 8), (0x38, 4))}
+PERMISSIVE_CAPS = {CAP_PM: ((0, 2, 0), (2, 2, 0), (4, 2, 0x8000 | 0x1E00 | 0x0003),
+                            (6, 1, 0), (7, 1, 0)),
+                   CAP_VPD: ((0, 2, 0), (2, 2, 0x7FFF), (4, 4, 0)),
+                   0x05: ((0, 2, 0), (2, 2, 0xFFFF)),     # MSI flags: written as they are
+                   0x11: ((0, 2, 0), (2, 2, 0xFFFF))}     # MSI-X flags: likewise
+
+
+def permissive_fields(hw: bytes) -> tuple[bytearray, bytearray]:
+    """(is a Linux field byte, device bits its handler may change) per config byte."""
+    field, allowed = bytearray(len(hw)), bytearray(len(hw))
+
+    def put(off: int, size: int, mask: int) -> None:
+        field[off:off + size] = b"\x01" * size
+        allowed[off:off + size] = mask.to_bytes(size, "little")
+    for off, size, mask in PERMISSIVE_HEADER_COMMON:
+        put(off, size, mask)
+    for off, size in PERMISSIVE_BARS.get(hw[0x0E] & 0x7F, ()):
+        put(off, size, 0)                   # BAR writes only ever restore (checked apart)
+    seen: set[int] = set()
+    for base, cap_id in legacy_caps(hw):
+        if cap_id in PERMISSIVE_CAPS and cap_id not in seen:     # pci_find_capability: first
+            seen.add(cap_id)
+            for off, size, mask in PERMISSIVE_CAPS[cap_id]:
+                put(base + off, size, mask)
+    return field, allowed

@@ -113,7 +113,9 @@ def _flags_write(cap_id: int, allowed: int, enable: int) -> WriteHook:
         if not cs.allow_interrupt_control or (new ^ hw) & ~allowed:
             cs.note_denied(slot, new ^ hw)
             return Err.access_denied
-        if new & enable and not hw & enable and _other_enabled(cs, cap_id):
+        # Any value with the enable bit set is refused while the other type is on, as Linux's
+        # interrupt-type check does (also when this type is on too: both on is no state to keep).
+        if new & enable and _other_enabled(cs, cap_id):
             cs.note_denied(slot, enable)
             return Err.access_denied
         cs.hw_write(slot.offset, 2, new)

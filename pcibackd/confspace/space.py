@@ -192,17 +192,22 @@ class ConfSpace:
         end = offset + size
         pos = offset
         owner = self._owner
+        # As in Linux, an access that touches a register with a rule is handled by the rules
+        # alone: permissive mode passes only accesses made entirely of unruled registers (a
+        # dword read-modify-write of COMMAND must not clear STATUS's RW1C bits).
+        passthrough = self.permissive and not any(owner[p].reg.strict for p in range(pos, end))
         while pos < end:
             slot = owner[pos]
             stop = min(slot.offset + slot.size, end)
             piece = (value >> (8 * (pos - offset))) & FULL[stop - pos]
-            err = self._write_piece(slot, pos, stop - pos, piece)
+            err = self._write_piece(slot, pos, stop - pos, piece, passthrough)
             if err != _OK:
                 return err
             pos = stop
         return _OK
 
-    def _write_piece(self, slot: Slot, offset: int, size: int, value: int) -> int:
+    def _write_piece(self, slot: Slot, offset: int, size: int, value: int,
+                     passthrough: bool) -> int:
         reg = slot.reg
         shift = 8 * (offset - slot.offset)
         if reg.write is not None:
@@ -213,7 +218,7 @@ class ConfSpace:
             new = (old & ~written & ~reg.rw1c) | (value << shift)
             return reg.write(self, slot, new, old, written)
         full = FULL[size]
-        wr_hw = (slot.wr_hw | (slot.passable if self.permissive else 0)) >> shift & full
+        wr_hw = (slot.wr_hw | (slot.passable if passthrough else 0)) >> shift & full
         wr_emu = slot.wr_emu >> shift & full
         rw1c = reg.rw1c >> shift & full
         old = self.view(offset, size)

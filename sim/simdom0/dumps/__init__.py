@@ -12,6 +12,16 @@ device registers read 0xffff).
 Origin: ``host-vm-*`` from the development VM's own bus; the others from a QEMU
 q35 "zoo" (``nvme-sriov`` is the NVMe function with SR-IOV behind a root port,
 ``virtio-net-modern`` the virtio 1.0 PCIe NIC, ``virtio-net`` the transitional one).
+
+``zoo/`` is a wider sweep set in the same format (``list_zoo``): ninety-odd
+functions of every PCI device model QEMU 7.2 emulates without a host backend
+(NICs, SCSI/RAID/IDE/AHCI/SD, USB, audio, VGA, serial/CAN/IPMI cards, virtio
+legacy/transitional/modern, PCI and PCIe bridges and switch ports, an NVMe
+with SR-IOV behind a switch and its two VFs, and the machines' own chipset
+functions), captured by ``zoo/collect.py``: it boots plain QEMU (TCG) with a
+Debian kernel and a busybox initramfs that enables SR-IOV VFs and prints each
+function's sysfs files on the serial console, and rewrites ``zoo/<name>/``
+from them (``lspci-vvv.txt`` there is decoded from the dump, not live).
 """
 
 from __future__ import annotations
@@ -40,6 +50,15 @@ class Dump:
     irq: int
     ids: dict[str, int]            # keys: ID_KEYS
     physfn: BDF | None = None      # an SR-IOV VF's PF at capture time
+
+
+ZOO_DIR = DUMPS_DIR / "zoo"
+
+
+def list_zoo() -> dict[str, Path]:
+    """Name -> directory of every dump of the wider QEMU zoo (``zoo/``)."""
+    return {p.name: p for p in sorted(ZOO_DIR.iterdir())
+            if p.is_dir() and (p / "config.bin").is_file()}
 
 
 def list_dumps() -> dict[str, Path]:

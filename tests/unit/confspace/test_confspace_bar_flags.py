@@ -3,7 +3,7 @@
 Linux's bar_init (conf_space_header.c) shows a BAR as ``start | low four flag
 bits`` with sizing read-back ``-size | low four flag bits``, except that a
 resource with no flags, or marked IORESOURCE_UNSET / _DISABLED / _BUSY, reads
-0 and sizes to 0.  ``linux_bar`` below is that rule written from the facts;
+0 and sizes to 0.  ``linux_oracle.linux_bar`` is that rule written from the facts;
 the guest view of every case is compared with it, and every guest write
 sequence (sizing, restore, random values) is checked to leave the device's
 BAR registers alone.
@@ -16,6 +16,7 @@ from dataclasses import replace
 
 import pytest
 from confspace_support import mem_port
+from linux_oracle import linux_bar
 
 from pcibackd.confspace import ConfSpace
 from pcibackd.hostpci.port import Resource
@@ -26,22 +27,6 @@ UNSET, DISABLED, BUSY = (Resource.IORESOURCE_UNSET, Resource.IORESOURCE_DISABLED
 FIXED, SHADOW = Resource.IORESOURCE_PCI_FIXED, Resource.IORESOURCE_ROM_SHADOW
 MEM, IO, MEM64 = Resource.IORESOURCE_MEM, Resource.IORESOURCE_IO, Resource.IORESOURCE_MEM_64
 ZERO = Resource(0, 0, 0)
-
-
-def linux_bar(resources: tuple[Resource, ...], index: int) -> tuple[int, int]:
-    """(value, sizing read-back) Linux's xen-pciback shows for BAR ``index`` (6: the ROM)."""
-    res = resources[index]
-    if 0 < index < 6 and resources[index - 1].flags & MEM64:
-        lower = resources[index - 1]
-        if lower.flags & (UNSET | DISABLED | BUSY) or not lower.flags:
-            return 0, 0            # deliberate: no half-BAR of a refused resource (see bars.py)
-        return lower.start >> 32, (-lower.size >> 32) & U32
-    if not res.flags or res.flags & (UNSET | DISABLED | BUSY):
-        return 0, 0
-    size = res.end - res.start + 1
-    low = res.flags & 0xF
-    mask = 0xFFFFF800 if index == 6 else U32
-    return (res.start & U32) | low, (-size & mask) | low
 
 
 def _port(dump: str, lines: dict[int, Resource]):

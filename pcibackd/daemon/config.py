@@ -10,7 +10,7 @@ naming the file and the key.  Other top-level tables register a checker in
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,6 +43,8 @@ class DaemonConfig:
     control_tcp: str | None = None       # "tcp://ADDR:PORT": pcibackctl over TCP too, CURVE only; unset = ipc only
     control_curve_dir: str = "/etc/pcibackd/curve"   # server.key_secret + clients/*.key (see pcibackd.control.curve)
     source: str = "(defaults)"           # where the settings came from (messages, check-config)
+    _path: str | None = field(default=None, repr=False)          # what reload() reads again
+    _overrides: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(cls, path: str | Path | None, **overrides) -> "DaemonConfig":
@@ -59,7 +61,8 @@ class DaemonConfig:
         for key, value in overrides.items():
             if value is not None:
                 untrusted_values[key] = (f"--{key.replace('_', '-')}", value)
-        cfg = cls(source=str(p) if p else "(defaults)")
+        cfg = cls(source=str(p) if p else "(defaults)", _path=str(path) if path else None,
+                  _overrides={k: v for k, v in overrides.items() if v is not None})
         for key, (where, untrusted) in untrusted_values.items():
             try:
                 setattr(cfg, key, SETTINGS[key].check(untrusted))
@@ -69,6 +72,23 @@ class DaemonConfig:
         if problems:
             raise ConfigError("\n".join(problems))
         return cfg
+
+    def reload(self) -> "DaemonConfig":
+        """The same file read again, with the same flags on top (ConfigError as load)."""
+        return type(self).load(self._path, **self._overrides)
+
+    def apply(self, new: "DaemonConfig") -> tuple[list[str], list[str]]:
+        """Take ``new``'s values of the settings a running daemon can change;
+        return (changed and applied, changed but needing a restart)."""
+        applied, frozen = [], []
+        for key in SETTINGS:
+            if getattr(new, key) != getattr(self, key):
+                if key in LIVE:
+                    setattr(self, key, getattr(new, key))
+                    applied.append(key)
+                else:
+                    frozen.append(key)
+        return applied, frozen
 
     def settings(self) -> dict[str, Any]:
         """Every setting by name (what ``pcibackd check-config`` prints)."""
@@ -183,6 +203,11 @@ SETTINGS: dict[str, Setting] = {
     "control_tcp": Setting(_text(_tcp), "tcp://ADDRESS:PORT (CURVE only)"),
     "control_curve_dir": Setting(_text(_absolute), "CURVE key directory"),
 }
+
+# What SIGHUP (systemctl reload) changes in a running daemon; workers started
+# from then on get the new values.  The rest needs a restart.
+LIVE = frozenset({"poll_window_us", "heartbeat_interval", "heartbeat_timeout", "boot_timeout", "orphan_grace",
+                  "restart_max_failures", "restart_stable_after", "log_level", "stop_timeout"})
 
 # Other top-level tables: name -> checker(table) returning problem strings.
 SECTIONS: dict[str, Callable[[Any], list[str]]] = {}

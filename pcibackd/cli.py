@@ -11,7 +11,7 @@ import zmq
 from loguru import logger
 
 from pcibackd import __version__
-from pcibackd.common import logs
+from pcibackd.common import logs, proctitle
 from pcibackd.confspace import PolicyError, PolicyStore
 from pcibackd.control.face import DaemonFace
 from pcibackd.control.protocol import ENDPOINT_NAME
@@ -22,6 +22,8 @@ from pcibackd.platform.api import PlatformError
 from pcibackd.platform.select import NotADom0, default_spec
 from pcibackd.worker import faults
 
+DESCRIPTION = ("Userspace Xen PCI passthrough backend for a dom0: serves the xen-pcifront "
+               "protocol of PV guests, one isolated worker process per guest.")
 EPILOG = """\
 examples:
   pcibackd run                       serve guests on this Xen dom0 (systemd: Type=notify)
@@ -59,7 +61,7 @@ def _check_parser(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line (also what the man page and shell completion are made from)."""
-    parser = argparse.ArgumentParser(prog="pcibackd", description=__doc__, epilog=EPILOG,
+    parser = argparse.ArgumentParser(prog="pcibackd", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"pcibackd {__version__}")
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
@@ -125,6 +127,7 @@ def _run(args, parser) -> int:
         print(f"pcibackd: {exc}", file=sys.stderr)
         return 1
     logs.setup(cfg.log_level)
+    proctitle.set_title("supervisor")
     if os.environ.get(faults.ENV):
         logger.warning("FAULT INJECTION ARMED: {}={!r}: workers will crash or hang on purpose; "
                        "for tests only, never on a production dom0", faults.ENV, os.environ[faults.ENV])

@@ -6,6 +6,8 @@ from __future__ import annotations
 import signal
 import socket
 
+import psutil
+
 from pcibackd.control.client import call
 from simdom0.dom0 import SimDom0
 from waiting import wait_until
@@ -59,6 +61,9 @@ def test_requested_restart_is_info_and_permissive_warns():
         dom0.create_guest(1, ["0000:00:05.0"])
         assert len(dom0.frontend(1).connect()) == 1
         pid = dom0.guest_status(1)["pid"]
+        title = wait_until(lambda: "worker" in (t := " ".join(psutil.Process(pid).cmdline())) and t,
+                           what="the worker's title")
+        assert title.strip() == "pcibackd: worker dom1 (guest1)"
         assert call(dom0.runtime, "restart", {"domid": 1})["status"] == "ok"
         wait_until(lambda: (g := dom0.guest_status(1))["pid"] != pid and g["worker_state"] == "RUNNING",
                    what="the worker replaced")

@@ -19,11 +19,12 @@ from pcibackd.control.server import ControlServer, ControlSetupError
 from pcibackd.daemon.arbiter import Supervisor
 from pcibackd.daemon.config import DEFAULT_CONFIG, ConfigError, DaemonConfig
 from pcibackd.platform.api import PlatformError
-from pcibackd.platform.select import NotADom0, default_spec
+from pcibackd.platform.select import NotADom0, default_spec, running_on_xen
 from pcibackd.worker import faults
 
 DESCRIPTION = ("Userspace Xen PCI passthrough backend for a dom0: serves the xen-pcifront "
                "protocol of PV guests, one isolated worker process per guest.")
+DEMO_HINT = "to try pcibackd without Xen, run the simulated dom0 from a checkout: ./dev demo"
 EPILOG = """\
 examples:
   pcibackd run                       serve guests on this Xen dom0 (systemd: Type=notify)
@@ -121,7 +122,8 @@ def _run(args, parser) -> int:
         print(f"pcibackd: {exc}", file=sys.stderr)
         return 1
     except PlatformError as exc:
-        print(f"pcibackd: {exc.strerror or exc}", file=sys.stderr)      # the errno is no news to an admin
+        hint = "" if running_on_xen() else f"; {DEMO_HINT}"
+        print(f"pcibackd: {exc.strerror or exc}{hint}", file=sys.stderr)      # the errno is no news to an admin
         return 1
     except ValueError as exc:
         print(f"pcibackd: {exc}", file=sys.stderr)

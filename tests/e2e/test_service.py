@@ -29,13 +29,14 @@ def _recv_until(sock, needle: str) -> str:
 
 def test_sighup_rereads_the_config_and_status_follows(tmp_path):
     sock = _notify_socket(tmp_path)
-    with SimDom0(env={"NOTIFY_SOCKET": str(tmp_path / "notify")},
+    with SimDom0(env={"NOTIFY_SOCKET": str(tmp_path / "notify"), "PCIBACKD_FAILPOINTS": "boot-slow@99"},
                  config={"stop_timeout": 5.0}) as dom0:
         dom0.start(daemon=False)
         dom0.add_device("edu", "0000:00:05.0")
         dom0.create_guest(1, ["0000:00:05.0"])
         dom0.start_daemon()
         assert "STATUS=serving 1 guest(s)" in _recv_until(sock, "READY=1")
+        assert "WARNING [supervisor] FAULT INJECTION ARMED: PCIBACKD_FAILPOINTS='boot-slow@99'" in dom0.log_tail(200)
         conf = dom0.dir / "pcibackd.toml"
         conf.write_text('[pcibackd]\nheartbeat_timeout = 2.0\nstop_timeout = 7.0\ncontrol_curve_dir = "/nonexistent/curve"\n')
         dom0.daemon.send_signal(signal.SIGHUP)

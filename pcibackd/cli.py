@@ -58,6 +58,7 @@ def _check_parser(sub) -> None:
                                    "config-space policy file it names; print the effective settings. "
                                    "Exit 0 when valid, 1 otherwise.")
     p.add_argument("file", nargs="?", metavar="FILE", help=f"the config file (default {DEFAULT_CONFIG})")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only problems")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,11 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.cmd == "check-config":
-        return check_config(args.file)
+        return check_config(args.file, quiet=args.quiet)
     return _run(args, parser)
 
 
-def check_config(path: str | None) -> int:
+def check_config(path: str | None, quiet: bool = False) -> int:
     """``pcibackd check-config``: 0 when the config (and its policy) are valid."""
     try:
         cfg = DaemonConfig.load(path)
@@ -91,6 +92,8 @@ def check_config(path: str | None) -> int:
     except PolicyError as exc:
         print(f"pcibackd: {cfg.source}: policy_path: {exc}", file=sys.stderr)
         return 1
+    if quiet:
+        return 0
     print(f"{cfg.source}: ok" + (f"; policy {cfg.policy_path}: ok" if cfg.policy_path else ""))
     for key, value in cfg.settings().items():
         print(f"  {key} = {value!r}")

@@ -82,7 +82,8 @@ def test_unit_orders_after_xen_without_hard_requirements():
         assert dep in " ".join(s["Wants"]) and dep in " ".join(s["After"])
     assert "ConditionVirtualization" not in s                 # a dom0 counts as "not virtualized"
     assert int(s["LimitNOFILE"][0]) >= 256 * 2 + 1024         # 256 guests and their workers
-    assert s["ExecReload"] == ["/bin/kill -HUP $MAINPID"] and s["Type"] == ["notify"]
+    assert s["ExecReload"] == ["/usr/local/sbin/pcibackd check-config --quiet", "/bin/kill -HUP $MAINPID"]
+    assert s["Type"] == ["notify"]
     assert s["ExecStart"][0].startswith("/usr/local/sbin/pcibackd run")     # where ./dev install links it
 
 

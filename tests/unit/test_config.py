@@ -103,6 +103,10 @@ def test_check_config_ok_and_bad(tmp_path, capsys):
     assert cli.main(["check-config", str(bad)]) == 1
     err = capsys.readouterr().err
     assert f"{bad}: heartbeat_timeout: must be > 0" in err and "Traceback" not in err
+    assert cli.main(["check-config", "--quiet", str(ETC / "pcibackd.toml")]) == 0
+    assert capsys.readouterr().out == ""
+    assert cli.main(["check-config", "-q", str(bad)]) == 1
+    assert "heartbeat_timeout" in capsys.readouterr().err
 
 
 def test_check_config_checks_the_policy_it_names(tmp_path, capsys):

@@ -1,8 +1,9 @@
-"""``pcibackd``: the daemon's command line (``pcibackd run``)."""
+"""``pcibackd``: the daemon's command line (``pcibackd run``, ``pcibackd check-config``)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -10,24 +11,30 @@ import zmq
 from loguru import logger
 
 from pcibackd import __version__
-from pcibackd.common import logs
+from pcibackd.common import logs, proctitle
+from pcibackd.confspace import PolicyError, PolicyStore
 from pcibackd.control.face import DaemonFace
 from pcibackd.control.protocol import ENDPOINT_NAME
 from pcibackd.control.server import ControlServer, ControlSetupError
 from pcibackd.daemon.arbiter import Supervisor
-from pcibackd.daemon.config import DaemonConfig
+from pcibackd.daemon.config import DEFAULT_CONFIG, ConfigError, DaemonConfig
 from pcibackd.platform.api import PlatformError
-from pcibackd.platform.select import NotADom0, default_spec
+from pcibackd.platform.select import NotADom0, default_spec, running_on_xen
+from pcibackd.worker import faults
 
 try:
     from pcibackd.control import exposition
 except ImportError:                # prometheus_client is an optional extra
     exposition = None
 
+DESCRIPTION = ("Userspace Xen PCI passthrough backend for a dom0: serves the xen-pcifront "
+               "protocol of PV guests, one isolated worker process per guest.")
+DEMO_HINT = "to try pcibackd without Xen, run the simulated dom0 from a checkout: ./dev demo"
 EPILOG = """\
 examples:
   pcibackd run                       serve guests on this Xen dom0 (systemd: Type=notify)
   pcibackd run --config /etc/pcibackd/pcibackd.toml --log-level DEBUG
+  pcibackd check-config              validate the config and the policy it names, print the settings
 
 Without Xen there is nothing to serve: the simulated dom0 that the demo, the
 tests and the benchmarks use lives in the source tree (./dev demo).
@@ -54,14 +61,52 @@ def _run_parser(sub) -> None:
                         "prometheus_client, the 'metrics' extra); default: off")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pcibackd", description=__doc__, epilog=EPILOG,
+def _check_parser(sub) -> None:
+    p = sub.add_parser("check-config", help="validate a config file (and the policy it names)",
+                       description="Check every setting of FILE (type, range, unknown keys) and the "
+                                   "config-space policy file it names; print the effective settings. "
+                                   "Exit 0 when valid, 1 otherwise.")
+    p.add_argument("file", nargs="?", metavar="FILE", help=f"the config file (default {DEFAULT_CONFIG})")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only problems")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line (also what the man page and shell completion are made from)."""
+    parser = argparse.ArgumentParser(prog="pcibackd", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"pcibackd {__version__}")
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     _run_parser(sub)
+    _check_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.cmd == "check-config":
+        return check_config(args.file, quiet=args.quiet)
     return _run(args, parser)
+
+
+def check_config(path: str | None, quiet: bool = False) -> int:
+    """``pcibackd check-config``: 0 when the config (and its policy) are valid."""
+    try:
+        cfg = DaemonConfig.load(path)
+        if cfg.policy_path:
+            PolicyStore(cfg.policy_path)
+    except ConfigError as exc:
+        print(f"pcibackd: {exc}", file=sys.stderr)
+        return 1
+    except PolicyError as exc:
+        print(f"pcibackd: {cfg.source}: policy_path: {exc}", file=sys.stderr)
+        return 1
+    if quiet:
+        return 0
+    print(f"{cfg.source}: ok" + (f"; policy {cfg.policy_path}: ok" if cfg.policy_path else ""))
+    for key, value in cfg.settings().items():
+        print(f"  {key} = {value!r}")
+    return 0
 
 
 def control_opener(cfg: DaemonConfig, metrics_listen: str | None = None):
@@ -101,8 +146,9 @@ def _run(args, parser) -> int:
                                 state_dir=args.state_dir,
                                 topology=args.topology, poll_window_us=args.poll_window_us,
                                 log_level=args.log_level, heartbeat_timeout=args.heartbeat_timeout)
-    except (OSError, ValueError) as exc:
-        parser.error(str(exc))
+    except ConfigError as exc:
+        print(f"pcibackd: {exc}", file=sys.stderr)
+        return 1
     if args.metrics_listen and exposition is not None:
         try:
             exposition.parse_address(args.metrics_listen)
@@ -115,12 +161,17 @@ def _run(args, parser) -> int:
         print(f"pcibackd: {exc}", file=sys.stderr)
         return 1
     except PlatformError as exc:
-        print(f"pcibackd: {exc.strerror or exc}", file=sys.stderr)      # the errno is no news to an admin
+        hint = "" if running_on_xen() else f"; {DEMO_HINT}"
+        print(f"pcibackd: {exc.strerror or exc}{hint}", file=sys.stderr)      # the errno is no news to an admin
         return 1
     except ValueError as exc:
         print(f"pcibackd: {exc}", file=sys.stderr)
         return 1
     logs.setup(cfg.log_level)
+    proctitle.set_title("supervisor")
+    if os.environ.get(faults.ENV):
+        logger.warning("FAULT INJECTION ARMED: {}={!r}: workers will crash or hang on purpose; "
+                       "for tests only, never on a production dom0", faults.ENV, os.environ[faults.ENV])
     try:
         return supervisor.run()
     except ControlSetupError as exc:

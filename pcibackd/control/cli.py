@@ -25,6 +25,7 @@ import json
 import os
 import sys
 
+from pcibackd import __version__
 from pcibackd.control.client import DaemonUnreachable, call
 from pcibackd.control.commands import COMMANDS
 from pcibackd.control import create as create_cmd
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print the result as JSON (for scripts)")
     parser = argparse.ArgumentParser(prog="pcibackctl", description=__doc__, formatter_class=RAW)
+    parser.add_argument("--version", action="version", version=f"pcibackctl {__version__}")
     parser.add_argument("--runtime-dir", default="/run/pcibackd", help="the daemon's runtime dir (default %(default)s)")
     parser.add_argument("--endpoint", help="tcp://HOST:PORT of a daemon with control_tcp set (needs --curve-dir)")
     parser.add_argument("--curve-dir", help="server.key and client.key_secret for --endpoint")

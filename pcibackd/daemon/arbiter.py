@@ -26,7 +26,6 @@ from loguru import logger
 from pcibackd import __version__
 from pcibackd.common import logs
 from pcibackd.common.ratelimit import worth_logging
-from pcibackd.confspace import PolicyError, PolicyStore
 from pcibackd.daemon import systemd
 from pcibackd.daemon.adopt import adopt_live_worker
 from pcibackd.daemon.backends import BACKEND_ROOT, list_backends, remove_if_domain_gone
@@ -37,6 +36,7 @@ from pcibackd.daemon.interrupts import Interrupts
 from pcibackd.daemon.lifecycle import Lifecycle
 from pcibackd.daemon.names import domain_name
 from pcibackd.daemon.releases import ReleaseViews
+from pcibackd.daemon.reload import reload_config_and_policy
 from pcibackd.daemon.spawner import Spawner
 from pcibackd.daemon.states import RestartPolicy, WorkerState
 from pcibackd.daemon.views import DaemonInfo, GuestInfo
@@ -68,6 +68,8 @@ class Supervisor(ReleaseViews):
         self.runtime = Path(cfg.runtime_dir)
         self.malformed = 0
         self.ignored_names: set[str] = set()
+        self.restart_requested: dict[int, bool] = {}     # domids whose worker pcibackctl restarts
+        self.status = systemd.Status()
 
     # ------------------------------------------------------------ setup --
     def _setup(self) -> None:
@@ -98,7 +100,7 @@ class Supervisor(ReleaseViews):
     def run(self) -> int:
         self._setup()
         self.scan()
-        systemd.notify(f"READY=1\nSTATUS=serving {len(self._guests)} guest(s)")
+        self.status.update(systemd.describe(g.state for g in self._guests.values()), also="READY=1")
         logger.info("pcibackd {} ready: platform {}, topology {}, runtime {}", __version__,
                     self.cfg.platform, self.cfg.topology, self.runtime)
         poller = zmq.Poller()
@@ -126,6 +128,7 @@ class Supervisor(ReleaseViews):
                 if fd in ready:
                     self._reap(guest)
             self._manage()
+            self.status.update(systemd.describe(g.state for g in self._guests.values()))
             if watchdog and time.monotonic() >= next_dog:
                 systemd.notify("WATCHDOG=1")
                 next_dog = time.monotonic() + watchdog
@@ -158,18 +161,8 @@ class Supervisor(ReleaseViews):
         self.stopping = True
 
     def handle_hup(self) -> None:
-        """SIGHUP: reload the config-space policy in every running worker (as
-        ``pcibackctl policy reload`` does, without waiting for answers), then
-        rescan xenstore.  A malformed policy file changes nothing."""
-        try:
-            PolicyStore(self.cfg.policy_path)
-        except PolicyError as exc:
-            logger.error("SIGHUP: policy not reloaded: {}", exc)
-        else:
-            domids = [g.domid for g in self._guests.values() if g.alive and g.state is WorkerState.RUNNING]
-            sent = sum(self.send_worker(domid, "policy-reload") for domid in domids)
-            logger.info("SIGHUP: policy {} sent to {} worker(s)", self.cfg.policy_path or "(built-in)", sent)
-        self.scan()
+        """SIGHUP (``systemctl reload``): config and policy read again, then a rescan (reload.py)."""
+        reload_config_and_policy(self, [g.domid for g in self._guests.values() if g.alive and g.state is WorkerState.RUNNING])
 
     def handle_chld(self) -> None:      # SIGCHLD: nothing; exit sentinels are polled
         pass
@@ -243,6 +236,11 @@ class Supervisor(ReleaseViews):
         ran = time.monotonic() - guest.started_at
         guest.last_exit = describe_exit(code)
         event = exit_event(code, stopping=guest.state is WorkerState.STOPPING)
+        if self.restart_requested.pop(guest.domid, False) and event is GuestEvent.CRASHED:
+            guest.change_state(GuestEvent.LEFT)
+            guest.restart_at = time.monotonic()
+            logger.info("worker for domain {} stopped for the requested restart; replacing it", guest.domid)
+            return
         if event is GuestEvent.LEFT:
             # Stopped from outside, or orphaned while we stalled: the guest still
             # needs service; restart now, without counting a failure.
@@ -344,7 +342,9 @@ class Supervisor(ReleaseViews):
         if guest is None:
             return False
         guest.failures = 0
+        logger.info("restart of domain {}'s worker requested", domid)
         if guest.alive:
+            self.restart_requested[domid] = True
             guest.send_signal(signal.SIGKILL)   # the reap path restarts it immediately
         else:
             guest.change_state(GuestEvent.REVIVED)

@@ -139,6 +139,9 @@ class DeviceSet:
         conf = ConfSpace.build(port, self.policy.for_device(port.info), snapshot)
         if _truthy(opts.get("permissive")):
             conf.permissive = True                # libxl's permissive=1 (pciback/permissive)
+        if conf.permissive:
+            _warn_permissive(host, self.cfg.domid, "toolstack opts" if _truthy(opts.get("permissive"))
+                             else "policy file")
         conf.on_change = lambda: self._save(host, conf)
         self._save(host, conf)
         return conf
@@ -221,6 +224,8 @@ class DeviceSet:
         hit = []
         for host, entry in self.entries.items():
             if want is None or host == want:
+                if on and not entry.conf.permissive:
+                    _warn_permissive(host, self.cfg.domid, "pcibackctl permissive")
                 entry.conf.permissive = on
                 self._save(host, entry.conf)
                 hit.append(str(host))
@@ -233,7 +238,10 @@ class DeviceSet:
         new = self.policy.reload()
         for host, entry in self.entries.items():
             if host in new:
+                was = entry.conf.permissive
                 entry.conf.set_policy(new[host])
+                if entry.conf.permissive and not was:
+                    _warn_permissive(host, self.cfg.domid, "policy reload")
         return [str(h) for h in new]
 
     def summary(self) -> list[dict]:
@@ -244,3 +252,9 @@ class DeviceSet:
     def close(self, forget_state: bool = False) -> None:
         """Stop serving every device (see :meth:`remove`)."""
         self.remove(tuple(self.entries), forget_state=forget_state)
+
+
+def _warn_permissive(host: BDF, domid: int, why: str) -> None:
+    # As loud as the kernel backend is about it: the guest now reaches registers no rule protects.
+    logger.warning("{}: permissive mode enabled for domain {} ({}): the guest may write "
+                   "config-space registers that no rule protects", host, domid, why)

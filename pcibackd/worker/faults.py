@@ -30,11 +30,12 @@ from pcibackd.wire.pciif import Op, OpHeader
 TRIGGER_OFFSET = 0xFC
 MSI_ENABLES = (Op.enable_msi, Op.enable_msix)
 BOOT_SLOW = 3.0
+ENV = "PCIBACKD_FAILPOINTS"
 
 
 def active(domid: int) -> set[str]:
     """The failpoints armed for worker ``domid``."""
-    spec = os.environ.get("PCIBACKD_FAILPOINTS", "")
+    spec = os.environ.get(ENV, "")
     return {name for item in spec.split(",") if "@" in item
             for name, _, d in [item.partition("@")] if d.strip() == str(domid)}
 

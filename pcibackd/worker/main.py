@@ -29,7 +29,7 @@ from pathlib import Path
 import psutil
 from loguru import logger
 
-from pcibackd.common import logs
+from pcibackd.common import logs, proctitle
 from pcibackd.common.files import write_atomic
 from pcibackd.platform.select import choose_platform
 from pcibackd.wire.bdf import BDF
@@ -267,6 +267,7 @@ def run_worker(cfg: WorkerConfig) -> None:
     except Exception:
         logger.exception("worker boot failed")
         os._exit(EXIT_BOOT_FAILED)
+    proctitle.set_title(proctitle.worker_title(cfg.domid, worker.xs.read(f"/local/domain/{cfg.domid}/name")))
     try:
         code = worker.run()
     except Exception:

@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=2.0, help="seconds of traffic after connecting")
     p.add_argument("--until-closed", action="store_true", help="keep following xenbus until the backend closes")
     p.add_argument("--lspci", action="store_true", help="print lspci -vvv of each device as this guest sees it")
+    p.add_argument("--hold", action="store_true", help="after the traffic, stay connected (idle) until SIGTERM")
     args = p.parse_args(argv)
     from simdom0.platform import SimPlatform
     from pcibackd.xenstore.client import XenStore
@@ -69,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
                     summary["gone"] += 1
                 elif err != Err.success:
                     summary["errors"] += 1
+        while args.hold and not stop["now"] and front.page is not None:
+            for change in front.follow(timeout=0.5):
+                print(f"{tag}: {change}", flush=True)
         summary["devices"] = [d.lspci_line() for d in front.devices]
         summary["state"] = front.state()
     except Exception as exc:

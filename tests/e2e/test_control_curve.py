@@ -111,5 +111,5 @@ def test_a_readable_server_key_stops_the_daemon(request, keys):
 
 
 def test_control_tcp_must_be_tcp(request, tmp_path):
-    with pytest.raises(RuntimeError, match="control_tcp must be tcp://"):
+    with pytest.raises(RuntimeError, match="control_tcp: must be tcp://"):
         _start(request, {"control_tcp": f"ipc://{tmp_path}/x.sock"})

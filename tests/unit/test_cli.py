@@ -14,6 +14,7 @@ def test_run_off_xen_says_so_and_exits_1(monkeypatch, tmp_path, capsys):
     assert cli.main(["run", "--config", "/dev/null", "--platform", "xen"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("pcibackd: platform xen: this machine is not running on Xen") and "Errno" not in err
+    assert "./dev demo" in err
     assert not (tmp_path / "run").exists()              # nothing was set up
 
 

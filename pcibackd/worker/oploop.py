@@ -50,7 +50,7 @@ class OpLoop:
     """
 
     def __init__(self, dispatcher: Dispatcher, poll_window: float = 50e-6, max_batch: int = MAX_BATCH,
-                 dispatch: Callable[[bytes], Reply] | None = None):
+                 dispatch: Callable[[bytes], Reply] | None = None, watchdog=None):
         self.dispatcher = dispatcher
         self.dispatch = dispatch or dispatcher.dispatch
         self.poll_window = poll_window
@@ -59,6 +59,7 @@ class OpLoop:
         self.ring: Ring | None = None
         self.spurious = 0
         self.service_ns: deque[int] = deque(maxlen=1024)   # request seen -> reply posted
+        self.watchdog = watchdog     # an OpWatchdog (stuck.py), armed while ops are served
 
     def fileno(self) -> int | None:
         return self.ring.evtchn.fileno() if self.ring else None
@@ -69,6 +70,16 @@ class OpLoop:
         self.backlog = False
         if ring is None:
             return 0
+        dog = self.watchdog
+        if dog is None:
+            return self._serve(ring)
+        dog.arm()
+        try:
+            return self._serve(ring)
+        finally:
+            dog.disarm()
+
+    def _serve(self, ring: Ring) -> int:
         buf, page = ring.page.buf, ring.page
         dispatch, window = self.dispatch, self.poll_window
         clock, record = time.perf_counter_ns, self.service_ns.append

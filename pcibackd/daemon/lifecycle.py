@@ -74,6 +74,7 @@ class Lifecycle:
             r = guest.report
             code = EXIT_DONE if r is not None and r.final and r.pid == guest.pid else None
         guest.detach()
+        was_running = guest.state is WorkerState.RUNNING
         ran = time.monotonic() - guest.started_at
         guest.last_exit = describe_exit(code)
         event = exit_event(code, guest.state is WorkerState.STOPPING, guest.killed_for_silence)
@@ -92,7 +93,9 @@ class Lifecycle:
                 del self._guests[guest.domid]
             return
         if event is GuestEvent.KILLED:     # not the guest's doing: never FATAL (states.RestartPolicy)
-            guest.kills = 1 if ran >= self.policy.kill_stable_after else guest.kills + 1
+            # A worker that was serving (RUNNING) or ran a while was killed once, not in a loop.
+            isolated = was_running or ran >= self.policy.kill_stable_after
+            guest.kills = 1 if isolated else guest.kills + 1
             guest.change_state(event)
             self._restart_in(guest, self.policy.kill_delay(guest.kills))
             logger.warning("worker for domain {} was killed from outside ({}); restart #{} in {:.2f} s",

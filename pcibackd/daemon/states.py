@@ -36,9 +36,10 @@ class RestartPolicy:
     its failure count reset.
 
     Kills from outside (SIGKILL, the OOM killer) never make a guest FATAL: the
-    restart is immediate unless the killed worker had run less than
-    ``kill_stable_after``, when it backs off from ``kill_base_delay`` up to
-    ``kill_max_delay`` (a kill loop costs at most one fork per that delay)."""
+    restart is immediate when the killed worker was serving (RUNNING) or had run
+    ``kill_stable_after``; kills of workers still booting, in a row, back off
+    from ``kill_base_delay`` up to ``kill_max_delay`` (a kill loop costs at most
+    one fork per that delay)."""
 
     max_failures: int = 5
     first_delay: float = 0.0

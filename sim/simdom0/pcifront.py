@@ -122,6 +122,13 @@ class PCIFront:
 
     def connect(self, timeout: float = 10.0) -> list[GuestDevice]:
         """Probe (publish info, Initialised), wait for Connected, enumerate."""
+        self.begin_connect()
+        return self.finish_connect(timeout)
+
+    def begin_connect(self) -> None:
+        """The first half of :meth:`connect`: publish the page and channel, Initialised.
+        A harness playing many guests begins them all, then finishes them (one
+        guest's handshake does not wait behind another's)."""
         self.be = self.xs.read(f"{self.fe}/backend")
         if not self.be:
             raise FrontendError(f"{self.fe}/backend is missing")
@@ -137,6 +144,9 @@ class PCIFront:
         self.xs.run_transaction(publish)
         self._switch(S.Initialised)
         self.xs.watch(f"{self.be}/state", self._token)
+
+    def finish_connect(self, timeout: float = 10.0) -> list[GuestDevice]:
+        """The second half of :meth:`connect`: wait for Connected, enumerate."""
         self._wait(lambda: self.backend_state() in (S.Connected, S.Reconfiguring, S.Closing, S.Closed), timeout)
         be = self.backend_state()
         if be not in (S.Connected, S.Reconfiguring):

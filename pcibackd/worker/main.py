@@ -178,7 +178,7 @@ class Worker:
                     poller.register(ring_fd, select.POLLIN)
             now = time.monotonic()
             if self.reporter and (now >= next_keepalive or (next_report is not None and now >= next_report)):
-                self.reporter.beat()
+                self.reporter.beat(fresh=next_report is not None)     # a bare keepalive resends the last one
                 if now - self.last_ack > self.cfg.orphan_grace:
                     logger.warning("no supervisor for {:.0f} s: exiting", now - self.last_ack)
                     self.orphaned = True

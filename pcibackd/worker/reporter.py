@@ -48,6 +48,7 @@ class Reporter:
         self.deferred: deque[WorkerCommand | Exception] = deque(maxlen=256)
         self.drain = False           # ask() read the socket: its edge-triggered FD may stay quiet
         self.last_sent = 0.0         # monotonic time of the last report
+        self._frame: bytes | None = None     # the last report, serialized
 
     def fileno(self) -> int:
         return self.sock.getsockopt(zmq.FD)
@@ -67,9 +68,12 @@ class Reporter:
                                        d["denied_writes"]) for d in w.devices.summary()),
             started=self.started)
 
-    def beat(self, final: bool = False) -> None:
-        """Send a report: at a change, as the rare keepalive, or the final one."""
-        self._send(self.report(final).to_json())
+    def beat(self, final: bool = False, fresh: bool = True) -> None:
+        """Send a report: at a change, as the rare keepalive, or the final one.
+        ``fresh=False`` (nothing changed since the last): resend that one as it was."""
+        if fresh or final or self._frame is None:
+            self._frame = self.report(final).to_json()
+        self._send(self._frame)
         self.last_sent = time.monotonic()
         self.on_message()
 

@@ -7,17 +7,20 @@ import time
 import psutil
 
 USS_TTL = 2.0     # seconds; USS walks every mapping of the worker (~0.7 ms each), RSS is cheap
+USS_PER_CALL = 16     # USS walks per status call: its cost stays bounded at any number of guests
 
 
 class ProcSampler:
     """psutil figures of each worker.  CPU percent is measured between two
     status calls (psutil's cpu_percent needs one Process object kept across
-    calls); USS is measured at most every USS_TTL seconds."""
+    calls); USS is measured at most every USS_TTL seconds, and for at most
+    USS_PER_CALL workers per call (the others show their last figure)."""
 
     def __init__(self):
         self.procs: dict[int, object] = {}
         self.uss: dict[int, tuple[float, int]] = {}
         self.cpu: dict[int, tuple[float, float]] = {}
+        self._call, self._walks = None, 0       # the status call being filled (its `now`), USS walks in it
 
     def fill(self, g: dict, now: float) -> None:
         pid = g.get("pid")
@@ -30,8 +33,11 @@ class ProcSampler:
             p = self.procs.get(pid) or self.procs.setdefault(pid, psutil.Process(pid))
             with p.oneshot():
                 out = {"rss": p.memory_info().rss, "cpu_seconds": round(sum(p.cpu_times()[:2]), 3)}
-                at, uss = self.uss.get(pid, (0.0, 0))
-                if now - at >= USS_TTL:
+                if self._call != now:
+                    self._call, self._walks = now, 0
+                at, uss = self.uss.get(pid, (0.0, None))
+                if now - at >= USS_TTL and self._walks < USS_PER_CALL:
+                    self._walks += 1
                     at, uss = self.uss[pid] = (now, p.memory_full_info().uss)
                 out["uss"] = uss
             return out

@@ -104,8 +104,12 @@ def bring_up(dom0: SimDom0, n: int, first_domid: int = 1) -> tuple[float, list]:
 def measure_scale(n: int, idle_seconds: float, status_calls: int) -> dict:
     with SimDom0(log_level="WARNING") as dom0:
         dom0.start()
+        xsd = psutil.Process(dom0.xenstored.pid)
+        tree0, xsd0 = cpu_seconds(daemon_tree(dom0)), cpu_seconds([xsd, *xsd.children(recursive=True)])
         bring, fronts = bring_up(dom0, n)
         wait_running(dom0, n)
+        bring_cpu = cpu_seconds(daemon_tree(dom0)) - tree0
+        bring_xsd = cpu_seconds([xsd, *xsd.children(recursive=True)]) - xsd0
         time.sleep(2.0)       # let the bring-up's last reports settle before measuring idle
         procs = daemon_tree(dom0)
         sup = procs[0]
@@ -118,11 +122,13 @@ def measure_scale(n: int, idle_seconds: float, status_calls: int) -> dict:
         fds = sup.num_fds()
         rt = str(dom0.runtime)
         lat = []
+        s_cpu0 = cpu_seconds([sup])
         for _ in range(status_calls):
             t = time.perf_counter()
             rep = call(rt, "status", timeout=30)
             lat.append((time.perf_counter() - t) * 1000)
             assert rep["status"] == "ok" and len(rep["result"]["guests"]) == n
+        status_cpu = (cpu_seconds([sup]) - s_cpu0) / status_calls * 1000
         uss = []
         for p in random.sample(procs[2:], min(5, len(procs) - 2)):
             try:
@@ -131,7 +137,9 @@ def measure_scale(n: int, idle_seconds: float, status_calls: int) -> dict:
                 pass
         assert all(f.conf_read(G0, 0, 4) == (0, 0x11E81234) for f in fronts[:4])
         return {"guests": n, "idle_tree": idle_tree, "idle_sup": idle_sup, "bring_up": bring, "rss": rss,
-                "fds": fds, "status_p99": pct(lat, 99), "uss": statistics.median(uss) if uss else float("nan")}
+                "fds": fds, "status_p99": pct(lat, 99), "uss": statistics.median(uss) if uss else float("nan"),
+                "bring_cpu": bring_cpu, "bring_xsd": bring_xsd, "status_p50": pct(lat, 50), "status_cpu": status_cpu,
+                "load": os.getloadavg()[0]}
 
 
 def op_loop(front, stop: threading.Event, lat: list, offset: int = 0) -> None:
@@ -228,11 +236,15 @@ def main() -> int:
             ("idle CPU of the daemon tree, % of one core", "idle_tree", "{:.1f} %", "<= 2 % at 256"),
             ("...of which the supervisor", "idle_sup", "{:.1f} %", ""),
             ("toolstack writes -> all frontends Connected", "bring_up", "{:.1f} s", "<= 10 s at 256"),
+            ("...CPU it took: daemon tree / oxenstored", ("bring_cpu", "bring_xsd"), "{:.1f} s / {:.1f} s", "(info)"),
             ("supervisor RSS", "rss", "{:.0f} MB", "<= 64 MB"),
             ("supervisor open fds", "fds", "{}", "well under 1024 at 256"),
             ("pcibackctl status p99", "status_p99", "{:.0f} ms", "<= 100 ms at 256"),
-            ("worker USS (median of 5)", "uss", "{:.1f} MB", "<= 8 MB")):
-        print(f"| {label} | {' | '.join(fmt.format(r[key]) for r in rows)} | {target} |")
+            ("...p50, and supervisor CPU per call", ("status_p50", "status_cpu"), "{:.0f} ms, {:.1f} ms", "(info)"),
+            ("worker USS (median of 5)", "uss", "{:.1f} MB", "<= 8 MB"),
+            ("machine load average (1 min) at the end", "load", "{:.1f}", "(info: other work on the box)")):
+        keys = key if isinstance(key, tuple) else (key,)
+        print(f"| {label} | {' | '.join(fmt.format(*(r[k] for k in keys)) for r in rows)} | {target} |")
     if not a.no_chaos:
         seconds = a.chaos_seconds or (60.0 if a.full else 20.0)
         c = measure_chaos(a.chaos_guests, a.chaos_targets, seconds, a.chaos_every)

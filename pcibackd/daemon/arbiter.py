@@ -32,7 +32,7 @@ from pcibackd.confspace import PolicyError, PolicyStore
 from pcibackd.daemon import systemd
 from pcibackd.daemon.adopt import adopt_live_worker
 from pcibackd.daemon.backends import (BACKEND_ROOT, DOMID_FIRST_RESERVED, CachedReads, backend_of, list_backends,
-                                     touched_domids)
+                                     touched_nodes)
 from pcibackd.daemon.config import DaemonConfig
 from pcibackd.daemon.endpoint import OpenControl
 from pcibackd.daemon.guests import Guest, GuestEvent
@@ -189,21 +189,23 @@ class Supervisor(Lifecycle):
         untrusted_paths = [p for p, _ in self.xs.events()]
         if not untrusted_paths:
             return
-        touched = touched_domids(untrusted_paths, self.ignored_names)
-        if touched is None:
+        found = touched_nodes(untrusted_paths, self.ignored_names)
+        if found is None:
             self.scan()
             return
+        touched, listings = found
         before = set(self._present)
         for domid in touched:
-            self.reads.forget(domid)
             path = backend_of(self.xs, domid) if 0 < domid < DOMID_FIRST_RESERVED else None
             if path is None:
                 self._present.pop(domid, None)
             else:
                 self._present[domid] = path
-        if touched:
+        for domid in listings | (set(self._present) ^ before):
+            self.reads.forget(domid)
+        if listings or set(self._present) != before:    # a worker's own state writes need no broker scan
             self.irq.sync(self.reads, self._present)
-        if set(self._present) != before or touched:
+        if touched:
             self._apply(touched)
 
     def _apply(self, domids) -> None:

@@ -58,7 +58,15 @@ def touched_domids(untrusted_paths: list[str], warned: set[str]) -> set[int] | N
     """The domids whose backends a batch of watch events may have changed, or
     None when the whole directory must be read again (an event on the root).
     ``warned`` remembers the names that are not domids, warned about once."""
+    found = touched_nodes(untrusted_paths, warned)
+    return None if found is None else found[0]
+
+
+def touched_nodes(untrusted_paths: list[str], warned: set[str]) -> tuple[set[int], set[int]] | None:
+    """(domids whose backends may have changed, those of them whose device list
+    may have: what the interrupt broker follows), or None as in :func:`touched_domids`."""
     out: set[int] = set()
+    devs: set[int] = set()
     prefix = BACKEND_ROOT + "/"
     for untrusted in untrusted_paths:
         if untrusted == BACKEND_ROOT:
@@ -70,9 +78,12 @@ def touched_domids(untrusted_paths: list[str], warned: set[str]) -> set[int] | N
             _warn_once(parts[0], warned)
             continue
         leaf = parts[-1]
-        if len(parts) <= 2 or leaf in _RELEVANT_LEAVES or leaf.startswith(("dev-", "state-")):
+        listing = len(parts) <= 2 or leaf == "num_devs" or leaf.startswith(("dev-", "state-"))
+        if listing or leaf in _RELEVANT_LEAVES:
             out.add(int(parts[0]))
-    return out
+        if listing:
+            devs.add(int(parts[0]))
+    return out, devs
 
 
 class CachedReads:

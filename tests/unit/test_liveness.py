@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pcibackd.daemon.backends import CachedReads, touched_domids
+from pcibackd.daemon.backends import CachedReads, touched_domids, touched_nodes
 from pcibackd.daemon.lifecycle import raise_open_file_limit, wait_all
 from pcibackd.daemon.wakeups import Wakeups
 from pcibackd.worker.stuck import OpWatchdog, StuckOp, run_delay_ns
@@ -99,6 +99,11 @@ def test_run_delay_is_readable_here():
 ])
 def test_touched_domids(paths, touched):
     assert touched_domids(paths, set()) == touched
+
+
+def test_only_device_listings_need_the_interrupt_brokers_scan():
+    paths = [f"{ROOT}/5/0/state", f"{ROOT}/6/0/dev-0", f"{ROOT}/7", f"{ROOT}/8/0/frontend"]
+    assert touched_nodes(paths, set()) == ({5, 6, 7, 8}, {6, 7})
 
 
 def test_touched_domids_warns_about_a_bad_name_once(caplog):

@@ -50,6 +50,7 @@ from pcibackd.worker.main import WorkerConfig
 from pcibackd.xenstore.client import XenStore
 
 MESSAGE_BATCH = 256      # worker messages per wake-up: a flooding worker cannot starve the loop
+ACK = WorkerCommand("ack", {}, None).to_json()
 IDLE_CAP = 3600.0        # s: the longest wait when nothing is due (no periodic work when idle)
 
 
@@ -251,6 +252,14 @@ class Supervisor(Lifecycle):
                 return
             except ValueError:
                 continue
+            guest = self._guests.get(_domid_of(ident))
+            if guest is not None and guest.last_frame == raw and guest.alive:
+                # An idle worker's keepalive: the very report accepted last time (it carries
+                # this worker's pid and secret token), so it needs no parsing again.
+                guest.last_beat = self.wake.clock()
+                guest.change_state(GuestEvent.BEAT)
+                self._send(ident, ACK)
+                continue
             try:
                 msg = parse_worker_message(raw)
             except Exception as exc:       # anything a peer sends must not reach the loop
@@ -269,9 +278,9 @@ class Supervisor(Lifecycle):
             if isinstance(msg, WorkerReply):
                 self.control.worker_reply(msg)
                 continue
-            guest.report = msg
+            guest.report, guest.last_frame = msg, raw
             guest.change_state(GuestEvent.BEAT)
-            self.send_worker(guest.domid, "ack")
+            self._send(ident, ACK)
 
     # ---------------------------------------------- what pcibackctl sees --
     def about(self) -> DaemonInfo:
@@ -342,6 +351,11 @@ class Supervisor(Lifecycle):
         self.wake.close()
         logger.info("stopped")
         return 0
+
+
+def _domid_of(ident: bytes) -> int | None:
+    """The domid a worker socket identity (``dom<N>``) claims, untrusted."""
+    return int(ident[3:]) if ident[:3] == b"dom" and ident[3:].isdigit() and len(ident) <= 8 else None
 
 
 SIGNAL_HANDLERS = {

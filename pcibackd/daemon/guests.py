@@ -165,6 +165,7 @@ class Guest:
     restart_at: float = 0.0
     last_beat: float = 0.0
     report: WorkerReport | None = None   # the last heartbeat
+    last_frame: bytes = b""          # that report as it came (a keepalive repeats it byte for byte)
     last_exit: str = ""
     _state: WorkerState = field(default=WorkerState.NEW, init=False, repr=False)
 
@@ -186,7 +187,7 @@ class Guest:
     def attach(self, pid: int, sentinel: int, pidfd: int | None, adopted: bool, now: float) -> None:
         """A worker now serves this guest: one we spawned, or one we adopted."""
         self.pid, self.sentinel, self.pidfd, self.adopted = pid, sentinel, pidfd, adopted
-        self.killed_for_silence = False
+        self.killed_for_silence, self.last_frame = False, b""
         self.change_state(GuestEvent.ADOPTED if adopted else GuestEvent.SPAWNED)
         self.started_at = self.last_beat = now
 
@@ -195,6 +196,7 @@ class Guest:
         if self.pidfd is not None:
             os.close(self.pidfd)         # (for adopted workers this is also the sentinel)
         self.proc = self.sentinel = self.pidfd = None
+        self.last_frame = b""
 
     def request_stop(self, deadline: float, terminated: bool) -> None:
         """To STOPPING; ``terminated``: SIGTERM is being sent (else the worker

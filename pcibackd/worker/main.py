@@ -71,11 +71,11 @@ class WorkerConfig:
     topology: str = "vpci"
     poll_window_us: float = 50.0
     supervisor_endpoint: str | None = None
-    heartbeat_interval: float = 10.0   # keepalive when idle (reports on change come sooner)
+    heartbeat_interval: float = 20.0   # keepalive when idle (reports on change come sooner)
     policy_path: str | None = None
     log_level: str = "INFO"
     state_dir: str | None = None
-    orphan_grace: float = 30.0     # no supervisor ack for this long: exit cleanly
+    orphan_grace: float = 60.0     # no supervisor ack for this long: exit cleanly
     token: str = ""                # proves beats come from this worker (see supervisor)
 
 

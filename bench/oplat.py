@@ -55,13 +55,15 @@ def responder(sim_dir: str, domid: int, gref: int, port: int, spin: bool) -> Non
     ch = plat.open_evtchn()
     local = ch.bind_interdomain(domid, port)
     buf, fd = page.buf, ch.fileno()
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
     print("ready", flush=True)
     while True:
         if spin:
             while not buf[0] & 1:
                 pass
         else:
-            select.select([fd], [], [])
+            poller.poll()
             p = ch.pending()
         while buf[0] & 1:
             snap = bytes(buf[pciif.SH_OP:pciif.SH_OP + pciif.PCI_OP.size])   # same copy-out as pcibackd

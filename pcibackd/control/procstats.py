@@ -10,14 +10,17 @@ from __future__ import annotations
 import psutil
 
 USS_TTL = 2.0     # seconds; USS walks every mapping of the worker (~0.7 ms each), RSS is cheap
+USS_PER_CALL = 16     # USS walks per status call: its cost stays bounded at any number of guests
 
 
 class ProcSampler:
-    """psutil figures of each worker; USS is measured at most every USS_TTL seconds."""
+    """psutil figures of each worker; USS is measured at most every USS_TTL seconds,
+    and for at most USS_PER_CALL workers per call (the others show their last figure)."""
 
     def __init__(self):
         self.procs: dict[int, object] = {}
         self.uss: dict[int, tuple[float, int]] = {}
+        self._call, self._walks = None, 0       # the status call being filled (its `now`), USS walks in it
 
     def fill(self, g: dict, now: float) -> None:
         pid = g.get("pid")
@@ -29,8 +32,11 @@ class ProcSampler:
             p = self.procs.get(pid) or self.procs.setdefault(pid, psutil.Process(pid))
             with p.oneshot():
                 out = {"rss": p.memory_info().rss}
-                at, uss = self.uss.get(pid, (0.0, 0))
-                if now - at >= USS_TTL:
+                if self._call != now:
+                    self._call, self._walks = now, 0
+                at, uss = self.uss.get(pid, (0.0, None))
+                if now - at >= USS_TTL and self._walks < USS_PER_CALL:
+                    self._walks += 1
                     at, uss = self.uss[pid] = (now, p.memory_full_info().uss)
                 out["uss"] = uss
             return out

@@ -1,9 +1,12 @@
 """The supervisor: one loop that watches xenstore and keeps one worker per guest.
 
-Wake sources, all polled in one place: the xenstore watch on
-``/local/domain/0/backend/pci``, worker exit sentinels, worker messages
-(ZeroMQ ROUTER), the control endpoint and a signal pipe.  Signal handlers
-only enqueue; all work happens in :meth:`Supervisor.run`.
+Wake sources, all in one epoll set kept for the daemon's life (wakeups.py):
+the xenstore watch on ``/local/domain/0/backend/pci``, worker exit sentinels,
+worker messages (ZeroMQ ROUTER), the control endpoint and a signal pipe;
+deadlines (restarts, stop timeouts, silence checks) are a heap.  Idle guests
+cost nothing per wake-up: a worker reports only when something changed, plus
+a rare keepalive.  Signal handlers only enqueue; all work happens in
+:meth:`Supervisor.run`.
 
 Workers' interrupt requests are answered by the broker in interrupts.py.  The
 control endpoint is made by the caller (``open_control``, endpoint.py); its
@@ -14,8 +17,6 @@ from __future__ import annotations
 
 import os
 import queue
-import secrets
-import select
 import signal
 import time
 from pathlib import Path
@@ -28,10 +29,11 @@ from pcibackd.common import logs
 from pcibackd.common.ratelimit import worth_logging
 from pcibackd.daemon import systemd
 from pcibackd.daemon.adopt import adopt_live_worker
-from pcibackd.daemon.backends import BACKEND_ROOT, list_backends, remove_if_domain_gone
+from pcibackd.daemon.backends import (BACKEND_ROOT, DOMID_FIRST_RESERVED, CachedReads, backend_of, list_backends,
+                                     touched_nodes)
 from pcibackd.daemon.config import DaemonConfig
 from pcibackd.daemon.endpoint import OpenControl
-from pcibackd.daemon.guests import Guest, GuestEvent, describe_exit, exit_event
+from pcibackd.daemon.guests import Guest, GuestEvent
 from pcibackd.daemon.interrupts import Interrupts
 from pcibackd.daemon.lifecycle import Lifecycle
 from pcibackd.daemon.names import domain_name
@@ -40,18 +42,21 @@ from pcibackd.daemon.reload import reload_config_and_policy
 from pcibackd.daemon.spawner import Spawner
 from pcibackd.daemon.states import RestartPolicy, WorkerState
 from pcibackd.daemon.views import DaemonInfo, GuestInfo
+from pcibackd.daemon.wakeups import Wakeups
+from pcibackd.daemon.workers import WorkerLife, raise_open_file_limit, wait_all
 from pcibackd.platform.select import choose_platform, platform_module
 from pcibackd.wire.bdf import BDF
 from pcibackd.worker.link import (MAX_FRAME, IrqReply, WorkerCommand, WorkerIrqRequest, WorkerReply,
                                   parse_worker_message)
-from pcibackd.worker.main import EXIT_DONE, WorkerConfig, run_worker
+from pcibackd.worker.main import WorkerConfig
 from pcibackd.xenstore.client import XenStore
 
 MESSAGE_BATCH = 256      # worker messages per wake-up: a flooding worker cannot starve the loop
-LIVE = (WorkerState.STARTING, WorkerState.RUNNING)      # states that expect heartbeats
+ACK = WorkerCommand("ack", {}, None).to_json()
+IDLE_CAP = 3600.0        # s: the longest wait when nothing is due (no periodic work when idle)
 
 
-class Supervisor(ReleaseViews):
+class Supervisor(ReleaseViews, WorkerLife):
     """Owns the guests table; see the module docstring for the loop."""
 
     def __init__(self, cfg: DaemonConfig, open_control: OpenControl, policy: RestartPolicy | None = None):
@@ -70,14 +75,20 @@ class Supervisor(ReleaseViews):
         self.ignored_names: set[str] = set()
         self.restart_requested: dict[int, bool] = {}     # domids whose worker pcibackctl restarts
         self.status = systemd.Status()
+        self._present: dict[int, str] = {}      # {domid: backend path} with a frontend set
+        self.wake = Wakeups()
 
     # ------------------------------------------------------------ setup --
     def _setup(self) -> None:
+        limit = raise_open_file_limit()     # first: the fork server and workers inherit it
+        if limit < 4 * 256 and worth_logging(1):
+            logger.warning("open-file limit {}: fewer than 4 per guest at 256 guests (set LimitNOFILE=)", limit)
         self.spawner.start()            # before any thread exists
         self.runtime.mkdir(parents=True, exist_ok=True)
         os.chmod(self.runtime, 0o700)
         self.xs = XenStore(self.cfg.xenstored_path)
         self.lifecycle = Lifecycle.start(self.xs, self.platform, self.cfg)    # [devices] hide: before any guest
+        self.reads = CachedReads(self.xs)
         self.irq = Interrupts(self.platform, self.runtime)
         self.irq.start(set(list_backends(self.xs, self.ignored_names)))
         self.zctx = zmq.Context()
@@ -103,48 +114,42 @@ class Supervisor(ReleaseViews):
         self.status.update(systemd.describe(g.state for g in self._guests.values()), also="READY=1")
         logger.info("pcibackd {} ready: platform {}, topology {}, runtime {}", __version__,
                     self.cfg.platform, self.cfg.topology, self.runtime)
-        poller = zmq.Poller()
-        for source in (self.workers_sock, self.control.sock, self.xs.fileno(), self.sig_r):
-            poller.register(source, zmq.POLLIN)
+        wake = self.wake
+        for key, fd in (("workers", self.workers_sock.getsockopt(zmq.FD)),
+                        ("control", self.control.sock.getsockopt(zmq.FD)), ("xs", self.xs.fileno()),
+                        ("signal", self.sig_r)):
+            wake.watch(fd, key)
         watchdog = systemd.watchdog_interval()
         next_dog = 0.0
+        readable = zmq.POLLIN
         while not self.stopping:
-            sentinels = {g.sentinel: g for g in self._guests.values() if g.alive}
-            for fd in sentinels:
-                poller.register(fd, zmq.POLLIN)
-            ready = dict(poller.poll(timeout=self._next_timeout() * 1000))
-            for fd in sentinels:
-                poller.unregister(fd)
-            if self.sig_r in ready:
+            # ZeroMQ's fds are edge-triggered: a socket left readable (a batch cut short) means no wait.
+            more = bool(self.workers_sock.getsockopt(zmq.EVENTS) & readable
+                        or self.control.sock.getsockopt(zmq.EVENTS) & readable)
+            cap = IDLE_CAP
+            control = self.control.next_deadline()
+            if control is not None:
+                cap = min(cap, control - time.monotonic())
+            if watchdog:
+                cap = min(cap, next_dog - time.monotonic())
+            ready = wake.wait(max(0.0, cap), at_once=more)
+            if "signal" in ready:
                 self._drain_signals()
-            if self.xs.fileno() in ready and self.xs.events():
-                self.scan()
-            if self.workers_sock in ready:
-                self._on_worker_messages()
-            if self.control.sock in ready:
-                self.control.handle_ready()
+            if "xs" in ready:
+                self._on_xs_events()
+            self._on_worker_messages()
+            self.control.handle_ready()
             self.control.flush_pending()
-            for fd, guest in sentinels.items():
-                if fd in ready:
+            for key in ready:
+                guest = self._guests.get(key) if isinstance(key, int) else None
+                if guest is not None and guest.alive:
                     self._reap(guest)
-            self._manage()
+            self._on_due()
             self.status.update(systemd.describe(g.state for g in self._guests.values()))
             if watchdog and time.monotonic() >= next_dog:
                 systemd.notify("WATCHDOG=1")
                 next_dog = time.monotonic() + watchdog
         return self._shutdown()
-
-    def _next_timeout(self) -> float:
-        now = time.monotonic()
-        due = [g.restart_at - now for g in self._guests.values() if g.state is WorkerState.BACKOFF]
-        control = self.control.next_deadline()
-        if control is not None:
-            due.append(control - now)
-        # wake when a heartbeat deadline passes: a hung worker's pending op is waiting
-        timeouts = (self.cfg.heartbeat_timeout, self.cfg.boot_timeout)
-        due += [g.last_beat + g.silence_allowed(*timeouts) - now for g in self._guests.values()
-                if g.alive and g.state in LIVE]
-        return max(0.0, min([0.5, *due]))
 
     def _drain_signals(self) -> None:
         try:
@@ -169,28 +174,63 @@ class Supervisor(ReleaseViews):
 
     # ----------------------------------------------------------- guests --
     def scan(self) -> None:
-        """Start workers for new backend directories, forget removed ones."""
+        """Read every backend directory again: start workers for new ones, stop removed ones."""
         present = list_backends(self.xs, self.ignored_names)
-        self.irq.sync(self.xs, present)
-        for domid, path in present.items():
+        self.reads.cache.clear()
+        self._present = present
+        self.irq.sync(self.reads, present)
+        self._apply(set(present) | set(self._guests))
+
+    def _on_xs_events(self) -> None:
+        """Follow a batch of watch events: only the domains they touched are read again."""
+        untrusted_paths = [p for p, _ in self.xs.events()]
+        if not untrusted_paths:
+            return
+        found = touched_nodes(untrusted_paths, self.ignored_names)
+        if found is None:
+            self.scan()
+            return
+        touched, listings = found
+        before = set(self._present)
+        for domid in touched:
+            path = backend_of(self.xs, domid) if 0 < domid < DOMID_FIRST_RESERVED else None
+            if path is None:
+                self._present.pop(domid, None)
+            else:
+                self._present[domid] = path
+        for domid in listings | (set(self._present) ^ before):
+            self.reads.forget(domid)
+        if listings or set(self._present) != before:    # a worker's own state writes need no broker scan
+            self.irq.sync(self.reads, self._present)
+        if touched:
+            self._apply(touched)
+
+    def _apply(self, domids) -> None:
+        """Bring the guests of ``domids`` in line with :attr:`_present`."""
+        for domid in sorted(domids):
+            path = self._present.get(domid)
             known = self._guests.get(domid)
-            if (known is not None and known.state is WorkerState.EXITED and not known.alive
-                    and self.xs.read(f"{path}/state") in (None, "1")):
-                del self._guests[domid]       # a new backend in the same place: serve it afresh
-            if domid not in self._guests:
-                self._guests[domid] = guest = Guest(domid, path, name=domain_name(self.xs, domid))
-                if not adopt_live_worker(self.runtime, guest):
-                    logger.info("new PCI backend for domain {}", domid)
-                    self._start(guest)
-        for domid in [d for d in self._guests if d not in present]:
-            guest = self._guests[domid]
-            if not guest.alive:
-                del self._guests[domid]
-                logger.info("domain {} forgotten", domid)
-            elif guest.state is not WorkerState.STOPPING:
-                # The worker finishes by itself (resets its devices); SIGTERM after stop_timeout.
-                guest.request_stop(time.monotonic() + self.cfg.stop_timeout, terminated=False)
-        self.lifecycle.backends_changed()
+            if path is not None:
+                if (known is not None and known.state is WorkerState.EXITED and not known.alive
+                        and self.xs.read(f"{path}/state") in (None, "1")):
+                    del self._guests[domid]       # a new backend in the same place: serve it afresh
+                if domid not in self._guests:
+                    self._guests[domid] = guest = Guest(domid, path, name=domain_name(self.xs, domid))
+                    if adopt_live_worker(self.runtime, guest):
+                        self._attached(guest)
+                    else:
+                        logger.info("new PCI backend for domain {}", domid)
+                        self._start(guest)
+            elif known is not None:
+                if not known.alive:
+                    del self._guests[domid]
+                    logger.info("domain {} forgotten", domid)
+                elif known.state is not WorkerState.STOPPING:
+                    # The worker finishes by itself (resets its devices); SIGTERM after stop_timeout.
+                    known.request_stop(time.monotonic() + self.cfg.stop_timeout, terminated=False)
+                    self.wake.at(known.stop_deadline, domid, "stop")
+        if self.lifecycle.wants_events():
+            self.lifecycle.backends_changed()
 
     def _worker_config(self, guest: Guest) -> WorkerConfig:
         c = self.cfg
@@ -201,95 +241,6 @@ class Supervisor(ReleaseViews):
                             log_level=c.log_level, state_dir=str(self.runtime), orphan_grace=c.orphan_grace,
                             token=guest.token)
 
-    def _start(self, guest: Guest) -> None:
-        guest.token = secrets.token_hex(16)
-        try:
-            guest.proc = self.spawner.spawn(run_worker, self._worker_config(guest), name=f"pcibackd-dom{guest.domid}")
-        except Exception as exc:       # e.g. the fork server died (EOFError): a failed start, not our crash
-            logger.error("cannot start a worker for domain {}: {!r}", guest.domid, exc)
-            self.spawner.restart()
-            guest.proc = None
-            guest.failures += 1
-            guest.change_state(GuestEvent.GAVE_UP if self.policy.gives_up(guest.failures)
-                               else GuestEvent.SPAWN_FAILED)
-            guest.restart_at = time.monotonic() + max(0.1, self.policy.delay(guest.failures))
-            return
-        try:
-            pidfd = os.pidfd_open(guest.proc.pid)
-        except OSError:
-            pidfd = None          # already gone: the sentinel reports it
-        guest.attach(guest.proc.pid, guest.proc.sentinel, pidfd, adopted=False, now=time.monotonic())
-        logger.info("worker for domain {} started: pid {}", guest.domid, guest.pid)
-
-    def _stop(self, guest: Guest) -> None:
-        guest.request_stop(time.monotonic() + self.cfg.stop_timeout, terminated=True)
-        guest.send_signal(signal.SIGTERM)
-
-    def _reap(self, guest: Guest) -> None:
-        if guest.proc is not None:
-            guest.proc.join(0)
-            code = guest.proc.exitcode
-        else:       # adopted, not our child: only its final beat tells a deliberate exit
-            r = guest.report
-            code = EXIT_DONE if r is not None and r.final and r.pid == guest.pid else None
-        guest.detach()
-        ran = time.monotonic() - guest.started_at
-        guest.last_exit = describe_exit(code)
-        event = exit_event(code, stopping=guest.state is WorkerState.STOPPING)
-        if self.restart_requested.pop(guest.domid, False) and event is GuestEvent.CRASHED:
-            guest.change_state(GuestEvent.LEFT)
-            guest.restart_at = time.monotonic()
-            logger.info("worker for domain {} stopped for the requested restart; replacing it", guest.domid)
-            return
-        if event is GuestEvent.LEFT:
-            # Stopped from outside, or orphaned while we stalled: the guest still
-            # needs service; restart now, without counting a failure.
-            guest.change_state(event)
-            guest.restart_at = time.monotonic()
-            logger.warning("worker for domain {} left ({}); replacing it", guest.domid, guest.last_exit)
-            return
-        if event is GuestEvent.FINISHED:
-            guest.change_state(event)
-            logger.info("worker for domain {} finished ({})", guest.domid, guest.last_exit)
-            remove_if_domain_gone(self.xs, guest.domid)
-            if self.xs.read(f"{guest.backend_path}/frontend") is None:
-                del self._guests[guest.domid]
-            return
-        guest.failures = 1 if ran >= self.policy.stable_after else guest.failures + 1
-        if self.policy.gives_up(guest.failures):
-            guest.change_state(GuestEvent.GAVE_UP)
-            logger.error("worker for domain {} failed {} times in a row ({}): FATAL, not restarting",
-                         guest.domid, guest.failures, guest.last_exit)
-            return
-        guest.change_state(GuestEvent.CRASHED)
-        guest.restart_at = time.monotonic() + self.policy.delay(guest.failures)
-        logger.warning("worker for domain {} died ({}); restart #{} in {:.2f} s", guest.domid,
-                       guest.last_exit, guest.restarts + 1, guest.restart_at - time.monotonic())
-
-    def _manage(self) -> None:
-        self._on_worker_messages()      # judge heartbeats on fresh data, not a stalled iteration's
-        now = time.monotonic()
-        for guest in list(self._guests.values()):
-            if guest.state is WorkerState.STOPPING and guest.alive and now > guest.stop_deadline:
-                if not guest.terminated:
-                    logger.warning("worker for domain {} did not finish after its backend went: SIGTERM",
-                                   guest.domid)
-                    self._stop(guest)
-                else:
-                    logger.error("worker for domain {} ignored SIGTERM for {:.0f} s: killing", guest.domid,
-                                 self.cfg.stop_timeout)
-                    guest.send_signal(signal.SIGKILL)
-                    guest.stop_deadline = now + self.cfg.stop_timeout
-            elif guest.state is WorkerState.BACKOFF and now >= guest.restart_at:
-                guest.restarts += 1
-                self._start(guest)
-            elif guest.state in LIVE and guest.alive and \
-                    now - guest.last_beat > guest.silence_allowed(self.cfg.heartbeat_timeout, self.cfg.boot_timeout):
-                logger.error("worker for domain {} (pid {}) missed heartbeats for {:.1f} s: killing",
-                             guest.domid, guest.pid, now - guest.last_beat)
-                guest.send_signal(signal.SIGKILL)
-                guest.last_beat = now   # once per timeout; the sentinel reports the death
-
     def _on_worker_messages(self) -> None:
         for _ in range(MESSAGE_BATCH):
             try:
@@ -297,6 +248,14 @@ class Supervisor(ReleaseViews):
             except zmq.Again:
                 return
             except ValueError:
+                continue
+            guest = self._guests.get(_domid_of(ident))
+            if guest is not None and guest.last_frame == raw and guest.alive:
+                # An idle worker's keepalive: the very report accepted last time (it carries
+                # this worker's pid and secret token), so it needs no parsing again.
+                guest.last_beat = self.wake.clock()
+                guest.change_state(GuestEvent.BEAT)
+                self._send(ident, ACK)
                 continue
             try:
                 msg = parse_worker_message(raw)
@@ -309,16 +268,16 @@ class Supervisor(ReleaseViews):
             guest = self._guests.get(msg.domid)
             if guest is None or not guest.sent(ident, msg):
                 continue
-            guest.last_beat = time.monotonic()
+            guest.last_beat = self.wake.clock()
             if isinstance(msg, WorkerIrqRequest):     # the broker serves the sender's guest, nobody else's
                 self._send(ident, IrqReply(msg.id, self.irq.handle(guest.domid, msg.request)).to_json())
                 continue
             if isinstance(msg, WorkerReply):
                 self.control.worker_reply(msg)
                 continue
-            guest.report = msg
+            guest.report, guest.last_frame = msg, raw
             guest.change_state(GuestEvent.BEAT)
-            self.send_worker(guest.domid, "ack")
+            self._send(ident, ACK)
 
     # ---------------------------------------------- what pcibackctl sees --
     def about(self) -> DaemonInfo:
@@ -329,7 +288,7 @@ class Supervisor(ReleaseViews):
 
     def guests(self) -> list[GuestInfo]:
         """Every guest by domid, with its worker's last report (never waits for a worker)."""
-        now = time.monotonic()
+        now = self.wake.clock()
         return [self._guests[d].info(now, self.irq.status(d)) for d in sorted(self._guests)]
 
     def assignable(self) -> list[BDF]:
@@ -341,14 +300,14 @@ class Supervisor(ReleaseViews):
         guest = self._guests.get(domid)
         if guest is None:
             return False
-        guest.failures = 0
+        guest.failures = guest.kills = 0
         logger.info("restart of domain {}'s worker requested", domid)
         if guest.alive:
             self.restart_requested[domid] = True
             guest.send_signal(signal.SIGKILL)   # the reap path restarts it immediately
         else:
             guest.change_state(GuestEvent.REVIVED)
-            guest.restart_at = 0.0
+            self._restart_in(guest, 0.0)
         return True
 
     def send_worker(self, domid: int, cmd: str, args: dict | None = None, req_id: str | None = None) -> bool:
@@ -373,23 +332,29 @@ class Supervisor(ReleaseViews):
     # ---------------------------------------------------------- shutdown --
     def _shutdown(self) -> int:
         systemd.notify("STOPPING=1")
-        live = [g for g in self._guests.values() if g.alive]
-        for g in live:
+        live = {g.sentinel: g for g in self._guests.values() if g.alive}
+        for g in live.values():
             self._stop(g)
-        deadline = time.monotonic() + self.cfg.stop_timeout
-        for g in live:
-            if not select.select([g.sentinel], [], [], max(0.0, deadline - time.monotonic()))[0]:
-                logger.warning("worker for domain {} did not stop in time: killing", g.domid)
-                g.send_signal(signal.SIGKILL)
-                select.select([g.sentinel], [], [], 1.0)
+        left = wait_all(live, time.monotonic() + self.cfg.stop_timeout)
+        for g in left.values():
+            logger.warning("worker for domain {} did not stop in time: killing", g.domid)
+            g.send_signal(signal.SIGKILL)
+        wait_all(left, time.monotonic() + 1.0)
+        for g in live.values():
             if g.proc is not None:
                 g.proc.join(0)
         self.control.close()
         self.workers_sock.close(0)
         self.zctx.term()
         self.xs.close()
+        self.wake.close()
         logger.info("stopped")
         return 0
+
+
+def _domid_of(ident: bytes) -> int | None:
+    """The domid a worker socket identity (``dom<N>``) claims, untrusted."""
+    return int(ident[3:]) if ident[:3] == b"dom" and ident[3:].isdigit() and len(ident) <= 8 else None
 
 
 SIGNAL_HANDLERS = {

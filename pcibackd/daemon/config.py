@@ -32,10 +32,11 @@ class DaemonConfig:
     runtime_dir: str = "/run/pcibackd"   # control and worker sockets, device claims
     topology: str = "vpci"               # "vpci" | "passthrough" (like xen-pciback's passthrough=)
     poll_window_us: float = 50.0         # worker busy-poll window after each op
-    heartbeat_interval: float = 0.2      # worker -> supervisor beats
-    heartbeat_timeout: float = 1.0       # a silent worker is killed and replaced: well inside pcifront's 2 s
-    boot_timeout: float = 10.0           # a new worker's first beat may take this long (never less than heartbeat_timeout)
-    orphan_grace: float = 30.0           # a worker with no supervisor this long exits cleanly
+    heartbeat_interval: float = 20.0     # an idle worker's keepalive (reports on change come sooner)
+    heartbeat_timeout: float = 90.0      # backstop: a worker silent this long (our stalls excluded) is replaced;
+                                         # a stuck op is caught sooner by the worker's own watchdog
+    boot_timeout: float = 90.0           # a new worker's first report may take this long (at least heartbeat_timeout)
+    orphan_grace: float = 60.0           # a worker with no supervisor this long exits cleanly (>= 3 keepalives)
     restart_max_failures: int = 5        # failures in a row (each within restart_stable_after) -> FATAL
     restart_stable_after: float = 10.0   # a worker up this long has its failure count reset
     policy_path: str | None = None       # config-space policy TOML (permissive, quirks)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import os
+import select
 import signal
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,19 @@ from pcibackd.worker.link import WorkerReply, WorkerReport
 from pcibackd.worker.main import EXIT_DONE, EXIT_ORPHANED, EXIT_STOPPED
 
 
+def _pidfd_signal(fd: int, sig: int) -> None:
+    try:
+        signal.pidfd_send_signal(fd, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _readable(fd: int) -> bool:
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(0))
+
+
 class GuestEvent(enum.Enum):
     SPAWNED = "spawned"                  # a worker process was started
     SPAWN_FAILED = "spawn failed"        # starting one failed (e.g. the fork server died)
@@ -34,7 +48,8 @@ class GuestEvent(enum.Enum):
     STOP_REQUESTED = "stop requested"    # the backend went, the daemon stops, or SIGTERM is due
     FINISHED = "finished"                # the worker exited on purpose, or after a stop request
     LEFT = "left"                        # stopped from outside or orphaned: the guest still needs service
-    CRASHED = "crashed"                  # any other exit: restart after the policy's delay
+    CRASHED = "crashed"                  # the worker's own failure: counts toward FATAL
+    KILLED = "killed"                    # killed from outside (SIGKILL, OOM): restart, never FATAL
     GAVE_UP = "gave up"                  # failed max_failures times in a row
     REVIVED = "revived"                  # pcibackctl restart of a guest without a worker
 
@@ -50,12 +65,14 @@ TRANSITIONS: dict[tuple[WorkerState, GuestEvent], WorkerState] = {
     (S.STARTING, E.FINISHED): S.EXITED,
     (S.STARTING, E.LEFT): S.BACKOFF,
     (S.STARTING, E.CRASHED): S.BACKOFF,
+    (S.STARTING, E.KILLED): S.BACKOFF,
     (S.STARTING, E.GAVE_UP): S.FATAL,
     (S.RUNNING, E.BEAT): S.RUNNING,
     (S.RUNNING, E.STOP_REQUESTED): S.STOPPING,
     (S.RUNNING, E.FINISHED): S.EXITED,
     (S.RUNNING, E.LEFT): S.BACKOFF,
     (S.RUNNING, E.CRASHED): S.BACKOFF,
+    (S.RUNNING, E.KILLED): S.BACKOFF,
     (S.RUNNING, E.GAVE_UP): S.FATAL,
     (S.STOPPING, E.BEAT): S.STOPPING,
     (S.STOPPING, E.STOP_REQUESTED): S.STOPPING,
@@ -91,13 +108,28 @@ class IllegalTransition(RuntimeError):
         self.domid, self.state, self.event = domid, state, event
 
 
-def exit_event(code: int | None, stopping: bool) -> GuestEvent:
+# Signals a process raises against itself (a fault in its own code): they count
+# as the worker's failure.  Any other signal (SIGKILL from an admin, the OOM
+# killer, a chaos test) comes from outside and does not.
+OWN_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT,
+                         signal.SIGSYS, signal.SIGTRAP, signal.SIGXCPU, signal.SIGXFSZ})
+
+
+def exit_event(code: int | None, stopping: bool, killed_for_silence: bool = False) -> GuestEvent:
     """What a worker's exit status means (``None``: unknown, an adopted worker).
-    GAVE_UP is the restart policy's call, made on CRASHED."""
+
+    CRASHED (the worker's own failure: an exception, its op watchdog, a fatal
+    signal of its own, or our kill after it went silent) counts toward FATAL;
+    KILLED (any other signal, or an unknown status) never does.  GAVE_UP is the
+    restart policy's call, made on CRASHED."""
     if code in (EXIT_STOPPED, EXIT_ORPHANED) and not stopping:
         return GuestEvent.LEFT
     if stopping or code == EXIT_DONE:
         return GuestEvent.FINISHED
+    if killed_for_silence:
+        return GuestEvent.CRASHED
+    if code is None or (code < 0 and -code not in OWN_SIGNALS):
+        return GuestEvent.KILLED
     return GuestEvent.CRASHED
 
 
@@ -122,16 +154,19 @@ class Guest:
     proc: object = None              # our child (from the spawner), or None
     pid: int | None = None
     sentinel: int | None = None      # readable when the worker exits (proc.sentinel or a pidfd)
-    pidfd: int | None = None         # signals go through this, never a bare (reusable) pid
+    pidfd: int | None = None         # an adopted worker's (also its sentinel); ours get one per signal
     adopted: bool = False            # left running by a previous supervisor
     token: str = ""                  # the worker proves its messages with this
     stop_deadline: float = 0.0
     terminated: bool = False         # SIGTERM already sent while STOPPING
     restarts: int = 0
-    failures: int = 0
+    failures: int = 0                # own failures in a row (toward FATAL)
+    kills: int = 0                   # outside kills in a row, each soon after its start (backoff only)
+    killed_for_silence: bool = False     # our SIGKILL after the worker went silent (counts as its failure)
     started_at: float = 0.0
     restart_at: float = 0.0
     last_beat: float = 0.0
+    last_frame: bytes = b""          # the last report as it came (a keepalive repeats it byte for byte)
     last_exit: str = ""
     name: str = ""                   # the domain's name in xenstore ("" if not known)
     tally: Tally = field(default_factory=Tally, repr=False)   # counters over all its workers
@@ -167,6 +202,7 @@ class Guest:
     def attach(self, pid: int, sentinel: int, pidfd: int | None, adopted: bool, now: float) -> None:
         """A worker now serves this guest: one we spawned, or one we adopted."""
         self.pid, self.sentinel, self.pidfd, self.adopted = pid, sentinel, pidfd, adopted
+        self.killed_for_silence, self.last_frame = False, b""
         self.change_state(GuestEvent.ADOPTED if adopted else GuestEvent.SPAWNED)
         self.started_at = self.last_beat = now
 
@@ -175,6 +211,7 @@ class Guest:
         if self.pidfd is not None:
             os.close(self.pidfd)         # (for adopted workers this is also the sentinel)
         self.proc = self.sentinel = self.pidfd = None
+        self.last_frame = b""
 
     def request_stop(self, deadline: float, terminated: bool) -> None:
         """To STOPPING; ``terminated``: SIGTERM is being sent (else the worker
@@ -196,13 +233,25 @@ class Guest:
         return self.sentinel is not None
 
     def send_signal(self, sig: int) -> None:
-        """Signal the worker through its pidfd: never a recycled pid."""
-        if self.pidfd is None:
+        """Signal the worker through a pidfd: never a recycled pid.
+
+        Our own workers get a pidfd only for the signal (one fd per worker, the
+        sentinel, stays open): it is opened while the sentinel is not readable,
+        that is before the fork server reaped the worker, so it names the worker."""
+        if self.pidfd is not None:
+            _pidfd_signal(self.pidfd, sig)
+            return
+        if self.pid is None or self.sentinel is None:
             return
         try:
-            signal.pidfd_send_signal(self.pidfd, sig)
-        except ProcessLookupError:
-            pass
+            fd = os.pidfd_open(self.pid)
+        except OSError:
+            return
+        try:
+            if not _readable(self.sentinel):
+                _pidfd_signal(fd, sig)
+        finally:
+            os.close(fd)
 
     def sent(self, ident: bytes, msg: WorkerReport | WorkerReply) -> bool:
         """``msg`` really comes from this guest's worker: its socket identity,

@@ -65,6 +65,7 @@ class Lifecycle:
         self.toolstack = Toolstack(xs)
         # functions of the pool given to each guest (revoked when its backend goes)
         self.given: dict[int, set[BDF]] = {}
+        self.detaching: set[int] = set()        # domains asked to let go of a function (pci-detach)
         for bdf, domid in self.holders().items():
             if bdf in pool:
                 self.given.setdefault(domid, set()).add(bdf)
@@ -334,6 +335,7 @@ class Lifecycle:
                 self._revoke(d.domid, bdf)
             else:
                 self.toolstack.begin_detach(d.domid, bdf)
+                self.detaching.add(d.domid)
         return {"domid": d.domid, "functions": [str(b) for b in sorted(bdfs)],
                 "state": "detaching" if connected and not force else "detached"}
 
@@ -346,6 +348,11 @@ class Lifecycle:
             except DriverError as exc:
                 logger.error("domain {}: revoking {}: {}", domid, bdf, exc.strerror or exc)
             logger.info("domain {}: {} is back in the pool", domid, bdf)
+
+    def wants_events(self) -> bool:
+        """Whether backend changes concern us: a function of the pool is given, or a detach is under way
+        (the check reads every backend, so the supervisor skips it otherwise)."""
+        return bool(self.given or self.detaching)
 
     def backends_changed(self) -> None:
         """Finish hot-unplugs the guest completed; take back what gone backends held.
@@ -362,7 +369,9 @@ class Lifecycle:
         for domid, bdf in self._unplugged():
             self.toolstack.remove_nodes(domid, bdf)
             self._revoke(domid, bdf)
+            self.detaching.discard(domid)
         held = self.holders()
+        self.detaching &= set(held.values())
         for domid in list(self.given):
             for bdf in sorted(self.given[domid]):
                 if held.get(bdf) != domid:

@@ -10,6 +10,8 @@ xenstore connection, ZeroMQ context or sockets.
 
 from __future__ import annotations
 
+import os
+
 import multiprocess as mp
 import multiprocess.forkserver as forkserver
 
@@ -41,7 +43,24 @@ class Spawner:
             pass
 
     def spawn(self, target, *args, name: str | None = None):
-        """A started worker process (``.pid``, ``.sentinel``, ``.exitcode``)."""
+        """A started worker process (``.pid``, ``.sentinel``, ``.exitcode``);
+        the supervisor keeps one fd for it, the sentinel."""
         proc = self.ctx.Process(target=target, args=args, name=name, daemon=False)
         proc.start()
+        _drop_parent_pipe(proc)
         return proc
+
+
+def _drop_parent_pipe(proc) -> None:
+    """Close the second fd multiprocess keeps per child: a copy of the data pipe's
+    write end, by which a child could tell that its parent died (workers learn
+    that from the supervisor link instead).  Leaves unknown layouts alone."""
+    finalizer = getattr(getattr(proc, "_popen", None), "finalizer", None)
+    args = getattr(finalizer, "_args", None)
+    if not (isinstance(args, tuple) and len(args) == 2 and all(isinstance(fd, int) for fd in args)):
+        return
+    parent_w, sentinel = args          # Finalize(popen, close_fds, (parent_w, sentinel))
+    if sentinel != proc.sentinel or parent_w == sentinel:
+        return
+    os.close(parent_w)
+    finalizer._args = (sentinel,)

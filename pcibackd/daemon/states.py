@@ -29,9 +29,17 @@ class WorkerState(enum.Enum):
 
 @dataclass(frozen=True)
 class RestartPolicy:
-    """The first restart is immediate (a pending op must be re-served within
-    Linux pcifront's 2 s); later ones back off exponentially.  A worker that
-    ran ``stable_after`` seconds has its failure count reset."""
+    """Restarts after the worker's own failures (see ``exit_event`` in guests.py):
+    the first is immediate (a pending op must be re-served within Linux
+    pcifront's 2 s); later ones back off exponentially, and ``max_failures`` in
+    a row make the guest FATAL.  A worker that ran ``stable_after`` seconds has
+    its failure count reset.
+
+    Kills from outside (SIGKILL, the OOM killer) never make a guest FATAL: the
+    restart is immediate when the killed worker was serving (RUNNING) or had run
+    ``kill_stable_after``; kills of workers still booting, in a row, back off
+    from ``kill_base_delay`` up to ``kill_max_delay`` (a kill loop costs at most
+    one fork per that delay)."""
 
     max_failures: int = 5
     first_delay: float = 0.0
@@ -44,6 +52,16 @@ class RestartPolicy:
         if failures <= 1:
             return self.first_delay
         return min(self.max_delay, self.base_delay * 2 ** (failures - 2))
+
+    kill_base_delay: float = 0.05
+    kill_max_delay: float = 1.0
+    kill_stable_after: float = 1.0
+
+    def kill_delay(self, kills: int) -> float:
+        """Seconds to wait after outside kill number ``kills`` in a row (1-based)."""
+        if kills <= 1:
+            return 0.0
+        return min(self.kill_max_delay, self.kill_base_delay * 2 ** (kills - 2))
 
     def gives_up(self, failures: int) -> bool:
         """True once ``failures`` in a row are too many: the guest becomes FATAL."""

@@ -10,8 +10,10 @@ list of ``name@domid`` (workers inherit it):
                    default heartbeat_timeout (a loaded dom0, a slow device reset)
     op-crash@N     worker N raises inside the handler of a conf_read at offset
                    0xFC, once (a marker file keeps the successor healthy)
+    op-crash-loop@N  like op-crash, every time: each successor crashes on the
+                   op left pending (a guest whose own op crashes its worker: FATAL)
     op-hang@N      worker N hangs inside that handler, once (no more ops, no
-                   heartbeats): the supervisor must kill and replace it
+                   reports): its own op watchdog must end it (worker/stuck.py)
     msi-crash@N    worker N raises after an enable_msi(x) was served (the broker
                    mapped) and before the reply is written, once
 
@@ -49,6 +51,8 @@ def wrap_dispatch(dispatch: Callable, points: set[str], marker_dir: Path, domid:
     def faulty(op: bytes):
         untrusted = OpHeader.unpack(op)
         if untrusted.cmd == Op.conf_read and untrusted.offset == TRIGGER_OFFSET:
+            if "op-crash-loop" in points:
+                raise InjectedFault("injected handler exception (every time)")
             for name in ("op-crash", "op-hang"):
                 marker = marker_dir / f"failpoint-{name}-dom{domid}"
                 if name in points and not marker.exists():

@@ -1,6 +1,6 @@
 """One guest's worker process: xenbus backend + op service for one frontend.
 
-Driver: the process itself (signals, select, pid file, privileges).
+Driver: the process itself (signals, poll, pid file, privileges).
 
 Started by the supervisor from a clean (thread-free) spawner; everything that
 starts threads (the xenstore client, ZeroMQ, logging sinks) is created here,
@@ -15,6 +15,12 @@ Exit codes (the supervisor's restart policy reads them):
     3  boot failed (xenstore or platform unavailable): restarted with backoff
     4  stopped by SIGTERM (graceful stop): not restarted by this supervisor
     5  orphaned (no supervisor acknowledged it within orphan_grace)
+    6  stuck: an op stayed pending on this worker's own account (see stuck.py)
+
+Idle costs nothing: the loop blocks without a timeout except for the rare
+keepalive (``heartbeat_interval``, which also tells an orphan it has no
+supervisor); a report goes to the supervisor only when something changed
+(ops served, xenbus events, commands), at most every :data:`REPORT_EVERY`.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from pcibackd.worker.interrupts import MsiService
 from pcibackd.worker.ops import Dispatcher
 from pcibackd.worker.oploop import OpLoop, Ring
 from pcibackd.worker.reporter import Reporter
+from pcibackd.worker.stuck import OpWatchdog, StuckOp
 from pcibackd.worker.xenbus import BackendMachine
 from pcibackd.xenstore.client import XenStore
 
@@ -48,6 +55,9 @@ EXIT_CRASHED = 1         # an exception escaped: restart
 EXIT_BOOT_FAILED = 3     # could not set up (xenstore, platform): restart with backoff
 EXIT_STOPPED = 4         # SIGTERM: stopped serving, xenbus state left for a successor
 EXIT_ORPHANED = 5        # no supervisor within the grace period: state left for a successor
+EXIT_STUCK = 6           # an op stayed pending on this worker's own account (worker/stuck.py): restart
+
+REPORT_EVERY = 0.2       # s: a changed report waits at least this long after the previous one
 
 
 @dataclass
@@ -61,11 +71,11 @@ class WorkerConfig:
     topology: str = "vpci"
     poll_window_us: float = 50.0
     supervisor_endpoint: str | None = None
-    heartbeat_interval: float = 0.2
+    heartbeat_interval: float = 20.0   # keepalive when idle (reports on change come sooner)
     policy_path: str | None = None
     log_level: str = "INFO"
     state_dir: str | None = None
-    orphan_grace: float = 30.0     # no supervisor ack for this long: exit cleanly
+    orphan_grace: float = 60.0     # no supervisor ack for this long: exit cleanly
     token: str = ""                # proves beats come from this worker (see supervisor)
 
 
@@ -86,18 +96,24 @@ class Worker:
         dispatch = self.dispatcher.dispatch
         if points:
             dispatch = faults.wrap_dispatch(dispatch, points, self.devices.state_dir, cfg.domid)
-        self.loop = OpLoop(self.dispatcher, cfg.poll_window_us * 1e-6, dispatch=dispatch)
+        self.watchdog = OpWatchdog()
+        self.loop = OpLoop(self.dispatcher, cfg.poll_window_us * 1e-6, dispatch=dispatch, watchdog=self.watchdog)
         self.machine = BackendMachine(mode=cfg.topology, host_facts=self.devices.host_facts)
         self.driver = Driver(self.xs, cfg.domid, cfg.backend_path, self.machine, self)
         self.reporter = Reporter(cfg, self) if cfg.supervisor_endpoint else None
         self.msi: MsiService | None = None
         if self.reporter:           # PIRQs come from the supervisor's broker, or MSI is not offered
-            self.msi = MsiService(cfg.domid, self.reporter.ask, self.reporter.tell, self.devices.find,
+            self.msi = MsiService(cfg.domid, self._ask, self.reporter.tell, self.devices.find,
                                   self.platform.open_device)
             self.msi.install(self.dispatcher.external)
         self.stopping = False
         self.orphaned = False
         self.last_ack = time.monotonic()
+
+    def _ask(self, request):
+        """A broker question: the supervisor's answer time is not this worker's (op watchdog paused)."""
+        with self.watchdog.paused():
+            return self.reporter.ask(request)
 
     # --- actions the driver calls (raise OSError on failure) --------------
     def export(self, placement, opts, resume: bool = False) -> None:
@@ -142,39 +158,54 @@ class Worker:
         signal.set_wakeup_fd(wfd)
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
+        self.watchdog.install()
         self.driver.start()              # the initial export opens device files
         privileges.drop(keep=KEEP_CAPS.get(self.cfg.platform, ()))
-        next_beat = 0.0
+        # One poll set, kept: only the ring's fd comes and goes (map/unmap).
+        poller = select.poll()
+        for fd in (self.xs.fileno(), rfd, *([self.reporter.fileno()] if self.reporter else [])):
+            poller.register(fd, select.POLLIN)
+        xs_fd, link_fd, ring_fd = self.xs.fileno(), self.reporter.fileno() if self.reporter else None, None
+        keepalive = min(self.cfg.heartbeat_interval, self.cfg.orphan_grace / 3)   # an orphan notices in time
+        next_keepalive = 0.0     # the first report goes at once: the supervisor waits for it
+        next_report = None       # something changed: report at this time (at most every REPORT_EVERY)
         while self.driver.exit_reason is None and not self.stopping:
-            fds = [self.xs, rfd]
-            ring_fd = self.loop.fileno()
-            if ring_fd is not None:
-                fds.append(ring_fd)
-            if self.reporter:
-                fds.append(self.reporter)
+            if self.loop.fileno() != ring_fd:
+                if ring_fd is not None:
+                    poller.unregister(ring_fd)
+                ring_fd = self.loop.fileno()
+                if ring_fd is not None:
+                    poller.register(ring_fd, select.POLLIN)
             now = time.monotonic()
-            if now >= next_beat:
-                if self.reporter:
-                    self.reporter.beat()
-                    if now - self.last_ack > self.cfg.orphan_grace:
-                        logger.warning("no supervisor for {:.0f} s: exiting", now - self.last_ack)
-                        self.orphaned = True
-                        break
-                next_beat = now + self.cfg.heartbeat_interval
-            timeout = 0.0 if self.loop.backlog else max(0.0, next_beat - now)
-            ready = select.select(fds, [], [], timeout)[0]
+            if self.reporter and (now >= next_keepalive or (next_report is not None and now >= next_report)):
+                self.reporter.beat(fresh=next_report is not None)     # a bare keepalive resends the last one
+                if now - self.last_ack > self.cfg.orphan_grace:
+                    logger.warning("no supervisor for {:.0f} s: exiting", now - self.last_ack)
+                    self.orphaned = True
+                    break
+                next_keepalive, next_report = now + keepalive, None
+            if self.loop.backlog or (self.reporter and self.reporter.drain):
+                timeout = 0
+            else:       # idle: block until something happens or a report is due (no periodic work)
+                due = next_keepalive if next_report is None else min(next_report, next_keepalive)
+                timeout = max(0, int((due - now) * 1000) + 1) if self.reporter else None
+            ready = {fd for fd, _ in poller.poll(timeout)}
+            changed = False
             if ring_fd is not None and ring_fd in ready:
-                self.loop.on_event()
+                changed |= self.loop.on_event() > 0
             elif self.loop.backlog:
-                self.loop.serve_pending()
-            if self.xs in ready:
+                changed |= self.loop.serve_pending() > 0
+            if xs_fd in ready:
                 paths = [p for p, _ in self.xs.events()]
                 if paths:
                     self.driver.on_watch(paths)
-            if self.reporter and (self.reporter in ready or self.reporter.drain):
-                self.reporter.on_message()
+                    changed = True
+            if self.reporter and (link_fd in ready or self.reporter.drain):
+                changed |= self.reporter.on_message()
             if rfd in ready:
                 os.read(rfd, 64)
+            if changed and next_report is None:
+                next_report = max(now, self.reporter.last_sent + REPORT_EVERY) if self.reporter else None
         # Graceful: answer the op in flight, leave xenbus state for a successor.
         self.loop.flush()
         if self.reporter:
@@ -270,6 +301,9 @@ def run_worker(cfg: WorkerConfig) -> None:
     proctitle.set_title(proctitle.worker_title(cfg.domid, worker.xs.read(f"/local/domain/{cfg.domid}/name")))
     try:
         code = worker.run()
+    except StuckOp as exc:
+        logger.error("op stuck: {}; exiting so that a successor serves it", exc)
+        os._exit(EXIT_STUCK)
     except Exception:
         logger.exception("worker crashed")
         os._exit(EXIT_CRASHED)

@@ -30,7 +30,7 @@ IRQ_TIMEOUT = 1.6        # seconds a broker question may take: pcifront gives up
 
 
 class Reporter:
-    """Sends beats and replies; ``fileno()`` lets the worker's select see commands."""
+    """Sends reports and replies; ``fileno()`` lets the worker's poll see commands."""
 
     def __init__(self, cfg, worker):
         self.worker = worker
@@ -47,6 +47,8 @@ class Reporter:
         # commands that came during ask(), run by on_message (a flood beyond this is dropped)
         self.deferred: deque[WorkerCommand | Exception] = deque(maxlen=256)
         self.drain = False           # ask() read the socket: its edge-triggered FD may stay quiet
+        self.last_sent = 0.0         # monotonic time of the last report
+        self._frame: bytes | None = None     # the last report, serialized
 
     def fileno(self) -> int:
         return self.sock.getsockopt(zmq.FD)
@@ -69,15 +71,22 @@ class Reporter:
                                        d["denied_writes"]) for d in w.devices.summary()),
             started=self.started)
 
-    def beat(self, final: bool = False) -> None:
-        self._send(self.report(final).to_json())
+    def beat(self, final: bool = False, fresh: bool = True) -> None:
+        """Send a report: at a change, as the rare keepalive, or the final one.
+        ``fresh=False`` (nothing changed since the last): resend that one as it was."""
+        if fresh or final or self._frame is None:
+            self._frame = self.report(final).to_json()
+        self._send(self._frame)
+        self.last_sent = time.monotonic()
         self.on_message()
 
-    def on_message(self) -> None:
-        """Run supervisor commands (the FD is edge-triggered: read to EAGAIN)."""
+    def on_message(self) -> bool:
+        """Run supervisor commands (the FD is edge-triggered: read to EAGAIN).
+        True if one could have changed what the report says (anything but an ack)."""
         self.drain = False
+        changed = False
         while self.deferred:
-            self._run(self.deferred.popleft())
+            changed |= self._run(self.deferred.popleft())
         while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             try:
                 raw = self.sock.recv(zmq.NOBLOCK)
@@ -85,7 +94,8 @@ class Reporter:
                 break
             msg = self._parse(raw)
             if not isinstance(msg, IrqReply):     # a late answer to a question given up on
-                self._run(msg)
+                changed |= self._run(msg)
+        return changed
 
     @staticmethod
     def _parse(raw: bytes) -> WorkerCommand | IrqReply | Exception:
@@ -94,20 +104,23 @@ class Reporter:
         except Exception as exc:     # a bad frame is answered if it can be, never fatal
             return exc
 
-    def _run(self, msg: WorkerCommand | Exception) -> None:
+    def _run(self, msg: WorkerCommand | Exception) -> bool:
         req_id = None
         try:
             if isinstance(msg, Exception):
                 raise msg
+            if msg.cmd == "ack" and msg.id is None:
+                self.worker.COMMANDS["ack"](self.worker, msg.args)
+                return False
             req_id = msg.id
             handler = self.worker.COMMANDS[msg.cmd]
             result, ok = handler(self.worker, msg.args), True
         except Exception as exc:     # a bad command is answered, never fatal
             result, ok = f"{type(exc).__name__}: {exc}", False
-        if req_id is None:
-            return
-        cfg = self.worker.cfg
-        self._send(WorkerReply(cfg.domid, os.getpid(), cfg.token, req_id, ok, result).to_json())
+        if req_id is not None:
+            cfg = self.worker.cfg
+            self._send(WorkerReply(cfg.domid, os.getpid(), cfg.token, req_id, ok, result).to_json())
+        return True
 
     def ask(self, request: WorkerRequest, timeout: float = IRQ_TIMEOUT) -> Answer:
         """Send a broker question and wait for its answer (at most ``timeout`` s).

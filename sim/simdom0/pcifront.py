@@ -75,6 +75,14 @@ class IrqResult:
         return self.result == 0
 
 
+def _readable(fd: int, timeout: float) -> bool:
+    """Wait until ``fd`` polls readable (poll, not select: any fd number, so one
+    process can play hundreds of guests)."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(max(0, int(timeout * 1000) + 1)))
+
+
 def _s32(v: int) -> int:
     return v - (1 << 32) if v & 0x80000000 else v
 
@@ -114,6 +122,13 @@ class PCIFront:
 
     def connect(self, timeout: float = 10.0) -> list[GuestDevice]:
         """Probe (publish info, Initialised), wait for Connected, enumerate."""
+        self.begin_connect()
+        return self.finish_connect(timeout)
+
+    def begin_connect(self) -> None:
+        """The first half of :meth:`connect`: publish the page and channel, Initialised.
+        A harness playing many guests begins them all, then finishes them (one
+        guest's handshake does not wait behind another's)."""
         self.be = self.xs.read(f"{self.fe}/backend")
         if not self.be:
             raise FrontendError(f"{self.fe}/backend is missing")
@@ -129,6 +144,9 @@ class PCIFront:
         self.xs.run_transaction(publish)
         self._switch(S.Initialised)
         self.xs.watch(f"{self.be}/state", self._token)
+
+    def finish_connect(self, timeout: float = 10.0) -> list[GuestDevice]:
+        """The second half of :meth:`connect`: wait for Connected, enumerate."""
         self._wait(lambda: self.backend_state() in (S.Connected, S.Reconfiguring, S.Closing, S.Closed), timeout)
         be = self.backend_state()
         if be not in (S.Connected, S.Reconfiguring):
@@ -146,7 +164,7 @@ class PCIFront:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise FrontendError(f"timed out after {timeout} s (backend state {self.backend_state()})")
-            select.select([self.xs], [], [], left)
+            _readable(self.xs.fileno(), left)
             self.xs.events()
 
     def roots(self) -> list[tuple[int, int]]:
@@ -163,7 +181,7 @@ class PCIFront:
     def follow(self, timeout: float = 0.0) -> list[str]:
         """Handle pending backend state changes (hot-plug, teardown); returns what changed."""
         if timeout:
-            select.select([self.xs], [], [], timeout)
+            _readable(self.xs.fileno(), timeout)
         self.xs.events()
         changes: list[str] = []
         be, fe = self.backend_state(), self.state()
@@ -314,7 +332,7 @@ class PCIFront:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            if select.select([fd], [], [], left)[0]:
+            if _readable(fd, left):
                 port = evtchn.pending()
                 if port is not None:
                     evtchn.unmask(port)

@@ -17,7 +17,7 @@ from pcibackd.daemon import guests
 from pcibackd.daemon.guests import TRANSITIONS, Guest, GuestEvent, IllegalTransition, describe_exit, exit_event
 from pcibackd.daemon.states import RestartPolicy, WorkerState
 from pcibackd.worker.link import WorkerReply, WorkerReport
-from pcibackd.worker.main import EXIT_CRASHED, EXIT_DONE, EXIT_ORPHANED, EXIT_STOPPED
+from pcibackd.worker.main import EXIT_CRASHED, EXIT_DONE, EXIT_ORPHANED, EXIT_STOPPED, EXIT_STUCK
 
 S, E = WorkerState, GuestEvent
 DAEMON = Path(guests.__file__).parent
@@ -106,12 +106,26 @@ def test_a_lifetime():
     (EXIT_STOPPED, True, E.FINISHED),
     (EXIT_CRASHED, False, E.CRASHED),
     (EXIT_CRASHED, True, E.FINISHED),
-    (-signal.SIGKILL, False, E.CRASHED),
-    (None, False, E.CRASHED),            # an adopted worker without a final beat
+    (EXIT_STUCK, False, E.CRASHED),        # its own op watchdog
+    (-signal.SIGSEGV, False, E.CRASHED),   # a fatal signal of its own
+    (-signal.SIGABRT, False, E.CRASHED),
+    (-signal.SIGKILL, False, E.KILLED),    # from outside (admin, OOM killer): never FATAL
+    (-signal.SIGKILL, True, E.FINISHED),
+    (None, False, E.KILLED),             # an adopted worker without a final beat
     (None, True, E.FINISHED),
 ])
 def test_exit_event(code, stopping, event):
     assert exit_event(code, stopping) is event
+
+
+def test_our_kill_after_silence_counts_as_the_workers_failure():
+    assert exit_event(-signal.SIGKILL, False, killed_for_silence=True) is E.CRASHED
+
+
+def test_outside_kills_back_off_but_never_give_up():
+    p = RestartPolicy()
+    assert p.kill_delay(1) == 0.0 and p.kill_delay(2) == p.kill_base_delay
+    assert p.kill_delay(50) == p.kill_max_delay <= 1.0
 
 
 def test_describe_exit():

@@ -33,6 +33,7 @@ BATCH = 64               # requests per wake-up: the supervisor loop has other w
 MAX_PENDING = 64         # requests waiting for workers at once
 SNDHWM = 64              # replies queued per client; further ones are dropped
 HANDSHAKE_MS = 5000      # a connection that never completes the ZMTP handshake is closed
+METRICS_TICK = 0.5       # s: how often an idle loop looks for a waiting scrape (only with --metrics-listen)
 READ_ONLY = ("status", "list", "devices", "metrics")     # not logged: monitoring asks often
 
 
@@ -211,8 +212,13 @@ class ControlServer:
             self._send(envelope, data)
 
     def next_deadline(self) -> float | None:
-        """Monotonic time the next pending request times out (for the loop's poll timeout)."""
-        return min((p.deadline for p in self.pending.values()), default=None)
+        """Monotonic time the next pending request times out (for the loop's poll timeout); with a
+        metrics listener, at most METRICS_TICK away (its scrapes wait for the loop's snapshot)."""
+        due = min((p.deadline for p in self.pending.values()), default=None)
+        if self.metrics is not None:
+            tick = time.monotonic() + METRICS_TICK
+            due = tick if due is None else min(due, tick)
+        return due
 
     def close(self) -> None:
         if self.metrics is not None:

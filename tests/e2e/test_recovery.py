@@ -182,7 +182,7 @@ def test_supervisor_kill9_workers_keep_serving_and_are_adopted(faulty_dom0):
     assert f1.conf_read(G0, 0, 2) == (Err.success, 0x1234)
 
 
-@pytest.mark.daemon(config={"orphan_grace": 1.0})
+@pytest.mark.daemon(config={"orphan_grace": 1.0, "heartbeat_interval": 0.2})
 def test_orphaned_worker_exits_cleanly_after_grace(faulty_dom0):
     dom0 = faulty_dom0
     f1, f2 = two_guests(dom0)

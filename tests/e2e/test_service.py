@@ -38,12 +38,12 @@ def test_sighup_rereads_the_config_and_status_follows(tmp_path):
         assert "STATUS=serving 1 guest(s)" in _recv_until(sock, "READY=1")
         assert "WARNING [supervisor] FAULT INJECTION ARMED: PCIBACKD_FAILPOINTS='boot-slow@99'" in dom0.log_tail(200)
         conf = dom0.dir / "pcibackd.toml"
-        conf.write_text('[pcibackd]\nheartbeat_timeout = 2.0\nstop_timeout = 7.0\ncontrol_curve_dir = "/nonexistent/curve"\n')
+        conf.write_text('[pcibackd]\nheartbeat_timeout = 200.0\nstop_timeout = 7.0\ncontrol_curve_dir = "/nonexistent/curve"\n')
         dom0.daemon.send_signal(signal.SIGHUP)
         msgs = _recv_until(sock, "READY=1")
         assert "RELOADING=1" in msgs
         log = wait_until(lambda: "SIGHUP: config" in (t := dom0.log_tail(200)) and t, what="the reload logged")
-        assert "heartbeat_timeout=2.0 stop_timeout=7.0" in log          # key=value, not a dict
+        assert "heartbeat_timeout=200.0 stop_timeout=7.0" in log          # key=value, not a dict
         assert "SIGHUP: control_curve_dir changed" in log and "takes effect when pcibackd restarts" in log
         conf.write_text("[pcibackd]\nheartbeat_timeout = -3\n")
         dom0.daemon.send_signal(signal.SIGHUP)

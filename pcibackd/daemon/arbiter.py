@@ -32,6 +32,7 @@ from pcibackd.daemon import systemd
 from pcibackd.daemon.adopt import adopt_live_worker
 from pcibackd.daemon.backends import BACKEND_ROOT, list_backends, remove_if_domain_gone
 from pcibackd.daemon.config import DaemonConfig
+from pcibackd.daemon.devicegate import GATE_SOCKET, DeviceGate
 from pcibackd.daemon.endpoint import OpenControl
 from pcibackd.daemon.guests import Guest, GuestEvent, describe_exit, exit_event
 from pcibackd.daemon.interrupts import Interrupts
@@ -74,6 +75,9 @@ class Supervisor(ReleaseViews):
         self.runtime.mkdir(parents=True, exist_ok=True)
         os.chmod(self.runtime, 0o700)
         self.xs = XenStore(self.cfg.xenstored_path)
+        self.gate = DeviceGate(self.runtime / GATE_SOCKET, self.platform, self.runtime / "claims",
+                               self.worker_of, self.cfg.xenstored_path)
+        self.gate.start()
         self.irq = Interrupts(self.platform, self.runtime)
         self.irq.start(set(list_backends(self.xs, self.ignored_names)))
         self.zctx = zmq.Context()
@@ -204,7 +208,7 @@ class Supervisor(ReleaseViews):
                             poll_window_us=c.poll_window_us, supervisor_endpoint=self.workers_endpoint,
                             heartbeat_interval=c.heartbeat_interval, policy_path=c.policy_path,
                             log_level=c.log_level, state_dir=str(self.runtime), orphan_grace=c.orphan_grace,
-                            token=guest.token)
+                            token=guest.token, device_gate=str(self.runtime / GATE_SOCKET))
 
     def _start(self, guest: Guest) -> None:
         guest.token = secrets.token_hex(16)
@@ -336,6 +340,13 @@ class Supervisor(ReleaseViews):
         """Assignable host functions (the platform's: on Xen those bound to a stub driver)."""
         return self.platform.assignable()
 
+    def worker_of(self, pid: int) -> tuple[int, str] | None:
+        """(domid, backend path) served by the live worker ``pid`` (the device gate's thread asks)."""
+        for g in list(self._guests.values()):
+            if g.pid == pid and g.alive:
+                return g.domid, g.backend_path
+        return None
+
     def restart(self, domid: int) -> bool:
         """Replace a guest's worker; FATAL guests get a fresh start.  False: no such guest."""
         guest = self._guests.get(domid)
@@ -383,6 +394,7 @@ class Supervisor(ReleaseViews):
             if g.proc is not None:
                 g.proc.join(0)
         self.control.close()
+        self.gate.close()
         self.workers_sock.close(0)
         self.zctx.term()
         self.xs.close()

@@ -67,6 +67,7 @@ class WorkerConfig:
     state_dir: str | None = None
     orphan_grace: float = 30.0     # no supervisor ack for this long: exit cleanly
     token: str = ""                # proves beats come from this worker (see supervisor)
+    device_gate: str | None = None  # the supervisor's device gate socket; None: open devices here
 
 
 class Worker:
@@ -93,7 +94,7 @@ class Worker:
         self.msi: MsiService | None = None
         if self.reporter:           # PIRQs come from the supervisor's broker, or MSI is not offered
             self.msi = MsiService(cfg.domid, self.reporter.ask, self.reporter.tell, self.devices.find,
-                                  self.platform.open_device)
+                                  self.devices.opener.peek)
             self.msi.install(self.dispatcher.external)
         self.stopping = False
         self.orphaned = False
@@ -143,7 +144,7 @@ class Worker:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
         self.driver.start()              # the initial export opens device files
-        privileges.drop(keep=KEEP_CAPS.get(self.cfg.platform, ()))
+        privileges.drop()
         next_beat = 0.0
         while self.driver.exit_reason is None and not self.stopping:
             fds = [self.xs, rfd]
@@ -225,12 +226,6 @@ class Worker:
         if self.reporter:
             self.reporter.close()
         self.xs.close()
-
-
-# On a real dom0, sysfs grants reads past the first 64 bytes of a config file
-# only to openers with CAP_SYS_ADMIN, and hot-plug opens new ones: a worker
-# keeps that one capability there (see privileges.py); in the simulation, none.
-KEEP_CAPS = {"xen": (privileges.CAP_SYS_ADMIN,)}
 
 
 def runtime_dir_for(cfg: WorkerConfig) -> Path:

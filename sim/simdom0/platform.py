@@ -31,7 +31,7 @@ from pcibackd.platform.api import PlatformError
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import PAGE_SIZE
 from simdom0.evtchn import NR_PORTS, PortSpace, SimEventChannel, check_domid, locked
-from simdom0.hostpci import SimDevice, SimHost
+from simdom0.hostpci import SimDevice, SimHost, open_files
 from simdom0.physdev import SimPhysdev
 
 __all__ = ["FIRST_GREF", "NR_PORTS", "SimEventChannel", "SimPlatform", "SimSharedPage"]
@@ -103,6 +103,14 @@ class SimPlatform:
     def open_device(self, bdf: BDF) -> SimDevice:
         """A simulated function of this instance (FileNotFoundError if it has none at ``bdf``)."""
         return SimDevice.open(self.sim_dir / "pci", bdf)
+
+    def open_device_files(self, bdf: BDF, writable: bool = True) -> dict[str, int]:
+        """The descriptors of a simulated function's files, for a worker that may not open them."""
+        return open_files(self.sim_dir / "pci", bdf, writable)
+
+    def device_from_files(self, bdf: BDF, files: dict[str, int], writable: bool = True) -> SimDevice:
+        """The function over descriptors from :meth:`open_device_files` (taken over)."""
+        return SimDevice(self.sim_dir / "pci", bdf, files)
 
     def assignable(self) -> list[BDF]:
         """Every simulated function of this instance."""

@@ -32,7 +32,7 @@ from pcibackd.daemon import systemd
 from pcibackd.daemon.adopt import adopt_live_worker
 from pcibackd.daemon.backends import BACKEND_ROOT, list_backends, remove_if_domain_gone
 from pcibackd.daemon.config import DaemonConfig
-from pcibackd.daemon.devicegate import GATE_SOCKET, DeviceGate
+from pcibackd.daemon.devicegate import GATE_SOCKET, open_gate
 from pcibackd.daemon.endpoint import OpenControl
 from pcibackd.daemon.guests import Guest, GuestEvent, describe_exit, exit_event
 from pcibackd.daemon.interrupts import Interrupts
@@ -75,9 +75,7 @@ class Supervisor(ReleaseViews):
         self.runtime.mkdir(parents=True, exist_ok=True)
         os.chmod(self.runtime, 0o700)
         self.xs = XenStore(self.cfg.xenstored_path)
-        self.gate = DeviceGate(self.runtime / GATE_SOCKET, self.platform, self.runtime / "claims",
-                               self.worker_of, self.cfg.xenstored_path)
-        self.gate.start()
+        self.gate = open_gate(self.runtime, self.platform, self._guests, self.cfg.xenstored_path)
         self.irq = Interrupts(self.platform, self.runtime)
         self.irq.start(set(list_backends(self.xs, self.ignored_names)))
         self.zctx = zmq.Context()
@@ -340,13 +338,6 @@ class Supervisor(ReleaseViews):
         """Assignable host functions (the platform's: on Xen those bound to a stub driver)."""
         return self.platform.assignable()
 
-    def worker_of(self, pid: int) -> tuple[int, str] | None:
-        """(domid, backend path) served by the live worker ``pid`` (the device gate's thread asks)."""
-        for g in list(self._guests.values()):
-            if g.pid == pid and g.alive:
-                return g.domid, g.backend_path
-        return None
-
     def restart(self, domid: int) -> bool:
         """Replace a guest's worker; FATAL guests get a fresh start.  False: no such guest."""
         guest = self._guests.get(domid)
@@ -394,7 +385,6 @@ class Supervisor(ReleaseViews):
             if g.proc is not None:
                 g.proc.join(0)
         self.control.close()
-        self.gate.close()
         self.workers_sock.close(0)
         self.zctx.term()
         self.xs.close()

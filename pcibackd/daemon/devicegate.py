@@ -19,6 +19,7 @@ connection and touches the supervisor's state only through ``whose``.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import os
 import select
@@ -97,6 +98,8 @@ class DeviceGate:
         self._thread.start()
 
     def close(self) -> None:
+        if self._stop_w < 0:
+            return
         if self._thread is not None:
             os.write(self._stop_w, b"x")
             self._thread.join(CONN_TIMEOUT * 3)
@@ -199,3 +202,17 @@ class DeviceGate:
             finally:
                 getattr(port, "close", lambda: None)()
         return out
+
+
+def open_gate(runtime: Path, platform, guests: dict, xenstored_path: str | None) -> DeviceGate:
+    """The supervisor's started gate at ``<runtime>/devices.sock``; ``guests`` is its live
+    domid -> Guest table (read from the gate's thread: each lookup copies its values)."""
+    def whose(pid: int) -> tuple[int, str] | None:
+        for g in list(guests.values()):
+            if g.pid == pid and g.alive:
+                return g.domid, g.backend_path
+        return None
+    gate = DeviceGate(runtime / GATE_SOCKET, platform, runtime / "claims", whose, xenstored_path)
+    gate.start()
+    atexit.register(gate.close)        # it outlives the loop: workers stopping may still ask
+    return gate

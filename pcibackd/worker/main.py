@@ -33,7 +33,7 @@ from pcibackd.common import logs
 from pcibackd.common.files import write_atomic
 from pcibackd.platform.select import choose_platform
 from pcibackd.wire.bdf import BDF
-from pcibackd.worker import faults, privileges
+from pcibackd.worker import faults, privileges, seccomp
 from pcibackd.worker.devices import DeviceSet
 from pcibackd.worker.driver import Driver
 from pcibackd.worker.interrupts import MsiService
@@ -145,6 +145,10 @@ class Worker:
         signal.signal(signal.SIGINT, self._on_term)
         self.driver.start()              # the initial export opens device files
         privileges.drop()
+        try:
+            seccomp.install()
+        except NotImplementedError as exc:
+            logger.warning("no seccomp filter: {}", exc)
         next_beat = 0.0
         while self.driver.exit_reason is None and not self.stopping:
             fds = [self.xs, rfd]

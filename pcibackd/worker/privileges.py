@@ -55,13 +55,18 @@ def _cap_last() -> int:
         return _CAP_LAST_FALLBACK
 
 
+def set_no_new_privs() -> None:
+    """Nothing this process execs can gain privileges (also what a seccomp filter needs)."""
+    if _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+
+
 def drop(keep: tuple[int, ...] = ()) -> None:
     """Clear the bounding set and all capability sets except ``keep``; set no_new_privs."""
     for cap in range(_cap_last() + 1):
         if cap not in keep:
             _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)     # EINVAL for unknown caps: ignore
-    if _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    set_no_new_privs()
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
     for cap in keep:

@@ -32,7 +32,7 @@ from pcibackd.daemon import systemd
 from pcibackd.daemon.adopt import adopt_live_worker
 from pcibackd.daemon.backends import BACKEND_ROOT, list_backends, remove_if_domain_gone
 from pcibackd.daemon.config import DaemonConfig
-from pcibackd.daemon.devicegate import GATE_SOCKET, open_gate
+from pcibackd.daemon.devicegate import GATE_SOCKET, open_gate, route_to, sent_by
 from pcibackd.daemon.endpoint import OpenControl
 from pcibackd.daemon.guests import Guest, GuestEvent, describe_exit, exit_event
 from pcibackd.daemon.interrupts import Interrupts
@@ -295,25 +295,25 @@ class Supervisor(ReleaseViews):
     def _on_worker_messages(self) -> None:
         for _ in range(MESSAGE_BATCH):
             try:
-                ident, raw = self.workers_sock.recv_multipart(zmq.NOBLOCK)
+                ident, raw = self.workers_sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             except ValueError:
                 continue
             try:
-                msg = parse_worker_message(raw)
+                msg = parse_worker_message(raw.bytes)
             except Exception as exc:       # anything a peer sends must not reach the loop
                 self.malformed += 1
                 if worth_logging(self.malformed):
                     logger.warning("malformed message on the worker socket from {!r} ({} so far): {}",
-                                   ident[:16], self.malformed, str(exc)[:120])
+                                   ident.bytes[:16], self.malformed, str(exc)[:120])
                 continue
             guest = self._guests.get(msg.domid)
-            if guest is None or not guest.sent(ident, msg):
+            if guest is None or not guest.sent(ident.bytes, msg) or not sent_by(ident.bytes, raw, guest):
                 continue
             guest.last_beat = time.monotonic()
             if isinstance(msg, WorkerIrqRequest):     # the broker serves the sender's guest, nobody else's
-                self._send(ident, IrqReply(msg.id, self.irq.handle(guest.domid, msg.request)).to_json())
+                self._send(ident.bytes, IrqReply(msg.id, self.irq.handle(guest.domid, msg.request)).to_json())
                 continue
             if isinstance(msg, WorkerReply):
                 self.control.worker_reply(msg)
@@ -353,7 +353,7 @@ class Supervisor(ReleaseViews):
 
     def send_worker(self, domid: int, cmd: str, args: dict | None = None, req_id: str | None = None) -> bool:
         """Queue a command for a worker (never blocks; False when it cannot be sent)."""
-        return self._send(f"dom{domid}".encode(), WorkerCommand(cmd, args or {}, req_id).to_json())
+        return self._send(route_to(self._guests.get(domid)), WorkerCommand(cmd, args or {}, req_id).to_json())
 
     def _send(self, ident: bytes, data: bytes) -> bool:
         try:

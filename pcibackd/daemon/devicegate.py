@@ -1,4 +1,5 @@
-"""The device gate: the supervisor lends each worker its own devices' files.
+"""The device gate: the supervisor lends each worker its own devices' files;
+and who is speaking on the worker socket (both from the kernel's credentials).
 
 Driver: a thread of the supervisor serving ``<runtime>/devices.sock``
 (protocol: :mod:`pcibackd.worker.devicegate`).
@@ -29,6 +30,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+import zmq
 from loguru import logger
 
 from pcibackd.common.ratelimit import worth_logging
@@ -216,3 +218,40 @@ def open_gate(runtime: Path, platform, guests: dict, xenstored_path: str | None)
     gate.start()
     atexit.register(gate.close)        # it outlives the loop: workers stopping may still ask
     return gate
+
+
+# ------------------------------------------------ the worker socket's senders --
+_spoofed = 0
+NO_ROUTE = b"\0no-route"       # a routing id no peer has: a send to it is dropped
+
+
+def zmq_peer(frame) -> tuple[int, int, int] | None:
+    """(uid, gid, pid) of the process that sent a frame over ZeroMQ ipc: libzmq records the
+    connecting process's SO_PEERCRED as ``Peer-Address`` ``...:uid:gid:pid``."""
+    try:
+        uid, gid, pid = (int(f) for f in frame.get("Peer-Address").rsplit(":", 3)[1:])
+    except (zmq.ZMQError, AttributeError, ValueError, TypeError):
+        return None
+    return uid, gid, pid
+
+
+def sent_by(ident: bytes, frame, guest) -> bool:
+    """Whether a worker-socket frame naming ``guest`` came from its worker's process (the
+    kernel's word, not the message's); if so its connection becomes the guest's route, so
+    one worker can neither speak for another nor receive another's commands."""
+    global _spoofed
+    peer = zmq_peer(frame)
+    if peer is not None and peer[2] == guest.pid:
+        guest.route = ident
+        return True
+    _spoofed += 1
+    if worth_logging(_spoofed):
+        logger.warning("worker socket: a message for domain {} from {} (its worker is pid {}): ignored "
+                       "({} so far)", guest.domid, f"pid {peer[2]}" if peer else "an unknown process",
+                       guest.pid, _spoofed)
+    return False
+
+
+def route_to(guest) -> bytes:
+    """The routing id of ``guest``'s worker link (a dead end until its worker has spoken)."""
+    return (guest.route if guest is not None else None) or NO_ROUTE

@@ -123,6 +123,7 @@ class Guest:
     pidfd: int | None = None         # signals go through this, never a bare (reusable) pid
     adopted: bool = False            # left running by a previous supervisor
     token: str = ""                  # the worker proves its messages with this
+    route: bytes | None = None       # its link's routing id, learned from its first message its pid sent
     stop_deadline: float = 0.0
     terminated: bool = False         # SIGTERM already sent while STOPPING
     restarts: int = 0
@@ -152,6 +153,7 @@ class Guest:
     def attach(self, pid: int, sentinel: int, pidfd: int | None, adopted: bool, now: float) -> None:
         """A worker now serves this guest: one we spawned, or one we adopted."""
         self.pid, self.sentinel, self.pidfd, self.adopted = pid, sentinel, pidfd, adopted
+        self.route = None
         self.change_state(GuestEvent.ADOPTED if adopted else GuestEvent.SPAWNED)
         self.started_at = self.last_beat = now
 
@@ -190,10 +192,10 @@ class Guest:
             pass
 
     def sent(self, ident: bytes, msg: WorkerReport | WorkerReply) -> bool:
-        """``msg`` really comes from this guest's worker: its socket identity,
-        pid and secret token all match."""
-        return (ident == f"dom{self.domid}".encode() and msg.pid == self.pid
-                and bool(self.token) and msg.token == self.token)
+        """``msg`` claims to come from this guest's worker: its pid and secret token match
+        (that its sender really is that pid is checked by the supervisor from the kernel's
+        credentials of ``ident``'s connection)."""
+        return msg.pid == self.pid and bool(self.token) and msg.token == self.token
 
     def info(self, now: float, interrupts: dict | None = None) -> GuestInfo:
         """A snapshot for pcibackctl (``now``: time.monotonic(); ``interrupts``: the broker's

@@ -59,7 +59,8 @@ def control_opener(cfg: DaemonConfig):
     exists (the daemon package does not know the control package)."""
     def open_control(zctx: zmq.Context, face: DaemonFace) -> ControlServer:
         return ControlServer(zctx, Path(cfg.runtime_dir) / ENDPOINT_NAME, face,
-                             tcp=cfg.control_tcp, curve_dir=cfg.control_curve_dir)
+                             tcp=cfg.control_tcp, curve_dir=cfg.control_curve_dir,
+                             status_group=cfg.status_group)
     return open_control
 
 

@@ -73,7 +73,7 @@ class Supervisor(ReleaseViews):
     def _setup(self) -> None:
         self.spawner.start()            # before any thread exists
         self.runtime.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.runtime, 0o700)
+        os.chmod(self.runtime, 0o711)      # traversable: workers and the status group reach their sockets
         self.xs = XenStore(self.cfg.xenstored_path)
         self.gate = open_gate(self.runtime, self.platform, self._guests, self.cfg.xenstored_path)
         self.irq = Interrupts(self.platform, self.runtime)

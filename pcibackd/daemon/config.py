@@ -31,6 +31,7 @@ class DaemonConfig:
     stop_timeout: float = 5.0            # graceful stop: wait this long for workers
     control_tcp: str | None = None       # "tcp://ADDR:PORT": pcibackctl over TCP too, CURVE only; unset = ipc only
     control_curve_dir: str = "/etc/pcibackd/curve"   # server.key_secret + clients/*.key (see pcibackd.control.curve)
+    status_group: str = "pcibackd-monitor"   # may read <runtime>/status.sock (read-only commands); "" = no socket
 
     @classmethod
     def load(cls, path: str | Path | None, **overrides) -> "DaemonConfig":

@@ -61,12 +61,17 @@ def set_no_new_privs() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
 
 
-def drop(keep: tuple[int, ...] = ()) -> None:
-    """Clear the bounding set and all capability sets except ``keep``; set no_new_privs."""
+def drop(keep: tuple[int, ...] = (), uid: int | None = None, gid: int | None = None) -> None:
+    """Clear the bounding set and all capability sets except ``keep``; set no_new_privs;
+    with ``uid``, become that uid and ``gid`` (:func:`become`) in between: after the
+    bounding set (clearing it needs CAP_SETPCAP), before the capability sets (switching
+    needs CAP_SETUID/CAP_SETGID)."""
     for cap in range(_cap_last() + 1):
         if cap not in keep:
             _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)     # EINVAL for unknown caps: ignore
     set_no_new_privs()
+    if uid is not None:
+        become(uid, uid if gid is None else gid)
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
     for cap in keep:
@@ -75,6 +80,34 @@ def drop(keep: tuple[int, ...] = ()) -> None:
         data[word].permitted |= 1 << bit
     if _libc.capset(ctypes.byref(header), data) != 0:
         raise OSError(ctypes.get_errno(), "capset")
+
+
+DEFAULT_UID_BASE = 0x70000000     # far above any distribution's static and systemd's dynamic ranges
+MAX_DOMID = 0x7FEF                # DOMID_FIRST_RESERVED - 1
+
+
+def worker_uid(base: int, domid: int) -> int:
+    """The uid (and gid) of ``domid``'s worker: ``base + domid``, one per guest, stable across
+    its restarts (so a successor reads its predecessor's files and a new supervisor can tell
+    its workers apart by the kernel's credentials)."""
+    if not 0 <= domid <= MAX_DOMID:
+        raise ValueError(f"domid {domid} out of range")
+    if not 0 < base <= 0xFFFFFFFE - MAX_DOMID:
+        raise ValueError(f"worker uid base {base} out of range")
+    return base + domid
+
+
+def become(uid: int, gid: int) -> None:
+    """Switch every id of this process to ``uid``/``gid`` with no supplementary groups.
+
+    Call after everything privileged is open, through :func:`drop`; leaving uid 0 also
+    clears the permitted and effective capability sets.  Irreversible: the saved ids
+    change too."""
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
+        raise OSError("setresuid/setresgid did not take")
 
 
 def status(pid: int | None = None) -> dict[str, str]:

@@ -33,6 +33,7 @@ from pcibackd.control.commands import COMMANDS, Answer, CommandError, Pending
 from pcibackd.control.face import DaemonFace
 from pcibackd.control.protocol import MAX_REQUEST, STATUS_NAME, BadRequest, Errno, parse_request, reply
 from pcibackd.worker.link import WorkerReply
+from pcibackd.worker.privileges import lock_away
 
 BATCH = 64               # requests per wake-up: the supervisor loop has other work
 MAX_PENDING = 64         # requests waiting for workers at once
@@ -113,6 +114,7 @@ class ControlServer:
                            (zmq.RCVHWM, BATCH), (zmq.HANDSHAKE_IVL, HANDSHAKE_MS)):
             self.sock.setsockopt(opt, value)
         _bind_ipc(self.sock, self.path, 0o600)
+        lock_away(self.path)            # root administrators only: not a worker (uid 0, no capabilities)
         self.endpoints = {"ipc": str(self.path), "tcp": None}
         if status_group:
             self._bind_status(status_group)

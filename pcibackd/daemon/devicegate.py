@@ -37,6 +37,7 @@ from pcibackd.common.ratelimit import worth_logging
 from pcibackd.wire.bdf import BDF
 from pcibackd.worker.devicegate import (MAX_REQUEST, decode_request, encode_grant, encode_refusal,
                                         take_claim)
+from pcibackd.worker.privileges import lock_away
 from pcibackd.xenstore.client import XenStore
 
 GATE_SOCKET = "devices.sock"   # under the runtime directory
@@ -80,8 +81,11 @@ def listed_devices(xs: XenStore, backend_path: str) -> set[BDF]:
 class DeviceGate:
     """See the module docstring; :meth:`start` after the runtime directory exists."""
 
-    def __init__(self, path: Path, platform, lock_dir: Path, whose: Whose, xenstored_path: str | None):
-        self.path, self.platform, self.lock_dir = Path(path), platform, Path(lock_dir)
+    def __init__(self, path: Path, platform, lock_dir: Path, whose: Whose, xenstored_path: str | None,
+                 mode: int = 0o600):
+        """``mode`` of the socket: 0600 while workers run as root; workers under their own
+        uids need it reachable (the peer's pid, not the mode, is the credential)."""
+        self.path, self.platform, self.lock_dir, self.mode = Path(path), platform, Path(lock_dir), mode
         self.whose, self.xenstored_path = whose, xenstored_path
         self.refused = 0
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
@@ -93,8 +97,7 @@ class DeviceGate:
         self.path.unlink(missing_ok=True)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self.sock.bind(str(self.path))
-        # Anyone who can reach it may connect: the peer's pid is the credential.
-        os.chmod(self.path, 0o666)
+        os.chmod(self.path, self.mode)
         self.sock.listen(64)
         self._thread = threading.Thread(target=self._serve, name="device-gate", daemon=True)
         self._thread.start()
@@ -214,6 +217,11 @@ def open_gate(runtime: Path, platform, guests: dict, xenstored_path: str | None)
             if g.pid == pid and g.alive:
                 return g.domid, g.backend_path
         return None
+    # The supervisor's own parts of the runtime directory, out of a worker's reach
+    # (a worker is uid 0 without CAP_DAC_OVERRIDE): claims, pid files, the interrupt journal.
+    for private in ("claims", "workers", "irq"):
+        (runtime / private).mkdir(mode=0o700, exist_ok=True)
+        lock_away(runtime / private)
     gate = DeviceGate(runtime / GATE_SOCKET, platform, runtime / "claims", whose, xenstored_path)
     gate.start()
     atexit.register(gate.close)        # it outlives the loop: workers stopping may still ask

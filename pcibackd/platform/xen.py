@@ -277,6 +277,12 @@ class RealPlatform:
                                               "(neither /proc/xen nor /dev/xen exists)")
         return cls(domid)
 
+    @staticmethod
+    def worker_paths(arg: str | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """A worker writes no file of this platform; it maps grants and binds event channels
+        through /dev/xen (see :func:`pcibackd.platform.select.worker_paths`)."""
+        return (), ("/dev/xen",)
+
     # -- host PCI ------------------------------------------------------------
 
     def open_device(self, bdf: BDF) -> SysfsDevice:

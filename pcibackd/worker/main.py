@@ -31,9 +31,9 @@ from loguru import logger
 
 from pcibackd.common import logs
 from pcibackd.common.files import write_atomic
-from pcibackd.platform.select import choose_platform
+from pcibackd.platform.select import choose_platform, worker_paths
 from pcibackd.wire.bdf import BDF
-from pcibackd.worker import faults, privileges, seccomp
+from pcibackd.worker import faults, landlock, privileges, seccomp
 from pcibackd.worker.devices import DeviceSet
 from pcibackd.worker.driver import Driver
 from pcibackd.worker.interrupts import MsiService
@@ -226,7 +226,10 @@ class Worker:
         except OSError:
             gone = False
         self.devices.close(forget_state=gone)
-        pidfile(self.cfg).unlink(missing_ok=True)
+        try:
+            pidfile(self.cfg).unlink(missing_ok=True)
+        except PermissionError:
+            pass           # confined: a stale pid file names a dead process, which adoption checks
         if self.reporter:
             self.reporter.close()
         self.xs.close()
@@ -255,11 +258,25 @@ def write_pidfile(cfg: WorkerConfig) -> None:
     write_atomic(path, f"{os.getpid()} {psutil.Process().create_time()} {cfg.token}\n".encode())
 
 
+def confine_paths(cfg: WorkerConfig) -> None:
+    """Landlock: from now on this worker writes only its runtime state and its platform's
+    grant/event-channel paths (see :mod:`.landlock`); its devices come as descriptors."""
+    runtime = runtime_dir_for(cfg)
+    writable, devices = worker_paths(cfg.platform)
+    own = (runtime / "state",) if cfg.device_gate else (runtime / "state", runtime / "claims")
+    for d in own:
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    version = landlock.restrict(own + tuple(map(Path, writable)), tuple(map(Path, devices)))
+    if not version:
+        logger.warning("no Landlock in this kernel: the worker is not confined by path")
+
+
 def run_worker(cfg: WorkerConfig) -> None:
     """Process entry point (target of the spawner)."""
     logs.setup(cfg.log_level, domid=cfg.domid)
     write_pidfile(cfg)          # first: a supervisor restarted now must find us
     try:
+        confine_paths(cfg)      # before any thread starts: Landlock binds threads made later
         worker = Worker(cfg)
     except Exception:
         logger.exception("worker boot failed")

@@ -1,26 +1,32 @@
 """Least privilege for a worker, applied once its setup is done.
 
-Driver: prctl and capset on the calling process.
+Driver: prctl, capset and set*id on the calling process.
 
-After :func:`drop`, a worker keeps uid 0 (its files and sockets are
-root-owned) but holds **no capabilities** (effective, permitted, inheritable
-and bounding sets cleared) and has ``no_new_privs`` set, so nothing it execs can
-regain any.  What it can still reach, and why:
+A worker is confined in three steps (worker/main.py): Landlock before any
+thread starts (:mod:`.landlock`: writes only beneath its runtime state and its
+platform's grant/event-channel paths), then :func:`drop` (no capabilities in
+any set, ``no_new_privs``), then its seccomp filter (:mod:`.seccomp`).  It
+opens no host device file itself: the supervisor's device gate
+(:mod:`.devicegate`) lends it the descriptors of the functions listed in its
+own backend, and sysfs serves a whole config space through a descriptor its
+root opener made, so no worker keeps CAP_SYS_ADMIN on Xen.  Its messages on
+the worker socket count only from its own pid (the kernel's credentials).
 
-* its xenstore connection (already open) — xenstored treats it as dom0, so a
-  compromised worker could still write xenstore nodes: the remaining risk;
-* its mapped request page and bound event channel (already open);
-* its devices' config files: opened at export (before the drop) and on
-  hot-plug.  On a real dom0 sysfs serves reads past the first 64 bytes only to
-  an opener holding CAP_SYS_ADMIN, so there the worker keeps that single
-  capability (worker.KEEP_CAPS) — a known gap; the planned fix is the
-  supervisor opening config files and passing the descriptors (SCM_RIGHTS);
-* the runtime directory (root-owned 0700): claims, state snapshots, its pid file;
-* the supervisor's ZeroMQ socket.
-It can no longer load modules, signal or trace other users' processes,
-mount, do raw I/O, bypass file permissions (CAP_DAC_OVERRIDE) or change
-host drivers.  Mapping a guest's page after a reconnect uses /dev/xen/gntdev
-(root-owned 0600), which needs no capability.
+A worker keeps uid 0.  Without CAP_DAC_OVERRIDE that still opens every
+root-owned file whose owner bits allow it, so what only the supervisor and
+root administrators may reach is owned by :data:`LOCKED_UID` (:func:`lock_away`):
+the control socket, claims, pid files, the interrupt journal and the fork
+server's directory.  What a worker can still do: write any xenstore node
+(xenstored treats its connection as dom0), read root-readable files, write the
+shared runtime state (other guests' snapshots, release records), and connect
+to unix sockets root owns with owner access (Landlock does not mediate connects).
+
+:func:`drop` can also switch to a uid of the worker's own (:func:`worker_uid`:
+``base + domid``), which closes the rest (tests/e2e/test_worker_uid.py); a
+worker does not use it yet: after setup it still maps grants and opens event
+channels by path (/dev/xen, the simulation's files) and writes snapshots and
+release records under the root-owned runtime directory; those must first
+become descriptors or supervisor work.
 """
 
 from __future__ import annotations
@@ -108,6 +114,20 @@ def become(uid: int, gid: int) -> None:
     os.setresuid(uid, uid, uid)
     if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
         raise OSError("setresuid/setresgid did not take")
+
+
+LOCKED_UID = DEFAULT_UID_BASE - 1     # owns what only CAP_DAC_OVERRIDE may reach; no process runs as it
+
+
+def lock_away(path) -> bool:
+    """Give ``path`` (mode 0600/0700) to :data:`LOCKED_UID`: the supervisor and root
+    administrators (CAP_DAC_OVERRIDE) still reach it, a worker (uid 0, no capabilities) no
+    longer does.  False when this process may not chown (not root: nothing to protect from)."""
+    try:
+        os.chown(path, LOCKED_UID, LOCKED_UID, follow_symlinks=False)
+    except PermissionError:
+        return False
+    return True
 
 
 def status(pid: int | None = None) -> dict[str, str]:

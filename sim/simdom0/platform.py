@@ -98,6 +98,12 @@ class SimPlatform:
             raise ValueError("platform sim needs its state directory: --platform sim:DIR")
         return cls(arg, domid)
 
+    @staticmethod
+    def worker_paths(arg: str | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """A worker writes grant mappings and port tables; never the simulated devices'
+        files (it gets those as descriptors)."""
+        return (str(Path(arg) / "grants"), str(Path(arg) / "evtchn")), ()
+
     # -- host PCI ------------------------------------------------------------
 
     def open_device(self, bdf: BDF) -> SimDevice:

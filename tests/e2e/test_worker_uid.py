@@ -41,7 +41,7 @@ def setup(sim_dom0):
     control.listen(1)
     workers = {}
     gate = DeviceGate(runtime / "devices.sock", SimPlatform(sim_dom0.sim_dir, 0), runtime / "claims",
-                      workers.get, sim_dom0.xenstored.socket_path)
+                      workers.get, sim_dom0.xenstored.socket_path, mode=0o666)
     gate.start()
     yield sim_dom0, workers
     gate.close()

@@ -34,6 +34,7 @@ import zmq
 from loguru import logger
 
 from pcibackd.common.ratelimit import worth_logging
+from pcibackd.hostpci.release import quarantined
 from pcibackd.wire.bdf import BDF
 from pcibackd.worker.devicegate import (MAX_REQUEST, decode_request, encode_grant, encode_refusal,
                                         take_claim)
@@ -86,6 +87,7 @@ class DeviceGate:
         """``mode`` of the socket: 0600 while workers run as root; workers under their own
         uids need it reachable (the peer's pid, not the mode, is the credential)."""
         self.path, self.platform, self.lock_dir, self.mode = Path(path), platform, Path(lock_dir), mode
+        self.state_dir = self.lock_dir.parent / "state"
         self.whose, self.xenstored_path = whose, xenstored_path
         self.refused = 0
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
@@ -183,6 +185,12 @@ class DeviceGate:
         if op == "claim":
             if bdf not in listed:
                 raise Refused(errno.EPERM, f"{bdf} is not assigned to domain {domid}")
+            # xenstore is writable by any dom0 process: a listing alone never hands out a
+            # function dom0 itself uses, nor one whose last reset failed
+            if bdf not in self.platform.assignable():
+                raise Refused(errno.EPERM, f"{bdf} is not assignable (not bound to the stub driver)")
+            if (why := quarantined(self.state_dir, bdf)) is not None:
+                raise Refused(errno.EBUSY, f"{bdf} is quarantined: its last reset failed ({why.describe()})")
             claim = take_claim(self.lock_dir, bdf, domid)
             try:
                 files = self.platform.open_device_files(bdf, writable=True)

@@ -11,6 +11,7 @@ import os
 import pytest
 
 from pcibackd.daemon.devicegate import DeviceGate
+from pcibackd.hostpci.release import ReleaseRecord, write_record
 from pcibackd.wire.bdf import BDF
 from pcibackd.worker.devicegate import GateOpener, ask_gate
 from simdom0.platform import SimPlatform
@@ -80,3 +81,32 @@ def test_malformed_requests_are_refused(gate):
             s.send(raw)
             answer, fds, _, _ = socket.recv_fds(s, 1024, 4)
         assert fds == [] and b'"ok": false' in answer
+
+
+class _NothingAssignable(SimPlatform):
+    def assignable(self):
+        return []
+
+
+def test_a_listed_function_dom0_uses_is_not_lent(sim_dom0):
+    """A worker can write xenstore: listing dom0's own device in its backend gets it nothing."""
+    sim_dom0.add_device("edu", MINE)
+    sim_dom0.create_guest(1, [MINE])
+    sim_dom0.runtime.mkdir(parents=True, exist_ok=True)
+    g = DeviceGate(sim_dom0.runtime / "devices.sock", _NothingAssignable(sim_dom0.sim_dir, 0),
+                   sim_dom0.runtime / "claims", {os.getpid(): (1, "/local/domain/0/backend/pci/1/0")}.get,
+                   sim_dom0.xenstored.socket_path)
+    g.start()
+    try:
+        with pytest.raises(PermissionError, match="not assignable"):
+            ask_gate(g.path, "claim", MINE)
+    finally:
+        g.close()
+
+
+def test_a_quarantined_function_is_not_lent(gate, sim_dom0):
+    (sim_dom0.runtime / "state").mkdir(exist_ok=True)
+    write_record(sim_dom0.runtime / "state", ReleaseRecord(str(MINE), "flr", False, "no response"))
+    with pytest.raises(OSError, match="quarantined") as exc:
+        ask_gate(gate.path, "claim", MINE)
+    assert exc.value.errno == errno.EBUSY

@@ -188,7 +188,8 @@ class DeviceGate:
             # xenstore is writable by any dom0 process: a listing alone never hands out a
             # function dom0 itself uses, nor one whose last reset failed
             if bdf not in self.platform.assignable():
-                raise Refused(errno.EPERM, f"{bdf} is not assignable (not bound to the stub driver)")
+                # ENOENT, as for a function that does not exist: "not an assignable device"
+                raise Refused(errno.ENOENT, f"{bdf} is not assignable (no such function, or not stub-bound)")
             if (why := quarantined(self.state_dir, bdf)) is not None:
                 raise Refused(errno.EBUSY, f"{bdf} is quarantined: its last reset failed ({why.describe()})")
             claim = take_claim(self.lock_dir, bdf, domid)

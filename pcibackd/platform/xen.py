@@ -278,10 +278,11 @@ class RealPlatform:
         return cls(domid)
 
     @staticmethod
-    def worker_paths(arg: str | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """A worker writes no file of this platform; it maps grants and binds event channels
-        through /dev/xen (see :func:`pcibackd.platform.select.worker_paths`)."""
-        return (), ("/dev/xen",)
+    def worker_paths(arg: str | None) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+        """A worker reads sysfs (covered by every worker's rules) and writes no file of this
+        platform; it maps grants and binds event channels through /dev/xen (see
+        :func:`pcibackd.platform.select.worker_paths`)."""
+        return (), (), ("/dev/xen",)
 
     # -- host PCI ------------------------------------------------------------
 

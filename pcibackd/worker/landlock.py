@@ -8,12 +8,14 @@ A worker keeps uid 0 without capabilities, so file modes alone would still let
 it write every root-owned file (another function's sysfs ``config``, any
 state under the runtime directory).  Landlock narrows that by path:
 
-* everything may be read (Python's lazy imports, sysfs attributes, the policy);
+* reading only beneath the paths given (Python's own, shared libraries, /sys,
+  /proc, the policy file, its state, the platform's paths): not /etc/shadow,
+  not other users' homes;
 * writing, creating and removing files only beneath the directories given
   (its own runtime state, the platform's grant and event-channel paths);
 * device ioctls only on the device paths given (``/dev/xen``);
-* with ABI 6 or later, no signal to any process outside its own ruleset
-  (other workers, the supervisor).
+* no ptrace (nor /proc/PID/mem) of a process outside its own ruleset, and with
+  ABI 6 or later no signal to one (other workers, the supervisor).
 
 Unix socket connects are not path accesses for Landlock: sockets only root
 with CAP_DAC_OVERRIDE should reach are kept from workers by ownership
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import stat
 import struct
 from pathlib import Path
 
@@ -42,6 +45,7 @@ _BY_ABI = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 4: (1 << 15) - 
 READ = READ_FILE | READ_DIR
 WRITE = READ | WRITE_FILE | MAKE_REG | MAKE_DIR | REMOVE_FILE | REMOVE_DIR | TRUNCATE | REFER
 DEVICE = READ_FILE | WRITE_FILE | IOCTL_DEV
+_FILE_RIGHTS = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -61,7 +65,8 @@ def _check(result: int, what: str) -> int:
     return result
 
 
-def restrict(writable: tuple[Path, ...] = (), devices: tuple[Path, ...] = ()) -> int:
+def restrict(readable: tuple[Path, ...] = (Path("/"),), writable: tuple[Path, ...] = (),
+             devices: tuple[Path, ...] = ()) -> int:
     """Confine this process as described in the module docstring; the ABI used (0: no Landlock).
 
     Paths that do not exist are skipped.  ``no_new_privs`` must be set already."""
@@ -79,13 +84,15 @@ def restrict(writable: tuple[Path, ...] = (), devices: tuple[Path, ...] = ()) ->
     ruleset = _check(_libc.syscall(ctypes.c_long(_NR_CREATE_RULESET), buf, ctypes.c_size_t(len(attr)),
                                    ctypes.c_uint32(0)), "landlock_create_ruleset")
     try:
-        rules = [(Path("/"), READ)] + [(p, WRITE) for p in writable] + [(p, DEVICE) for p in devices]
+        rules = [(p, READ) for p in readable] + [(p, WRITE) for p in writable] + [(p, DEVICE) for p in devices]
         for path, access in rules:
             try:
                 fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
             except FileNotFoundError:
                 continue
             try:
+                if not stat.S_ISDIR(os.fstat(fd).st_mode):
+                    access &= _FILE_RIGHTS       # a rule on a file takes only rights a file has
                 rule = ctypes.create_string_buffer(struct.pack("<Qi", access & handled, fd), 12)
                 _check(_libc.syscall(ctypes.c_long(_NR_ADD_RULE), ctypes.c_int(ruleset),
                                      ctypes.c_int(_RULE_PATH_BENEATH), rule, ctypes.c_uint32(0)),

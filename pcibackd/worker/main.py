@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,15 +259,25 @@ def write_pidfile(cfg: WorkerConfig) -> None:
     write_atomic(path, f"{os.getpid()} {psutil.Process().create_time()} {cfg.token}\n".encode())
 
 
+# What a worker reads besides Python's paths, its state and its platform's paths:
+# shared libraries (ctypes), the time zone (log stamps), sysfs attributes, /proc.
+READABLE = ("/usr/lib", "/usr/lib64", "/lib", "/lib64", "/usr/local/lib", "/etc/ld.so.cache",
+            "/etc/localtime", "/usr/share/zoneinfo", "/sys", "/proc", "/dev/null", "/dev/urandom")
+
+
 def confine_paths(cfg: WorkerConfig) -> None:
     """Landlock: from now on this worker writes only its runtime state and its platform's
     grant/event-channel paths (see :mod:`.landlock`); its devices come as descriptors."""
     runtime = runtime_dir_for(cfg)
-    writable, devices = worker_paths(cfg.platform)
+    platform_readable, writable, devices = worker_paths(cfg.platform)
     own = (runtime / "state",) if cfg.device_gate else (runtime / "state", runtime / "claims")
     for d in own:
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    version = landlock.restrict(own + tuple(map(Path, writable)), tuple(map(Path, devices)))
+    readable = {*sys.path, sys.prefix, sys.base_prefix, sys.exec_prefix, *READABLE, *platform_readable}
+    if cfg.policy_path:
+        readable.add(cfg.policy_path)
+    version = landlock.restrict(tuple(Path(p) for p in sorted(readable) if p), own + tuple(map(Path, writable)),
+                                tuple(map(Path, devices)))
     if not version:
         logger.warning("no Landlock in this kernel: the worker is not confined by path")
 

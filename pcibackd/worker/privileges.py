@@ -17,9 +17,11 @@ root-owned file whose owner bits allow it, so what only the supervisor and
 root administrators may reach is owned by :data:`LOCKED_UID` (:func:`lock_away`):
 the control socket, claims, pid files, the interrupt journal and the fork
 server's directory.  What a worker can still do: write any xenstore node
-(xenstored treats its connection as dom0), read root-readable files, write the
-shared runtime state (other guests' snapshots, release records), and connect
-to unix sockets root owns with owner access (Landlock does not mediate connects).
+(xenstored treats its connection as dom0: it may list a free function of the
+pool in its own backend, which the gate then lends), read what its Landlock
+paths allow (/proc, /sys, Python, libraries), write the shared runtime state
+(other guests' snapshots, release records), and connect to unix sockets root
+owns with owner access (Landlock does not mediate connects).
 
 :func:`drop` can also switch to a uid of the worker's own (:func:`worker_uid`:
 ``base + domid``), which closes the rest (tests/e2e/test_worker_uid.py); a

@@ -99,10 +99,11 @@ class SimPlatform:
         return cls(arg, domid)
 
     @staticmethod
-    def worker_paths(arg: str | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """A worker writes grant mappings and port tables; never the simulated devices'
-        files (it gets those as descriptors)."""
-        return (str(Path(arg) / "grants"), str(Path(arg) / "evtchn")), ()
+    def worker_paths(arg: str | None) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+        """A worker reads the simulated devices' attributes and writes grant mappings and port
+        tables; never the devices' config files (it gets those as descriptors)."""
+        sim = Path(arg)
+        return (str(sim / "pci"),), (str(sim / "grants"), str(sim / "evtchn")), ()
 
     # -- host PCI ------------------------------------------------------------
 

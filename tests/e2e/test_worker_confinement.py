@@ -60,6 +60,8 @@ def _attempts(dom0, listener: str) -> list[str]:
                                                                        os.O_RDONLY)))
     must_fail("read a pid file", lambda: open(dom0.runtime / "workers" / "dom2.pid").close())
     must_fail("write outside its state", lambda: open(dom0.runtime / "planted", "w").close())
+    must_fail("read /etc/shadow", lambda: open("/etc/shadow", "rb").close())
+    must_fail("list /root", lambda: os.listdir("/root"))
     must_fail("exec", lambda: os.execv("/bin/true", ["true"]))
     if landlock.abi() >= 6:
         must_fail("signal the supervisor", lambda: os.kill(dom0.daemon.pid, signal.SIGSTOP))

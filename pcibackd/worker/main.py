@@ -273,7 +273,8 @@ def confine_paths(cfg: WorkerConfig) -> None:
     own = (runtime / "state",) if cfg.device_gate else (runtime / "state", runtime / "claims")
     for d in own:
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    readable = {*sys.path, sys.prefix, sys.base_prefix, sys.exec_prefix, *READABLE, *platform_readable}
+    readable = {*sys.path, sys.prefix, sys.base_prefix, sys.exec_prefix, *READABLE, *platform_readable,
+                *os.environ.get("LD_LIBRARY_PATH", "").split(":")}
     if cfg.policy_path:
         readable.add(cfg.policy_path)
     version = landlock.restrict(tuple(Path(p) for p in sorted(readable) if p), own + tuple(map(Path, writable)),

@@ -118,7 +118,8 @@ def control_opener(cfg: DaemonConfig, metrics_listen: str | None = None):
         metrics = _metrics_listener(metrics_listen) if metrics_listen else None
         try:
             return ControlServer(zctx, Path(cfg.runtime_dir) / ENDPOINT_NAME, face,
-                                 tcp=cfg.control_tcp, curve_dir=cfg.control_curve_dir, metrics=metrics)
+                                 tcp=cfg.control_tcp, curve_dir=cfg.control_curve_dir, metrics=metrics,
+                                 status_group=cfg.status_group)
         except BaseException:
             if metrics is not None:
                 metrics.close()

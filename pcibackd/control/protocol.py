@@ -18,6 +18,7 @@ MAX_REQUEST = 1 << 20          # bytes; larger requests cost the sender its conn
 MAX_REPLY = 16 << 20           # clients drop larger replies (a status of 64 guests is ~100 KiB)
 MAX_ID = 128                   # longest request id echoed back
 ENDPOINT_NAME = "control.sock"  # in the runtime directory
+STATUS_NAME = "status.sock"     # the read-only one, beside it
 
 
 class Errno(enum.IntEnum):
@@ -30,6 +31,7 @@ class Errno(enum.IntEnum):
     BAD_MESSAGE = 6          # JSON, but not a request object / wrong framing
     BUSY = 7                 # too many requests waiting for workers
     TIMEOUT = 8              # a worker did not answer in time
+    NOT_ALLOWED = 9          # a changing command on the read-only status socket
 
 
 if __doc__ is not None:              # None under python -OO

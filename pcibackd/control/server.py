@@ -1,7 +1,11 @@
 """The daemon side of the control socket.
 
-``ipc://<runtime>/control.sock``: the runtime directory is 0700 and the socket
-0600, both root's, so only root gets in.  With ``control_tcp`` configured the
+``ipc://<runtime>/control.sock``: the runtime directory is root's and writable
+by nobody else (0711: workers, under their own uids, reach their own sockets in
+it) and the socket is 0600, so only root gets in.  ``<runtime>/status.sock``
+(0660, group ``status_group``) is the same ROUTER's read-only door: a request
+from a uid other than the daemon's (the kernel's word: libzmq records the ipc
+peer's SO_PEERCRED) may run only the commands in :data:`READ_ONLY`.  With ``control_tcp`` configured the
 same ROUTER also listens on TCP, CURVE only, for the client keys allowed in
 ``control_curve_dir`` (libzmq takes security options per bind, so the ipc
 endpoint stays plain).
@@ -13,6 +17,7 @@ does not read loses its replies, never blocking the daemon.
 
 from __future__ import annotations
 
+import grp
 import os
 import socket
 import stat
@@ -26,15 +31,16 @@ from loguru import logger
 from pcibackd.control import curve
 from pcibackd.control.commands import COMMANDS, Answer, CommandError, Pending
 from pcibackd.control.face import DaemonFace
-from pcibackd.control.protocol import MAX_REQUEST, BadRequest, Errno, parse_request, reply
+from pcibackd.control.protocol import MAX_REQUEST, STATUS_NAME, BadRequest, Errno, parse_request, reply
 from pcibackd.worker.link import WorkerReply
+from pcibackd.worker.privileges import lock_away
 
 BATCH = 64               # requests per wake-up: the supervisor loop has other work
 MAX_PENDING = 64         # requests waiting for workers at once
 SNDHWM = 64              # replies queued per client; further ones are dropped
 HANDSHAKE_MS = 5000      # a connection that never completes the ZMTP handshake is closed
 METRICS_TICK = 0.5       # s: how often an idle loop looks for a waiting scrape (only with --metrics-listen)
-READ_ONLY = ("status", "list", "devices", "metrics")     # not logged: monitoring asks often
+READ_ONLY = frozenset({"status", "list", "devices", "metrics"})   # what a non-root peer may ask (not logged)
 
 
 class ControlSetupError(RuntimeError):
@@ -43,9 +49,37 @@ class ControlSetupError(RuntimeError):
 
 def _check_private_dir(path: Path) -> None:
     st = path.stat()
-    if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077:
-        raise ControlSetupError(f"{path} must be owned by uid {os.geteuid()} with mode 0700 "
+    if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o066:
+        raise ControlSetupError(f"{path} must be owned by uid {os.geteuid()} with mode 0700 or 0711 "
                                 f"(is uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})")
+
+
+def peer_is_admin(frame: zmq.Frame) -> bool:
+    """Whether a request comes from an administrator: a CURVE client with an allowed key
+    (ZAP User-Id), or an ipc peer running as the daemon's uid (``Peer-Address``
+    ``...:uid:gid:pid`` from SO_PEERCRED).  Anything else is not."""
+    try:
+        if frame.get("User-Id"):
+            return True
+    except zmq.ZMQError:
+        pass
+    try:
+        address = frame.get("Peer-Address")
+    except zmq.ZMQError:
+        return False
+    parts = address.rsplit(":", 3)
+    return len(parts) == 4 and parts[0] == "localhost" and parts[1] == str(os.geteuid())
+
+
+def _bind_ipc(sock: zmq.Socket, path: Path, mode: int, gid: int = -1) -> None:
+    old = os.umask(0o177)
+    try:
+        sock.bind(f"ipc://{path}")
+    finally:
+        os.umask(old)
+    if gid >= 0:
+        os.chown(path, -1, gid)
+    os.chmod(path, mode)
 
 
 def _refuse_if_live(path: Path) -> None:
@@ -70,10 +104,11 @@ class ControlServer:
     this endpoint publishes from the supervisor's loop (in :meth:`flush_pending`)."""
 
     def __init__(self, zctx: zmq.Context, path: Path, face: DaemonFace, tcp: str | None = None,
-                 curve_dir: str | Path | None = None, metrics=None):
+                 curve_dir: str | Path | None = None, metrics=None, status_group: str | None = None):
         self.face = face
         self.metrics = metrics
         self.path = Path(path)
+        self.status_path: Path | None = None
         self.pending: dict[str, Pending] = {}
         self.auth = None
         _check_private_dir(self.path.parent)
@@ -82,15 +117,24 @@ class ControlServer:
         for opt, value in ((zmq.LINGER, 0), (zmq.MAXMSGSIZE, MAX_REQUEST), (zmq.SNDHWM, SNDHWM),
                            (zmq.RCVHWM, BATCH), (zmq.HANDSHAKE_IVL, HANDSHAKE_MS)):
             self.sock.setsockopt(opt, value)
-        old = os.umask(0o177)
-        try:
-            self.sock.bind(f"ipc://{self.path}")
-        finally:
-            os.umask(old)
-        os.chmod(self.path, 0o600)
+        _bind_ipc(self.sock, self.path, 0o600)
+        lock_away(self.path)            # root administrators only: not a worker (uid 0, no capabilities)
         self.endpoints = {"ipc": str(self.path), "tcp": None}
+        if status_group:
+            self._bind_status(status_group)
         if tcp:
             self._bind_curve(zctx, tcp, curve_dir)
+
+    def _bind_status(self, group: str) -> None:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            logger.warning("no group {!r}: the read-only status socket is not opened", group)
+            return
+        self.status_path = self.path.with_name(STATUS_NAME)
+        _refuse_if_live(self.status_path)
+        _bind_ipc(self.sock, self.status_path, 0o660, gid)
+        self.endpoints["status"] = str(self.status_path)
 
     def _bind_curve(self, zctx, endpoint: str, curve_dir: str | Path | None) -> None:
         try:
@@ -118,9 +162,11 @@ class ControlServer:
         """Answer up to BATCH requests (the socket stays readable for the rest)."""
         for _ in range(BATCH):
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            admin = peer_is_admin(frames[-1])
+            frames = [f.bytes for f in frames]
             envelope, body = frames[:1], frames[1:]
             if len(body) >= 2 and body[0] == b"":       # a REQ client: keep its delimiter
                 envelope, body = envelope + [b""], body[1:]
@@ -128,20 +174,24 @@ class ControlServer:
                 self._send(envelope, reply(None, errno=Errno.BAD_MESSAGE,
                                            reason="a request is exactly one frame of JSON"))
                 continue
-            answer = self.dispatch(body[0])
+            answer = self.dispatch(body[0], admin)
             if isinstance(answer, tuple):
                 self._start_pending(envelope, *answer)
             else:
                 self._send(envelope, answer)
 
-    def dispatch(self, raw: bytes):
-        """One request frame -> reply bytes, or (request id, Pending) for worker round trips."""
+    def dispatch(self, raw: bytes, admin: bool = True):
+        """One request frame -> reply bytes, or (request id, Pending) for worker round trips;
+        not ``admin``: only the :data:`READ_ONLY` commands."""
         req_id = None
         try:
             req_id, name, untrusted_args = parse_request(raw)
             cmd = COMMANDS.get(name)
             if cmd is None:
                 raise BadRequest(Errno.UNKNOWN_COMMAND, f"unknown command {name[:40]!r}", req_id)
+            if not admin and cmd.name not in READ_ONLY:
+                raise CommandError(Errno.NOT_ALLOWED, f"{cmd.name} needs the control socket (root); "
+                                                      f"this one serves only {', '.join(sorted(READ_ONLY))}")
             args = cmd.check(untrusted_args)
             if cmd.name not in READ_ONLY:
                 logger.info("control: {} {}", cmd.name, args)
@@ -228,7 +278,6 @@ class ControlServer:
             self.auth.stop()
             self.auth = None
         self.sock.close(0)
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
+        for path in (self.path, self.status_path):
+            if path is not None:
+                path.unlink(missing_ok=True)

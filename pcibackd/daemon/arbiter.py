@@ -32,6 +32,7 @@ from pcibackd.daemon.adopt import adopt_live_worker
 from pcibackd.daemon.backends import (BACKEND_ROOT, DOMID_FIRST_RESERVED, CachedReads, backend_of, list_backends,
                                      touched_nodes)
 from pcibackd.daemon.config import DaemonConfig
+from pcibackd.daemon.devicegate import GATE_SOCKET, open_gate, route_to, sent_by
 from pcibackd.daemon.endpoint import OpenControl
 from pcibackd.daemon.guests import Guest, GuestEvent
 from pcibackd.daemon.interrupts import Interrupts
@@ -85,10 +86,11 @@ class Supervisor(ReleaseViews, WorkerLife):
             logger.warning("open-file limit {}: fewer than 4 per guest at 256 guests (set LimitNOFILE=)", limit)
         self.spawner.start()            # before any thread exists
         self.runtime.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.runtime, 0o700)
+        os.chmod(self.runtime, 0o711)      # traversable: workers and the status group reach their sockets
         self.xs = XenStore(self.cfg.xenstored_path)
         self.lifecycle = Lifecycle.start(self.xs, self.platform, self.cfg)    # [devices] hide: before any guest
         self.reads = CachedReads(self.xs)
+        self.gate = open_gate(self.runtime, self.platform, self._guests, self.cfg.xenstored_path)
         self.irq = Interrupts(self.platform, self.runtime)
         self.irq.start(set(list_backends(self.xs, self.ignored_names)))
         self.zctx = zmq.Context()
@@ -239,12 +241,12 @@ class Supervisor(ReleaseViews, WorkerLife):
                             poll_window_us=c.poll_window_us, supervisor_endpoint=self.workers_endpoint,
                             heartbeat_interval=c.heartbeat_interval, policy_path=c.policy_path,
                             log_level=c.log_level, state_dir=str(self.runtime), orphan_grace=c.orphan_grace,
-                            token=guest.token)
+                            token=guest.token, device_gate=str(self.runtime / GATE_SOCKET))
 
     def _on_worker_messages(self) -> None:
         for _ in range(MESSAGE_BATCH):
             try:
-                ident, raw = self.workers_sock.recv_multipart(zmq.NOBLOCK)
+                ident, raw = self.workers_sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             except ValueError:
@@ -258,19 +260,19 @@ class Supervisor(ReleaseViews, WorkerLife):
                 self._send(ident, ACK)
                 continue
             try:
-                msg = parse_worker_message(raw)
+                msg = parse_worker_message(raw.bytes)
             except Exception as exc:       # anything a peer sends must not reach the loop
                 self.malformed += 1
                 if worth_logging(self.malformed):
                     logger.warning("malformed message on the worker socket from {!r} ({} so far): {}",
-                                   ident[:16], self.malformed, str(exc)[:120])
+                                   ident.bytes[:16], self.malformed, str(exc)[:120])
                 continue
             guest = self._guests.get(msg.domid)
-            if guest is None or not guest.sent(ident, msg):
+            if guest is None or not guest.sent(ident.bytes, msg) or not sent_by(ident.bytes, raw, guest):
                 continue
             guest.last_beat = self.wake.clock()
             if isinstance(msg, WorkerIrqRequest):     # the broker serves the sender's guest, nobody else's
-                self._send(ident, IrqReply(msg.id, self.irq.handle(guest.domid, msg.request)).to_json())
+                self._send(ident.bytes, IrqReply(msg.id, self.irq.handle(guest.domid, msg.request)).to_json())
                 continue
             if isinstance(msg, WorkerReply):
                 self.control.worker_reply(msg)
@@ -312,7 +314,7 @@ class Supervisor(ReleaseViews, WorkerLife):
 
     def send_worker(self, domid: int, cmd: str, args: dict | None = None, req_id: str | None = None) -> bool:
         """Queue a command for a worker (never blocks; False when it cannot be sent)."""
-        return self._send(f"dom{domid}".encode(), WorkerCommand(cmd, args or {}, req_id).to_json())
+        return self._send(route_to(self._guests.get(domid)), WorkerCommand(cmd, args or {}, req_id).to_json())
 
     def _send(self, ident: bytes, data: bytes) -> bool:
         try:

@@ -49,6 +49,7 @@ class DaemonConfig:
     source: str = "(defaults)"           # where the settings came from (messages, check-config)
     _path: str | None = field(default=None, repr=False)          # what reload() reads again
     _overrides: dict = field(default_factory=dict, repr=False)
+    status_group: str = "pcibackd-monitor"   # may read <runtime>/status.sock (read-only commands); "" = no socket
 
     @classmethod
     def load(cls, path: str | Path | None, **overrides) -> "DaemonConfig":

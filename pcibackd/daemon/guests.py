@@ -157,6 +157,7 @@ class Guest:
     pidfd: int | None = None         # an adopted worker's (also its sentinel); ours get one per signal
     adopted: bool = False            # left running by a previous supervisor
     token: str = ""                  # the worker proves its messages with this
+    route: bytes | None = None       # its link's routing id, learned from its first message its pid sent
     stop_deadline: float = 0.0
     terminated: bool = False         # SIGTERM already sent while STOPPING
     restarts: int = 0
@@ -203,6 +204,7 @@ class Guest:
         """A worker now serves this guest: one we spawned, or one we adopted."""
         self.pid, self.sentinel, self.pidfd, self.adopted = pid, sentinel, pidfd, adopted
         self.killed_for_silence, self.last_frame = False, b""
+        self.route = None
         self.change_state(GuestEvent.ADOPTED if adopted else GuestEvent.SPAWNED)
         self.started_at = self.last_beat = now
 
@@ -254,10 +256,10 @@ class Guest:
             os.close(fd)
 
     def sent(self, ident: bytes, msg: WorkerReport | WorkerReply) -> bool:
-        """``msg`` really comes from this guest's worker: its socket identity,
-        pid and secret token all match."""
-        return (ident == f"dom{self.domid}".encode() and msg.pid == self.pid
-                and bool(self.token) and msg.token == self.token)
+        """``msg`` claims to come from this guest's worker: its pid and secret token match
+        (that its sender really is that pid is checked by the supervisor from the kernel's
+        credentials of ``ident``'s connection)."""
+        return msg.pid == self.pid and bool(self.token) and msg.token == self.token
 
     def info(self, now: float, interrupts: dict | None = None) -> GuestInfo:
         """A snapshot for pcibackctl (``now``: time.monotonic(); ``interrupts``: the broker's

@@ -15,12 +15,15 @@ import os
 import multiprocess as mp
 import multiprocess.forkserver as forkserver
 
+from pcibackd.worker.privileges import lock_away
+
 # Everything a worker imports, so a restarted worker starts warm (a pending
 # op is waiting); none of these start threads at import time.
 _PRELOAD = ["pcibackd.worker.main", "pcibackd.worker.link", "pcibackd.worker.reporter",
             "pcibackd.worker.devices", "pcibackd.worker.interrupts",
             "pcibackd.xenstore.client", "pcibackd.platform.select", "pcibackd.confspace",
-            "pcibackd.hostpci.sysfs", "zmq", "psutil"]
+            "pcibackd.hostpci.sysfs", "pcibackd.worker.landlock", "pcibackd.worker.seccomp",
+            "pcibackd.worker.devicegate", "zmq", "psutil"]
 
 
 class Spawner:
@@ -32,8 +35,15 @@ class Spawner:
         self.ctx.set_forkserver_preload([*_PRELOAD, platform_module])
 
     def start(self) -> None:
-        """Start the fork server now, while this process has no threads."""
+        """Start the fork server now, while this process has no threads.
+
+        Its listener takes a pickled program from anyone who can connect and runs it
+        with the fork server's privileges (root, every capability): its directory goes
+        to the locked uid, which a worker (uid 0 without capabilities) cannot enter."""
         forkserver.ensure_running()
+        address = getattr(forkserver._forkserver, "_forkserver_address", None)
+        if isinstance(address, str) and address.startswith("/"):
+            lock_away(os.path.dirname(address))
 
     def restart(self) -> None:
         """Forget a dead fork server; the next spawn starts a fresh one."""

@@ -131,17 +131,48 @@ def list_host_devices(root: Path = Path("/")) -> list[BDF]:
     return sorted(found)
 
 
-class SysfsDevice:
-    """HostPort over ``<root>/sys/bus/pci/devices/<bdf>/config``."""
+def open_function_files(bdf: BDF, root: Path = Path("/"), writable: bool = False) -> dict[str, int]:
+    """The descriptors a :class:`SysfsDevice` works through, opened by a privileged process
+    for one that may not open them (``config``; ``reset`` when writable and present).
 
-    def __init__(self, bdf: BDF, root: Path = Path("/"), writable: bool = False) -> None:
+    sysfs decides how much of ``config`` a read returns from the *opener's* capabilities,
+    so a descriptor opened here reads all of it in a process holding none."""
+    path = devices_dir(Path(root)) / str(bdf)
+    files = {"config": os.open(path / "config", (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)}
+    if writable:
+        try:
+            files["reset"] = os.open(path / "reset", os.O_WRONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            pass                  # no reset method: the kernel hides the attribute
+        except OSError:
+            os.close(files["config"])
+            raise
+    return files
+
+
+def _close_all(fds: tuple[int, ...]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+class SysfsDevice:
+    """HostPort over ``<root>/sys/bus/pci/devices/<bdf>/config``.
+
+    ``files`` (from :func:`open_function_files`, taken over): work through these
+    descriptors instead of opening the files (a worker without privileges)."""
+
+    def __init__(self, bdf: BDF, root: Path = Path("/"), writable: bool = False,
+                 files: dict[str, int] | None = None) -> None:
         self.bdf = bdf
         self.root = Path(root)
         self.writable = writable
         self.path = devices_dir(self.root) / str(bdf)
-        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
-        self._fd = os.open(self.path / "config", flags)
-        self._finalizer = weakref.finalize(self, os.close, self._fd)
+        if files is None:
+            flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+            files = {"config": os.open(self.path / "config", flags)}
+        self._fd = files["config"]
+        self._reset_fd = files.get("reset")
+        self._finalizer = weakref.finalize(self, _close_all, tuple(files.values()))
         config_size = os.fstat(self._fd).st_size
         if config_size not in CONFIG_SIZES:
             self.close()
@@ -181,6 +212,9 @@ class SysfsDevice:
         function has no reset method: the kernel then hides the attribute."""
         if not self.writable:
             raise PermissionError(f"{self.bdf} was opened read-only: no reset")
+        if self._reset_fd is not None:
+            os.pwrite(self._reset_fd, b"1", 0)
+            return
         # No O_CREAT: creating a missing sysfs attribute fails with EACCES,
         # which would hide the real reason (no reset method).
         fd = os.open(self.path / "reset", os.O_WRONLY | os.O_CLOEXEC)

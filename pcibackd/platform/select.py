@@ -62,3 +62,11 @@ def choose_platform(spec: str, domid: int = 0) -> Platform:
     except ImportError as exc:
         raise ValueError(f"platform {name!r} is not installed here ({module}: {exc})") from exc
     return factory.from_spec(arg, domid)
+
+
+def worker_paths(spec: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """(paths a worker reads beneath, directories it writes beneath, device paths it issues
+    ioctls on) on the platform named by ``spec``: what a worker's Landlock ruleset must allow."""
+    name, arg = split_spec(spec)
+    module, _, attr = PLATFORMS[name].partition(":")
+    return getattr(importlib.import_module(module), attr).worker_paths(arg)

@@ -23,7 +23,7 @@ from ctypes import POINTER, c_int, c_size_t, c_uint, c_uint8, c_uint32, c_uint64
 from typing import Callable
 
 from pcibackd.hostpci.stubs import stub_bound
-from pcibackd.hostpci.sysfs import SysfsDevice
+from pcibackd.hostpci.sysfs import SysfsDevice, open_function_files
 from pcibackd.platform import atomic
 from pcibackd.platform.api import PlatformError
 from pcibackd.platform.physdev import RealPhysdev
@@ -277,11 +277,26 @@ class RealPlatform:
                                               "(neither /proc/xen nor /dev/xen exists)")
         return cls(domid)
 
+    @staticmethod
+    def worker_paths(arg: str | None) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+        """A worker reads sysfs (covered by every worker's rules) and writes no file of this
+        platform; it maps grants and binds event channels through /dev/xen (see
+        :func:`pcibackd.platform.select.worker_paths`)."""
+        return (), (), ("/dev/xen",)
+
     # -- host PCI ------------------------------------------------------------
 
     def open_device(self, bdf: BDF) -> SysfsDevice:
         """The function's sysfs config space, writable (a dom0 serving a guest)."""
         return SysfsDevice(bdf, writable=True)
+
+    def open_device_files(self, bdf: BDF, writable: bool = True) -> dict[str, int]:
+        """The descriptors of the function's files, for a worker that may not open them."""
+        return open_function_files(bdf, writable=writable)
+
+    def device_from_files(self, bdf: BDF, files: dict[str, int], writable: bool = True) -> SysfsDevice:
+        """The function over descriptors from :meth:`open_device_files` (taken over)."""
+        return SysfsDevice(bdf, writable=writable, files=files)
 
     def assignable(self) -> list[BDF]:
         """Functions bound to a stub driver."""

@@ -3,7 +3,8 @@
 Driver: opens devices through the platform, takes flocks, writes state files.
 
 A device is claimed with an ``flock`` on ``<runtime>/claims/<bdf>.lock`` for
-as long as the worker serves it: a second guest asking for the same function
+as long as the worker serves it (taken by the supervisor's device gate, which
+also opens the device's files: :mod:`.devicegate`): a second guest asking for the same function
 fails (EBUSY → xenbus fatal), and a crashed worker's claim is released by the
 kernel so its successor can take it again.
 
@@ -24,7 +25,6 @@ where every function reaches a guest).
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,7 @@ from pcibackd.hostpci.port import HostPort
 from pcibackd.hostpci.release import SavedState, capture_state, quarantined, release_function, write_record
 from pcibackd.platform.api import Platform
 from pcibackd.wire.bdf import BDF
+from pcibackd.worker.devicegate import GateOpener, LocalOpener
 from pcibackd.worker.ops import Dispatcher
 from pcibackd.worker.topology import PLAIN, HostFacts
 
@@ -68,6 +69,9 @@ class DeviceSet:
         for d in (self.lock_dir, self.state_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.policy = PolicyStore(cfg.policy_path)
+        # Through the supervisor's gate when there is one: the worker opens no device file itself.
+        gate = getattr(cfg, "device_gate", None)
+        self.opener = GateOpener(platform, gate) if gate else LocalOpener(platform, self.lock_dir, cfg.domid)
         self.entries: dict[BDF, DeviceEntry] = {}
 
     def export(self, placement, opts: dict, resume: bool = False) -> None:
@@ -79,9 +83,11 @@ class DeviceSet:
                     raise OSError(errno.EBUSY, f"{host} is quarantined: its last reset failed "
                                                f"({why.describe()}); clear it with "
                                                f"'pcibackctl quarantine clear --force {host}'")
-                fd = self._claim(host)
                 try:
-                    port = self.platform.open_device(host)
+                    fd, port = self.opener.claim(host)
+                except FileNotFoundError as exc:
+                    raise OSError(errno.ENODEV, f"{host} is not an assignable device") from exc
+                try:
                     if self.cfg.topology == "vpci" and port.read(0x0E, 1) & 0x7F == 1:
                         # Linux means to refuse this too, but its class test (class >> 24 on a
                         # 24-bit class) never matches, so it exports bridges.  We refuse: the
@@ -110,7 +116,7 @@ class DeviceSet:
         """What placement needs to know about ``host``: whether it is an SR-IOV VF and which
         bridges are above it (a function that cannot be opened counts as a plain one)."""
         try:
-            port = self.platform.open_device(host)
+            port = self.opener.peek(host)
         except OSError:
             return PLAIN
         try:
@@ -192,17 +198,6 @@ class DeviceSet:
         else:
             logger.error("released {}: {}; quarantined: no guest gets it until cleared with --force",
                          host, record.describe())
-
-    def _claim(self, host: BDF) -> int:
-        fd = os.open(self.lock_dir / f"{host}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise OSError(errno.EBUSY, f"{host} is already assigned to another guest") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{self.cfg.domid}\n".encode())
-        return fd
 
     def _publish_map(self) -> None:
         # Replace wholesale: the op path never sees a half-updated map.

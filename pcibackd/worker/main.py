@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +38,9 @@ from loguru import logger
 
 from pcibackd.common import logs, proctitle
 from pcibackd.common.files import write_atomic
-from pcibackd.platform.select import choose_platform
+from pcibackd.platform.select import choose_platform, worker_paths
 from pcibackd.wire.bdf import BDF
-from pcibackd.worker import faults, privileges
+from pcibackd.worker import faults, landlock, privileges, seccomp
 from pcibackd.worker.devices import DeviceSet
 from pcibackd.worker.driver import Driver
 from pcibackd.worker.interrupts import MsiService
@@ -77,6 +78,7 @@ class WorkerConfig:
     state_dir: str | None = None
     orphan_grace: float = 60.0     # no supervisor ack for this long: exit cleanly
     token: str = ""                # proves beats come from this worker (see supervisor)
+    device_gate: str | None = None  # the supervisor's device gate socket; None: open devices here
 
 
 class Worker:
@@ -104,7 +106,7 @@ class Worker:
         self.msi: MsiService | None = None
         if self.reporter:           # PIRQs come from the supervisor's broker, or MSI is not offered
             self.msi = MsiService(cfg.domid, self._ask, self.reporter.tell, self.devices.find,
-                                  self.platform.open_device)
+                                  self.devices.opener.peek)
             self.msi.install(self.dispatcher.external)
         self.stopping = False
         self.orphaned = False
@@ -160,7 +162,11 @@ class Worker:
         signal.signal(signal.SIGINT, self._on_term)
         self.watchdog.install()
         self.driver.start()              # the initial export opens device files
-        privileges.drop(keep=KEEP_CAPS.get(self.cfg.platform, ()))
+        privileges.drop()
+        try:
+            seccomp.install()
+        except NotImplementedError as exc:
+            logger.warning("no seccomp filter: {}", exc)
         # One poll set, kept: only the ring's fd comes and goes (map/unmap).
         poller = select.poll()
         for fd in (self.xs.fileno(), rfd, *([self.reporter.fileno()] if self.reporter else [])):
@@ -254,16 +260,13 @@ class Worker:
         if gone and self.msi and not self.orphaned:     # the broker unmaps before the reset
             self.msi.leave(tuple(self.devices.entries))
         self.devices.close(forget_state=gone)
-        pidfile(self.cfg).unlink(missing_ok=True)
+        try:
+            pidfile(self.cfg).unlink(missing_ok=True)
+        except PermissionError:
+            pass           # confined: a stale pid file names a dead process, which adoption checks
         if self.reporter:
             self.reporter.close()
         self.xs.close()
-
-
-# On a real dom0, sysfs grants reads past the first 64 bytes of a config file
-# only to openers with CAP_SYS_ADMIN, and hot-plug opens new ones: a worker
-# keeps that one capability there (see privileges.py); in the simulation, none.
-KEEP_CAPS = {"xen": (privileges.CAP_SYS_ADMIN,)}
 
 
 def runtime_dir_for(cfg: WorkerConfig) -> Path:
@@ -289,11 +292,36 @@ def write_pidfile(cfg: WorkerConfig) -> None:
     write_atomic(path, f"{os.getpid()} {psutil.Process().create_time()} {cfg.token}\n".encode())
 
 
+# What a worker reads besides Python's paths, its state and its platform's paths:
+# shared libraries (ctypes), the time zone (log stamps), sysfs attributes, /proc.
+READABLE = ("/usr/lib", "/usr/lib64", "/lib", "/lib64", "/usr/local/lib", "/etc/ld.so.cache",
+            "/etc/localtime", "/usr/share/zoneinfo", "/sys", "/proc", "/dev/null", "/dev/urandom")
+
+
+def confine_paths(cfg: WorkerConfig) -> None:
+    """Landlock: from now on this worker writes only its runtime state and its platform's
+    grant/event-channel paths (see :mod:`.landlock`); its devices come as descriptors."""
+    runtime = runtime_dir_for(cfg)
+    platform_readable, writable, devices = worker_paths(cfg.platform)
+    own = (runtime / "state",) if cfg.device_gate else (runtime / "state", runtime / "claims")
+    for d in own:
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    readable = {*sys.path, sys.prefix, sys.base_prefix, sys.exec_prefix, *READABLE, *platform_readable,
+                *os.environ.get("LD_LIBRARY_PATH", "").split(":")}
+    if cfg.policy_path:
+        readable.add(cfg.policy_path)
+    version = landlock.restrict(tuple(Path(p) for p in sorted(readable) if p), own + tuple(map(Path, writable)),
+                                tuple(map(Path, devices)))
+    if not version:
+        logger.warning("no Landlock in this kernel: the worker is not confined by path")
+
+
 def run_worker(cfg: WorkerConfig) -> None:
     """Process entry point (target of the spawner)."""
     logs.setup(cfg.log_level, domid=cfg.domid)
     write_pidfile(cfg)          # first: a supervisor restarted now must find us
     try:
+        confine_paths(cfg)      # before any thread starts: Landlock binds threads made later
         worker = Worker(cfg)
     except Exception:
         logger.exception("worker boot failed")

@@ -1,26 +1,34 @@
 """Least privilege for a worker, applied once its setup is done.
 
-Driver: prctl and capset on the calling process.
+Driver: prctl, capset and set*id on the calling process.
 
-After :func:`drop`, a worker keeps uid 0 (its files and sockets are
-root-owned) but holds **no capabilities** (effective, permitted, inheritable
-and bounding sets cleared) and has ``no_new_privs`` set, so nothing it execs can
-regain any.  What it can still reach, and why:
+A worker is confined in three steps (worker/main.py): Landlock before any
+thread starts (:mod:`.landlock`: writes only beneath its runtime state and its
+platform's grant/event-channel paths), then :func:`drop` (no capabilities in
+any set, ``no_new_privs``), then its seccomp filter (:mod:`.seccomp`).  It
+opens no host device file itself: the supervisor's device gate
+(:mod:`.devicegate`) lends it the descriptors of the functions listed in its
+own backend, and sysfs serves a whole config space through a descriptor its
+root opener made, so no worker keeps CAP_SYS_ADMIN on Xen.  Its messages on
+the worker socket count only from its own pid (the kernel's credentials).
 
-* its xenstore connection (already open) — xenstored treats it as dom0, so a
-  compromised worker could still write xenstore nodes: the remaining risk;
-* its mapped request page and bound event channel (already open);
-* its devices' config files: opened at export (before the drop) and on
-  hot-plug.  On a real dom0 sysfs serves reads past the first 64 bytes only to
-  an opener holding CAP_SYS_ADMIN, so there the worker keeps that single
-  capability (worker.KEEP_CAPS) — a known gap; the planned fix is the
-  supervisor opening config files and passing the descriptors (SCM_RIGHTS);
-* the runtime directory (root-owned 0700): claims, state snapshots, its pid file;
-* the supervisor's ZeroMQ socket.
-It can no longer load modules, signal or trace other users' processes,
-mount, do raw I/O, bypass file permissions (CAP_DAC_OVERRIDE) or change
-host drivers.  Mapping a guest's page after a reconnect uses /dev/xen/gntdev
-(root-owned 0600), which needs no capability.
+A worker keeps uid 0.  Without CAP_DAC_OVERRIDE that still opens every
+root-owned file whose owner bits allow it, so what only the supervisor and
+root administrators may reach is owned by :data:`LOCKED_UID` (:func:`lock_away`):
+the control socket, claims, pid files, the interrupt journal and the fork
+server's directory.  What a worker can still do: write any xenstore node
+(xenstored treats its connection as dom0: it may list a free function of the
+pool in its own backend, which the gate then lends), read what its Landlock
+paths allow (/proc, /sys, Python, libraries), write the shared runtime state
+(other guests' snapshots, release records), and connect to unix sockets root
+owns with owner access (Landlock does not mediate connects).
+
+:func:`drop` can also switch to a uid of the worker's own (:func:`worker_uid`:
+``base + domid``), which closes the rest (tests/e2e/test_worker_uid.py); a
+worker does not use it yet: after setup it still maps grants and opens event
+channels by path (/dev/xen, the simulation's files) and writes snapshots and
+release records under the root-owned runtime directory; those must first
+become descriptors or supervisor work.
 """
 
 from __future__ import annotations
@@ -55,13 +63,23 @@ def _cap_last() -> int:
         return _CAP_LAST_FALLBACK
 
 
-def drop(keep: tuple[int, ...] = ()) -> None:
-    """Clear the bounding set and all capability sets except ``keep``; set no_new_privs."""
+def set_no_new_privs() -> None:
+    """Nothing this process execs can gain privileges (also what a seccomp filter needs)."""
+    if _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+
+
+def drop(keep: tuple[int, ...] = (), uid: int | None = None, gid: int | None = None) -> None:
+    """Clear the bounding set and all capability sets except ``keep``; set no_new_privs;
+    with ``uid``, become that uid and ``gid`` (:func:`become`) in between: after the
+    bounding set (clearing it needs CAP_SETPCAP), before the capability sets (switching
+    needs CAP_SETUID/CAP_SETGID)."""
     for cap in range(_cap_last() + 1):
         if cap not in keep:
             _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)     # EINVAL for unknown caps: ignore
-    if _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    set_no_new_privs()
+    if uid is not None:
+        become(uid, uid if gid is None else gid)
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
     for cap in keep:
@@ -70,6 +88,48 @@ def drop(keep: tuple[int, ...] = ()) -> None:
         data[word].permitted |= 1 << bit
     if _libc.capset(ctypes.byref(header), data) != 0:
         raise OSError(ctypes.get_errno(), "capset")
+
+
+DEFAULT_UID_BASE = 0x70000000     # far above any distribution's static and systemd's dynamic ranges
+MAX_DOMID = 0x7FEF                # DOMID_FIRST_RESERVED - 1
+
+
+def worker_uid(base: int, domid: int) -> int:
+    """The uid (and gid) of ``domid``'s worker: ``base + domid``, one per guest, stable across
+    its restarts (so a successor reads its predecessor's files and a new supervisor can tell
+    its workers apart by the kernel's credentials)."""
+    if not 0 <= domid <= MAX_DOMID:
+        raise ValueError(f"domid {domid} out of range")
+    if not 0 < base <= 0xFFFFFFFE - MAX_DOMID:
+        raise ValueError(f"worker uid base {base} out of range")
+    return base + domid
+
+
+def become(uid: int, gid: int) -> None:
+    """Switch every id of this process to ``uid``/``gid`` with no supplementary groups.
+
+    Call after everything privileged is open, through :func:`drop`; leaving uid 0 also
+    clears the permitted and effective capability sets.  Irreversible: the saved ids
+    change too."""
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
+        raise OSError("setresuid/setresgid did not take")
+
+
+LOCKED_UID = DEFAULT_UID_BASE - 1     # owns what only CAP_DAC_OVERRIDE may reach; no process runs as it
+
+
+def lock_away(path) -> bool:
+    """Give ``path`` (mode 0600/0700) to :data:`LOCKED_UID`: the supervisor and root
+    administrators (CAP_DAC_OVERRIDE) still reach it, a worker (uid 0, no capabilities) no
+    longer does.  False when this process may not chown (not root: nothing to protect from)."""
+    try:
+        os.chown(path, LOCKED_UID, LOCKED_UID, follow_symlinks=False)
+    except PermissionError:
+        return False
+    return True
 
 
 def status(pid: int | None = None) -> dict[str, str]:

@@ -1,6 +1,7 @@
 """The worker's ZeroMQ link to its supervisor.
 
-A DEALER socket (identity ``dom<domid>``) with a bounded send queue: when the
+A DEALER socket (no fixed identity: the supervisor routes to the connection
+its pid spoke on) with a bounded send queue: when the
 supervisor is slow or gone, beats are dropped, never queued without limit,
 so the op path never blocks on it.
 
@@ -36,7 +37,6 @@ class Reporter:
         self.worker = worker
         self.ctx = zmq.Context(io_threads=1)
         self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.IDENTITY, f"dom{cfg.domid}".encode())
         self.sock.setsockopt(zmq.SNDHWM, HWM)
         self.sock.setsockopt(zmq.RCVHWM, HWM)
         self.sock.setsockopt(zmq.LINGER, 0)

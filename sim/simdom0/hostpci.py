@@ -105,6 +105,20 @@ def _id_files(dump) -> dict[str, str]:
     }
 
 
+def open_files(root: Path, bdf: BDF, writable: bool = True) -> dict[str, int]:
+    """The descriptors a :class:`SimDevice` works through (``config``, its write ``log``),
+    opened by a privileged process for a worker that may not open them."""
+    path = devices_dir(Path(root)) / str(bdf)
+    mode = os.O_RDWR if writable else os.O_RDONLY
+    config = os.open(path / "config", mode | os.O_CLOEXEC)
+    try:
+        log = os.open(path / WRITE_LOG, mode | os.O_APPEND | os.O_CLOEXEC)
+    except OSError:
+        os.close(config)
+        raise
+    return {"config": config, "log": log}
+
+
 def _release(mm: mmap.mmap, fds: tuple[int, ...]) -> None:
     mm.close()
     for fd in fds:
@@ -114,18 +128,21 @@ def _release(mm: mmap.mmap, fds: tuple[int, ...]) -> None:
 class SimDevice:
     """A HostPort whose config space follows the spec model and is shared through files."""
 
-    def __init__(self, root: Path, bdf: BDF) -> None:
-        """Attach to an existing simulated function (use :meth:`create` / :meth:`open`)."""
+    def __init__(self, root: Path, bdf: BDF, files: dict[str, int] | None = None) -> None:
+        """Attach to an existing simulated function (use :meth:`create` / :meth:`open`);
+        ``files`` (from :func:`open_files`, taken over): through these descriptors."""
         self.root = Path(root)
         self.bdf = bdf
         self.path = devices_dir(self.root) / str(bdf)
+        files = files if files is not None else open_files(self.root, bdf)
+        self._fd, self._log_fd = files["config"], files["log"]
         meta = json.loads((self.path / MODEL_FILE).read_text())
         self.dump_name: str = meta["dump"]
         self.model = Model.from_dict(meta["model"])
         self._power_on = bytes.fromhex(meta["power_on_config"])
-        self._fd = os.open(self.path / "config", os.O_RDWR | os.O_CLOEXEC)
-        self._log_fd = os.open(self.path / WRITE_LOG, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
-        self._mm = mmap.mmap(self._fd, self.model.config_size, mmap.MAP_SHARED)
+        writable = fcntl.fcntl(self._fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
+        self._mm = mmap.mmap(self._fd, self.model.config_size, mmap.MAP_SHARED,
+                             access=mmap.ACCESS_DEFAULT if writable else mmap.ACCESS_READ)
         self._finalizer = weakref.finalize(self, _release, self._mm, (self._fd, self._log_fd))
         self._thread_lock = threading.Lock()    # flock does not exclude threads sharing our fd
         self.info: DeviceInfo = read_device_info(self.path, bdf, self.model.config_size)

@@ -32,7 +32,7 @@ from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import PAGE_SIZE
 from simdom0.drivers import SimDrivers
 from simdom0.evtchn import NR_PORTS, PortSpace, SimEventChannel, check_domid, locked
-from simdom0.hostpci import SimDevice, SimHost
+from simdom0.hostpci import SimDevice, SimHost, open_files
 from simdom0.physdev import SimPhysdev
 
 __all__ = ["FIRST_GREF", "NR_PORTS", "SimEventChannel", "SimPlatform", "SimSharedPage"]
@@ -99,11 +99,26 @@ class SimPlatform:
             raise ValueError("platform sim needs its state directory: --platform sim:DIR")
         return cls(arg, domid)
 
+    @staticmethod
+    def worker_paths(arg: str | None) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+        """A worker reads the simulated devices' attributes and writes grant mappings and port
+        tables; never the devices' config files (it gets those as descriptors)."""
+        sim = Path(arg)
+        return (str(sim / "pci"),), (str(sim / "grants"), str(sim / "evtchn")), ()
+
     # -- host PCI ------------------------------------------------------------
 
     def open_device(self, bdf: BDF) -> SimDevice:
         """A simulated function of this instance (FileNotFoundError if it has none at ``bdf``)."""
         return SimDevice.open(self.sim_dir / "pci", bdf)
+
+    def open_device_files(self, bdf: BDF, writable: bool = True) -> dict[str, int]:
+        """The descriptors of a simulated function's files, for a worker that may not open them."""
+        return open_files(self.sim_dir / "pci", bdf, writable)
+
+    def device_from_files(self, bdf: BDF, files: dict[str, int], writable: bool = True) -> SimDevice:
+        """The function over descriptors from :meth:`open_device_files` (taken over)."""
+        return SimDevice(self.sim_dir / "pci", bdf, files)
 
     def assignable(self) -> list[BDF]:
         """Every simulated function of this instance."""

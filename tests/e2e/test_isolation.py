@@ -8,7 +8,7 @@ import os
 
 import psutil
 
-from pcibackd.worker import privileges
+from pcibackd.worker import privileges, seccomp
 from waiting import wait_until
 
 
@@ -50,6 +50,7 @@ def test_worker_has_no_capabilities(dom0):
     st = privileges.status(pid)
     assert st["CapEff"] == st["CapPrm"] == st["CapBnd"] == "0" * 16
     assert st["NoNewPrivs"] == "1"
+    assert seccomp.mode(pid) == 2                          # under its seccomp filter
     # and it still serves its guest
     front = dom0.fronts[-1]
     assert front.conf_read(front.devices[0].bdf, 0, 2) == (0, 0x1234)

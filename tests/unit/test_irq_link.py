@@ -471,7 +471,7 @@ def test_ask_gives_up_after_its_timeout(link):
     answer = reporter.ask(MapMsi(3, NIC), timeout=0.05)
     assert (answer.errno, answer.error) == (errno.ETIMEDOUT, "timeout")
     ident, raw = router.recv_multipart()
-    assert ident == b"dom3" and parse_worker_message(raw).request == MapMsi(3, NIC)
+    assert ident and parse_worker_message(raw).request == MapMsi(3, NIC)
 
 
 def test_a_disable_the_broker_missed_is_retried_before_the_next_op(service):

@@ -78,6 +78,7 @@ class Supervisor(ReleaseViews, WorkerLife):
         self.status = systemd.Status()
         self._present: dict[int, str] = {}      # {domid: backend path} with a frontend set
         self.wake = Wakeups()
+        self._routes: dict[bytes, int] = {}     # a worker connection's routing id -> its guest (keepalives)
 
     # ------------------------------------------------------------ setup --
     def _setup(self) -> None:
@@ -251,13 +252,13 @@ class Supervisor(ReleaseViews, WorkerLife):
                 return
             except ValueError:
                 continue
-            guest = self._guests.get(_domid_of(ident))
-            if guest is not None and guest.last_frame == raw and guest.alive:
-                # An idle worker's keepalive: the very report accepted last time (it carries
-                # this worker's pid and secret token), so it needs no parsing again.
+            guest = self._guests.get(self._routes.get(ident.bytes))
+            if guest is not None and guest.route == ident.bytes and guest.last_frame == raw.bytes and guest.alive:
+                # An idle worker's keepalive: the very report accepted last time, on the
+                # connection its kernel-checked pid spoke on, so it needs no parsing again.
                 guest.last_beat = self.wake.clock()
                 guest.change_state(GuestEvent.BEAT)
-                self._send(ident, ACK)
+                self._send(ident.bytes, ACK)
                 continue
             try:
                 msg = parse_worker_message(raw.bytes)
@@ -277,9 +278,12 @@ class Supervisor(ReleaseViews, WorkerLife):
             if isinstance(msg, WorkerReply):
                 self.control.worker_reply(msg)
                 continue
-            guest.report, guest.last_frame = msg, raw
+            guest.report, guest.last_frame = msg, raw.bytes
+            self._routes[ident.bytes] = guest.domid
+            if len(self._routes) > 2 * len(self._guests) + 64:     # routes of dead workers: amortised pruning
+                self._routes = {g.route: d for d, g in self._guests.items() if g.route}
             guest.change_state(GuestEvent.BEAT)
-            self._send(ident, ACK)
+            self._send(ident.bytes, ACK)
 
     # ---------------------------------------------- what pcibackctl sees --
     def about(self) -> DaemonInfo:
@@ -353,10 +357,6 @@ class Supervisor(ReleaseViews, WorkerLife):
         logger.info("stopped")
         return 0
 
-
-def _domid_of(ident: bytes) -> int | None:
-    """The domid a worker socket identity (``dom<N>``) claims, untrusted."""
-    return int(ident[3:]) if ident[:3] == b"dom" and ident[3:].isdigit() and len(ident) <= 8 else None
 
 
 SIGNAL_HANDLERS = {

@@ -189,6 +189,12 @@ def _platform(s: str) -> str:
     return s
 
 
+def _group(untrusted: object) -> str:
+    if not isinstance(untrusted, str) or len(untrusted) > 32 or any(c in untrusted for c in ":/\n\0 "):
+        raise ValueError(f"must be a group name (or \"\" for none), not {untrusted!r}")
+    return untrusted
+
+
 def _tcp(s: str) -> str:
     host, sep, port = s.removeprefix("tcp://").rpartition(":")
     if not s.startswith("tcp://") or not sep or not host or not (port == "*" or port.isdigit() and 0 < int(port) < 65536):
@@ -214,6 +220,7 @@ SETTINGS: dict[str, Setting] = {
     "control_tcp": Setting(_text(_tcp), "tcp://ADDRESS:PORT (CURVE only)"),
     "control_curve_dir": Setting(_text(_absolute), "CURVE key directory"),
     "state_dir": Setting(_text(_absolute), "what outlives a daemon restart: the assignable pool"),
+    "status_group": Setting(_group, 'group that may read status.sock (read-only commands); "" = no socket'),
 }
 
 # What SIGHUP (systemctl reload) changes in a running daemon; workers started

@@ -9,9 +9,32 @@ write log.  confspace and the ops code use only this protocol.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
 from pcibackd.wire.bdf import BDF
+from pcibackd.wire.pciregs import CAPABILITY_LIST, HEADER_END, STATUS, STATUS_CAP_LIST
+
+Read = Callable[[int, int], int]          # (offset, size) -> value of a function's config space
+CAP_TTL = 48                              # bounds a looped list, as Linux's PCI_FIND_CAP_TTL does
+
+
+def find_capability(read: Read, cap_id: int) -> int | None:
+    """Offset of the first legacy capability ``cap_id``, or None (loop-safe; a
+    function reading all-ones has none)."""
+    if not read(STATUS, 2) & STATUS_CAP_LIST:
+        return None
+    pos = read(CAPABILITY_LIST, 1)
+    for _ in range(CAP_TTL):
+        pos &= 0xFC
+        if pos < HEADER_END:
+            return None
+        header = read(pos, 2)
+        if header & 0xFF == 0xFF:
+            return None
+        if header & 0xFF == cap_id:
+            return pos
+        pos = header >> 8
+    return None
 
 
 @dataclass(frozen=True)

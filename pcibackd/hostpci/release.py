@@ -37,7 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pcibackd.common.files import write_atomic
-from pcibackd.hostpci.reset import ResetResult, find_cap, reset_function
+from pcibackd.hostpci.port import find_capability
+from pcibackd.hostpci.reset import ResetResult, reset_function
 from pcibackd.hostpci.seize import quiesce_command
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciregs import (CAP_MSI, CAP_MSIX, CAP_PCIE, CAP_PM, COMMAND_INTX_DISABLE, D0, HEADER_TYPE_MASK,
@@ -131,7 +132,7 @@ class SavedState:
 
 def _pcie_registers(port) -> list[tuple[str, int]]:
     """(name, absolute offset) of the PCIe control registers this function implements."""
-    cap = find_cap(port.read, CAP_PCIE)
+    cap = find_capability(port.read, CAP_PCIE)
     if cap is None:
         return []
     flags = port.read(cap + PCIE_FLAGS, 2)
@@ -203,7 +204,7 @@ def _put(port, offset: int, size: int, want: int, done: list[str], name: str) ->
 
 
 def _power_on(port, done: list[str]) -> None:
-    pm = find_cap(port.read, CAP_PM)
+    pm = find_capability(port.read, CAP_PM)
     if pm is not None:
         pmcsr = port.read(pm + PM_CTRL, 2)
         if pmcsr & PMCSR_STATE != D0:
@@ -212,7 +213,7 @@ def _power_on(port, done: list[str]) -> None:
 
 
 def _restore_pcie(port, saved: SavedState, done: list[str]) -> None:
-    cap = find_cap(port.read, CAP_PCIE)
+    cap = find_capability(port.read, CAP_PCIE)
     bridge = cap is not None and (port.read(cap + PCIE_FLAGS, 2) >> 4) & 0xF == PCIE_PCIE_TO_PCI
     implemented = dict(_pcie_registers(port))
     for name, offset, value in saved.pcie:
@@ -224,7 +225,7 @@ def _restore_pcie(port, saved: SavedState, done: list[str]) -> None:
 
 
 def _messages_off(port, done: list[str]) -> None:
-    msi = find_cap(port.read, CAP_MSI)
+    msi = find_capability(port.read, CAP_MSI)
     if msi is not None:
         control = port.read(msi + MSI_FLAGS, 2)
         _put(port, msi + MSI_FLAGS, 2, control & ~(MSI_ENABLE | MSI_MME), done, "msi.control")
@@ -232,7 +233,7 @@ def _messages_off(port, done: list[str]) -> None:
             vectors = 1 << min((control >> 1) & 0x7, 5)
             mask_at = msi + (0x10 if control & MSI_64BIT else 0x0C)
             _put(port, mask_at, 4, (1 << vectors) - 1, done, "msi.mask")
-    msix = find_cap(port.read, CAP_MSIX)
+    msix = find_capability(port.read, CAP_MSIX)
     if msix is not None:
         control = port.read(msix + MSIX_FLAGS, 2)
         _put(port, msix + MSIX_FLAGS, 2, control & ~MSIX_ENABLE | MSIX_MASKALL, done, "msix.control")

@@ -32,8 +32,8 @@ import errno
 from dataclasses import dataclass
 from typing import Callable
 
-from pcibackd.wire.pciregs import (CAP_PCIE, CAP_PM, CAPABILITY_LIST, HEADER_END, HEADER_TYPE,
-                                   HEADER_TYPE_MASK, PM_CTRL, STATUS, STATUS_CAP_LIST)
+from pcibackd.hostpci.port import find_capability
+from pcibackd.wire.pciregs import CAP_PCIE, CAP_PM, HEADER_TYPE, HEADER_TYPE_MASK, PM_CTRL
 
 Read = Callable[[int, int], int]          # (offset, size) -> value
 
@@ -43,27 +43,11 @@ AF_CAP_TP, AF_CAP_FLR = 0x01, 0x02
 PCIE_DEVCAP = 4
 PCIE_DEVCAP_FLR = 1 << 28
 PMCSR_NO_SOFT_RESET = 0x0008
-CAP_TTL = 48                              # bounds a looped list, as the kernel does
 
 # Every name the kernel's reset_method may list, in its default order.
 KERNEL_METHODS = ("device_specific", "acpi", "flr", "af_flr", "pm", "bus", "cxl_bus")
 NONE = "none"
 
-
-def find_cap(read: Read, cap_id: int) -> int | None:
-    """Offset of the first legacy capability ``cap_id``, or None (loop-safe)."""
-    if not read(STATUS, 2) & STATUS_CAP_LIST:
-        return None
-    pos = read(CAPABILITY_LIST, 1)
-    for _ in range(CAP_TTL):
-        pos &= 0xFC
-        if pos < HEADER_END:
-            return None
-        header = read(pos, 2)
-        if header & 0xFF == cap_id:
-            return pos
-        pos = header >> 8
-    return None
 
 
 @dataclass(frozen=True)
@@ -86,7 +70,7 @@ PROBES: tuple[tuple[str, Callable[[ResetFacts], bool]], ...] = (
 
 def read_facts(read: Read, alone_on_bus: bool) -> ResetFacts:
     """The facts of a function from its config space (``alone_on_bus``: from the topology)."""
-    pcie, af, pm = (find_cap(read, c) for c in (CAP_PCIE, CAP_AF, CAP_PM))
+    pcie, af, pm = (find_capability(read, c) for c in (CAP_PCIE, CAP_AF, CAP_PM))
     af_cap = read(af + AF_CAP, 1) if af is not None else 0
     bridge = read(HEADER_TYPE, 1) & HEADER_TYPE_MASK != 0
     return ResetFacts(

@@ -12,15 +12,11 @@ import enum
 from dataclasses import dataclass
 from typing import Callable
 
-from pcibackd.hostpci.port import DeviceInfo
+from pcibackd.hostpci.port import DeviceInfo, find_capability
 from pcibackd.wire.bdf import BDF
-from pcibackd.wire.pciregs import (CAP_MSI, CAP_MSIX, CAP_PM, CAPABILITY_LIST, HEADER_END, MSI_FLAGS, MSIX_BIR,
-                                   MSIX_QSIZE, MSIX_TABLE, NR_BARS, STATUS, STATUS_CAP_LIST)
+from pcibackd.wire.pciregs import CAP_MSI, CAP_MSIX, CAP_PM, MSI_FLAGS, MSIX_BIR, MSIX_QSIZE, MSIX_TABLE, NR_BARS
 
 Read = Callable[[int, int], int]          # (offset, size) -> value
-
-CAP_TTL = 48                              # Linux PCI_FIND_CAP_TTL
-
 
 class Kind(str, enum.Enum):
     """Which message-interrupt mechanism a mapping belongs to."""
@@ -28,23 +24,6 @@ class Kind(str, enum.Enum):
     msi = "msi"
     msix = "msix"
 
-
-def find_capability(read: Read, cap_id: int) -> int | None:
-    """Offset of the first legacy capability ``cap_id``, or None (loop-safe)."""
-    if not read(STATUS, 2) & STATUS_CAP_LIST:
-        return None
-    pos = read(CAPABILITY_LIST, 1)
-    for _ in range(CAP_TTL):
-        pos &= 0xFC
-        if pos < HEADER_END:
-            return None
-        header = read(pos, 2)
-        if header & 0xFF == 0xFF:
-            return None
-        if header & 0xFF == cap_id:
-            return pos
-        pos = header >> 8
-    return None
 
 
 def msix_table_size(control: int) -> int:

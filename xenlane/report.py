@@ -136,7 +136,8 @@ def timing_table(results: list[tuple[str, ...]]) -> list[str]:
         figures.setdefault(dev, {})[mode] = values
     out = []
     for dev, modes in figures.items():
-        reads = ", ".join(f"{mode} {int(v.get('reads', 0))}" for mode, v in modes.items())
+        reads = ", ".join(f"{mode} {int(v.get('reads', 0))} ({int(v.get('changed', 0))} not the register's value)"
+                          for mode, v in modes.items())
         out.append(f"  {dev} (config reads of one register: {reads}):")
         for key, label, div, unit in TIMING:
             k, p = modes.get("kernel", {}).get(key), modes.get("pcibackd", {}).get(key)

@@ -300,8 +300,8 @@ perf_checks() { # dev mode name domid
   [ "$2" = pcibackd ] || return 0
   # the worker's own view of the same ops: its service time per op (p50/p99)
   # against the guest's round trip shows what the transport and wake-up cost
-  timeout 60 $LANE_PY -m pcibackd.control.cli --json status > "$OUT/$1.pcibackd.status.json" 2>&1
-  result "$1" pcibackd worker-op-latency INFO "$(timeout 60 $LANE_PY -c '
+  timeout 240 $LANE_PY -m pcibackd.control.cli --json --timeout 60 status > "$OUT/$1.pcibackd.status.json" 2>&1 || echo "rc=$?" >> "$OUT/$1.pcibackd.status.json"
+  result "$1" pcibackd worker-op-latency INFO "$(timeout 120 $LANE_PY -c '
 import json, sys
 for g in json.load(open(sys.argv[1]))["guests"]:
     if g["domid"] == int(sys.argv[2]):

@@ -159,7 +159,8 @@ net_checks() { # dev mode name intmodes: per interrupt mode, pings both ways and
     l=$(con_line "$name" "^LANE-NET mode=$m "); irqline=$(con_line "$name" "^LANE-NET-IRQ mode=$m ")
     local done_l; done_l=$(con_line "$name" "^LANE-NET-DONE mode=$m ")
     local want; case $m in 2) want='msi-x' ;; 1) want='msi' ;; 0) want='' ;; esac
-    local kind_ok=1 lines=${irqline#LANE-NET-IRQ mode=$m }
+    local kind_ok=1 lines=${irqline#LANE-NET-IRQ mode=$m } retry
+    retry=$(con_line "$name" "^LANE-NET-RETRY mode=$m "); [ -n "$retry" ] && lines="$lines (${retry#LANE-NET-RETRY })"
     if [ -n "$want" ]; then echo "$lines" | grep -qi -- "-$want" || kind_ok=""
       [ "$m" = 1 ] && echo "$lines" | grep -qi -- '-msi-x' && kind_ok=""
     else echo "$lines" | grep -qi -- '-msi' && kind_ok=""; fi

@@ -61,12 +61,18 @@ nvme_test() {
   dmesg | grep -i -E "nvme|msi|pcifront|irq" | tail -25 | sed 's/^/LANE-NVME-DMESG /'
   echo "LANE-NVME-END"
 }
-net_test() { # module, its interrupt-mode parameter ("" = none), modes: per mode up, own
-  # ping to dom0, then wait for dom0's three echo requests
+has_eth0() { i=0; until [ -e /sys/class/net/eth0 ] || [ $i -ge 80 ]; do sleep 0.25; i=$((i + 1)); done; [ -e /sys/class/net/eth0 ]; }
+net_test() { # module, its interrupt-mode parameter ("" = none), modes, fallback parameter: per
+  # mode up, own ping to dom0, then wait for dom0's three echo requests
   mod=$1; param=$2; peer=$(arg peer)
   for mode in $3; do
     if [ -n "$param" ]; then modprobe "$mod" "$param=$mode"; else modprobe "$mod"; fi
-    ip link set eth0 up
+    if ! has_eth0 && [ -n "$4" ]; then
+      # the probe failed: say why, then try the driver's other access method
+      dmesg | tail -12 | sed 's/^/LANE-NET-DMESG /'
+      rmmod "$mod"; modprobe "$mod" $4
+      echo "LANE-NET-RETRY mode=$mode $mod $4: eth0 $(has_eth0 && echo present || echo absent)"
+    fi
     i=0; until ip -6 addr show dev eth0 2>/dev/null | grep 'fe80' | grep -qv tentative || [ $i -ge 120 ]; do sleep 0.25; i=$((i + 1)); done
     before=$(irqs eth0)
     ping -6 -c 3 -w 20 "$peer%eth0" > /tmp/ping.out 2>&1; rc=$?
@@ -88,7 +94,7 @@ for d in /sys/bus/pci/devices/*; do
   case "$(cat "$d/vendor"):$(cat "$d/device")" in
     0x1b36:0x0010) nvme_test ;;
     0x8086:0x10d3) net_test e1000e IntMode "$(arg intmodes | tr ',' ' ')" ;;
-    0x10ec:0x8139) net_test 8139too "" 0 ;;      # INTx only
+    0x10ec:0x8139) net_test 8139too "" 0 use_io=0 ;;      # INTx only; port I/O, else MMIO
   esac
 done
 while :; do sleep 5; done

@@ -94,7 +94,7 @@ for d in /sys/bus/pci/devices/*; do
   case "$(cat "$d/vendor"):$(cat "$d/device")" in
     0x1b36:0x0010) nvme_test ;;
     0x8086:0x10d3) net_test e1000e IntMode "$(arg intmodes | tr ',' ' ')" ;;
-    0x10ec:0x8139) net_test 8139too "" 0 use_io=0 ;;      # INTx only; port I/O, else MMIO
+    0x10ec:0x8139) net_test 8139cp "" 0 ;;      # INTx only (8139too refuses the C+ revision QEMU has)
   esac
 done
 while :; do sleep 5; done

@@ -110,7 +110,7 @@ base_root() {
 }
 pack() { (cd "$1" && find . | cpio -o -H newc 2>/dev/null | gzip -1) > "$2"; }
 
-R=$RUN/domUroot; base_root; copy_mods xen-pcifront nvme e1000e 8139too
+R=$RUN/domUroot; base_root; copy_mods xen-pcifront nvme e1000e 8139cp
 copy_bin /usr/bin/lspci; mkdir -p "$R/usr/share/misc"; cp -L /usr/share/misc/pci.ids "$R/usr/share/misc/" 2>/dev/null || true
 # the guest's timing helper (own C, static: the domU has no libc)
 if command -v gcc >/dev/null && gcc -static -O2 -Wall -o "$R/usr/bin/cfgloop" "$LANE/cfgloop.c" 2> "$RUN/cfgloop-build.log"; then

@@ -167,7 +167,7 @@ net_checks() { # dev mode name intmodes: per interrupt mode, pings both ways and
     if [ "$(field "$l" ping_rc)" = 0 ] && [ "$rc" = 0 ] && [ "$(field "$done_l" irq)" -gt "$(field "$l" irq_before)" ] 2>/dev/null && [ -n "$kind_ok" ]; then
       result "$dev" "$mode" "net-${INTMODE_NAME[$m]}" PASS "ping both ways; irqs $(field "$l" irq_before) -> $(field "$done_l" irq): $lines"
     else
-      result "$dev" "$mode" "net-${INTMODE_NAME[$m]}" FAIL "domU ping rc=$(field "$l" ping_rc), dom0 ping rc=$rc ($(echo "$out" | tail -1)), irqs $(field "$l" irq_before) -> $(field "$done_l" irq), kind ok=${kind_ok:-no}: $lines"
+      result "$dev" "$mode" "net-${INTMODE_NAME[$m]}" FAIL "domU ping rc=$(field "$l" ping_rc), dom0 ping rc=$rc ($(echo "$out" | tail -1)), irqs $(field "$l" irq_before) -> $(field "$done_l" irq), kind ok=${kind_ok:-no}: $lines $(con_line "$name" "^LANE-NET-LINK mode=$m ")"
     fi
   done
 }

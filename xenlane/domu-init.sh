@@ -79,6 +79,8 @@ net_test() { # module, its interrupt-mode parameter ("" = none), modes, fallback
     after=$(irqs eth0)
     echo "LANE-NET mode=$mode ping_rc=$rc irq_before=$before irq_after=$after $(tail -2 /tmp/ping.out | tr '\n' ' ')"
     echo "LANE-NET-IRQ mode=$mode $(irq_lines eth0)"
+    # what a failed ping needs to be understood: the link as the driver sees it
+    [ "$rc" = 0 ] || echo "LANE-NET-LINK mode=$mode carrier=$(cat /sys/class/net/eth0/carrier 2>&1) $(ip -6 addr show dev eth0 2>&1 | tr -s ' ' | tr '\n' ';') $(grep -E 'eth0|pcifront|xen-pirq' /proc/interrupts | tr -s ' ' | tr '\n' ';')"
     rx=$(cat /sys/class/net/eth0/statistics/rx_packets)
     echo "LANE-NET-READY mode=$mode"
     i=0; while [ $(( $(cat /sys/class/net/eth0/statistics/rx_packets) - rx )) -lt 3 ] && [ $i -lt 160 ]; do sleep 0.25; i=$((i + 1)); done

@@ -73,6 +73,7 @@ net_test() { # module, its interrupt-mode parameter ("" = none), modes, fallback
       rmmod "$mod"; modprobe "$mod" $4
       echo "LANE-NET-RETRY mode=$mode $mod $4: eth0 $(has_eth0 && echo present || echo absent)"
     fi
+    ip link set eth0 up
     i=0; until ip -6 addr show dev eth0 2>/dev/null | grep 'fe80' | grep -qv tentative || [ $i -ge 120 ]; do sleep 0.25; i=$((i + 1)); done
     before=$(irqs eth0)
     ping -6 -c 3 -w 20 "$peer%eth0" > /tmp/ping.out 2>&1; rc=$?

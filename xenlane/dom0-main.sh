@@ -32,6 +32,8 @@ export PYTHONPATH=$LANE_REPO:$LANE_REPO/sim${PYTHONPATH:+:$PYTHONPATH}
 # Python under TCG is ~50x slower: give workers a long heartbeat budget.
 DAEMON_CMD=${LANE_DAEMON_CMD:-"$LANE_PY -m pcibackd run --platform xen --foreground --heartbeat-timeout 30"}
 ATTACH_CMD=${LANE_ATTACH_CMD:-"$LANE_PY -m pcibackd.xenstore.toolstack attach {domid} {bdf} --seize --permissions"}
+# hot-unplug: the guest's pcifront lets go of the function (its driver unbinds) within the timeout
+DETACH_CMD=${LANE_DETACH_CMD:-"$LANE_PY -m pcibackd.xenstore.toolstack --timeout 90 detach {domid} {bdf} --permissions"}
 DAEMONCTL="$LANE_PY $LANE_REPO/xenlane/daemonctl.py"
 CON=/var/log/xen/console
 
@@ -42,13 +44,14 @@ xl() { timeout 90 "$XL" "$@"; }
 for t in ls read exists; do eval "xenstore-$t() { timeout 20 /usr/bin/xenstore-$t \"\$@\"; }"; done
 log() { echo "LANE: $*"; echo "[$(up)] $*" >> $OUT/dom0.log; }
 phase() { echo "$(up) $*" >> $OUT/timing.txt; }   # a phase lasts until the next one starts
+SFX=""; TAG=""   # a second create on the same function: check names end in SFX, files carry TAG
 result() { # device mode check verdict detail...
-  local dev=$1 mode=$2 check=$3 verdict=$4; shift 4
+  local dev=$1 mode=$2 check=$3$SFX verdict=$4; shift 4
   echo "$dev $mode $check $verdict $*" >> $OUT/results.txt
   log "$verdict $dev/$mode $check $*"
 }
 kmod() { modprobe -d "$LANE_KX" "$@"; }
-vid_of() { case $1 in edu) echo 1234:11e8 ;; pci-testdev) echo 1b36:0005 ;; e1000e) echo 8086:10d3 ;; nvme) echo 1b36:0010 ;; esac; }
+vid_of() { case $1 in edu) echo 1234:11e8 ;; pci-testdev) echo 1b36:0005 ;; e1000e) echo 8086:10d3 ;; nvme) echo 1b36:0010 ;; rtl8139) echo 10ec:8139 ;; esac; }
 driver_of() { local l; l=$(readlink "/sys/bus/pci/devices/$1/driver" 2>/dev/null) && basename "$l" || echo none; }
 finish() {
   log "finishing: $1"
@@ -108,18 +111,30 @@ else
   result all xen real-platform-tests FAIL "$(tail -1 $OUT/pytest-real-platform.log)"
 fi
 
-declare -A BDF
+# COMMAND as dom0's hardware view has it (decimal / hex)
+cmd_of() { echo $(( 0x$(od -An -tx2 -j4 -N2 "/sys/bus/pci/devices/$1/config" | tr -d ' ') )); }
+cmd_hex() { printf '0x%04x' "$(cmd_of "$1")"; }
+bm_of() { [ $(( $(cmd_of "$1") & 4 )) != 0 ] && echo on || echo off; }
+
+declare -A BDF BM_BOOT
 for dev in $LANE_DEVICES; do
   BDF[$dev]=$(lspci -D -n -d "$(vid_of "$dev")" | awk '{print $1; exit}')
   if [ -z "${BDF[$dev]}" ]; then result "$dev" dom0 present FAIL "no $(vid_of "$dev") in dom0"; else
     lspci -vvv -xxx -s "${BDF[$dev]}" > "$OUT/$dev.dom0.lspci" 2>&1
-    result "$dev" dom0 present PASS "${BDF[$dev]} driver=$(driver_of "${BDF[$dev]}")"; fi
+    result "$dev" dom0 present PASS "${BDF[$dev]} driver=$(driver_of "${BDF[$dev]}")"
+    BM_BOOT[$dev]=$(bm_of "${BDF[$dev]}"); fi
 done
+# the boot controller: SeaBIOS set it up (bootindex) and left Bus Master on
+if [ -n "${BDF[nvme]:-}" ]; then
+  if [ $(( $(cmd_of "${BDF[nvme]}") & 4 )) != 0 ]; then result nvme dom0 firmware-busmaster PASS "COMMAND $(cmd_hex "${BDF[nvme]}") at dom0 boot"
+  else result nvme dom0 firmware-busmaster FAIL "COMMAND $(cmd_hex "${BDF[nvme]}"): the firmware did not leave Bus Master on"; fi
+fi
 
 # dom0's end of the QEMU-internal network (a hub with no host backend): virtio-net,
 # IPv6 link-local only; the domU pings it, and it pings the domU's e1000e
-PEER=fe80::5054:ff:fe12:3409; DOMU_LL=fe80::5054:ff:fe12:3407; NETIF=""
-if [[ " $LANE_DEVICES " == *" e1000e "* ]]; then
+PEER=fe80::5054:ff:fe12:3409; NETIF=""
+declare -A DOMU_LL=([e1000e]=fe80::5054:ff:fe12:3407 [rtl8139]=fe80::5054:ff:fe12:340a)
+if [[ " $LANE_DEVICES " == *" e1000e "* || " $LANE_DEVICES " == *" rtl8139 "* ]]; then
   echo 0 > /proc/sys/net/ipv6/conf/default/accept_dad
   kmod virtio_net
   poll 20 sh -c 'grep -l 52:54:00:12:34:09 /sys/class/net/*/address >/dev/null 2>&1'
@@ -134,6 +149,28 @@ INTMODE_NAME=([0]=INTx [1]=MSI [2]=MSI-X)
 con_has() { grep -q "$2" "$CON/guest-$1.log" 2>/dev/null; }
 con_line() { tr -d '\r' < "$CON/guest-$1.log" | grep "$2" | tail -1; }
 field() { echo "$1" | tr ' ' '\n' | sed -n "s/^$2=//p" | head -1; }
+
+net_checks() { # dev mode name intmodes: per interrupt mode, pings both ways and the guest's counter rising
+  local dev=$1 mode=$2 name=$3 m l irqline ll=${DOMU_LL[$1]}
+  for m in $4; do
+    if ! poll 120 con_has "$name" "LANE-NET-READY mode=$m"; then result "$dev" "$mode" "net-${INTMODE_NAME[$m]}" FAIL "domU not ready in IntMode=$m"; break; fi
+    local out rc=0; out=$(busybox ping -6 -c 3 -w 20 "$ll%$NETIF" 2>&1) || rc=$?
+    poll 60 con_has "$name" "LANE-NET-DONE mode=$m"
+    l=$(con_line "$name" "^LANE-NET mode=$m "); irqline=$(con_line "$name" "^LANE-NET-IRQ mode=$m ")
+    local done_l; done_l=$(con_line "$name" "^LANE-NET-DONE mode=$m ")
+    local want; case $m in 2) want='msi-x' ;; 1) want='msi' ;; 0) want='' ;; esac
+    local kind_ok=1 lines=${irqline#LANE-NET-IRQ mode=$m } retry
+    retry=$(con_line "$name" "^LANE-NET-RETRY mode=$m "); [ -n "$retry" ] && lines="$lines (${retry#LANE-NET-RETRY })"
+    if [ -n "$want" ]; then echo "$lines" | grep -qi -- "-$want" || kind_ok=""
+      [ "$m" = 1 ] && echo "$lines" | grep -qi -- '-msi-x' && kind_ok=""
+    else echo "$lines" | grep -qi -- '-msi' && kind_ok=""; fi
+    if [ "$(field "$l" ping_rc)" = 0 ] && [ "$rc" = 0 ] && [ "$(field "$done_l" irq)" -gt "$(field "$l" irq_before)" ] 2>/dev/null && [ -n "$kind_ok" ]; then
+      result "$dev" "$mode" "net-${INTMODE_NAME[$m]}" PASS "ping both ways; irqs $(field "$l" irq_before) -> $(field "$done_l" irq): $lines"
+    else
+      result "$dev" "$mode" "net-${INTMODE_NAME[$m]}" FAIL "domU ping rc=$(field "$l" ping_rc), dom0 ping rc=$rc ($(echo "$out" | tail -1)), irqs $(field "$l" irq_before) -> $(field "$done_l" irq), kind ok=${kind_ok:-no}: $lines $(con_line "$name" "^LANE-NET-LINK mode=$m ")"
+    fi
+  done
+}
 
 drive_checks() { # dev mode name bdf: the guest driver used the device through its interrupts
   local dev=$1 mode=$2 name=$3 bdf=$4 l m irqline
@@ -150,50 +187,76 @@ drive_checks() { # dev mode name bdf: the guest driver used the device through i
     if [ "$(field "$l" polled)" = 0 ]; then result nvme "$mode" nvme-no-polling PASS ""
     else result nvme "$mode" nvme-no-polling FAIL "'completion polled' $(field "$l" polled) time(s) in the domU's dmesg"; fi
     ;;
-  e1000e)
-    for m in $LANE_INTMODES; do
-      if ! poll 120 con_has "$name" "LANE-NET-READY mode=$m"; then result e1000e "$mode" "net-${INTMODE_NAME[$m]}" FAIL "domU not ready in IntMode=$m"; break; fi
-      local out rc=0; out=$(busybox ping -6 -c 3 -w 20 "$DOMU_LL%$NETIF" 2>&1) || rc=$?
-      poll 60 con_has "$name" "LANE-NET-DONE mode=$m"
-      l=$(con_line "$name" "^LANE-NET mode=$m "); irqline=$(con_line "$name" "^LANE-NET-IRQ mode=$m ")
-      local done_l; done_l=$(con_line "$name" "^LANE-NET-DONE mode=$m ")
-      local want; case $m in 2) want='msi-x' ;; 1) want='msi' ;; 0) want='' ;; esac
-      local kind_ok=1 lines=${irqline#LANE-NET-IRQ mode=$m }
-      if [ -n "$want" ]; then echo "$lines" | grep -qi -- "-$want" || kind_ok=""
-        [ "$m" = 1 ] && echo "$lines" | grep -qi -- '-msi-x' && kind_ok=""
-      else echo "$lines" | grep -qi -- '-msi' && kind_ok=""; fi
-      if [ "$(field "$l" ping_rc)" = 0 ] && [ "$rc" = 0 ] && [ "$(field "$done_l" irq)" -gt "$(field "$l" irq_before)" ] 2>/dev/null && [ -n "$kind_ok" ]; then
-        result e1000e "$mode" "net-${INTMODE_NAME[$m]}" PASS "ping both ways; irqs $(field "$l" irq_before) -> $(field "$done_l" irq): $lines"
-      else
-        result e1000e "$mode" "net-${INTMODE_NAME[$m]}" FAIL "domU ping rc=$(field "$l" ping_rc), dom0 ping rc=$rc ($(echo "$out" | tail -1)), irqs $(field "$l" irq_before) -> $(field "$done_l" irq), kind ok=${kind_ok:-no}: $lines"
-      fi
-    done
-    ;;
+  e1000e) net_checks e1000e "$mode" "$name" "$LANE_INTMODES" ;;
+  rtl8139) net_checks rtl8139 "$mode" "$name" 0 ;;
   *) return ;;
   esac
-  tr -d '\r' < "$CON/guest-$name.log" > "$OUT/$dev.$mode.console"     # with the driver's part
+  tr -d '\r' < "$CON/guest-$name.log" > "$OUT/$dev$TAG.$mode.console"     # with the driver's part
   # dom0's view of the function while the guest holds it (MASKALL, enable bits as Xen left them)
-  lspci -vvv -s "$bdf" > "$OUT/$dev.$mode.dom0-live.lspci" 2>&1
-  result "$dev" "$mode" dom0-view-live INFO "$(grep -E 'MSI-X:|MSI:' "$OUT/$dev.$mode.dom0-live.lspci" | tr -s ' ' | tr '\n' ';')"
+  lspci -vvv -s "$bdf" > "$OUT/$dev$TAG.$mode.dom0-live.lspci" 2>&1
+  result "$dev" "$mode" dom0-view-live INFO "COMMAND $(cmd_hex "$bdf") BusMaster $(bm_of "$bdf"); $(grep -E 'MSI-X:|MSI:' "$OUT/$dev$TAG.$mode.dom0-live.lspci" | tr -s ' ' | tr '\n' ';')"
   # after the driver's work: do wrong-width dom0 writes to the MSI-X capability pass Xen?
-  [ "$dev" = nvme ] && result "$dev" "$mode" msix-write-widths INFO "$(timeout 60 "$LANE_PY" "$LANE_REPO/xenlane/msiprobe.py" "$bdf" 2>&1 | tail -1)"
+  [ "$dev" = nvme ] && [ -z "$SFX" ] && result "$dev" "$mode" msix-write-widths INFO "$(timeout 60 "$LANE_PY" "$LANE_REPO/xenlane/msiprobe.py" "$bdf" 2>&1 | tail -1)"
+  return 0    # the checks reported themselves; the caller goes on to the teardown
 }
 
-msi_off_after() { # dev mode bdf: nothing left enabled in hardware after the guest left
-  local l; lspci -vvv -s "$3" > "$OUT/$1.$2.dom0-after.lspci" 2>&1
-  l=$(grep -E 'MSI-X:|MSI:' "$OUT/$1.$2.dom0-after.lspci" | tr -s ' ' | tr '\n' ';')
+msi_off_after() { # dev mode bdf [when]: nothing left enabled in hardware after the guest left
+  local l w=${4:-destroy}; lspci -vvv -s "$3" > "$OUT/$1$TAG.$2.dom0-after-$w.lspci" 2>&1
+  l=$(grep -E 'MSI-X:|MSI:' "$OUT/$1$TAG.$2.dom0-after-$w.lspci" | tr -s ' ' | tr '\n' ';')
   if [ -z "$l" ]; then return; fi
-  if echo "$l" | grep -q 'Enable+'; then result "$1" "$2" msi-off-after-destroy FAIL "$l"
-  else result "$1" "$2" msi-off-after-destroy PASS "$l"; fi
+  if echo "$l" | grep -q 'Enable+'; then result "$1" "$2" "msi-off-after-$w" FAIL "$l"
+  else result "$1" "$2" "msi-off-after-$w" PASS "$l"; fi
 }
 
-write_cfg() { # name -> /tmp/name.cfg (no pci= line)
+# What Xen printed for a debug key: everything after the last heading of its dump
+# (the 'i', 'M' and 'Q' handlers run inside the hypercall, before xl returns).
+declare -A XEN_KEY_HEAD=([i]="IRQ information:" [M]="MSI information:" [Q]="==== PCI devices ====")
+xen_keys() { # key file
+  xl debug-keys "$1" >/dev/null 2>&1
+  xl dmesg 2>/dev/null | tr -d '\r' | awk -v k="${XEN_KEY_HEAD[$1]}" 'index($0, k) { on = 1; buf = "" } on { buf = buf $0 "\n" } END { printf "%s", buf }' > "$2"
+}
+msi_irqs() { # file of 'i': Xen's MSI/MSI-X IRQs (mapped, bound or not)
+  grep -c 'PCI-MSI' "$1"; }
+XIRQ_BASE=0
+xen_irq_baseline() { xen_keys i /tmp/keys.i; XIRQ_BASE=$(msi_irqs /tmp/keys.i); }
+pirq_check() { # dev mode domid bdf when: Xen holds no interrupt for the guest, no MSI of the function
+  local dev=$1 mode=$2 d=$3 bdf=$4 when=$5 bind n q msis f
+  f="$OUT/$dev$TAG.$mode.xen-irqs-after-$when.txt"
+  xen_keys i /tmp/keys.i; xen_keys M /tmp/keys.M; xen_keys Q /tmp/keys.Q
+  cat /tmp/keys.i /tmp/keys.M /tmp/keys.Q > "$f"
+  bind=$(grep -oE "d$d: *[0-9]+\([^)]*\)" /tmp/keys.i | tr '\n' ' ')
+  n=$(msi_irqs /tmp/keys.i)
+  q=$(grep -i -- "${bdf}" /tmp/keys.Q | head -1)
+  msis=$(echo "$q" | sed -n 's/.*MSIs *< *\([^>]*\)>.*/\1/p' | tr -s ' ')
+  local detail="guest bindings: ${bind:-none}; Xen MSI IRQs ${XIRQ_BASE} before -> $n; Q: $(echo "$q" | sed 's/^(XEN) *//' | tr -s ' ')"
+  if [ ! -s /tmp/keys.i ] || [ ! -s /tmp/keys.Q ]; then result "$dev" "$mode" "no-pirq-after-$when" FAIL "no 'i' or 'Q' dump in xl dmesg"
+  elif [ -z "$bind" ] && [ "$n" -le "$XIRQ_BASE" ] && [ -z "${msis// /}" ]; then result "$dev" "$mode" "no-pirq-after-$when" PASS "$detail"
+  else result "$dev" "$mode" "no-pirq-after-$when" FAIL "$detail"; fi
+}
+BM_KERNEL_DIR=/tmp/bm-kernel; mkdir -p $BM_KERNEL_DIR
+busmaster_at_seize() { # dev mode bdf: the backend took the function with DMA off
+  if [ "$(bm_of "$3")" = off ]; then result "$1" "$2" busmaster-at-seize PASS "COMMAND $(cmd_hex "$3")"
+  else result "$1" "$2" busmaster-at-seize FAIL "COMMAND $(cmd_hex "$3"): Bus Master on while no driver owns the function"; fi
+}
+busmaster_after() { # dev mode bdf when: the state the kernel backend leaves (kernel mode records it)
+  # xen-pciback restores the state saved when it took the function, Bus Master
+  # included if the firmware left it on; pcibackd leaves it off: no DMA from a
+  # function nobody drives.  Off where xen-pciback leaves it on passes (safer).
+  local now; now=$(bm_of "$3")
+  if [ "$2" = kernel ]; then echo "$now" > "$BM_KERNEL_DIR/$1.$4"; result "$1" kernel "busmaster-after-$4" INFO "COMMAND $(cmd_hex "$3") BusMaster $now"
+  elif [ ! -e "$BM_KERNEL_DIR/$1.$4" ]; then result "$1" "$2" "busmaster-after-$4" INFO "COMMAND $(cmd_hex "$3") BusMaster $now (no kernel-mode run to compare)"
+  elif [ "$(cat "$BM_KERNEL_DIR/$1.$4")" = "$now" ]; then result "$1" "$2" "busmaster-after-$4" PASS "BusMaster $now, as xen-pciback leaves it (COMMAND $(cmd_hex "$3"))"
+  elif [ "$now" = off ]; then result "$1" "$2" "busmaster-after-$4" PASS "BusMaster off; xen-pciback leaves it on (restores the state it seized): off is the safe side (COMMAND $(cmd_hex "$3"))"
+  else result "$1" "$2" "busmaster-after-$4" FAIL "BusMaster $now, xen-pciback leaves it $(cat "$BM_KERNEL_DIR/$1.$4") (COMMAND $(cmd_hex "$3"))"; fi
+}
+
+write_cfg() { # name [extra kernel args] -> /tmp/name.cfg (no pci= line)
   cat > "/tmp/$1.cfg" <<CFG
 name = "$1"
 type = "pv"
 kernel = "$LANE_GUEST/vmlinuz"
 ramdisk = "$LANE_GUEST/domU.cpio.gz"
-extra = "console=hvc0 loglevel=3 iommu=soft lane.wait=$((LANE_DOMU_TIMEOUT - 30)) lane.peer=$PEER lane.intmodes=${LANE_INTMODES// /,}"
+extra = "console=hvc0 loglevel=3 iommu=soft lane.wait=$((LANE_DOMU_TIMEOUT - 30)) lane.peer=$PEER lane.intmodes=${LANE_INTMODES// /,}${2:+ $2}"
 memory = 256
 vcpus = 1
 on_poweroff = "destroy"
@@ -206,17 +269,50 @@ domu_reported() { grep -q LANE-DOMU-END "$CON/guest-$1.log" 2>/dev/null || ! xl 
 collect() { # dev mode name domid: the domU's view and the xenstore nodes
   local dev=$1 mode=$2 name=$3 d=$4 vid; vid=$(vid_of "$dev")
   poll "$LANE_DOMU_TIMEOUT" domu_reported "$name"
-  tr -d '\r' < "$CON/guest-$name.log" > "$OUT/$dev.$mode.console"
+  local o=$OUT/$dev$TAG.$mode
+  tr -d '\r' < "$CON/guest-$name.log" > "$o.console"
   { xenstore-ls -fp "/local/domain/0/backend/pci/$d" 2>&1; echo; xenstore-ls -fp "/local/domain/$d/device/pci" 2>&1
-    xenstore-ls -fp "/local/domain/0/error" 2>/dev/null; } > "$OUT/$dev.$mode.xenstore"
-  sed -n '/^LANE-DOMU-DEV /,/^LANE-DOMU-DEV-END/p' "$OUT/$dev.$mode.console" > "$OUT/$dev.$mode.lspci"
-  if grep -q "^LANE-DOMU-DEV .* $vid\$" "$OUT/$dev.$mode.lspci"; then
-    result "$dev" "$mode" domu-sees-device PASS "$(grep '^LANE-DOMU-DEV ' "$OUT/$dev.$mode.lspci" | head -1 | cut -d' ' -f2-)"
-  elif grep -q LANE-DOMU-END "$OUT/$dev.$mode.console"; then
-    result "$dev" "$mode" domu-sees-device FAIL "$(grep LANE-DOMU-END "$OUT/$dev.$mode.console")"
+    xenstore-ls -fp "/local/domain/0/error" 2>/dev/null; } > "$o.xenstore"
+  sed -n '/^LANE-DOMU-DEV /,/^LANE-DOMU-DEV-END/p' "$o.console" > "$o.lspci"
+  if grep -q "^LANE-DOMU-DEV .* $vid\$" "$o.lspci"; then
+    result "$dev" "$mode" domu-sees-device PASS "$(grep '^LANE-DOMU-DEV ' "$o.lspci" | head -1 | cut -d' ' -f2-)"
+  elif grep -q LANE-DOMU-END "$o.console"; then
+    result "$dev" "$mode" domu-sees-device FAIL "$(grep LANE-DOMU-END "$o.console")"
   else
     result "$dev" "$mode" domu-sees-device FAIL "domU reported nothing within ${LANE_DOMU_TIMEOUT}s"
   fi
+  [ "$dev" = "$PERF_DEV" ] && [ -z "$SFX" ] && perf_checks "$dev" "$mode" "$name" "$d"
+}
+
+# What the guest feels (both modes, one device): the time of its enumeration of
+# the function (remove + rescan) and of LANE_PERF_READS config reads of one
+# register (fewer when LANE_PERF_SECONDS pass first: a loaded emulator)
+PERF_DEV=${LANE_PERF_DEV:-edu}; LANE_PERF_READS=${LANE_PERF_READS:-0}; LANE_PERF_SECONDS=${LANE_PERF_SECONDS:-90}
+perf_args() { [ "$1" = "$PERF_DEV" ] && [ "$LANE_PERF_READS" -gt 0 ] && [ -z "$SFX" ] && echo "lane.perf=$LANE_PERF_READS lane.perfsecs=$LANE_PERF_SECONDS"; }
+perf_checks() { # dev mode name domid
+  [ "$LANE_PERF_READS" -gt 0 ] || return 0
+  local l
+  poll $(( LANE_PERF_SECONDS + 240 )) con_has "$3" LANE-PERF-END
+  tr -d '\r' < "$CON/guest-$3.log" > "$OUT/$1.$2.console"
+  if ! con_has "$3" LANE-PERF-END; then
+    result "$1" "$2" guest-timing FAIL "no LANE-PERF-END from the domU; last: $(grep LANE-PERF "$OUT/$1.$2.console" | tail -2 | tr '\n' ';')"; return
+  fi
+  l=$(con_line "$3" '^LANE-PERF ')
+  # changed=N: reads that did not return the register's value (an op that failed
+  # or timed out in pcifront); shown, not judged: xen-pciback has them too under load
+  if [ "$(field "$l" reads)" -gt 0 ] 2>/dev/null; then
+    result "$1" "$2" guest-timing INFO "${l#LANE-PERF }"
+  else result "$1" "$2" guest-timing FAIL "${l#LANE-PERF }"; fi
+  [ "$2" = pcibackd ] || return 0
+  # the worker's own view of the same ops: its service time per op (p50/p99)
+  # against the guest's round trip shows what the transport and wake-up cost
+  timeout 240 $LANE_PY -m pcibackd.control.cli --json --timeout 60 status > "$OUT/$1.pcibackd.status.json" 2>&1 || echo "rc=$?" >> "$OUT/$1.pcibackd.status.json"
+  result "$1" pcibackd worker-op-latency INFO "$(timeout 120 $LANE_PY -c '
+import json, sys
+for g in json.load(open(sys.argv[1]))["guests"]:
+    if g["domid"] == int(sys.argv[2]):
+        print("served=%d latency_us=%s cpu=%s" % (sum(g["served"].values()), g.get("latency_us"), g.get("cpu_percent")))
+' "$OUT/$1.pcibackd.status.json" "$4" 2>&1 | tail -1)"
 }
 
 destroy_and_check() { # dev mode name domid
@@ -232,13 +328,14 @@ destroy_and_check() { # dev mode name domid
 }
 
 # ------------------------------------------------------------ mode kernel
-run_kernel() { # dev
-  local dev=$1 bdf=${BDF[$1]} name=lane-$1-kernel d
-  phase "$dev/kernel"
-  xl pci-assignable-add "$bdf" >> "$OUT/xl-$dev-kernel.log" 2>&1 || { result "$dev" kernel assignable FAIL "xl pci-assignable-add $bdf"; return; }
-  write_cfg "$name"; echo "pci = [ '$bdf' ]" >> "/tmp/$name.cfg"
-  log "$dev/kernel: xl create (pci=$bdf)"
-  local attempt ok
+# Devices whose first guest loses the function by hot-unplug (MSI-X live), then
+# a second guest gets it and drives it again.
+LANE_REPEAT_DEVS=${LANE_REPEAT_DEVS:-nvme}
+repeats() { [[ " $LANE_REPEAT_DEVS " == *" $1 "* ]]; }
+kernel_create() { # dev name -> sets KD (domid) or returns 1
+  local dev=$1 bdf=${BDF[$1]} name=$2 attempt ok
+  write_cfg "$name" "$(perf_args "$dev")"; echo "pci = [ '$bdf' ]" >> "/tmp/$name.cfg"
+  log "$dev/kernel: xl create $name (pci=$bdf)"
   for attempt in 1 2; do
     ok=1
     xl create "/tmp/$name.cfg" > /tmp/xl-create.log 2>&1 || ok=""
@@ -250,15 +347,41 @@ run_kernel() { # dev
     result "$dev" kernel xl-create INFO "attempt $attempt: libxl's 10 s wait for xen-pciback ran out"
     xl destroy "$name" >/dev/null 2>&1; ok=""
   done
-  if [ -z "$ok" ]; then
-    result "$dev" kernel xl-create FAIL "see xl-$dev-kernel.log"; xl pci-assignable-remove "$bdf" >/dev/null 2>&1; return
-  fi
-  d=$(xl domid "$name"); log "$dev/kernel: domain $d created"
-  collect "$dev" kernel "$name" "$d"
+  [ -n "$ok" ] || { result "$dev" kernel xl-create FAIL "see xl-$dev-kernel.log"; return 1; }
+  KD=$(xl domid "$name"); log "$dev/kernel: domain $KD created"
+  collect "$dev" kernel "$name" "$KD"
   drive_checks "$dev" kernel "$name" "$bdf"
-  destroy_and_check "$dev" kernel "$name" "$d"
-  msi_off_after "$dev" kernel "$bdf"
+  return 0    # the domain exists: the caller must destroy it
+}
+kernel_destroy() { # dev name domid
+  destroy_and_check "$1" kernel "$2" "$3"
+  msi_off_after "$1" kernel "${BDF[$1]}"
+  pirq_check "$1" kernel "$3" "${BDF[$1]}" destroy
+}
+run_kernel() { # dev
+  local dev=$1 bdf=${BDF[$1]} name=lane-$1-kernel
+  phase "$dev/kernel"
+  xen_irq_baseline
+  xl pci-assignable-add "$bdf" >> "$OUT/xl-$dev-kernel.log" 2>&1 || { result "$dev" kernel assignable FAIL "xl pci-assignable-add $bdf"; return; }
+  busmaster_at_seize "$dev" kernel "$bdf"
+  if kernel_create "$dev" "$name"; then
+    if repeats "$dev"; then
+      phase "$dev/kernel: hot-unplug, second guest"
+      if xl pci-detach "$name" "$bdf" >> "$OUT/xl-$dev-kernel.log" 2>&1; then result "$dev" kernel hot-unplug PASS "xl pci-detach"
+      else result "$dev" kernel hot-unplug FAIL "xl pci-detach rc=$?"; fi
+      msi_off_after "$dev" kernel "$bdf" unplug
+      pirq_check "$dev" kernel "$KD" "$bdf" unplug
+      destroy_and_check "$dev" kernel "$name" "$KD"
+      SFX=@2 TAG=.2
+      kernel_create "$dev" "$name-2" && kernel_destroy "$dev" "$name-2" "$KD"
+      SFX="" TAG=""
+    else
+      kernel_destroy "$dev" "$name" "$KD"
+    fi
+  else xl pci-assignable-remove "$bdf" >/dev/null 2>&1; return; fi
+  busmaster_after "$dev" kernel "$bdf" destroy
   xl pci-assignable-remove "$bdf" >> "$OUT/xl-$dev-kernel.log" 2>&1 || result "$dev" kernel assignable-remove FAIL ""
+  busmaster_after "$dev" kernel "$bdf" return
 }
 
 # ------------------------------------------------------------ mode pcibackd
@@ -294,16 +417,14 @@ tree_within() { # baseline-file: the daemon's descendants are back to the baseli
   [ -z "$(comm -13 "$1" /tmp/tree.now)" ]
 }
 
-run_pcibackd() { # dev
-  local dev=$1 bdf=${BDF[$1]} name=lane-$1-pcibackd d cmd
-  phase "$dev/pcibackd"
-  tree_of "$DPID" | awk '{print $1}' | sort > /tmp/tree.base
-  write_cfg "$name"; echo 'passthrough = "enabled"' >> "/tmp/$name.cfg"
-  log "$dev/pcibackd: xl create -p (no pci=)"
+pb_create() { # dev name -> sets PD (domid); attach, seize checks, unpause, the guest's checks
+  local dev=$1 bdf=${BDF[$1]} name=$2 d cmd
+  write_cfg "$name" "$(perf_args "$dev")"; echo 'passthrough = "enabled"' >> "/tmp/$name.cfg"
+  log "$dev/pcibackd: xl create -p $name (no pci=)"
   if ! xl create -p "/tmp/$name.cfg" >> "$OUT/xl-$dev-pcibackd.log" 2>&1; then
-    result "$dev" pcibackd xl-create FAIL "see xl-$dev-pcibackd.log"; return
+    result "$dev" pcibackd xl-create FAIL "see xl-$dev-pcibackd.log"; return 1
   fi
-  d=$(xl domid "$name"); log "$dev/pcibackd: domain $d created (paused)"
+  d=$(xl domid "$name"); PD=$d; log "$dev/pcibackd: domain $d created (paused)"
   cmd=${ATTACH_CMD//\{domid\}/$d}; cmd=${cmd//\{bdf\}/$bdf}
   log "$dev/pcibackd: $cmd"
   if bash -c "$cmd" >> "$OUT/attach-$dev.log" 2>&1; then
@@ -311,23 +432,24 @@ run_pcibackd() { # dev
       result "$dev" pcibackd attach PASS "domid $d"
     else
       result "$dev" pcibackd attach FAIL "exit 0 but no backend/frontend nodes for domain $d"
-      xl destroy "$name" >> "$OUT/xl-$dev-pcibackd.log" 2>&1; return
+      xl destroy "$name" >> "$OUT/xl-$dev-pcibackd.log" 2>&1; return 1
     fi
   else
     result "$dev" pcibackd attach FAIL "rc=$? see attach-$dev.log: $(tail -1 "$OUT/attach-$dev.log")"
-    xl destroy "$name" >> "$OUT/xl-$dev-pcibackd.log" 2>&1; return
+    xl destroy "$name" >> "$OUT/xl-$dev-pcibackd.log" 2>&1; return 1
   fi
   if [ "$(driver_of "$bdf")" = pci-stub ]; then result "$dev" pcibackd held-by-pci-stub PASS ""
   else result "$dev" pcibackd held-by-pci-stub FAIL "driver=$(driver_of "$bdf") override=$(cat /sys/bus/pci/devices/$bdf/driver_override)"; fi
   # the header as the worker took it (it is exported before the backend leaves InitWait)
   poll 30 backend_past_initwait "$d" || result "$dev" pcibackd backend-initialised FAIL "state $(xenstore-read "/local/domain/0/backend/pci/$d/0/state" 2>&1)"
   header_of "$bdf" > "/tmp/$dev.header.seized"
+  busmaster_at_seize "$dev" pcibackd "$bdf"
   xl unpause "$name" || result "$dev" pcibackd xl-unpause FAIL "rc=$?"
   log "$dev/pcibackd: domain $d unpaused"
   collect "$dev" pcibackd "$name" "$d"
-  tree_of "$DPID" > "$OUT/$dev.pcibackd.processes"
+  tree_of "$DPID" > "$OUT/$dev$TAG.pcibackd.processes"
   # (no <(...) here: the chroot's devtmpfs has no /dev/fd)
-  awk '{print $1}' "$OUT/$dev.pcibackd.processes" | sort > /tmp/tree.running
+  awk '{print $1}' "$OUT/$dev$TAG.pcibackd.processes" | sort > /tmp/tree.running
   result "$dev" pcibackd worker-running INFO "$(comm -13 /tmp/tree.base /tmp/tree.running | wc -l) new process(es) under the daemon"
   drive_checks "$dev" pcibackd "$name" "$bdf"
   local p held=""
@@ -336,12 +458,34 @@ run_pcibackd() { # dev
   done
   if [ -z "$held" ]; then result "$dev" pcibackd worker-no-privcmd PASS "(the supervisor holds $(ls -l "/proc/$DPID/fd" 2>/dev/null | grep -c privcmd))"
   else result "$dev" pcibackd worker-no-privcmd FAIL "privcmd open in pid(s)$held"; fi
-  destroy_and_check "$dev" pcibackd "$name" "$d"
+  return 0    # the domain exists: the caller must destroy it
+}
+journal_empty() { # dev domid when: the broker's journal holds a guest's file only while it has PIRQs mapped
+  local j=/run/pcibackd/irq/dom$2.json
+  if poll 10 test ! -e "$j"; then result "$1" pcibackd "no-pirq-journaled-after-$3" PASS "$(cat /run/pcibackd/irq/prepared.json 2>/dev/null)"
+  else result "$1" pcibackd "no-pirq-journaled-after-$3" FAIL "$(cat "$j")"; fi
+}
+pb_unplug() { # dev name domid: hot-unplug through the toolstack, the function back to dom0
+  local dev=$1 bdf=${BDF[$1]} d=$3 cmd
+  cmd=${DETACH_CMD//\{domid\}/$d}; cmd=${cmd//\{bdf\}/$bdf}
+  log "$dev/pcibackd: $cmd"
+  if bash -c "$cmd" >> "$OUT/attach-$dev.log" 2>&1; then result "$dev" pcibackd hot-unplug PASS "$(tail -1 "$OUT/attach-$dev.log")"
+  else result "$dev" pcibackd hot-unplug FAIL "rc=$? see attach-$dev.log: $(tail -1 "$OUT/attach-$dev.log")"; fi
+  msi_off_after "$dev" pcibackd "$bdf" unplug
+  journal_empty "$dev" "$d" unplug
+  pirq_check "$dev" pcibackd "$d" "$bdf" unplug
+  if [ "$(driver_of "$bdf")" != pci-stub ] && [ -z "$(cat "/sys/bus/pci/devices/$bdf/driver_override" 2>/dev/null | grep -v '(null)')" ]; then
+    result "$dev" pcibackd returned-to-dom0 PASS "driver=$(driver_of "$bdf")"
+  else result "$dev" pcibackd returned-to-dom0 FAIL "driver=$(driver_of "$bdf") override=$(cat "/sys/bus/pci/devices/$bdf/driver_override")"; fi
+  busmaster_after "$dev" pcibackd "$bdf" return
+  destroy_and_check "$dev" pcibackd "$2" "$d"
+}
+pb_destroy() { # dev name domid: xl destroy, the worker's release, nothing of the guest left
+  local dev=$1 bdf=${BDF[$1]} d=$3 released
+  destroy_and_check "$dev" pcibackd "$2" "$d"
   msi_off_after "$dev" pcibackd "$bdf"
-  local j=/run/pcibackd/irq/dom$d.json
-  # the broker's journal holds a guest's file only while it has PIRQs mapped
-  if poll 10 test ! -e "$j"; then result "$dev" pcibackd no-pirq-journaled PASS "$(cat /run/pcibackd/irq/prepared.json 2>/dev/null)"
-  else result "$dev" pcibackd no-pirq-journaled FAIL "$(cat "$j")"; fi
+  journal_empty "$dev" "$d" destroy
+  pirq_check "$dev" pcibackd "$d" "$bdf" destroy
   if poll "$LANE_CLEAN_TIMEOUT" tree_within /tmp/tree.base; then result "$dev" pcibackd worker-gone PASS ""
   else result "$dev" pcibackd worker-gone FAIL "left: $(tree_of "$DPID" | tr '\n' ';')"; fi
   if [ "$(driver_of "$bdf")" = pci-stub ]; then result "$dev" pcibackd held-after-destroy PASS ""
@@ -351,6 +495,29 @@ run_pcibackd() { # dev
   if [ -z "$released" ]; then result "$dev" pcibackd released-as-seized FAIL "no 'released $bdf' in pcibackd.log"
   elif cmp -s "/tmp/$dev.header.seized" "/tmp/$dev.header.after"; then result "$dev" pcibackd released-as-seized PASS "$released"
   else result "$dev" pcibackd released-as-seized FAIL "header differs: $(diff "/tmp/$dev.header.seized" "/tmp/$dev.header.after" | tr '\n' ' ')"; fi
+  busmaster_after "$dev" pcibackd "$bdf" destroy
+}
+run_pcibackd() { # dev
+  local dev=$1 name=lane-$1-pcibackd
+  phase "$dev/pcibackd"
+  xen_irq_baseline
+  tree_of "$DPID" | awk '{print $1}' | sort > /tmp/tree.base
+  # the kernel-mode run may have left Bus Master off: give pcibackd's seize the
+  # function as the firmware left it (no controller runs: the reset stopped it)
+  if [ "${BM_BOOT[$dev]:-off}" = on ] && [ "$(bm_of "${BDF[$dev]}")" = off ]; then
+    setpci -s "${BDF[$dev]}" COMMAND="$(printf '%04x' $(( $(cmd_of "${BDF[$dev]}") | 4 )))"
+    result "$dev" pcibackd busmaster-as-firmware-left INFO "Bus Master set again before the seize: COMMAND $(cmd_hex "${BDF[$dev]}")"
+  fi
+  pb_create "$dev" "$name" || return
+  if repeats "$dev"; then
+    phase "$dev/pcibackd: hot-unplug, second guest"
+    pb_unplug "$dev" "$name" "$PD"
+    SFX=@2 TAG=.2
+    pb_create "$dev" "$name-2" && pb_destroy "$dev" "$name-2" "$PD"
+    SFX="" TAG=""
+  else
+    pb_destroy "$dev" "$name" "$PD"
+  fi
   if kill -0 "$DPID" 2>/dev/null; then result "$dev" pcibackd daemon-alive PASS ""
   else result "$dev" pcibackd daemon-alive FAIL "pcibackd died"; fi
 }

@@ -17,7 +17,8 @@ import re
 import sys
 from pathlib import Path
 
-VIDS = {"edu": "1234:11e8", "pci-testdev": "1b36:0005", "e1000e": "8086:10d3", "nvme": "1b36:0010"}
+VIDS = {"edu": "1234:11e8", "pci-testdev": "1b36:0005", "e1000e": "8086:10d3", "nvme": "1b36:0010",
+        "rtl8139": "10ec:8139"}
 
 HEADER = [  # (offset, size, name) of a type 0 header
     (0x00, 2, "VENDOR_ID"), (0x02, 2, "DEVICE_ID"), (0x04, 2, "COMMAND"), (0x06, 2, "STATUS"),
@@ -112,6 +113,40 @@ def line_diffs(klines: list[str], plines: list[str]) -> list[tuple[str, str]]:
     return out
 
 
+# the guest's timing figures (check "guest-timing", key=value details): key, label, unit divisor
+TIMING = [("enum_us", "enumeration of the function (remove + rescan)", 1000.0, "ms"),
+          ("rescan_us", "rescan of the bus, nothing new", 1000.0, "ms"),
+          ("total_us", "config reads, total", 1000.0, "ms"),
+          ("per_read_us", "one config read", 1.0, "us")]
+
+
+def timing_table(results: list[tuple[str, ...]]) -> list[str]:
+    """Per device: each timing figure in both modes and the pcibackd/kernel ratio."""
+    figures: dict[str, dict[str, dict[str, float]]] = {}
+    for dev, mode, check, verdict, detail in results:
+        if check != "guest-timing" or verdict == "FAIL":
+            continue
+        values = {}
+        for word in detail.split():
+            key, _, value = word.partition("=")
+            try:
+                values[key] = float(value)
+            except ValueError:
+                continue
+        figures.setdefault(dev, {})[mode] = values
+    out = []
+    for dev, modes in figures.items():
+        reads = ", ".join(f"{mode} {int(v.get('reads', 0))} ({int(v.get('changed', 0))} not the register's value)"
+                          for mode, v in modes.items())
+        out.append(f"  {dev} (config reads of one register: {reads}):")
+        for key, label, div, unit in TIMING:
+            k, p = modes.get("kernel", {}).get(key), modes.get("pcibackd", {}).get(key)
+            show = lambda v: f"{v / div:10.1f} {unit}" if v is not None else f"{'-':>10} {unit}"  # noqa: E731
+            ratio = f"{p / k:6.2f}x" if k and p is not None else "     -"
+            out.append(f"    {label:<48} kernel {show(k)}  pcibackd {show(p)}  ratio {ratio}")
+    return out
+
+
 def main(argv: list[str]) -> int:
     outdir, devices = Path(argv[0]), argv[1:]
     ok = True
@@ -153,6 +188,10 @@ def main(argv: list[str]) -> int:
             ok &= bool(reason)
         if not regs and not lines:
             print("  none: identical")
+    timing = timing_table(results)
+    if timing:
+        print("\n===== what the guest feels: pcibackd / kernel xen-pciback =====")
+        print("\n".join(timing))
     print("\n===== checks =====")
     kernel_failed = {(dev, check) for dev, mode, check, verdict, _ in results if mode == "kernel" and verdict == "FAIL"}
     for dev, mode, check, verdict, detail in results:

@@ -1,12 +1,12 @@
 #!/bin/bash
-# xenlane/run.sh [--quick] [--devices "edu pci-testdev e1000e nvme"] [--modes "kernel pcibackd"]
+# xenlane/run.sh [--quick] [--devices "edu pci-testdev e1000e rtl8139 nvme"] [--modes "kernel pcibackd"]
 #
 # The Xen lane: boots Debian's Xen 4.17 inside QEMU (TCG) with a PV dom0 and PV
 # domUs on Debian's 6.1 kernel, passes QEMU-emulated PCI devices to a domU once
 # through the kernel's xen-pciback and once through pcibackd, and prints per
 # device the domU's view through pcibackd and the differences with a reason each.
 #
-#   outer QEMU (q35, intel-iommu, edu + pci-testdev + e1000e, 9p: host / read-only, out dir)
+#   outer QEMU (q35, intel-iommu, edu + pci-testdev + e1000e + nvme + rtl8139, 9p: host / read-only, out dir)
 #     Xen 4.17 -> dom0 (busybox initramfs, then chroot into the host's / over 9p:
 #                       xl, xenstored, python + the project's venv, xenlane/dom0-main.sh)
 #              -> domU per device and mode (busybox initramfs, xenlane/domu-init.sh)
@@ -21,7 +21,7 @@ set -euo pipefail
 LANE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(dirname "$LANE")
 CACHE=${XENLANE_CACHE:-$LANE/.cache}
-DEVICES="edu pci-testdev e1000e"
+DEVICES="edu pci-testdev e1000e rtl8139 nvme"
 MODES="kernel pcibackd"
 while [ $# -gt 0 ]; do
   case $1 in
@@ -38,7 +38,7 @@ log() { echo "[xenlane $(date +%T) +$(( $(date +%s) - T_START ))s] $*"; }
 die() { log "ERROR: $*"; exit 1; }
 [ "$(id -u)" = 0 ] || die "needs root (QEMU 9p export of /, apt-get, dpkg -x)"
 case "$REPO$CACHE" in *[[:space:],]*) die "paths with spaces or commas are not supported: $REPO $CACHE" ;; esac
-for d in $DEVICES; do case $d in edu|pci-testdev|e1000e|nvme) ;; *) die "unknown device $d" ;; esac; done
+for d in $DEVICES; do case $d in edu|pci-testdev|e1000e|rtl8139|nvme) ;; *) die "unknown device $d" ;; esac; done
 
 # ------------------------------------------------------------ 1. host packages
 # dom0 runs the host's own xl/xenstored/python (chroot over 9p), so they live on the host
@@ -110,8 +110,12 @@ base_root() {
 }
 pack() { (cd "$1" && find . | cpio -o -H newc 2>/dev/null | gzip -1) > "$2"; }
 
-R=$RUN/domUroot; base_root; copy_mods xen-pcifront nvme e1000e
+R=$RUN/domUroot; base_root; copy_mods xen-pcifront nvme e1000e 8139cp
 copy_bin /usr/bin/lspci; mkdir -p "$R/usr/share/misc"; cp -L /usr/share/misc/pci.ids "$R/usr/share/misc/" 2>/dev/null || true
+# the guest's timing helper (own C, static: the domU has no libc)
+if command -v gcc >/dev/null && gcc -static -O2 -Wall -o "$R/usr/bin/cfgloop" "$LANE/cfgloop.c" 2> "$RUN/cfgloop-build.log"; then
+  PERF_READS=${XENLANE_PERF_READS:-10000}
+else log "WARNING: cannot build cfgloop.c (gcc, static libc): no guest timing figures"; PERF_READS=0; fi
 cp "$LANE/domu-init.sh" "$R/init"; chmod +x "$R/init"; pack "$R" "$RUN/guest/domU.cpio.gz"
 R=$RUN/dom0root; base_root
 copy_mods xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs virtio_pci 9pnet_virtio 9p
@@ -136,20 +140,23 @@ fi
   [ -n "${XENLANE_DAEMON_CMD:-}" ] && printf 'LANE_DAEMON_CMD=%q\n' "$XENLANE_DAEMON_CMD"
   [ -n "${XENLANE_ATTACH_CMD:-}" ] && printf 'LANE_ATTACH_CMD=%q\n' "$XENLANE_ATTACH_CMD"
   [ -n "${XENLANE_DOM0_PYTEST:-}" ] && echo "LANE_DOM0_PYTEST=$XENLANE_DOM0_PYTEST"
-  echo "LANE_NVME_SHA=$NVME_SHA"; echo "LANE_INTMODES='${XENLANE_INTMODES:-1 0 2}'"
+  echo "LANE_NVME_SHA=$NVME_SHA"; echo "LANE_INTMODES='${XENLANE_INTMODES:-1 0 2}'"; echo "LANE_PERF_READS=$PERF_READS"
   true
 } > "$RUN/out/lane.conf"
 
 # ------------------------------------------------------------ 6. outer QEMU (one at a time: 2 cores)
 NDEV=$(echo $DEVICES | wc -w); NMODE=$(echo $MODES | wc -w)
+NSCEN=$(( NDEV * NMODE )); [[ " $DEVICES " == *" nvme "* ]] && NSCEN=$(( NSCEN + NMODE ))   # nvme's second guest
 # A bound for a wedged emulator, not a sleep: a stuck step inside dom0 is cut by
 # its own bound (xl 90 s, domU 100 s, cleanup 20 s) and reported as a failed check.
 # Measured full lane (6 scenarios), this machine, 2026-11-28: QEMU 257 s and
 # 254 s = ~60 s fixed (Xen + dom0 boot, platform tests, daemon start, finish)
 # + 18-78 s per scenario (~33 s on average); earlier sessions: 770-930 s on a
 # slower day, ~3.6x.  Bound = 3x the slowest day: 3 x (220 s + 120 s per
-# scenario), 2820 s for the full lane, 1380 s for --quick.
-TMO=${XENLANE_TIMEOUT:-$(( 3 * (220 + 120 * NDEV * NMODE) ))}
+# scenario), 4980 s for the full lane (12 scenarios: nvme's second guest
+# counts), 1380 s for --quick.  2026-11-28 with ~7 sessions' tests on the same
+# 2 cores a scenario took up to 630 s: such a day needs XENLANE_TIMEOUT.
+TMO=${XENLANE_TIMEOUT:-$(( 3 * (220 + 120 * NSCEN) ))}
 XENARGS="console=com1 com1=115200 dom0_mem=1024M,max:1024M smap=0 loglvl=warning guest_loglvl=warning"
 DOM0ARGS="console=hvc0 earlyprintk=xen loglevel=6 lane.repo=$REPO"
 BOOT_TMO=${XENLANE_BOOT_TIMEOUT:-150}
@@ -160,6 +167,9 @@ BOOT_TMO=${XENLANE_BOOT_TIMEOUT:-150}
 CPU=${XENLANE_CPU:-Nehalem}
 echo "LANE_DEADLINE=$(( TMO - 40 ))" >> "$RUN/out/lane.conf"
 cd "$RUN"
+# nvme has a bootindex: SeaBIOS sets the controller up as a boot disk and leaves
+# Bus Master on, as firmware leaves a controller it booted from (-kernel's
+# option ROM still boots first).  The three NICs share a hub with no host side.
 run_qemu() { # one boot; rc 124 = overall bound, 125 = dom0 never came up (TCG boot hang)
   rm -f serial.log qemu.out; : > serial.log
   timeout --kill-after=10 "$TMO" qemu-system-x86_64 -accel "tcg${XENLANE_TCG_OPTS:-}" -machine q35 -cpu "$CPU" -smp 2 -m 3072 \
@@ -167,9 +177,12 @@ run_qemu() { # one boot; rc 124 = overall bound, 125 = dom0 never came up (TCG b
     -device intel-iommu,intremap=on \
     -device edu,addr=0x5 -device pci-testdev,addr=0x6 \
     -netdev hubport,id=lanenet0,hubid=0 -netdev hubport,id=lanenet1,hubid=0 \
+    -netdev hubport,id=lanenet2,hubid=0 \
     -device e1000e,addr=0x7,netdev=lanenet0,mac=52:54:00:12:34:07 \
-    -drive file="$RUN/nvme.img",if=none,id=lanedisk,format=raw -device nvme,addr=0x8,serial=xenlane,drive=lanedisk \
+    -drive file="$RUN/nvme.img",if=none,id=lanedisk,format=raw \
+    -device nvme,addr=0x8,serial=xenlane,drive=lanedisk,bootindex=1 \
     -device virtio-net-pci,addr=0x9,netdev=lanenet1,mac=52:54:00:12:34:09 \
+    -device rtl8139,addr=0xa,netdev=lanenet2,mac=52:54:00:12:34:0a \
     -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
     -virtfs local,path="$RUN/out",mount_tag=laneout,security_model=none,multidevs=remap \
     -kernel xen.elf -append "$XENARGS" -initrd "vmlinuz $DOM0ARGS,dom0.cpio.gz" > qemu.out 2>&1 &

@@ -1,12 +1,14 @@
 """The real-Xen lane as the last test of the suite (``xenlane/run.sh``).
 
 Boots Debian's Xen 4.17 inside QEMU (TCG), lets an unmodified Linux pcifront in
-a PV domU enumerate edu, pci-testdev and e1000e through pcibackd and through the
-kernel's xen-pciback, and fails on any failed check or unexplained difference.
+a PV domU enumerate and drive edu, pci-testdev, e1000e, rtl8139 and nvme through
+pcibackd and through the kernel's xen-pciback, and fails on any failed check or
+unexplained difference.
 Its report (per device: the view through pcibackd and the diff against the
 kernel backend's) is printed whatever the outcome, and ends with the time per
 phase and scenario.  It runs after everything else (tests/conftest.py sorts it
-last): it holds both CPUs for 270 s on an idle machine, 15 minutes on a slow day.
+last): it holds both CPUs for several minutes on an idle machine, up to about
+40 minutes when the machine is shared (see xenlane/README.md for measured runs).
 
 Skipped, with the reason, when: ``PCIBACKD_XEN_LANE=0`` (quick local runs),
 not root (apt, QEMU's 9p export of /), or when dom0 hung while booting under
@@ -28,9 +30,9 @@ LANE = REPO / "xenlane" / "run.sh"
 EXIT_NO_RESULT = 77
 
 
-# Above run.sh's own bounds: QEMU 2820 s for the full lane, one more boot
-# attempt (150 s) after a TCG boot hang, and host setup (packages, .debs).
-@pytest.mark.timeout(3600)
+# Above run.sh's own bounds: QEMU 4980 s for the full lane (12 scenarios), one
+# more boot attempt (150 s) after a TCG boot hang, and host setup (packages, .debs).
+@pytest.mark.timeout(5400)
 def test_xen_lane(capsys):
     if os.environ.get("PCIBACKD_XEN_LANE", "1") == "0":
         pytest.skip("PCIBACKD_XEN_LANE=0")

@@ -204,7 +204,9 @@ msi_off_after() { # dev mode bdf [when]: nothing left enabled in hardware after 
   local l w=${4:-destroy}; lspci -vvv -s "$3" > "$OUT/$1$TAG.$2.dom0-after-$w.lspci" 2>&1
   l=$(grep -E 'MSI-X:|MSI:' "$OUT/$1$TAG.$2.dom0-after-$w.lspci" | tr -s ' ' | tr '\n' ';')
   if [ -z "$l" ]; then return; fi
+  # pcibackd also leaves MSI-X's Function Mask clear: Xen refuses to assign a masked function (EBUSY)
   if echo "$l" | grep -q 'Enable+'; then result "$1" "$2" "msi-off-after-$w" FAIL "$l"
+  elif [ "$2" = pcibackd ] && echo "$l" | grep -q 'Masked+'; then result "$1" "$2" "msi-off-after-$w" FAIL "$l"
   else result "$1" "$2" "msi-off-after-$w" PASS "$l"; fi
 }
 

@@ -15,11 +15,12 @@ differs (:func:`restore_state`), in the order of the kernel's restore:
    after its restore (it disables the function again): Bus Master off, so a
    function nobody drives does no DMA until a dom0 driver enables it; INTx
    enabled, since message interrupts are off;
-4. MSI and MSI-X disabled and masked (a guest killed abruptly leaves them on):
-   MSI's per-vector mask bits set where it has them, MSI-X's Function Mask
-   set (its per-vector masks are in the MSI-X table, outside config space).
-   A dom0 driver that binds later, or the broker for the next guest, clears
-   the Function Mask when it enables MSI-X, as Linux does.
+4. MSI and MSI-X disabled (a guest killed abruptly leaves them on): MSI's
+   per-vector mask bits set where it has them; MSI-X's Enable and Function
+   Mask both clear, their power-on values (its per-vector masks are in the
+   MSI-X table, outside config space).  Xen 4.17 refuses to assign a function
+   whose MSI-X Function Mask is set (EBUSY, seen on the real-Xen lane), so a
+   set mask would keep the function from its next guest.
 
 A function without a reset method (QEMU's edu and pci-testdev) therefore still
 gets all of this back.  Every register written is one the kernel's
@@ -236,7 +237,7 @@ def _messages_off(port, done: list[str]) -> None:
     msix = find_capability(port.read, CAP_MSIX)
     if msix is not None:
         control = port.read(msix + MSIX_FLAGS, 2)
-        _put(port, msix + MSIX_FLAGS, 2, control & ~MSIX_ENABLE | MSIX_MASKALL, done, "msix.control")
+        _put(port, msix + MSIX_FLAGS, 2, control & ~(MSIX_ENABLE | MSIX_MASKALL), done, "msix.control")
 
 
 def restore_state(port, saved: SavedState) -> list[str]:

@@ -194,7 +194,7 @@ class ControlServer:
                                                       f"this one serves only {', '.join(sorted(READ_ONLY))}")
             args = cmd.check(untrusted_args)
             if cmd.name not in READ_ONLY:
-                logger.info("control: {} {}", cmd.name, args)
+                logger.info("control: {} {}", cmd.name, " ".join(f"{k}={v}" for k, v in args.items()))
             result = cmd.execute(self.face, args)
             if isinstance(result, Pending):
                 if len(self.pending) >= MAX_PENDING:

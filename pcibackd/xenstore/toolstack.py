@@ -188,6 +188,8 @@ def wait_for_value(xs, path: str, value: str | None, timeout: float, raise_on_ti
     xs.watch(path, token)
     try:
         deadline = time.monotonic() + timeout
+        poller = select.poll()       # poll, not select(): a harness may hold more than 1024 fds
+        poller.register(xs.fileno(), select.POLLIN)
         while True:
             if xs.read(path) == value:
                 return True
@@ -197,7 +199,7 @@ def wait_for_value(xs, path: str, value: str | None, timeout: float, raise_on_ti
                     raise TimeoutError(f"{path} did not become {value!r} within {timeout} s "
                                        f"(now {xs.read(path)!r})")
                 return False
-            select.select([xs], [], [], left)
+            poller.poll(left * 1000 + 1)
             xs.events()
     finally:
         xs.unwatch(path, token)

@@ -79,6 +79,7 @@ class Supervisor(ReleaseViews, WorkerLife):
         self._present: dict[int, str] = {}      # {domid: backend path} with a frontend set
         self.wake = Wakeups()
         self._routes: dict[bytes, int] = {}     # a worker connection's routing id -> its guest (keepalives)
+        self._described: tuple[int, int] | None = None     # (Guest.changes, guests) behind the last STATUS=
 
     # ------------------------------------------------------------ setup --
     def _setup(self) -> None:
@@ -148,7 +149,9 @@ class Supervisor(ReleaseViews, WorkerLife):
                 if guest is not None and guest.alive:
                     self._reap(guest)
             self._on_due()
-            self.status.update(systemd.describe(g.state for g in self._guests.values()))
+            if (Guest.changes, len(self._guests)) != self._described:     # not O(guests) on every wake-up
+                self._described = (Guest.changes, len(self._guests))
+                self.status.update(systemd.describe(g.state for g in self._guests.values()))
             if watchdog and time.monotonic() >= next_dog:
                 systemd.notify("WATCHDOG=1")
                 next_dog = time.monotonic() + watchdog
@@ -170,7 +173,8 @@ class Supervisor(ReleaseViews, WorkerLife):
 
     def handle_hup(self) -> None:
         """SIGHUP (``systemctl reload``): config and policy read again, then a rescan (reload.py)."""
-        reload_config_and_policy(self, [g.domid for g in self._guests.values() if g.alive and g.state is WorkerState.RUNNING])
+        running = [g.domid for g in self._guests.values() if g.alive and g.state is WorkerState.RUNNING]
+        reload_config_and_policy(self, running)
 
     def handle_chld(self) -> None:      # SIGCHLD: nothing; exit sentinels are polled
         pass

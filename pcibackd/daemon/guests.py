@@ -17,6 +17,7 @@ import select
 import signal
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from loguru import logger
 
@@ -149,6 +150,7 @@ def describe_exit(code: int | None) -> str:
 class Guest:
     """The supervisor's record of one frontend and its worker."""
 
+    changes: ClassVar[int] = 0       # state changes of every guest so far (STATUS= is redone only after one)
     domid: int
     backend_path: str
     proc: object = None              # our child (from the spawner), or None
@@ -197,6 +199,7 @@ class Guest:
             raise IllegalTransition(self.domid, self._state, event)
         if new is not self._state:
             logger.debug("domain {}: {} -> {} ({})", self.domid, self._state.value, new.value, event.value)
+            Guest.changes += 1
         self._state = new
         return new
 

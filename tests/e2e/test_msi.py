@@ -18,6 +18,7 @@ import threading
 import pytest
 import zmq
 
+from helpers import detach_in_background
 from pcibackd.control.commands.status import render as render_status
 from pcibackd.irq.function import control_offset, find_capability
 from pcibackd.irq.messages import MapMsix
@@ -169,17 +170,7 @@ def test_hot_unplug_and_guest_destroy_unmap_and_release(guest):
     assert guest.front.enable_msix(G_NVME, [0, 1]).ok
     assert guest.xen()["prepared"] == sorted([NVME, NIC])
     assert guest.front.enable_msi(G_NIC).ok
-    done = threading.Event()
-
-    def unplug():
-        xs = XenStore(guest.dom0.xenstored.socket_path)
-        try:
-            Toolstack(xs).detach(1, BDF.parse(NVME))
-        finally:
-            xs.close()
-            done.set()
-    t = threading.Thread(target=unplug)
-    t.start()
+    t, done = detach_in_background(guest.dom0.xenstored.socket_path, 1, NVME)
     wait_until(lambda: guest.front.follow(timeout=0.05) is not None and done.is_set(), timeout=15,
                what="the unplug to finish")
     t.join()

@@ -11,14 +11,12 @@ enables 1000 times, and an enable racing a hot-unplug.
 from __future__ import annotations
 
 import errno
-import threading
 
+from helpers import detach_in_background
 from pcibackd.irq.function import control_offset, find_capability
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import Err, Op
 from pcibackd.wire.pciregs import CAP_MSIX, COMMAND, COMMAND_MEM, MSIX_ENABLE
-from pcibackd.xenstore.client import XenStore
-from pcibackd.xenstore.toolstack import Toolstack
 from simdom0.physdev import read_state
 from simdom0.platform import physdev_state_path
 from waiting import wait_until
@@ -93,18 +91,8 @@ def test_a_guest_enabling_a_thousand_times_leaks_no_pirq(dom0):
 
 def test_enable_racing_a_hot_unplug_leaves_nothing_mapped(dom0):
     g = Guest(dom0)
-    done = threading.Event()
     results = []
-
-    def unplug():
-        xs = XenStore(dom0.xenstored.socket_path)
-        try:
-            Toolstack(xs).detach(1, BDF.parse(NVME))
-        finally:
-            xs.close()
-            done.set()
-    t = threading.Thread(target=unplug)
-    t.start()
+    t, done = detach_in_background(dom0.xenstored.socket_path, 1, NVME)
     try:
         # the guest keeps enabling while the unplug goes on, until its function is gone
         while not done.is_set() or G_NVME in [d.bdf for d in g.front.devices]:

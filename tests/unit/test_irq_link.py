@@ -19,6 +19,7 @@ from pcibackd.irq.function import Kind
 from pcibackd.irq.journal import Journal
 from pcibackd.irq.messages import Answer, Failed, IrqError, MapMsi, MapMsix, Query, Unmap
 from pcibackd.platform.xen import NoPhysdev
+from helpers import op_bytes as snapshot
 from pcibackd.wire import pciif
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import Err, Op
@@ -77,13 +78,6 @@ class Broker:
         self.asked.append(req)
         return self.answers.get(type(req), Answer())
 
-
-def snapshot(cmd: int, devfn: int = 0, value: int = 0, entries=()) -> bytes:
-    buf = bytearray(pciif.PCI_OP.size)
-    pciif.OP_HEADER.pack_into(buf, 0, cmd, 0, 0, 0, devfn, 0, 0, value, 0)
-    for i, e in enumerate(entries):
-        pciif.MSIX_ENTRY.pack_into(buf, pciif.OP_MSIX_ENTRIES + 4 * i, 0, e)
-    return bytes(buf)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from pcibackd.irq.broker import Broker
 from pcibackd.irq.function import Kind, control_offset, find_capability, record_for
 from pcibackd.irq.journal import Journal
 from pcibackd.irq.messages import Answer, Leave, MapMsi, MapMsix, Query
+from helpers import op_bytes as snapshot
 from pcibackd.wire import pciif
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import Op
@@ -29,13 +30,6 @@ NIC, DISK = BDF(0, 3, 0, 0), BDF(0, 4, 0, 0)
 DOM = 5
 BE = "/local/domain/0/backend/pci/5/0"
 
-
-def snapshot(cmd: int, devfn: int = 0, value: int = 0, entries=()) -> bytes:
-    buf = bytearray(pciif.PCI_OP.size)
-    pciif.OP_HEADER.pack_into(buf, 0, cmd, 0, 0, 0, devfn, 0, 0, value, 0)
-    for i, e in enumerate(entries):
-        pciif.MSIX_ENTRY.pack_into(buf, pciif.OP_MSIX_ENTRIES + 4 * i, 0, e)
-    return bytes(buf)
 
 
 class Rig:

@@ -52,8 +52,8 @@ from typing import Callable
 
 from pcibackd.common.files import write_atomic
 
-from pcibackd.hostpci.port import HostPort
-from pcibackd.irq.function import Kind, control_offset, find_capability, msix_table_size
+from pcibackd.hostpci.port import HostPort, find_capability
+from pcibackd.irq.function import Kind, control_offset, msix_table_size
 from pcibackd.wire.pciregs import CAP_MSI, CAP_MSIX, COMMAND, COMMAND_MEM, MSIX_ENABLE, MSIX_MASKALL, MSIX_PBA, MSI_64BIT, MSI_ENABLE, MSI_MASKABLE
 from pcibackd.irq.ports import PhysdevError
 from pcibackd.wire.bdf import BDF

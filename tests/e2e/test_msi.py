@@ -20,7 +20,8 @@ import zmq
 
 from helpers import detach_in_background
 from pcibackd.control.commands.status import render as render_status
-from pcibackd.irq.function import control_offset, find_capability
+from pcibackd.hostpci.port import find_capability
+from pcibackd.irq.function import control_offset
 from pcibackd.irq.messages import MapMsix
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import Err, Op

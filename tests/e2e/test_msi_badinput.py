@@ -13,7 +13,8 @@ from __future__ import annotations
 import errno
 
 from helpers import detach_in_background
-from pcibackd.irq.function import control_offset, find_capability
+from pcibackd.hostpci.port import find_capability
+from pcibackd.irq.function import control_offset
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import Err, Op
 from pcibackd.wire.pciregs import CAP_MSIX, COMMAND, COMMAND_MEM, MSIX_ENABLE

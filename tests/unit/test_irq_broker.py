@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from pcibackd.hostpci.port import find_capability
 from pcibackd.irq.broker import Broker, Limits
-from pcibackd.irq.function import Kind, find_capability, record_for
+from pcibackd.irq.function import Kind, record_for
 from pcibackd.wire.pciregs import CAP_MSIX, COMMAND, COMMAND_INTX_DISABLE, COMMAND_MEM, MSIX_ENABLE, MSIX_MASKALL, MSI_ENABLE
 from pcibackd.irq.journal import Journal
 from pcibackd.irq.messages import (Answer, Client, Failed, IrqRefused, Leave, MapMsi, MapMsix, Prepare, Query, Unmap,

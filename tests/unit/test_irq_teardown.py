@@ -11,8 +11,9 @@ import errno
 from types import SimpleNamespace
 
 from pcibackd.daemon.interrupts import Interrupts
+from pcibackd.hostpci.port import find_capability
 from pcibackd.irq.broker import Broker
-from pcibackd.irq.function import Kind, control_offset, find_capability, record_for
+from pcibackd.irq.function import Kind, control_offset, record_for
 from pcibackd.irq.journal import Journal
 from pcibackd.irq.messages import Answer, Leave, MapMsi, MapMsix, Query
 from helpers import op_bytes as snapshot

@@ -236,8 +236,8 @@ class Supervisor(ReleaseViews, WorkerLife):
                     # The worker finishes by itself (resets its devices); SIGTERM after stop_timeout.
                     known.request_stop(time.monotonic() + self.cfg.stop_timeout, terminated=False)
                     self.wake.at(known.stop_deadline, domid, "stop")
-        if self.lifecycle.wants_events():
-            self.lifecycle.backends_changed()
+        if self.lifecycle.wants_events(domids):       # only the backends it follows are read
+            self.lifecycle.backends_changed(domids)
 
     def _worker_config(self, guest: Guest) -> WorkerConfig:
         c = self.cfg

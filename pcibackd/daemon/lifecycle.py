@@ -7,6 +7,11 @@ pool and the guest stay consistent.  Nothing here waits: a hot-unplug writes
 libxl's request and :meth:`Lifecycle.backends_changed` (called on each
 xenstore wake-up) finishes it once the guest let go.  Who holds a function is
 read from the backend nodes, the toolstack's truth.
+
+A function joining the pool is reset as xen-pciback resets what its stub
+takes (:func:`pcibackd.daemon.releases.reset_at_seize`); one whose reset
+failed (there, or at its last release) is quarantined and refused by
+pci-attach until ``pcibackctl quarantine clear --force`` (or pci-attach --force).
 """
 
 from __future__ import annotations
@@ -16,14 +21,16 @@ from pathlib import Path
 
 from loguru import logger
 
-from pcibackd.daemon.pool import Member, Pool
+from pcibackd.daemon.pool import LifecycleError, Pool, PoolOps  # noqa: F401 (LifecycleError: for the commands)
+from pcibackd.daemon.pool import bad as _bad, failed as _failed, missing as _missing
 from pcibackd.hostpci.drivers import DriverError, HostDrivers
+from pcibackd.hostpci.release import clear_quarantine, quarantine, quarantined
 from pcibackd.platform.hostdrivers import XenDrivers
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.paths import BACKEND_ROOT, backend_path
 from pcibackd.wire.pciif import XenbusState as S
 from pcibackd.xenstore.toolstack import Toolstack
-from pcibackd.xl.pcispec import PciSpec, SpecError, parse_pattern, parse_spec
+from pcibackd.xl.pcispec import PciSpec, SpecError, parse_spec
 
 MAX_DOMID = 0x7FEF
 KERNEL_BACKEND = Path("/sys/module/xen_pciback")
@@ -33,58 +40,41 @@ BUSY_STATES = {str(int(S.Reconfiguring)): "reconfiguring", str(int(S.Reconfigure
                str(int(S.Closing)): "closing", str(int(S.Closed)): "closed"}
 
 
-class LifecycleError(Exception):
-    """``kind``: "bad" (the request), "not_found" (no such function/domain), "failed" (refused or broke)."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind, self.message = kind, message
-
-
-def _bad(msg: str) -> LifecycleError:
-    return LifecycleError("bad", msg)
-
-
-def _missing(msg: str) -> LifecycleError:
-    return LifecycleError("not_found", msg)
-
-
-def _failed(msg: str) -> LifecycleError:
-    return LifecycleError("failed", msg)
-
-
 @dataclass(frozen=True)
 class Domain:
     domid: int
     name: str | None
 
 
-class Lifecycle:
-    def __init__(self, xs, drivers: HostDrivers, pool: Pool):
+class Lifecycle(PoolOps):
+    """``platform`` opens a function for its reset at seize; ``release_dir`` holds the reset
+    records and quarantines (the workers' ``<runtime>/state``)."""
+
+    def __init__(self, xs, drivers: HostDrivers, pool: Pool, platform, release_dir: Path):
         self.xs, self.drivers, self.pool = xs, drivers, pool
+        self.platform, self.release_dir = platform, Path(release_dir)
         self.toolstack = Toolstack(xs)
         # functions of the pool given to each guest (revoked when its backend goes)
         self.given: dict[int, set[BDF]] = {}
         self.detaching: set[int] = set()        # domains asked to let go of a function (pci-detach)
-        for bdf, domid in self.holders().items():
-            if bdf in pool:
-                self.given.setdefault(domid, set()).add(bdf)
-
-    def _unplugged(self) -> list[tuple[int, BDF]]:
-        done = []
         for untrusted in self.xs.ls(BACKEND_ROOT):
-            if not untrusted.isdigit() or len(untrusted) > 5:
-                continue
-            be = backend_path(int(untrusted))
-            if self.xs.read(f"{be}/state") != str(int(S.Connected)):
-                continue
-            for i in range(_count(self.xs.read(f"{be}/num_devs"))):
-                if self.xs.read(f"{be}/state-{i}") in CLOSING:
-                    try:
-                        done.append((int(untrusted), BDF.parse(self.xs.read(f"{be}/dev-{i}") or "")))
-                    except ValueError:
-                        pass
-        return done
+            if untrusted.isdigit() and len(untrusted) <= 5:
+                listed = self._listed(int(untrusted))
+                for bdf, _ in listed:
+                    if bdf in pool:
+                        self.given.setdefault(int(untrusted), set()).add(bdf)
+                if any(state in CLOSING for _, state in listed):
+                    self.detaching.add(int(untrusted))      # one an earlier daemon began
+
+    def _listed(self, domid: int) -> list[tuple[BDF, str | None]]:
+        """(function, its state-N) of every function named in ``domid``'s backend."""
+        be, out = backend_path(domid), []
+        for i in range(_count(self.xs.read(f"{be}/num_devs"))):
+            try:
+                out.append((BDF.parse(self.xs.read(f"{be}/dev-{i}") or ""), self.xs.read(f"{be}/state-{i}")))
+            except ValueError:
+                pass
+        return out
 
     @classmethod
     def start(cls, xs, platform, cfg) -> "Lifecycle":
@@ -95,7 +85,7 @@ class Lifecycle:
         if own is None and KERNEL_BACKEND.exists():
             logger.warning("xen_pciback is loaded: the kernel backend also serves PCI backends in xenstore; "
                            "blacklist it (see the README: Coexistence)")
-        lifecycle = cls(xs, drivers, Pool(cfg.state_dir))
+        lifecycle = cls(xs, drivers, Pool(cfg.state_dir), platform, Path(cfg.runtime_dir) / "state")
         lifecycle.hide(cfg.hide)
         lifecycle.reclaim()
         return lifecycle
@@ -148,13 +138,6 @@ class Lifecycle:
             raise _missing(f"no PCI function in slot {spec.slot_text}")
         return found
 
-    def list_pool(self) -> list[dict]:
-        held = self.holders()
-        return [{"bdf": str(m.bdf), "name": m.name, "driver": m.driver, "source": m.source,
-                 "bound": self.drivers.driver(m.bdf) if self.drivers.exists(m.bdf) else None,
-                 "present": self.drivers.exists(m.bdf), "held_by": held.get(m.bdf)}
-                for m in self.pool.sorted()]
-
     def pci_list(self, untrusted_domain: str) -> dict:
         d = self.domain(untrusted_domain)
         be = backend_path(d.domid)
@@ -164,100 +147,10 @@ class Lifecycle:
             rows.append({"index": i, **node})
         return {"domid": d.domid, "name": d.name, "backend_state": self.xs.read(f"{be}/state"), "devices": rows}
 
-    # --------------------------------------------------------------- pool --
-    def hide(self, patterns: tuple[str, ...] | list[str]) -> None:
-        """``[devices] hide`` at start, before any guest: make each function assignable; log, never raise."""
-        for pattern in patterns:
-            try:
-                bdfs = self._functions(parse_pattern(pattern))
-            except (SpecError, LifecycleError) as exc:
-                logger.error("[devices] hide {!r}: {}", pattern, exc)
-                continue
-            for bdf in bdfs:
-                try:
-                    result = self.add(bdf, source="hide")
-                    logger.info("hidden from dom0: {} ({})", bdf, result["note"])
-                except LifecycleError as exc:
-                    logger.error("[devices] hide {}: {}", bdf, exc.message)
-
-    def reclaim(self) -> None:
-        """At start: a pool member back with a dom0 driver (the host rebooted) is taken again."""
-        for m in self.pool.sorted():
-            if self.drivers.exists(m.bdf) and self.drivers.driver(m.bdf) == self.drivers.stub:
-                continue
-            try:
-                self.add(m.bdf)
-                logger.info("assignable pool: {} taken from dom0 again", m.bdf)
-            except LifecycleError as exc:
-                logger.error("assignable pool: {}", exc.message)
-
-    def add(self, bdf: BDF, name: str | None = None, force: bool = False, source: str = "add") -> dict:
-        """Make ``bdf`` assignable: stub driver, quarantine, persisted with its original driver."""
-        if not self.drivers.exists(bdf):
-            raise _missing(f"no PCI function {bdf} on this host")
-        known = self.pool.get(bdf)
-        if name and (other := self.pool.by_name(name)) is not None and other.bdf != bdf:
-            raise _failed(f"the name {name!r} is already used by {other.bdf}")
-        if known is not None:
-            if self.drivers.driver(bdf) != self.drivers.stub and bdf not in self.holders():
-                self._seize(bdf, force)       # someone rebound it behind our back: take it again
-            if name and name != known.name:
-                self.pool.add(Member(bdf, known.driver, name, known.source))
-            return {"bdf": str(bdf), "note": "already assignable"}
-        holder = self.holders().get(bdf)
-        if holder is not None:
-            raise _failed(f"{bdf} is attached to domain {holder} outside the pool: detach it first")
-        original = self._seize(bdf, force)
-        try:
-            self.pool.add(Member(bdf, original, name or None, source))
-        except OSError as exc:
-            self._unseize(bdf, rebind=True)
-            raise _failed(f"{bdf}: cannot save the pool ({exc}); left with {original or 'no driver'}") from None
-        return {"bdf": str(bdf), "note": f"was bound to {original or 'no driver'}"}
-
-    def _seize(self, bdf: BDF, force: bool) -> str | None:
-        reason = self.drivers.in_use(bdf)
-        if reason and not force:
-            raise _failed(f"{bdf} is in use by dom0: {reason}; refusing (--force takes it anyway)")
-        try:
-            original = self.drivers.bind_stub(bdf)
-        except DriverError as exc:
-            raise _failed(str(exc.strerror or exc)) from None
-        try:
-            logger.info("{}", self.drivers.quarantine(bdf))
-        except DriverError as exc:
-            self._unseize(bdf, rebind=True)
-            raise _failed(f"{bdf}: quarantine failed ({exc.strerror or exc}); given back to dom0") from None
-        return original
-
-    def _unseize(self, bdf: BDF, rebind: bool) -> None:
-        try:
-            self.drivers.unquarantine(bdf)
-            self.drivers.unbind_stub(bdf, rebind)
-        except DriverError as exc:
-            logger.error("undoing {}: {}", bdf, exc.strerror or exc)
-
-    def remove(self, bdf: BDF, rebind: bool) -> dict:
-        member = self.pool.get(bdf)
-        if member is None:
-            raise _missing(f"{bdf} is not in the assignable pool")
-        holder = self.holders().get(bdf)
-        if holder is not None:
-            raise _failed(f"{bdf} is attached to domain {holder}: pci-detach it first")
-        note = "gone from the host" if not self.drivers.exists(bdf) else \
-            f"rebound to {member.driver}" if rebind and member.driver else "left without a driver"
-        if self.drivers.exists(bdf):
-            try:
-                self.drivers.unquarantine(bdf)
-                self.drivers.unbind_stub(bdf, rebind)
-            except DriverError as exc:
-                raise _failed(f"{bdf}: {exc.strerror or exc}; it stays in the pool") from None
-        self.pool.remove(bdf)
-        return {"bdf": str(bdf), "note": note}
-
     # ------------------------------------------------------------- guests --
-    def attach(self, untrusted_domain: str, untrusted_spec: str) -> dict:
-        """``xl pci-attach``: all functions of the spec or none."""
+    def attach(self, untrusted_domain: str, untrusted_spec: str, force: bool = False) -> dict:
+        """``xl pci-attach``: all functions of the spec or none.  ``force``: a quarantined
+        function too (its quarantine is cleared)."""
         try:
             spec = parse_spec(untrusted_spec)
         except SpecError as exc:
@@ -276,6 +169,7 @@ class Lifecycle:
                 raise _failed(f"{bdf} is already assigned to {who}")
             if bdf not in self.pool and not spec.seize:
                 raise _failed(f"{bdf} is not assignable: pcibackctl assignable-add {bdf} (or seize=1)")
+        held_back = self._quarantined(bdfs, force)
         seized, given = [], []
         try:
             for bdf in bdfs:
@@ -285,13 +179,22 @@ class Lifecycle:
             for bdf in bdfs:
                 if not self.drivers.exists(bdf):
                     raise _missing(f"PCI function {bdf} vanished during the attach")
+                if bdf in seized and (why := quarantined(self.release_dir, bdf)) is not None:
+                    if not force:
+                        raise _failed(_quarantine_message(bdf, why))    # its reset at seize=1 failed
+                    held_back.append(why)
                 self.drivers.give(d.domid, bdf)
                 given.append(bdf)
+            for record in held_back:
+                clear_quarantine(self.release_dir, BDF.parse(record.bdf))
+                logger.warning("{}: quarantine cleared by pci-attach --force (domain {})", record.bdf, d.domid)
             hotplug = state == str(int(S.Connected))
             indices = self.toolstack.attach(d.domid, bdfs, opts=spec.opts, name=spec.name,
                                             vdevfn=None if spec.vslot is None else spec.vslot << 3,
                                             starting=not hotplug, wait=False, require_domain=True)
         except BaseException as exc:
+            for record in held_back:
+                quarantine(self.release_dir, record)         # as it was
             self._undo_attach(d.domid, given, seized)
             if isinstance(exc, LookupError):
                 raise _failed(f"domain {d.domid} died during the attach of {', '.join(map(str, bdfs))}; "
@@ -305,6 +208,13 @@ class Lifecycle:
                     "hot-plug" if hotplug else "before the guest connects")
         return {"domid": d.domid, "name": d.name, "functions": [str(b) for b in bdfs], "indices": indices,
                 "hotplug": hotplug}
+
+    def _quarantined(self, bdfs: list[BDF], force: bool) -> list:
+        """The quarantine records of ``bdfs`` (cleared by the attach); refused without ``force``."""
+        found = [(bdf, why) for bdf in bdfs if (why := quarantined(self.release_dir, bdf)) is not None]
+        if found and not force:
+            raise _failed(_quarantine_message(*found[0]))
+        return [why for _, why in found]
 
     def _undo_attach(self, domid: int, given: list[BDF], seized: list[BDF]) -> None:
         for bdf in given:
@@ -349,35 +259,47 @@ class Lifecycle:
                 logger.error("domain {}: revoking {}: {}", domid, bdf, exc.strerror or exc)
             logger.info("domain {}: {} is back in the pool", domid, bdf)
 
-    def wants_events(self) -> bool:
-        """Whether backend changes concern us: a function of the pool is given, or a detach is under way
-        (the check reads every backend, so the supervisor skips it otherwise)."""
-        return bool(self.given or self.detaching)
+    def followed(self, domids) -> set[int]:
+        """Those of ``domids`` whose backend changes concern us: a function of the pool is given
+        to it, or a detach is under way there.  Only their backends are read again."""
+        return (set(self.given) | self.detaching) & set(domids)
 
-    def backends_changed(self) -> None:
-        """Finish hot-unplugs the guest completed; take back what gone backends held.
-        Never raises: it runs in the supervisor's loop."""
-        try:
-            self._backends_changed()
-        except Exception as exc:        # xenstore trouble must not stop the supervisor
-            logger.exception("device lifecycle: {}", exc)
+    def wants_events(self, domids) -> bool:
+        return bool(self.followed(domids))
 
-    def _backends_changed(self) -> None:
+    def backends_changed(self, domids) -> None:
+        """Finish the hot-unplugs the guests of ``domids`` completed; take back what their gone
+        backends held.  Never raises: it runs in the supervisor's loop."""
+        for domid in sorted(self.followed(domids)):
+            try:
+                self._backend_changed(domid)
+            except Exception as exc:        # xenstore trouble must not stop the supervisor
+                logger.exception("device lifecycle, domain {}: {}", domid, exc)
+
+    def _backend_changed(self, domid: int) -> None:
         # A function marked Closing in a backend that is Connected again was let go by the
         # guest (the mark and state=7 are written together): libxl's last step is ours.
         # Read from xenstore, not remembered, so a restarted daemon finishes it too.
-        for domid, bdf in self._unplugged():
-            self.toolstack.remove_nodes(domid, bdf)
-            self._revoke(domid, bdf)
-            self.detaching.discard(domid)
-        held = self.holders()
-        self.detaching &= set(held.values())
-        for domid in list(self.given):
-            for bdf in sorted(self.given[domid]):
-                if held.get(bdf) != domid:
+        listed = self._listed(domid)
+        if self.xs.read(f"{backend_path(domid)}/state") == str(int(S.Connected)):
+            for bdf, state in listed:
+                if state in CLOSING:
+                    self.toolstack.remove_nodes(domid, bdf)
                     self._revoke(domid, bdf)
-            if not self.given[domid]:
-                del self.given[domid]
+            listed = self._listed(domid)
+        if not any(state in CLOSING for _, state in listed):
+            self.detaching.discard(domid)
+        held = {bdf for bdf, _ in listed}
+        for bdf in sorted(self.given.get(domid, ())):
+            if bdf not in held:
+                self._revoke(domid, bdf)
+        if not self.given.get(domid, True):
+            del self.given[domid]
+
+
+def _quarantine_message(bdf: BDF, why) -> str:
+    return (f"{bdf} is quarantined: its last reset failed ({why.describe()}); "
+            f"'pcibackctl quarantine clear --force {bdf}' hands it out again (or pci-attach --force)")
 
 
 def _count(untrusted: str | None) -> int:

@@ -26,15 +26,20 @@ A function without a reset method (QEMU's edu and pci-testdev) therefore still
 gets all of this back.  Every register written is one the kernel's
 pci_restore_state writes too; nothing else is touched.
 
-A function whose reset failed is quarantined (:func:`quarantine`): the daemon
-does not give it to another guest until an administrator clears it.
+The same reset and restore run when the daemon first takes a function from
+dom0 (:func:`seize_function`), as xen-pciback does when its stub claims a
+device: the first guest never starts with what dom0's driver left behind.
+
+A function whose reset failed, at seize or at release, is quarantined
+(:func:`quarantine`): the daemon does not give it to a guest until an
+administrator clears it.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from pcibackd.common.files import write_atomic
@@ -259,7 +264,8 @@ def restore_state(port, saved: SavedState) -> list[str]:
 
 @dataclass(frozen=True)
 class ReleaseRecord:
-    """How a function's last release went: the reset (method, result) and the restore."""
+    """How a function's last reset went (``event``: "release", or "seize" when the daemon took
+    it from dom0): the reset (method, result) and the restore."""
 
     bdf: str
     method: str                  # the reset method ("none": the function has none)
@@ -269,6 +275,7 @@ class ReleaseRecord:
     restore_error: str = ""      # why the saved state was not restored ("" when it was)
     keep_saved: bool = False     # the restore failed for I/O: the saved state stays for the next release
     when: float = field(default_factory=time.time)
+    event: str = "release"       # "seize" | "release"
 
     @property
     def result(self) -> str:
@@ -278,7 +285,7 @@ class ReleaseRecord:
         text = ResetResult(self.method, self.reset_ok, self.detail).describe()
         restored = (f"not restored ({self.restore_error})" if self.restore_error
                     else f"{len(self.restored)} register(s) restored")
-        return f"{text}; {restored}"
+        return f"{'at seize: ' if self.event == 'seize' else ''}{text}; {restored}"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -289,7 +296,7 @@ class ReleaseRecord:
     def from_dict(cls, d: dict) -> "ReleaseRecord":
         return cls(str(d["bdf"]), str(d["method"]), bool(d["reset_ok"]), str(d.get("detail", "")),
                    tuple(map(str, d.get("restored", ()))), str(d.get("restore_error", "")),
-                   bool(d.get("keep_saved", False)), float(d.get("when", 0.0)))
+                   bool(d.get("keep_saved", False)), float(d.get("when", 0.0)), str(d.get("event", "release")))
 
 
 def release_function(bdf: BDF, port, saved: SavedState | None, saved_error: str = "") -> ReleaseRecord:
@@ -309,6 +316,24 @@ def release_function(bdf: BDF, port, saved: SavedState | None, saved_error: str 
     return ReleaseRecord(str(bdf), result.method, result.ok, result.detail, tuple(restored), error, keep)
 
 
+def seize_function(bdf: BDF, port) -> ReleaseRecord:
+    """What xen-pciback does when its stub takes a function: save its state, reset it with
+    its best method, restore the saved state (MSI/MSI-X off, Bus Master off).  Never raises
+    for a device error: a function that does not answer is recorded as a failed reset."""
+    try:
+        saved, why = capture_state(port), ""
+    except ValueError as exc:
+        saved, why = None, str(exc)
+    except OSError as exc:
+        return ReleaseRecord(str(bdf), "?", False, f"reading its config space: {exc.strerror or exc}",
+                             event="seize")
+    record = release_function(bdf, port, saved, why)
+    if saved is None:
+        # a function that does not answer config reads is not one to hand out
+        record = replace(record, reset_ok=False, detail=record.detail or why)
+    return replace(record, event="seize", keep_saved=False)
+
+
 def _record_path(state_dir: Path, bdf: BDF | str) -> Path:
     return Path(state_dir) / f"{bdf}.release"
 
@@ -321,7 +346,12 @@ def write_record(state_dir: Path, record: ReleaseRecord) -> None:
     """Keep ``record`` as the function's last release; quarantine it when its reset failed."""
     write_atomic(_record_path(state_dir, record.bdf), json.dumps(record.to_dict()).encode())
     if not record.reset_ok:
-        write_atomic(_quarantine_path(state_dir, record.bdf), json.dumps(record.to_dict()).encode())
+        quarantine(state_dir, record)
+
+
+def quarantine(state_dir: Path, record: ReleaseRecord) -> None:
+    """Keep ``record.bdf`` from every guest until :func:`clear_quarantine` (``record`` says why)."""
+    write_atomic(_quarantine_path(state_dir, record.bdf), json.dumps(record.to_dict()).encode())
 
 
 def read_records(state_dir: Path) -> dict[BDF, tuple[ReleaseRecord, bool]]:

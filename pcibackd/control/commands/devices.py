@@ -3,7 +3,8 @@
 Assignable: bound to pciback or pci-stub on a Xen dom0; every simulated
 function on the simulated platform.  HELD BY is the domid, "-" when free.
 LAST RESET is the method the last release used ("none": the function has
-no reset method) and its result.  QUARANTINED "yes": that reset failed, and
+no reset method) and its result, "at seize" when it was the reset the daemon
+did as it took the function from dom0.  QUARANTINED "yes": that reset failed, and
 no guest gets the function until ``pcibackctl quarantine clear --force BDF``.
 
   {"command": "devices", "args": {}}
@@ -22,7 +23,8 @@ def _reset(record) -> dict | None:
     if record is None:
         return None
     return {"method": record.method, "result": record.result, "detail": record.detail,
-            "restored": len(record.restored), "restore_error": record.restore_error, "when": record.when}
+            "restored": len(record.restored), "restore_error": record.restore_error, "when": record.when,
+            "event": record.event}
 
 
 def execute(face: DaemonFace, args: dict) -> list[dict]:
@@ -38,7 +40,9 @@ def execute(face: DaemonFace, args: dict) -> list[dict]:
 
 
 def _last_reset(reset: dict | None) -> str:
-    return "-" if reset is None else f"{reset['method']} {reset['result']}"
+    if reset is None:
+        return "-"
+    return f"{reset['method']} {reset['result']}" + (" at seize" if reset.get("event") == "seize" else "")
 
 
 def render(result: list[dict]) -> str:

@@ -3,10 +3,12 @@
 DOMAIN: a domid or a name.  SPEC: xl-pci-configuration(5),
 ``BDF[@VSLOT][,permissive=1][,seize=1][,name=NAME]``; msitranslate, power_mgmt
 and rdm_policy are HVM-only and refused unless at their defaults.  The function
-must be assignable (or seize=1).  A running guest gets it by xenbus hot-plug
-(reconfigure); pcibackctl waits until the guest has it (10 s, or --timeout if longer).
+must be assignable (or seize=1) and not quarantined (its last reset failed:
+refused unless --force, which clears the quarantine).  A running guest gets it
+by xenbus hot-plug (reconfigure); pcibackctl waits until the guest has it (10 s,
+or --timeout if longer).
 
-  {"command": "pci-attach", "args": {"domain": "guest1", "spec": "03:00.0,permissive=1"}}
+  {"command": "pci-attach", "args": {"domain": "guest1", "spec": "03:00.0,permissive=1", "force": false}}
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from pcibackd.control.face import DaemonFace
 
 NAME = "pci-attach"
 ARGS = (Arg("domain", str, "domid or name", metavar="DOMAIN"),
-        Arg("spec", str, "xl PCI spec", metavar="SPEC"))
+        Arg("spec", str, "xl PCI spec", metavar="SPEC"),
+        Arg("force", bool, "attach a quarantined function too (its last reset failed)", flags=("--force",)))
 
 
 def execute(face: DaemonFace, args: dict) -> dict:
-    return devcmd.run(face.lifecycle.attach, args["domain"], args["spec"])
+    return devcmd.run(face.lifecycle.attach, args["domain"], args["spec"], args["force"])
 
 
 def follow(result: dict, call, timeout: float) -> str | None:

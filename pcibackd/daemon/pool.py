@@ -21,6 +21,7 @@ from loguru import logger
 from pcibackd.common.files import write_atomic
 from pcibackd.daemon.releases import reset_at_seize
 from pcibackd.hostpci.drivers import DriverError, HostDrivers
+from pcibackd.hostpci.release import clear_quarantine
 from pcibackd.wire.bdf import BDF
 from pcibackd.xl.pcispec import SpecError, parse_pattern
 
@@ -192,7 +193,12 @@ class PoolOps:
         except DriverError as exc:
             raise failed(str(exc.strerror or exc)) from None
         # no dom0 driver has it now; a failed reset keeps it in the pool, quarantined
-        record = reset_at_seize(self.platform, self.release_dir, bdf)
+        record = None if not self.drivers.exists(bdf) else reset_at_seize(self.platform, self.release_dir, bdf)
+        if not self.drivers.exists(bdf):
+            if record is not None and not record.reset_ok:
+                clear_quarantine(self.release_dir, bdf)     # about a function no longer here
+            raise missing(f"PCI function {bdf} vanished while it was taken from dom0 (surprise removal); "
+                          "it is not in the pool")
         reset = (record.describe().removeprefix("at seize: ") if record.reset_ok else
                  f"its reset failed ({record.detail}): quarantined, "
                  f"'pcibackctl quarantine clear --force {bdf}' hands it out")

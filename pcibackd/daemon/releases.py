@@ -49,6 +49,9 @@ def reset_at_seize(platform, state_dir: Path, bdf: BDF) -> ReleaseRecord:
     write_record(Path(state_dir), record)
     if record.reset_ok:
         logger.info("seized {}: {}", bdf, record.describe())
+        if clear_quarantine(Path(state_dir), bdf):
+            logger.warning("{}: quarantine of an earlier failed reset cleared: it reset fine as it "
+                           "joined the pool again", bdf)
     else:
         logger.error("seized {}: {}; quarantined: no guest gets it until cleared with --force",
                      bdf, record.describe())

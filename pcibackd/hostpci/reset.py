@@ -22,8 +22,9 @@ kernel's order of preference:
   that is not a bridge and is alone on its bus (it would reset its siblings).
 
 A function that has no method is not a failure (QEMU's edu has none): it is
-restored without a reset.  A reset that errors, or after which the function
-no longer answers config reads, is.
+restored without a reset, unless it does not answer config reads (it is
+gone).  A reset that errors, or after which the function no longer answers
+config reads, is.
 """
 
 from __future__ import annotations
@@ -100,13 +101,23 @@ class ResetResult:
 
     def describe(self) -> str:
         if self.method == NONE:
-            return "no reset method"
+            return "no reset method" + ("" if self.ok else f", and {self.detail}")
         return f"{self.method} reset " + ("ok" if self.ok else f"failed: {self.detail}")
 
 
 def _answers(read: Read) -> bool:
     # all-ones: the function is gone or stuck in a reset it never came back from
     return read(0x08, 4) != 0xFFFFFFFF
+
+
+def _unreset(read: Read, detail: str) -> ResetResult:
+    """A function without a reset: fine if it answers (it is restored), failed if it is gone."""
+    try:
+        if _answers(read):
+            return ResetResult(NONE, True, detail)
+        return ResetResult(NONE, False, "it does not answer config reads (gone, or wedged)")
+    except OSError as exc:
+        return ResetResult(NONE, False, f"reading it: {exc.strerror or exc}")
 
 
 def reset_function(port) -> ResetResult:
@@ -120,13 +131,13 @@ def reset_function(port) -> ResetResult:
     except OSError as exc:
         return ResetResult("?", False, f"cannot read its reset methods: {exc.strerror or exc}")
     if not methods:
-        return ResetResult(NONE, True)
+        return _unreset(port.read, "")
     method = methods[0]
     try:
         port.reset()
     except FileNotFoundError:
         # the kernel hides ``reset`` when it found no method (a quirk may veto one we probed)
-        return ResetResult(NONE, True, "the kernel offers no reset for it")
+        return _unreset(port.read, "the kernel offers no reset for it")
     except OSError as exc:
         reason = ("every method failed (ENOTTY)" if exc.errno == errno.ENOTTY
                   else exc.strerror or str(exc))

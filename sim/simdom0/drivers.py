@@ -10,12 +10,16 @@ directory:
 
 ``<root>/sim-kill-on-give``: the next assignment of a function to a guest
 removes that guest's domain from xenstore first (a domain dying mid-attach).
+``<root>/sim-vanish-on-bind`` / ``-give`` (holding a BDF): that function is
+surprise-removed (:func:`surprise_remove`) right after the stub binds it / just
+before it is assigned to a guest.
 Tests set all of these through the helpers below.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from pcibackd.hostpci.drivers import DriverError
@@ -67,6 +71,31 @@ def kill_on_give(root: Path) -> None:
     (Path(root) / KILL_ON_GIVE).write_text("")
 
 
+def vanish_on(root: Path, step: str, bdf: BDF | str) -> None:
+    """``bdf`` goes (surprise removal) at its next ``step``: "bind" (to the stub) or "give"."""
+    (Path(root) / f"sim-vanish-on-{step}").write_text(str(bdf))
+
+
+def surprise_remove(root: Path, bdf: BDF | str) -> None:
+    """The function leaves the host: config reads return all-ones (also through descriptors
+    already open), then its sysfs directory goes."""
+    d = _dir(Path(root), BDF.parse(str(bdf)))
+    config = d / "config"
+    with open(config, "r+b") as f:
+        f.write(b"\xff" * config.stat().st_size)
+    real = d.resolve()
+    if d.is_symlink():
+        d.unlink()
+    shutil.rmtree(real)
+
+
+def _maybe_vanish(root: Path, step: str, bdf: BDF) -> None:
+    hook = root / f"sim-vanish-on-{step}"
+    if hook.exists() and hook.read_text() == str(bdf):
+        hook.unlink()
+        surprise_remove(root, bdf)
+
+
 class SimDrivers:
     """The driver model of the simulated host rooted at ``root`` (``<sim_dir>/pci``)."""
 
@@ -103,6 +132,7 @@ class SimDrivers:
             raise DriverError(19, f"{bdf}: the stub driver {self.stub} refused to bind it (probe failed); "
                                   f"it stays with {st['driver'] or 'no driver'}")
         _save(self.root, bdf, dict(st, driver=self.stub, original=st["driver"]))
+        _maybe_vanish(self.root, "bind", bdf)
         return st["driver"]
 
     def unbind_stub(self, bdf: BDF, rebind: bool) -> None:
@@ -119,6 +149,7 @@ class SimDrivers:
         return f"{bdf} out of quarantine"
 
     def give(self, domid: int, bdf: BDF) -> list[str]:
+        _maybe_vanish(self.root, "give", bdf)
         st = self._need(bdf)
         hook = self.root / KILL_ON_GIVE
         if hook.exists():

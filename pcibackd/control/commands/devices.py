@@ -5,7 +5,8 @@ function on the simulated platform.  HELD BY is the domid, "-" when free.
 LAST RESET is the method the last release used ("none": the function has
 no reset method) and its result, "at seize" when it was the reset the daemon
 did as it took the function from dom0.  QUARANTINED "yes": that reset failed, and
-no guest gets the function until ``pcibackctl quarantine clear --force BDF``.
+no guest gets the function until ``pcibackctl quarantine clear --force BDF``
+(or until it resets fine as it joins the pool again).
 
   {"command": "devices", "args": {}}
 """

@@ -4,9 +4,10 @@ Served to pcibackctl through the control face (``face.lifecycle``).  Every
 action checks everything first (function present, not dom0's, not another
 guest's, domain alive) and undoes what it did when a later step fails, so the
 pool and the guest stay consistent.  Nothing here waits: a hot-unplug writes
-libxl's request and :meth:`Lifecycle.backends_changed` (called on each
-xenstore wake-up) finishes it once the guest let go.  Who holds a function is
-read from the backend nodes, the toolstack's truth.
+libxl's request and :meth:`Lifecycle.backends_changed` (called with the
+domains each xenstore wake-up touched; it reads only the backends it follows)
+finishes it once the guest let go.  Who holds a function is read from the
+backend nodes, the toolstack's truth.
 
 A function joining the pool is reset as xen-pciback resets what its stub
 takes (:func:`pcibackd.daemon.releases.reset_at_seize`); one whose reset
@@ -57,14 +58,16 @@ class Lifecycle(PoolOps):
         # functions of the pool given to each guest (revoked when its backend goes)
         self.given: dict[int, set[BDF]] = {}
         self.detaching: set[int] = set()        # domains asked to let go of a function (pci-detach)
-        for untrusted in self.xs.ls(BACKEND_ROOT):
-            if untrusted.isdigit() and len(untrusted) <= 5:
-                listed = self._listed(int(untrusted))
-                for bdf, _ in listed:
-                    if bdf in pool:
-                        self.given.setdefault(int(untrusted), set()).add(bdf)
-                if any(state in CLOSING for _, state in listed):
-                    self.detaching.add(int(untrusted))      # one an earlier daemon began
+        for domid in self._backends():
+            listed = self._listed(domid)
+            for bdf, _ in listed:
+                if bdf in pool:
+                    self.given.setdefault(domid, set()).add(bdf)
+            if any(state in CLOSING for _, state in listed):
+                self.detaching.add(domid)      # one an earlier daemon began
+
+    def _backends(self) -> list[int]:
+        return [int(d) for d in self.xs.ls(BACKEND_ROOT) if d.isdigit() and len(d) <= 5]
 
     def _listed(self, domid: int) -> list[tuple[BDF, str | None]]:
         """(function, its state-N) of every function named in ``domid``'s backend."""
@@ -93,17 +96,7 @@ class Lifecycle(PoolOps):
     # ------------------------------------------------------------ reading --
     def holders(self) -> dict[BDF, int]:
         """Every function named in a PCI backend, with its guest."""
-        held = {}
-        for untrusted in self.xs.ls(BACKEND_ROOT):
-            if not untrusted.isdigit() or len(untrusted) > 5:
-                continue
-            be = backend_path(int(untrusted))
-            for i in range(_count(self.xs.read(f"{be}/num_devs"))):
-                try:
-                    held[BDF.parse(self.xs.read(f"{be}/dev-{i}") or "")] = int(untrusted)
-                except ValueError:
-                    pass
-        return held
+        return {bdf: domid for domid in self._backends() for bdf, _ in self._listed(domid)}
 
     def domain(self, untrusted: str) -> Domain:
         """A domain by id or by name (``/local/domain/N/name``)."""

@@ -176,3 +176,21 @@ def test_backend_events_read_only_the_followed_backends(host, tmp_path):
     xs.paths.clear()
     life.backends_changed({3, *range(10, 30)})
     assert xs.paths == []
+
+
+def test_hide_at_start_resets_each_function(host):
+    dom0 = host
+    nvme, nvme2 = dom0.add_device("nvme", NVME), dom0.add_device("nvme", NVME2)
+    for bdf in (NVME, NVME2):
+        drivers.set_driver(pci_root(dom0), bdf, "nvme")
+    dirty(nvme)
+    nvme2.fail_resets("error")
+    dom0.conf.write_text(f'[devices]\nhide = ["{NVME}", "{NVME2}"]\n')
+    dom0.start_daemon()
+    assert {NVME, NVME2} <= set(pool(dom0))
+    entries = listed(dom0)
+    assert (entries[NVME]["reset"]["method"], entries[NVME]["reset"]["event"], entries[NVME]["quarantined"]) == \
+        ("flr", "seize", False)
+    assert not nvme.read(COMMAND, 2) & COMMAND_MASTER
+    assert entries[NVME2]["quarantined"] and entries[NVME2]["reset"]["result"] == "failed"
+    assert f"seized {NVME2}: at seize: flr reset failed" in dom0.daemon_log.read_text()

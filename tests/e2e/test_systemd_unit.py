@@ -18,7 +18,9 @@ no cgroup2): the real-Xen lane's dom0 boots the same unit for real."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -320,6 +322,47 @@ def test_analyze_verify_and_security_score(served):
     assert m, p.stdout + p.stderr
     print(f"\nsystemd-analyze security pcibackd (running unit): {m.group(1)} {m.group(2)}")
     assert float(m.group(1)) <= 4.0
+
+
+WATCHDOG_DROP_IN = """\
+[Service]
+# A hung supervisor found in seconds instead of the unit's 30 s (+ 15 s to abort): the test's time.
+WatchdogSec=4s
+TimeoutAbortSec=2s
+"""
+
+
+def test_watchdog_ends_a_hung_supervisor_and_the_next_adopts(served):
+    """WatchdogSec=: a supervisor that stops pinging (SIGSTOP) is aborted, then killed;
+    KillMode=process leaves its workers serving; the restarted one adopts them."""
+    _started(served)
+    box = served.box
+    extra = box.units / "pcibackd.service.d" / "watchdog.conf"
+    extra.write_text(WATCHDOG_DROP_IN)
+    try:
+        box.systemctl("daemon-reload")
+        box.systemctl("restart", "pcibackd.service")
+        served.active("the restart with a short watchdog")
+        pinged = served.show("WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"]
+        wait_until(lambda: served.show("WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"] != pinged,
+                   what="the supervisor's next WATCHDOG=1")
+        before = {d: served.guest(d, lambda g: g["worker_state"] == "RUNNING", "running")["pid"] for d in (1, 2)}
+        s = served.show("MainPID", "NRestarts")
+        with Traffic(served.fronts[1], EDU_ID) as traffic:
+            os.kill(box.host_pid(int(s["MainPID"])), signal.SIGSTOP)
+            wait_until(lambda: (n := served.show("NRestarts", "ActiveState", "MainPID"))["NRestarts"]
+                       == str(int(s["NRestarts"]) + 1) and n["ActiveState"] == "active" and n["MainPID"] != s["MainPID"],
+                       timeout=60, what=lambda: f"the watchdog's restart\n{served.diagnose()}")
+            for d in (1, 2):
+                g = served.guest(d, lambda g: g["worker_state"] == "RUNNING" and g["adopted"], "adopted")
+                assert g["pid"] == before[d], g
+            traffic.wait_more()
+        assert traffic.bad == 0 and served.fronts[1].timeouts == 0
+        assert traffic.states == {"4"} and traffic.front_states == {S.Connected}
+        assert "Watchdog timeout" in served.log_tail(0)
+    finally:
+        extra.unlink()
+        box.systemctl("daemon-reload")
 
 
 def test_stop_leaves_nothing_running_and_guests_connected(served):

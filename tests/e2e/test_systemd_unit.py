@@ -197,6 +197,15 @@ def served():
             dom0.stop()
 
 
+@pytest.fixture(autouse=True)
+def _journal_on_failure(request, served):
+    """A failed test prints the unit's journal (the daemon's log and systemd's words)."""
+    yield
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        print("\n----- journal of pcibackd.service -----\n" + served.log_tail(150))
+
+
 def _started(served: Served) -> None:
     if served.show("ActiveState")["ActiveState"] != "active":
         served.box.systemctl("start", "pcibackd.service")
@@ -211,7 +220,10 @@ def _started(served: Served) -> None:
 
 
 def _serving(g: dict) -> bool:
-    return g["pid"] is not None and g["worker_state"] in ("STARTING", "RUNNING")
+    """A worker serves the guest, connected: booted, not only spawned.  (A worker still
+    booting when its supervisor dies gives its guest up: not what these tests are about.)"""
+    return (g["pid"] is not None and g["worker_state"] in ("STARTING", "RUNNING")
+            and g["xenbus_state"] == S.Connected and g["connected"])
 
 
 def _adopted(g: dict) -> bool:
@@ -247,6 +259,24 @@ def test_start_reaches_active_through_ready_with_status(served):
         assert (runtime / private).stat().st_uid == LOCKED_UID, private
     assert (runtime / "status.sock").exists(), served.log_tail()
     assert box.show("pcibackd.service", "NRestarts")["NRestarts"] == "0"
+
+
+def test_admin_tools_and_journal_fields(served):
+    """What an administrator does on the running unit: pcibackctl reaches it
+    through RuntimeDirectory=, the log has a priority and DOMID=/BDF= per line."""
+    _started(served)
+    box = served.box
+    p = box.run("pcibackctl", "--json", "status", check=False)
+    assert p.returncode == 0 and '"domid": 1' in p.stdout, p.stdout + p.stderr
+    box.run("pcibackctl", "permissive", "on", "0000:00:05.0")
+    try:
+        wait_until(lambda: "permissive mode enabled" in box.journal("-u", "pcibackd.service", "-p", "warning",
+                                                                    "-o", "cat"),
+                   what=lambda: f"the warning at priority warning\n{served.log_tail(20)}")
+    finally:
+        box.run("pcibackctl", "permissive", "off", "0000:00:05.0")
+    assert "exported 0000:00:05.0" in box.journal("-u", "pcibackd.service", "DOMID=1", "-o", "cat")
+    assert "permissive" in box.journal("-u", "pcibackd.service", "BDF=0000:00:05.0", "-o", "cat")
 
 
 def test_supervisor_crash_keeps_workers_and_guests_and_is_adopted(served):
@@ -375,6 +405,7 @@ def test_watchdog_ends_a_hung_supervisor_and_the_next_adopts(served):
         assert traffic.bad == 0 and served.fronts[1].timeouts == 0
         assert traffic.states == {"4"} and traffic.front_states == {S.Connected}
         assert "Watchdog timeout" in served.log_tail(0)
+        assert served.fronts[2].conf_read(G0, 0, 2) == (Err.success, TESTDEV_ID)
     finally:
         extra.unlink()
         box.systemctl("daemon-reload")

@@ -235,9 +235,9 @@ class DeviceSet:
             raise LookupError(f"{bdf} is not served by this worker")
         return hit
 
-    def reload_policy(self) -> list[str]:
-        """Re-read the policy file and apply each device's new policy."""
-        new = self.policy.reload()
+    def reload_policy(self, text: str | None = None) -> list[str]:
+        """Re-read the policy file (or take its ``text``) and apply each device's new policy."""
+        new = self.policy.reload(text)
         for host, entry in self.entries.items():
             if host in new:
                 was = entry.conf.permissive

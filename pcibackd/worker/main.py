@@ -236,8 +236,10 @@ class Worker:
         return self.devices.set_permissive(args.get("bdf"), bool(args["on"]))
 
     def cmd_policy_reload(self, args: dict):
-        """Re-read the config-space policy file and apply it to our devices."""
-        return self.devices.reload_policy()
+        """Apply the config-space policy again: its text as the supervisor read it (this
+        worker's uid may not open the file), else the file read again."""
+        text = args.get("text")
+        return self.devices.reload_policy(text if isinstance(text, str) else None)
 
     def cmd_log_level(self, args: dict):
         logs.setup(str(args["level"]), domid=self.cfg.domid)
@@ -324,6 +326,9 @@ def own_state_dir(cfg: WorkerConfig) -> Path:
     own = worker_state_dir(state, cfg.domid)
     own.mkdir(exist_ok=True, mode=0o700)
     if cfg.uid is not None and os.geteuid() == 0:
+        if lacking := privileges.missing(("CAP_CHOWN", "CAP_SETGID", "CAP_SETUID")):
+            raise PermissionError(f"cannot become uid {cfg.uid}: no {', '.join(lacking)} "
+                                  f"(a service's CapabilityBoundingSet= must keep them)")
         os.chown(own, cfg.uid, cfg.uid, follow_symlinks=False)
         os.chmod(own, 0o700)
     return own
@@ -353,7 +358,8 @@ def run_worker(cfg: WorkerConfig) -> None:
     logs.setup(cfg.log_level, domid=cfg.domid)
     write_pidfile(cfg)          # first: a supervisor restarted now must find us
     try:
-        confine_paths(cfg)      # before any thread starts: Landlock binds threads made later
+        confine_paths(cfg)      # before any thread starts: Landlock binds threads made later,
+        privileges.limit_bounding()     # as do the bounding set and no_new_privs
         worker = Worker(cfg)
     except Exception:
         logger.exception("worker boot failed")

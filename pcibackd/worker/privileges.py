@@ -2,9 +2,10 @@
 
 Driver: prctl, capset and set*id on the calling process.
 
-A worker is confined in three steps (worker/main.py): Landlock before any
-thread starts (:mod:`.landlock`: writes only beneath its own state directory
-and its platform's grant/event-channel paths), then :func:`drop` (its own
+A worker is confined in three steps (worker/main.py): Landlock, an empty
+bounding set and ``no_new_privs`` before any thread starts (:mod:`.landlock`:
+writes only beneath its own state directory and its platform's
+grant/event-channel paths; :func:`limit_bounding`), then :func:`drop` (its own
 uid and gid, :func:`worker_uid`: ``worker_uid_base + domid``; no
 supplementary groups; no capabilities in any set; ``no_new_privs``), then its
 seccomp filter (:mod:`.seccomp`).  Everything privileged it needs is open
@@ -73,15 +74,23 @@ def set_no_new_privs() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
 
 
-def drop(keep: tuple[int, ...] = (), uid: int | None = None, gid: int | None = None) -> None:
-    """Clear the bounding set and all capability sets except ``keep``; set no_new_privs;
-    with ``uid``, become that uid and ``gid`` (:func:`become`) in between: after the
-    bounding set (clearing it needs CAP_SETPCAP), before the capability sets (switching
-    needs CAP_SETUID/CAP_SETGID)."""
+def limit_bounding(keep: tuple[int, ...] = ()) -> None:
+    """Clear the bounding set except ``keep`` and set no_new_privs, for this thread and the
+    threads it starts later (both are per thread: a worker calls this before its first
+    thread, so ZeroMQ's threads have neither).  The capabilities held now stay."""
     for cap in range(_cap_last() + 1):
         if cap not in keep:
             _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)     # EINVAL for unknown caps: ignore
     set_no_new_privs()
+
+
+def drop(keep: tuple[int, ...] = (), uid: int | None = None, gid: int | None = None) -> None:
+    """Clear the bounding set and all capability sets except ``keep``; set no_new_privs;
+    with ``uid``, become that uid and ``gid`` (:func:`become`) in between: after the
+    bounding set (clearing it needs CAP_SETPCAP), before the capability sets (switching
+    needs CAP_SETUID/CAP_SETGID).  The switch reaches every thread (glibc applies set*id
+    to all); the bounding set and no_new_privs only this one (:func:`limit_bounding`)."""
+    limit_bounding(keep)
     if uid is not None:
         become(uid, uid if gid is None else gid)
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
@@ -150,6 +159,18 @@ def lock_away(path) -> bool:
     except PermissionError:
         return False
     return True
+
+
+CAPABILITY_NUMBERS = {"CAP_CHOWN": 0, "CAP_KILL": 5, "CAP_SETGID": 6, "CAP_SETUID": 7, "CAP_SETPCAP": 8}
+# What a root supervisor needs for workers under uids of their own: the worker's root prologue gives
+# it its state directory (CHOWN) and switches ids (SETUID/SETGID); the supervisor signals it (KILL).
+FOR_UID_WORKERS = ("CAP_CHOWN", "CAP_KILL", "CAP_SETGID", "CAP_SETUID")
+
+
+def missing(names: tuple[str, ...] = FOR_UID_WORKERS) -> list[str]:
+    """Those of ``names`` (keys of :data:`CAPABILITY_NUMBERS`) this process's effective set lacks."""
+    effective = int(status()["CapEff"], 16)
+    return [n for n in names if not effective >> CAPABILITY_NUMBERS[n] & 1]
 
 
 def status(pid: int | None = None) -> dict[str, str]:

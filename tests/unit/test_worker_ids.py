@@ -71,3 +71,16 @@ def test_planted_links_and_fifos_are_never_followed_nor_waited_on(tmp_path):
     assert not reader.is_alive(), "a planted FIFO blocked the reader"
     assert box["records"] == {}                                # neither the link's target nor the FIFO
     assert box["why"].detail == "unreadable quarantine record"  # a planted quarantine still quarantines
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or privileges.missing() != [], reason="needs root with every capability")
+def test_missing_names_what_a_switch_to_worker_uids_lacks():
+    pid = os.fork()
+    if pid == 0:
+        try:
+            privileges.drop(keep=(0, 6, 7))      # CAP_CHOWN, CAP_SETGID, CAP_SETUID: not CAP_KILL
+            os._exit(10 if privileges.missing() == ["CAP_KILL"] else 11)
+        except BaseException:
+            os._exit(99)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 10

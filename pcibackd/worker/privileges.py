@@ -22,18 +22,21 @@ controls) and its successors reuse: snapshots, the function's seize-time
 state, release records and quarantines.  The supervisor reads the records of
 every such directory (:mod:`pcibackd.hostpci.release`, never following links
 nor blocking on a planted FIFO).  Being neither root nor in any group of
-ours, a worker cannot open another worker's state, the control socket (root
-0600), the status socket (``status_group``, 0660), claims, pid files, the
-interrupt journal or the fork server (all owned by :data:`LOCKED_UID`), nor
-another function's files.  What it can still do: write any xenstore node
+ours, a worker cannot open another worker's state, another function's files,
+the status socket (``status_group``, 0660), the control socket, claims, pid
+files, the interrupt journal or the fork server (0600/0700, owned by
+:data:`LOCKED_UID`), nor signal another worker or the supervisor.  What it can still do: write any xenstore node
 (xenstored treats its connection as dom0: it may list a free function of the
 pool in its own backend, which the gate then lends), read what its Landlock
 paths allow (/proc, /sys, Python, libraries), connect to the sockets open to
 every uid (the device gate and the worker socket, which believe only the
 kernel's pid), and misreport how its own functions' resets went.
 
-A process that is not root (a developer's unprivileged run) cannot switch:
-:func:`drop` then keeps its uid (there is nothing for it to protect).
+The switch needs CAP_CHOWN, CAP_SETUID and CAP_SETGID in the worker's root
+prologue, and signalling a worker then needs CAP_KILL in the supervisor
+(:data:`FOR_UID_WORKERS`; a service's bounding set must keep them).  A worker
+started by a process that is not root (a developer's unprivileged run) keeps
+that uid: there is nothing for it to protect.
 """
 
 from __future__ import annotations

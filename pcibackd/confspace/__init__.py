@@ -14,7 +14,7 @@ see); :mod:`.header`, :mod:`.caps` (tables and hooks), :mod:`.power`,
 """
 
 from pcibackd.confspace.layout import UnsupportedDevice
-from pcibackd.confspace.policy import DevicePolicy, PolicyError, PolicyStore, Quirk
+from pcibackd.confspace.policy import DevicePolicy, PolicyError, PolicyStore, Quirk, read_policy_text
 from pcibackd.confspace.space import ConfSpace
 
-__all__ = ["ConfSpace", "DevicePolicy", "PolicyError", "PolicyStore", "Quirk", "UnsupportedDevice"]
+__all__ = ["ConfSpace", "DevicePolicy", "PolicyError", "PolicyStore", "Quirk", "UnsupportedDevice", "read_policy_text"]

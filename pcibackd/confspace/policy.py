@@ -185,6 +185,19 @@ def parse_policy(text: str) -> PolicyFile:
     return PolicyFile(permissive, tuple(_parse_entry(k, v) for k, v in devices.items()))
 
 
+def read_policy_text(path: Path | str | None) -> str | None:
+    """The checked text of policy file ``path`` (None: no file, the built-in defaults);
+    PolicyError when it cannot be read or is malformed."""
+    if path is None:
+        return None
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise PolicyError(f"cannot read {path}: {exc}") from None
+    parse_policy(text)
+    return text
+
+
 class PolicyStore:
     """The policy file of a running daemon: loaded at start, reloadable.
 
@@ -200,13 +213,8 @@ class PolicyStore:
         self._file = self._load()
 
     def _load(self) -> PolicyFile:
-        if self.path is None:
-            return PolicyFile()
-        try:
-            text = self.path.read_text()
-        except OSError as exc:
-            raise PolicyError(f"cannot read {self.path}: {exc}") from None
-        return parse_policy(text)
+        text = read_policy_text(self.path)
+        return PolicyFile() if text is None else parse_policy(text)
 
     @property
     def permissive(self) -> bool:
@@ -224,12 +232,13 @@ class PolicyStore:
         with self._lock:
             self._devices.pop(bdf, None)
 
-    def reload(self) -> dict[BDF, DevicePolicy]:
-        """Re-read the file; return the new policy of every tracked device.
+    def reload(self, text: str | None = None) -> dict[BDF, DevicePolicy]:
+        """Re-read the file (or take its ``text``, read by the supervisor for a worker that
+        may not open it); return the new policy of every tracked device.
 
         Raises PolicyError (and keeps the old policy) if the file is malformed.
         """
-        new = self._load()
+        new = self._load() if text is None else parse_policy(text)
         with self._lock:
             self._file = new
             result = {bdf: new.for_device(info) for bdf, info in self._devices.items()}

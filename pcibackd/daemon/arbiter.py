@@ -50,6 +50,7 @@ from pcibackd.wire.bdf import BDF
 from pcibackd.worker.link import (MAX_FRAME, IrqReply, WorkerCommand, WorkerIrqRequest, WorkerReply,
                                   parse_worker_message)
 from pcibackd.worker.main import WorkerConfig
+from pcibackd.worker.privileges import worker_uid
 from pcibackd.xenstore.client import XenStore
 
 MESSAGE_BATCH = 256      # worker messages per wake-up: a flooding worker cannot starve the loop
@@ -101,6 +102,7 @@ class Supervisor(ReleaseViews, WorkerLife):
             self.workers_sock.setsockopt(opt, value)
         self.workers_endpoint = f"ipc://{self.runtime / 'workers.sock'}"
         self.workers_sock.bind(self.workers_endpoint)
+        os.chmod(self.runtime / "workers.sock", 0o666)     # workers run as uids of their own (devicegate.sent_by)
         self.control = self.open_control(self.zctx, self)
         self.sig_r, sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(sig_w)
@@ -246,7 +248,8 @@ class Supervisor(ReleaseViews, WorkerLife):
                             poll_window_us=c.poll_window_us, supervisor_endpoint=self.workers_endpoint,
                             heartbeat_interval=c.heartbeat_interval, policy_path=c.policy_path,
                             log_level=c.log_level, state_dir=str(self.runtime), orphan_grace=c.orphan_grace,
-                            token=guest.token, device_gate=str(self.runtime / GATE_SOCKET))
+                            token=guest.token, device_gate=str(self.runtime / GATE_SOCKET),
+                            uid=worker_uid(c.worker_uid_base, guest.domid))
 
     def _on_worker_messages(self) -> None:
         for _ in range(MESSAGE_BATCH):

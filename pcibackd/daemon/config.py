@@ -9,12 +9,14 @@ naming the file and the key.  Other top-level tables register a checker in
 
 from __future__ import annotations
 
+import grp
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
 from pcibackd.platform.select import split_spec
+from pcibackd.worker.privileges import DEFAULT_UID_BASE, MAX_DOMID, check_uid_base, in_worker_range
 from pcibackd.xl.pcispec import SpecError, parse_pattern
 
 DEFAULT_CONFIG = Path("/etc/pcibackd/pcibackd.toml")
@@ -50,6 +52,7 @@ class DaemonConfig:
     _path: str | None = field(default=None, repr=False)          # what reload() reads again
     _overrides: dict = field(default_factory=dict, repr=False)
     status_group: str = "pcibackd-monitor"   # may read <runtime>/status.sock (read-only commands); "" = no socket
+    worker_uid_base: int = DEFAULT_UID_BASE  # domain N's worker runs as uid and gid worker_uid_base + N
 
     @classmethod
     def load(cls, path: str | Path | None, **overrides) -> "DaemonConfig":
@@ -195,6 +198,12 @@ def _group(untrusted: object) -> str:
     return untrusted
 
 
+def _uid_base(untrusted: object) -> int:
+    if isinstance(untrusted, bool) or not isinstance(untrusted, int):
+        raise TypeError(f"must be an integer, not {untrusted!r}")
+    return check_uid_base(untrusted)
+
+
 def _tcp(s: str) -> str:
     host, sep, port = s.removeprefix("tcp://").rpartition(":")
     if not s.startswith("tcp://") or not sep or not host or not (port == "*" or port.isdigit() and 0 < int(port) < 65536):
@@ -221,6 +230,8 @@ SETTINGS: dict[str, Setting] = {
     "control_curve_dir": Setting(_text(_absolute), "CURVE key directory"),
     "state_dir": Setting(_text(_absolute), "what outlives a daemon restart: the assignable pool"),
     "status_group": Setting(_group, 'group that may read status.sock (read-only commands); "" = no socket'),
+    "worker_uid_base": Setting(_uid_base, f"domain N's worker runs as uid/gid worker_uid_base + N "
+                                          f"(N up to {MAX_DOMID:#x}): ids no user or group has"),
 }
 
 # What SIGHUP (systemctl reload) changes in a running daemon; workers started
@@ -253,6 +264,14 @@ def _cross_checks(cfg: DaemonConfig) -> list[str]:
     if cfg.heartbeat_timeout <= cfg.heartbeat_interval:
         out.append(f"heartbeat_timeout ({cfg.heartbeat_timeout}) must be longer than "
                    f"heartbeat_interval ({cfg.heartbeat_interval})")
+    if cfg.status_group:
+        try:
+            gid = grp.getgrnam(cfg.status_group).gr_gid
+        except KeyError:
+            gid = None          # no such group: no status socket (the server says so)
+        if gid is not None and in_worker_range(cfg.worker_uid_base, gid):
+            out.append(f"status_group {cfg.status_group!r} (gid {gid}) is in the workers' range "
+                       f"worker_uid_base ({cfg.worker_uid_base:#x}) .. +{MAX_DOMID:#x}: a worker would read status")
     if cfg.orphan_grace <= cfg.heartbeat_interval:
         out.append(f"orphan_grace ({cfg.orphan_grace}) must be longer than "
                    f"heartbeat_interval ({cfg.heartbeat_interval})")

@@ -231,7 +231,8 @@ def open_gate(runtime: Path, platform, guests: dict, xenstored_path: str | None)
     for private in ("claims", "workers", "irq"):
         (runtime / private).mkdir(mode=0o700, exist_ok=True)
         lock_away(runtime / private)
-    gate = DeviceGate(runtime / GATE_SOCKET, platform, runtime / "claims", whose, xenstored_path)
+    gate = DeviceGate(runtime / GATE_SOCKET, platform, runtime / "claims", whose, xenstored_path,
+                      mode=0o666)     # workers run as uids of their own: the pid is the credential
     gate.start()
     atexit.register(gate.close)        # it outlives the loop: workers stopping may still ask
     return gate

@@ -12,7 +12,7 @@ from __future__ import annotations
 from loguru import logger
 
 from pcibackd.common import logs
-from pcibackd.confspace import PolicyError, PolicyStore
+from pcibackd.confspace import PolicyError, read_policy_text
 from pcibackd.daemon import systemd
 from pcibackd.daemon.config import ConfigError
 from pcibackd.daemon.states import RestartPolicy
@@ -41,11 +41,12 @@ def reload_config_and_policy(sup, running: list[int]) -> None:
     if not applied and not frozen:
         logger.info("SIGHUP: config {}: unchanged", sup.cfg.source)
     try:
-        PolicyStore(sup.cfg.policy_path)
+        text = read_policy_text(sup.cfg.policy_path)     # sent along: a worker may not open the file
     except PolicyError as exc:
         logger.error("SIGHUP: policy not reloaded: {}", exc)
     else:
-        sent = sum(sup.send_worker(domid, "policy-reload") for domid in running)
+        args = {} if text is None else {"text": text}
+        sent = sum(sup.send_worker(domid, "policy-reload", args) for domid in running)
         logger.info("SIGHUP: policy {} sent to {} worker(s)", sup.cfg.policy_path or "(built-in)", sent)
     sup.scan()
     systemd.notify("READY=1")

@@ -14,8 +14,9 @@ import os
 
 import multiprocess as mp
 import multiprocess.forkserver as forkserver
+from loguru import logger
 
-from pcibackd.worker.privileges import lock_away
+from pcibackd.worker.privileges import FOR_UID_WORKERS, lock_away, missing
 
 # Everything a worker imports, so a restarted worker starts warm (a pending
 # op is waiting); none of these start threads at import time.
@@ -39,7 +40,11 @@ class Spawner:
 
         Its listener takes a pickled program from anyone who can connect and runs it
         with the fork server's privileges (root, every capability): its directory goes
-        to the locked uid, which a worker (uid 0 without capabilities) cannot enter."""
+        to the locked uid, which no worker (a uid of its own) can enter.  The workers it
+        forks switch to their uids themselves, which needs the capabilities checked here."""
+        if os.geteuid() == 0 and (lacking := missing(FOR_UID_WORKERS)):
+            logger.error("no {}: workers cannot run as uids of their own, nor be signalled once they do "
+                         "(a service's CapabilityBoundingSet= must keep them)", ", ".join(lacking))
         forkserver.ensure_running()
         address = getattr(forkserver._forkserver, "_forkserver_address", None)
         if isinstance(address, str) and address.startswith("/"):

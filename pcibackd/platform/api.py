@@ -52,6 +52,7 @@ class Platform(Protocol):
     name: str
     domid: int
 
+    def open_handles(self) -> None: ...    # now, what map_grant needs (a worker about to lose the right)
     def map_grant(self, remote_domid: int, gref: int) -> SharedPage: ...
     def open_evtchn(self) -> EventChannel: ...
     def open_device(self, bdf: BDF) -> HostPort: ...    # FileNotFoundError: no such function

@@ -6,8 +6,10 @@ through libxenevtchn (``/dev/xen/evtchn``), all by ctypes.  Every failure is a
 :class:`~pcibackd.platform.api.PlatformError` carrying the C errno.
 
 Handles belong to the process that opened them: after a fork the child opens
-its own on first use (gntdev mappings are not inherited by a child, and a
-shared evtchn fd would split the events between processes).  A mapped page's
+its own (gntdev mappings are not inherited by a child, and a shared evtchn fd
+would split the events between processes).  A worker opens them in its setup,
+before it gives up root (the nodes are root's): :meth:`RealPlatform.open_handles`
+for grants, and one event-channel handle it keeps for all its rings.  A mapped page's
 ``buf`` and every slice of it must be dropped before ``close()``: the memory is
 unmapped then, and a surviving slice would point at nothing.
 """
@@ -313,6 +315,11 @@ class RealPlatform:
             prefix = "xengnttab" if kind == "gnttab" else "xengntshr"
             h = self._handles[kind] = _Handle(kind, f"{prefix}_open", f"{prefix}_close")
         return h
+
+    def open_handles(self) -> None:
+        """Open ``/dev/xen/gntdev`` now: a worker maps every grant through this one handle,
+        also after it lost the right to open the node (root 0600)."""
+        self._handle("gnttab")
 
     def map_grant(self, remote_domid: int, gref: int) -> MappedPage:
         """Map page ``gref`` granted by ``remote_domid`` read-write."""

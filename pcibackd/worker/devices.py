@@ -8,18 +8,22 @@ also opens the device's files: :mod:`.devicegate`): a second guest asking for th
 fails (EBUSY → xenbus fatal), and a crashed worker's claim is released by the
 kernel so its successor can take it again.
 
-The emulated config-space state of each device is saved outside the worker
-(``<runtime>/state/dom<N>-<bdf>.snap``, written atomically at every change) so
-a restarted worker continues where its predecessor stopped.
+A worker writes only in its own directory, ``<runtime>/state/dom<N>/`` (its
+uid's: no other worker reads or plants anything there; the supervisor reads
+it).  The emulated config-space state of each device is saved there
+(``<bdf>.snap``, written atomically at every change) so a restarted worker
+of the same guest continues where its predecessor stopped.
 
-The function's state as it was before any guest had it is kept in
-``<runtime>/state/<bdf>.orig`` from its first export until it has been reset
-and restored on leaving (:mod:`pcibackd.hostpci.release`); a guest whose
-worker was abandoned mid-way therefore never becomes the next guest's
-"original".  How that release went is kept in ``<bdf>.release``; a function
-whose reset failed is quarantined (``<bdf>.quarantine``) and no guest gets it
-until ``pcibackctl quarantine clear --force`` (the check is in :meth:`DeviceSet.export`,
-where every function reaches a guest).
+The function's state as it was before this guest had it is kept in
+``<bdf>.orig`` from its first export until it has been reset and restored on
+leaving (:mod:`pcibackd.hostpci.release`); the successor of a worker that
+died mid-way restores it, not what the guest left (another guest's worker
+cannot read it: a function left unreleased is captured afresh, as it is, by
+its next guest's worker).  How that release went is kept
+in ``<bdf>.release``; a function whose reset failed is quarantined
+(``<bdf>.quarantine``) and no guest gets it until ``pcibackctl quarantine
+clear --force`` (the supervisor's device gate checks every worker's records
+before it lends a function; :meth:`DeviceSet.export` checks what it can see).
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ from loguru import logger
 from pcibackd.common.files import write_atomic
 from pcibackd.confspace import ConfSpace, PolicyStore
 from pcibackd.hostpci.port import HostPort
-from pcibackd.hostpci.release import SavedState, capture_state, quarantined, release_function, write_record
+from pcibackd.hostpci.release import (SavedState, capture_state, quarantined, release_function, worker_state_dir,
+                                      write_record)
 from pcibackd.platform.api import Platform
 from pcibackd.wire.bdf import BDF
 from pcibackd.worker.devicegate import GateOpener, LocalOpener
@@ -58,14 +63,16 @@ def _truthy(value: str | None) -> bool:
 class DeviceSet:
     """host BDF -> :class:`DeviceEntry`; keeps the dispatcher's map current.
 
-    ``runtime`` is the runtime directory (claims and saved state live below it).
+    ``runtime`` is the runtime directory (claims and saved state live below it;
+    this worker writes only in :attr:`state_dir`, its own).
     """
 
     def __init__(self, cfg, dispatcher: Dispatcher, platform: Platform, runtime: Path):
         self.cfg, self.dispatcher, self.platform = cfg, dispatcher, platform
         runtime = Path(runtime)
         self.lock_dir = runtime / "claims"
-        self.state_dir = runtime / "state"
+        self.shared_state = runtime / "state"
+        self.state_dir = worker_state_dir(self.shared_state, cfg.domid)
         for d in (self.lock_dir, self.state_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.policy = PolicyStore(cfg.policy_path)
@@ -79,7 +86,7 @@ class DeviceSet:
         added: list[BDF] = []
         try:
             for host, guest in placement:
-                if not resume and (why := quarantined(self.state_dir, host)) is not None:
+                if not resume and (why := quarantined(self.shared_state, host)) is not None:
                     raise OSError(errno.EBUSY, f"{host} is quarantined: its last reset failed "
                                                f"({why.describe()}); clear it with "
                                                f"'pcibackctl quarantine clear --force {host}'")
@@ -153,7 +160,7 @@ class DeviceSet:
         return conf
 
     def _snap_path(self, host: BDF) -> Path:
-        return self.state_dir / f"dom{self.cfg.domid}-{host}.snap"
+        return self.state_dir / f"{host}.snap"
 
     def _orig_path(self, host: BDF) -> Path:
         return self.state_dir / f"{host}.orig"
@@ -228,9 +235,9 @@ class DeviceSet:
             raise LookupError(f"{bdf} is not served by this worker")
         return hit
 
-    def reload_policy(self) -> list[str]:
-        """Re-read the policy file and apply each device's new policy."""
-        new = self.policy.reload()
+    def reload_policy(self, text: str | None = None) -> list[str]:
+        """Re-read the policy file (or take its ``text``) and apply each device's new policy."""
+        new = self.policy.reload(text)
         for host, entry in self.entries.items():
             if host in new:
                 was = entry.conf.permissive

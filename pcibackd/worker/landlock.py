@@ -4,15 +4,16 @@ Driver: the landlock_* system calls on the calling thread and the threads it
 starts later (so a worker applies it first thing, before its xenstore and
 ZeroMQ threads exist).
 
-A worker keeps uid 0 without capabilities, so file modes alone would still let
-it write every root-owned file (another function's sysfs ``config``, any
-state under the runtime directory).  Landlock narrows that by path:
+A worker runs as a uid of its own, so file modes keep it from root's files;
+Landlock narrows what it may reach further, by path (a worker started without
+a uid, as root without capabilities, would otherwise still write every
+root-owned file):
 
 * reading only beneath the paths given (Python's own, shared libraries, /sys,
   /proc, the policy file, its state, the platform's paths): not /etc/shadow,
   not other users' homes;
 * writing, creating and removing files only beneath the directories given
-  (its own runtime state, the platform's grant and event-channel paths);
+  (its own state directory, the platform's grant and event-channel paths);
 * device ioctls only on the device paths given (``/dev/xen``);
 * no ptrace (nor /proc/PID/mem) of a process outside its own ruleset, and with
   ABI 6 or later no signal to one (other workers, the supervisor).

@@ -38,6 +38,7 @@ from loguru import logger
 
 from pcibackd.common import logs, proctitle
 from pcibackd.common.files import write_atomic
+from pcibackd.hostpci.release import worker_state_dir
 from pcibackd.platform.select import choose_platform, worker_paths
 from pcibackd.wire.bdf import BDF
 from pcibackd.worker import faults, landlock, privileges, seccomp
@@ -79,6 +80,7 @@ class WorkerConfig:
     orphan_grace: float = 60.0     # no supervisor ack for this long: exit cleanly
     token: str = ""                # proves beats come from this worker (see supervisor)
     device_gate: str | None = None  # the supervisor's device gate socket; None: open devices here
+    uid: int | None = None         # run as this uid and gid once set up (privileges.worker_uid); None: stay root
 
 
 class Worker:
@@ -93,6 +95,9 @@ class Worker:
             time.sleep(faults.BOOT_SLOW)
         self.xs = XenStore(cfg.xenstored_path)
         self.platform = choose_platform(cfg.platform, domid=0)
+        # Opened now, while this process may: after the drop it maps and binds only through these.
+        self.platform.open_handles()
+        self.evtchn = self.platform.open_evtchn()      # one handle for every ring this worker maps
         self.dispatcher = Dispatcher()
         self.devices = DeviceSet(cfg, self.dispatcher, self.platform, runtime_dir_for(cfg))
         dispatch = self.dispatcher.dispatch
@@ -129,14 +134,12 @@ class Worker:
 
     def map_ring(self, gref: int, port: int) -> None:
         page = self.platform.map_grant(self.cfg.domid, gref)
-        evtchn = self.platform.open_evtchn()
         try:
-            local = evtchn.bind_interdomain(self.cfg.domid, port)
+            local = self.evtchn.bind_interdomain(self.cfg.domid, port)
         except OSError:
-            evtchn.close()
             page.close()
             raise
-        self.loop.ring = Ring(page, evtchn, local)
+        self.loop.ring = Ring(page, self.evtchn, local, owns_channel=False)
         logger.info("connected: gref {} port {} -> local port {}", gref, port, local)
         # A request left pending by a crashed predecessor is answered now.
         if self.msi:
@@ -161,12 +164,12 @@ class Worker:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
         self.watchdog.install()
-        self.driver.start()              # the initial export opens device files
-        privileges.drop()
-        try:
-            seccomp.install()
-        except NotImplementedError as exc:
-            logger.warning("no seccomp filter: {}", exc)
+        if self.cfg.device_gate:         # devices come as descriptors: serve unprivileged from the start
+            self._confine()
+            self.driver.start()
+        else:
+            self.driver.start()          # the initial export opens device files itself
+            self._confine()
         # One poll set, kept: only the ring's fd comes and goes (map/unmap).
         poller = select.poll()
         for fd in (self.xs.fileno(), rfd, *([self.reporter.fileno()] if self.reporter else [])):
@@ -233,8 +236,10 @@ class Worker:
         return self.devices.set_permissive(args.get("bdf"), bool(args["on"]))
 
     def cmd_policy_reload(self, args: dict):
-        """Re-read the config-space policy file and apply it to our devices."""
-        return self.devices.reload_policy()
+        """Apply the config-space policy again: its text as the supervisor read it (this
+        worker's uid may not open the file), else the file read again."""
+        text = args.get("text")
+        return self.devices.reload_policy(text if isinstance(text, str) else None)
 
     def cmd_log_level(self, args: dict):
         logs.setup(str(args["level"]), domid=self.cfg.domid)
@@ -242,6 +247,19 @@ class Worker:
 
     COMMANDS = {"ack": cmd_ack, "permissive": cmd_permissive, "policy-reload": cmd_policy_reload,
                 "log-level": cmd_log_level}
+
+    def _confine(self) -> None:
+        """Become this guest's uid (when root) with no capabilities, then the seccomp filter:
+        everything privileged is open by now (xenstore, the supervisor link, grant and
+        event-channel handles); devices come later, lent by the device gate."""
+        uid = self.cfg.uid if os.geteuid() == 0 else None
+        if uid is None and self.cfg.uid is not None:
+            logger.warning("not root: keeping uid {} instead of the worker uid {}", os.geteuid(), self.cfg.uid)
+        privileges.drop(uid=uid, gid=uid)
+        try:
+            seccomp.install()
+        except NotImplementedError as exc:
+            logger.warning("no seccomp filter: {}", exc)
 
     def _on_term(self, signum, frame) -> None:
         self.stopping = True      # no logging in a signal handler
@@ -260,6 +278,7 @@ class Worker:
         if gone and self.msi and not self.orphaned:     # the broker unmaps before the reset
             self.msi.leave(tuple(self.devices.entries))
         self.devices.close(forget_state=gone)
+        self.evtchn.close()
         try:
             pidfile(self.cfg).unlink(missing_ok=True)
         except PermissionError:
@@ -298,14 +317,32 @@ READABLE = ("/usr/lib", "/usr/lib64", "/lib", "/lib64", "/usr/local/lib", "/etc/
             "/etc/localtime", "/usr/share/zoneinfo", "/sys", "/proc", "/dev/null", "/dev/urandom")
 
 
+def own_state_dir(cfg: WorkerConfig) -> Path:
+    """``<runtime>/state/dom<N>``, made now (before anything a guest controls is read) and
+    given to this worker's uid; ``state/`` itself stays root's, searchable, not listable."""
+    state = runtime_dir_for(cfg) / "state"
+    state.mkdir(parents=True, exist_ok=True)
+    os.chmod(state, 0o711)
+    own = worker_state_dir(state, cfg.domid)
+    own.mkdir(exist_ok=True, mode=0o700)
+    if cfg.uid is not None and os.geteuid() == 0:
+        if lacking := privileges.missing(("CAP_CHOWN", "CAP_SETGID", "CAP_SETUID")):
+            raise PermissionError(f"cannot become uid {cfg.uid}: no {', '.join(lacking)} "
+                                  f"(a service's CapabilityBoundingSet= must keep them)")
+        os.chown(own, cfg.uid, cfg.uid, follow_symlinks=False)
+        os.chmod(own, 0o700)
+    return own
+
+
 def confine_paths(cfg: WorkerConfig) -> None:
-    """Landlock: from now on this worker writes only its runtime state and its platform's
-    grant/event-channel paths (see :mod:`.landlock`); its devices come as descriptors."""
+    """Landlock: from now on this worker writes only its own state directory and its
+    platform's grant/event-channel paths (see :mod:`.landlock`); its devices come as descriptors."""
     runtime = runtime_dir_for(cfg)
     platform_readable, writable, devices = worker_paths(cfg.platform)
-    own = (runtime / "state",) if cfg.device_gate else (runtime / "state", runtime / "claims")
-    for d in own:
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    own = (own_state_dir(cfg),)
+    if not cfg.device_gate:
+        own += (runtime / "claims",)
+        own[-1].mkdir(parents=True, exist_ok=True, mode=0o700)
     readable = {*sys.path, sys.prefix, sys.base_prefix, sys.exec_prefix, *READABLE, *platform_readable,
                 *os.environ.get("LD_LIBRARY_PATH", "").split(":")}
     if cfg.policy_path:
@@ -321,7 +358,8 @@ def run_worker(cfg: WorkerConfig) -> None:
     logs.setup(cfg.log_level, domid=cfg.domid)
     write_pidfile(cfg)          # first: a supervisor restarted now must find us
     try:
-        confine_paths(cfg)      # before any thread starts: Landlock binds threads made later
+        confine_paths(cfg)      # before any thread starts: Landlock binds threads made later,
+        privileges.limit_bounding()     # as do the bounding set and no_new_privs
         worker = Worker(cfg)
     except Exception:
         logger.exception("worker boot failed")

@@ -32,17 +32,19 @@ MAX_BATCH = 64
 
 
 class Ring:
-    """One mapped request page plus its bound event-channel port."""
+    """One mapped request page plus its bound event-channel port; ``owns_channel``
+    False: the handle outlives the ring (a worker keeps one, opened before it gave up root)."""
 
-    def __init__(self, page, evtchn, port: int):
-        self.page, self.evtchn, self.port = page, evtchn, port
+    def __init__(self, page, evtchn, port: int, owns_channel: bool = True):
+        self.page, self.evtchn, self.port, self.owns_channel = page, evtchn, port, owns_channel
 
     def close(self) -> None:
         try:
             self.evtchn.unbind(self.port)
         except OSError:
             pass
-        self.evtchn.close()
+        if self.owns_channel:
+            self.evtchn.close()
         self.page.close()
 
 

@@ -49,6 +49,7 @@ class SimDom0:
         self.extra_args = extra_args or []
         self.config, self.extra_env = config or {}, env or {}
         self.dir = Path(tempfile.mkdtemp(prefix="pcibackd-sim-", dir=_base_dir()))
+        os.chmod(self.dir, 0o711)       # workers (a uid each) reach the simulated platform beneath it
         self.sim_dir = self.dir / "sim"
         self.sim_dir.mkdir()
         if extra_guest_irqs is not None:

@@ -53,6 +53,16 @@ def _unpack_binding(word: int) -> tuple[int, int, int]:
     return word >> 28, word >> 12 & 0xFFFF, word & 0xFFF
 
 
+def shared_dir(path: Path) -> None:
+    """Make directory ``path`` (and parents) if missing, searchable by every uid (0755)."""
+    if not path.is_dir():
+        path.mkdir(parents=True, exist_ok=True)
+        try:
+            os.chmod(path, 0o755)     # whatever the umask: a worker under its own uid opens files here
+        except PermissionError:
+            pass
+
+
 def check_domid(domid: object) -> int:
     """``domid`` if it names an ordinary domain, else PlatformError(EINVAL)."""
     if type(domid) is not int or not 0 <= domid < DOMID_FIRST_RESERVED:
@@ -101,6 +111,7 @@ class _PortTable:
             if not create:    # its creator has not sized it yet
                 os.close(fd)
                 return None
+            os.fchmod(fd, 0o666)      # workers (each a uid of its own) bind and notify through it
             os.ftruncate(fd, _TABLE_BYTES)
         return cls(fd)
 
@@ -124,7 +135,7 @@ class PortSpace:
 
     def __init__(self, sim_dir: Path):
         self._dir = sim_dir / "evtchn"
-        self._dir.mkdir(parents=True, exist_ok=True)
+        shared_dir(self._dir)
         digest = hashlib.sha256(os.fsencode(sim_dir.resolve())).hexdigest()[:16]
         self._name_prefix = b"\0pcibackd-sim/" + digest.encode() + b"/evtchn/"
         self._tables: dict[int, _PortTable] = {}

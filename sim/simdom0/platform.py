@@ -15,6 +15,12 @@ Layout of ``sim_dir``::
     evtchn/<domid>.ports       port table of each domain (see :mod:`.evtchn`)
     pci/                       simulated PCI functions (see :mod:`.hostpci`)
     xen/physdev.json           Xen's PIRQ and MSI state (see :mod:`.physdev`)
+
+A worker maps grants and binds ports after it gave up root (it runs as a uid
+of its own): unlike ``/dev/xen``, which it opens before, the simulation's
+grant files and port tables are opened by path at map and bind time, so they
+are made readable and writable by every uid (0666, in 0755 directories).
+A stand-in for tests only: any local process may map any simulated grant.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from pcibackd.platform.api import PlatformError
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import PAGE_SIZE
 from simdom0.drivers import SimDrivers
-from simdom0.evtchn import NR_PORTS, PortSpace, SimEventChannel, check_domid, locked
+from simdom0.evtchn import NR_PORTS, PortSpace, SimEventChannel, check_domid, locked, shared_dir
 from simdom0.hostpci import SimDevice, SimHost, open_files
 from simdom0.physdev import SimPhysdev
 
@@ -90,7 +96,7 @@ class SimPlatform:
         self.domid = check_domid(domid)
         self.sim_dir = Path(sim_dir)
         self._ports = PortSpace(self.sim_dir)
-        (self.sim_dir / "grants").mkdir(exist_ok=True)
+        shared_dir(self.sim_dir / "grants")
 
     @classmethod
     def from_spec(cls, arg: str | None, domid: int) -> SimPlatform:
@@ -105,6 +111,9 @@ class SimPlatform:
         tables; never the devices' config files (it gets those as descriptors)."""
         sim = Path(arg)
         return (str(sim / "pci"),), (str(sim / "grants"), str(sim / "evtchn")), ()
+
+    def open_handles(self) -> None:
+        """Nothing to open early: grant files are opened by path, and every uid may (0666)."""
 
     # -- host PCI ------------------------------------------------------------
 
@@ -153,11 +162,12 @@ class SimPlatform:
         """Grant a fresh zeroed page to ``remote_domid``."""
         check_domid(remote_domid)
         grants = self._grant_dir(self.domid)
-        grants.mkdir(exist_ok=True)
+        shared_dir(grants)
         gref = self._next_gref(grants)
         staging = grants / f".new-{gref}"
         fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
+            os.fchmod(fd, 0o666)        # the mapping worker runs as a uid of its own
             os.ftruncate(fd, 2 * PAGE_SIZE)
             os.pwrite(fd, _GRANT_HEADER.pack(_GRANT_MAGIC, self.domid, remote_domid), PAGE_SIZE)
             page = SimSharedPage(fd)

@@ -214,7 +214,7 @@ def test_garbage_snapshot_falls_back_to_captured_state(dom0):
     f1, _ = two_guests(dom0)
     bar0 = f1.conf_read(G0, 0x10, 4)[1]
     f1.conf_write(G0, 0x10, 4, 0xFFFFFFFF)
-    snap = dom0.runtime / "state" / "dom1-0000:00:05.0.snap"
+    snap = dom0.runtime / "state" / "dom1" / "0000:00:05.0.snap"
     assert snap.exists()
     pid = wait_guest(dom0, 1, lambda g: g["worker_state"] == "RUNNING")["pid"]
     os.kill(pid, signal.SIGSTOP)

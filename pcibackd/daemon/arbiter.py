@@ -298,8 +298,13 @@ class Supervisor(ReleaseViews, WorkerLife):
 
     def guests(self) -> list[GuestInfo]:
         """Every guest by domid, with its worker's last report (never waits for a worker)."""
-        now = self.wake.clock()
-        return [self._guests[d].info(now, self.irq.status(d)) for d in sorted(self._guests)]
+        now, irq = self.wake.clock(), self.irq.statuses()
+        return [self._guests[d].info(now, irq.get(d, {})) for d in sorted(self._guests)]
+
+    def observe_cpu(self, domid: int, pid: int, seconds: float) -> float | None:
+        """A worker's CPU time as the control endpoint read it from /proc (into its guest's totals)."""
+        guest = self._guests.get(domid)
+        return guest.tally.observe_cpu(pid, seconds) if guest is not None else None
 
     def assignable(self) -> list[BDF]:
         """Assignable host functions (the platform's: on Xen those bound to a stub driver)."""

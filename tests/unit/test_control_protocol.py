@@ -15,6 +15,7 @@ from pcibackd.control.client import NotRunning, call
 from pcibackd.control.commands import COMMANDS
 from pcibackd.control.commands.base import WORKER_TIMEOUT
 from pcibackd.control.protocol import Errno
+from pcibackd.control.protocol import reply as encode_reply
 from pcibackd.control.server import MAX_PENDING, ControlServer, ControlSetupError
 from pcibackd.daemon.states import WorkerState
 from pcibackd.daemon.tally import Tally
@@ -32,11 +33,11 @@ def guest(domid, state="RUNNING", devices=(), pid=None, latency=None, last_exit=
                           cpu_seconds=1.5, devices=tuple(DeviceReport(BDF.parse(b), BDF(0, 0, i, 0), False, 0)
                                                          for i, b in enumerate(devices)))
     tally = Tally()
-    tally.add(report, 0.0)
+    tally.add(report)
     return GuestInfo(domid=domid, state=WorkerState(state), pid=(pid or 1000 + domid) if running else None,
                      adopted=False, restarts=0, last_exit=last_exit, heartbeat_age=0.1 if running else None,
                      report=report if beat else None, name=f"guest{domid}",
-                     totals=tally.totals(0.0) if beat else None)
+                     totals=tally.totals() if beat else None)
 
 
 class FakeDaemon:
@@ -58,6 +59,9 @@ class FakeDaemon:
 
     def assignable(self):
         return [BDF.parse("0000:00:05.0"), BDF.parse("0000:00:07.0")]
+
+    def observe_cpu(self, domid, pid, seconds):
+        return None
 
     release_records: dict = {}
 
@@ -350,7 +354,7 @@ def test_cli_daemon_not_running_exit_3(runtime, capsys):
 # ----------------------------------------------------------- renderers --
 def status_of(*guests) -> dict:
     """What the status command returns (as its client gets it) for these guests."""
-    return json.loads(json.dumps(COMMANDS["status"].execute(FakeDaemon(list(guests)), {})))
+    return json.loads(encode_reply(1, COMMANDS["status"].execute(FakeDaemon(list(guests)), {})))["result"]
 
 
 def test_status_render_latency_dash_until_workers_report_it():
@@ -393,8 +397,8 @@ def test_renderers_of_empty_results():
 
 
 GUEST_KEYS = {"domid", "name", "worker_state", "pid", "adopted", "restarts", "last_exit", "xenbus_state",
-              "connected", "served", "misses", "errors", "cpu_seconds", "cpu_percent", "latency_us", "devices",
-              "heartbeat_age"}
+              "connected", "served", "misses", "errors", "cpu_seconds", "cpu_percent", "cpu_window", "latency_us",
+              "devices", "heartbeat_age"}
 
 
 def test_status_json_shape():

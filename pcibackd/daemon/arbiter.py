@@ -37,7 +37,7 @@ from pcibackd.daemon.endpoint import OpenControl
 from pcibackd.daemon.guests import Guest, GuestEvent
 from pcibackd.daemon.interrupts import Interrupts
 from pcibackd.daemon.lifecycle import Lifecycle
-from pcibackd.daemon.names import domain_name
+from pcibackd.daemon.names import TOKEN as NAMES, NameWatch
 from pcibackd.daemon.releases import ReleaseViews
 from pcibackd.daemon.reload import reload_config_and_policy
 from pcibackd.daemon.spawner import Spawner
@@ -107,6 +107,7 @@ class Supervisor(ReleaseViews, WorkerLife):
         for sig in SIGNAL_HANDLERS:
             signal.signal(sig, self._on_signal)
         self.xs.watch(BACKEND_ROOT, "backends")
+        self.names = NameWatch(self.xs)
 
     def _on_signal(self, signum, frame) -> None:
         self.signals.put_nowait(signum)     # no logging here
@@ -190,7 +191,9 @@ class Supervisor(ReleaseViews, WorkerLife):
 
     def _on_xs_events(self) -> None:
         """Follow a batch of watch events: only the domains they touched are read again."""
-        untrusted_paths = [p for p, _ in self.xs.events()]
+        events = self.xs.events()
+        self.names.renamed(events, self._guests)
+        untrusted_paths = [p for p, token in events if token != NAMES]
         if not untrusted_paths:
             return
         found = touched_nodes(untrusted_paths, self.ignored_names)
@@ -222,7 +225,7 @@ class Supervisor(ReleaseViews, WorkerLife):
                         and self.xs.read(f"{path}/state") in (None, "1")):
                     del self._guests[domid]       # a new backend in the same place: serve it afresh
                 if domid not in self._guests:
-                    self._guests[domid] = guest = Guest(domid, path, name=domain_name(self.xs, domid))
+                    self._guests[domid] = guest = Guest(domid, path, name=self.names.follow(domid))
                     if adopt_live_worker(self.runtime, guest):
                         self._attached(guest)
                     else:
@@ -231,6 +234,7 @@ class Supervisor(ReleaseViews, WorkerLife):
             elif known is not None:
                 if not known.alive:
                     del self._guests[domid]
+                    self.names.forget(domid)
                     logger.info("domain {} forgotten", domid)
                 elif known.state is not WorkerState.STOPPING:
                     # The worker finishes by itself (resets its devices); SIGTERM after stop_timeout.

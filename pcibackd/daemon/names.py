@@ -47,16 +47,19 @@ class NameWatch:
 
     def __init__(self, xs: XenStore):
         self.xs = xs
+        self._registered: set[int] = set()     # watches whose registration event is still to come
 
     def follow(self, domid: int) -> str:
         """Watch the domain's name from now on; its name now."""
         try:
             self.xs.watch(name_path(domid), TOKEN)
+            self._registered.add(domid)
         except (OSError, ValueError) as exc:
             logger.debug("domain {}: its name is not followed: {}", domid, exc)
         return domain_name(self.xs, domid)
 
     def forget(self, domid: int) -> None:
+        self._registered.discard(domid)
         try:
             self.xs.unwatch(name_path(domid), TOKEN)
         except (OSError, ValueError):
@@ -66,9 +69,13 @@ class NameWatch:
         """Read again the names watch ``events`` touched (each guest has a ``name``)."""
         for untrusted_path, token in events:
             m = _NAME_PATH.fullmatch(untrusted_path) if token == TOKEN else None
-            guest = guests.get(int(m.group(1))) if m else None
+            domid = int(m.group(1)) if m else -1
+            if domid in self._registered:      # the event of the watch's registration: read just after it
+                self._registered.discard(domid)
+                continue
+            guest = guests.get(domid)
             if guest is not None:
-                name = domain_name(self.xs, int(m.group(1)))
+                name = domain_name(self.xs, domid)
                 if name != guest.name:
-                    logger.info("domain {} is now called {!r} (was {!r})", m.group(1), name, guest.name)
+                    logger.info("domain {} is now called {!r} (was {!r})", domid, name, guest.name)
                     guest.name = name

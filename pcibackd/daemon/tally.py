@@ -29,6 +29,13 @@ readings (control/procstats.py).
 
 :meth:`Tally.totals` is computed once per change (:attr:`Tally.version`), not
 once per question.
+
+Totals live in the supervisor's memory only: a new supervisor starts them
+from the reports of the workers it adopts (what those counted since their own
+start), so the workers that died before it are forgotten.  Kept that way on
+purpose: Prometheus sees the reset from ``pcibackd_start_time_seconds`` and
+its ``rate()`` and ``increase()`` absorb it, and a file written per report
+would be write traffic on every change for a figure that is not exact anyway.
 """
 
 from __future__ import annotations

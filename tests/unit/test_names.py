@@ -30,8 +30,10 @@ def test_names_are_followed_through_renames_and_only_named_events_read():
     guests = {3: SimpleNamespace(name=names.follow(3))}
     assert guests[3].name == "web" and xs.watches == {("/local/domain/3/name", TOKEN)}
     assert names.follow(3) == "web"                           # followed already: still answers
-    xs.names["/local/domain/3/name"] = "db"
     xs.reads.clear()
+    names.renamed([("/local/domain/3/name", TOKEN)], guests)      # the watch's registration event
+    assert xs.reads == []                                         # (the name was read after registering)
+    xs.names["/local/domain/3/name"] = "db"
     names.renamed([("/local/domain/3/name", TOKEN), ("/local/domain/0/backend/pci/3/0/state", "backends"),
                    ("/local/domain/4/name", TOKEN), ("/local/domain/3/name/x", TOKEN),
                    ("/local/domain/99999999/name", TOKEN)], guests)

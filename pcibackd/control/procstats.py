@@ -35,7 +35,7 @@ from pcibackd.daemon.views import GuestInfo
 
 WINDOW = 10.0         # s: the shortest time between passes, the CPU percent window while watched
 WATCHED = 300.0       # s after the last status request that passes keep running on their own
-USS_PER_PASS = 8      # smaps walks per pass (~0.5 ms each): a pass stays cheap at any number of guests
+USS_PER_PASS = 4      # smaps walks per pass (0.5 ms each, far more on a loaded machine): a pass stays cheap
 TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

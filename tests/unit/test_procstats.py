@@ -11,7 +11,7 @@ import pytest
 
 from pcibackd.control import procstats, statusview
 from pcibackd.control.commands import COMMANDS
-from pcibackd.control.procstats import WATCHED, WINDOW, ProcSampler, read_stat, read_uss
+from pcibackd.control.procstats import USS_PER_PASS, WATCHED, WINDOW, ProcSampler, read_stat, read_uss
 from pcibackd.control.protocol import reply
 from pcibackd.control.statusview import StatusView
 from pcibackd.daemon.guests import Guest
@@ -100,6 +100,18 @@ def test_passes_run_only_while_someone_watches(proc):
     s.watch(70.0)
     s.sample([g(1, None)], lambda *a: None, now=70.0)
     assert s.due(71.0) is None                                 # no live worker: nothing to watch
+
+
+def test_uss_walks_are_bounded_per_pass_and_go_round(proc):
+    s = ProcSampler(proc=str(proc.root))
+    workers = [g(i, 10 + i) for i in range(USS_PER_PASS + 2)]
+    for w in workers:
+        proc.set(w.pid, cpu=0.0, start=990.0)
+    s.sample(workers, lambda *a: None, now=100.0)
+    first = {w.domid for w in workers if s.figures(w.domid).uss is not None}
+    assert len(first) == USS_PER_PASS and all(s.figures(w.domid).rss for w in workers)
+    s.sample(workers, lambda *a: None, now=100.0 + WINDOW)
+    assert all(s.figures(w.domid).uss is not None for w in workers)     # the others' turn came next
 
 
 def test_a_worker_started_after_the_pass_is_measured_at_once(proc):

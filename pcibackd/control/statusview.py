@@ -33,10 +33,14 @@ class StatusView:
     """See the module docstring."""
 
     def __init__(self, face: DaemonFace, sampler: ProcSampler | None = None):
-        self.face = face
+        self._face = weakref.ref(face)      # the view lives as long as its face, not longer
         self.sampler = sampler or ProcSampler()
         self._rows: dict[int, tuple[tuple, str]] = {}       # domid -> (what it was built from, its JSON
                                                             # but for the closing brace)
+
+    @property
+    def face(self) -> DaemonFace:
+        return self._face()
 
     @classmethod
     def of(cls, face: DaemonFace) -> "StatusView":

@@ -18,6 +18,8 @@ itself restarts.
 
 from __future__ import annotations
 
+import os
+import selectors
 import socket
 import threading
 import time
@@ -121,6 +123,7 @@ def parse_address(addr: str) -> tuple[str, int]:
 
 
 class _Quiet(WSGIRequestHandler):
+    timeout = 10       # s: a client that connects and sends nothing cannot hold the one serving thread
     def log_message(self, format, *args):      # one line per scrape on stderr is noise
         pass
 
@@ -146,9 +149,19 @@ class MetricsListener:
         self._server = make_server(self.host, self.port, make_wsgi_app(registry), server_class,
                                    handler_class=_Quiet)
         self.port = self._server.server_port
-        self._thread = threading.Thread(target=self._server.serve_forever, name="pcibackd-metrics", daemon=True)
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        self._thread = threading.Thread(target=self._serve, name="pcibackd-metrics", daemon=True)
         self._thread.start()
         return f"http://{self.host}:{self.port}/metrics"
+
+    def _serve(self) -> None:
+        """Serve until :meth:`close`, asleep on the listening socket and a stop pipe (not
+        socketserver's serve_forever, which wakes every half second to look for a stop)."""
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._server, selectors.EVENT_READ)
+            sel.register(self._stop_r, selectors.EVENT_READ)
+            while all(key.fileobj is not self._stop_r for key, _ in sel.select()):
+                self._server.handle_request()
 
     def attach(self, ask: Callable[[float], dict | None]) -> None:
         """How a scrape gets :func:`~pcibackd.control.metricsdata.collect`'s data from the
@@ -174,9 +187,12 @@ class MetricsListener:
         """Stop serving (a scrape in progress ends first: at most :data:`WAIT` s)."""
         self._ask = None
         if self._server is not None:
-            self._server.shutdown()
+            os.write(self._stop_w, b"x")
+            self._thread.join()
             self._server.server_close()
             self._server = None
+            os.close(self._stop_r)
+            os.close(self._stop_w)
 
 
 class _V6Server(WSGIServer):

@@ -125,6 +125,8 @@ class ControlServer:
         self.endpoints = {"ipc": str(self.path), "tcp": None}
         self.inproc = f"inproc://pcibackd-control-{id(self):x}"     # this process's threads only: the metrics
         self.sock.bind(self.inproc)                                 # listener (before CURVE: plain)
+        self._scrapes: zmq.Socket | None = None                     # the listener thread's client socket
+        self._scraped = 0
         if metrics is not None:
             metrics.attach(self._ask_metrics)
         if status_group:
@@ -278,26 +280,32 @@ class ControlServer:
 
     def _ask_metrics(self, timeout: float) -> dict | None:
         """From the metrics listener's thread: the ``metrics`` command's data, asked on the
-        inproc door like any read-only client (its own socket, never one of the loop's);
+        inproc door like any read-only client (its own socket, used by that thread only);
         None if the loop does not answer within ``timeout`` seconds."""
-        sock = self.zctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
+        if self._scrapes is None:
+            self._scrapes = self.zctx.socket(zmq.DEALER)
+            self._scrapes.setsockopt(zmq.LINGER, 0)
+            self._scrapes.connect(self.inproc)
+        self._scraped += 1
+        want = f"scrape-{self._scraped}"
+        deadline = time.monotonic() + timeout
         try:
-            sock.connect(self.inproc)
-            sock.send(request("metrics", "metrics"))
-            if not sock.poll(int(timeout * 1000)):
-                return None
-            answer = json.loads(sock.recv())
-            return answer["result"] if answer.get("status") == "ok" else None
+            self._scrapes.send(request(want, "metrics"))
+            while (left := deadline - time.monotonic()) > 0 and self._scrapes.poll(max(1, int(left * 1000))):
+                answer = json.loads(self._scrapes.recv())
+                if answer.get("id") == want:         # (not the late answer to a scrape given up on)
+                    return answer["result"] if answer.get("status") == "ok" else None
         except (zmq.ZMQError, ValueError, KeyError):
-            return None
-        finally:
-            sock.close()
+            pass
+        return None
 
     def close(self) -> None:
         if self.metrics is not None:
-            self.metrics.close()
+            self.metrics.close()            # its thread has ended: its socket can be closed here
             self.metrics = None
+        if self._scrapes is not None:
+            self._scrapes.close(0)
+            self._scrapes = None
         if self.auth is not None:
             self.auth.stop()
             self.auth = None

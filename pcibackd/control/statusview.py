@@ -93,8 +93,8 @@ class StatusView:
 
 
 def guest_dict(g: GuestInfo, fig: Figures | None = None) -> dict:
-    """One guest as ``status --json`` shows it (its counters over all its workers), but for
-    ``heartbeat_age``; ``fig``: its worker's process figures (rss, uss, CPU percent)."""
+    """One guest as ``status --json`` shows it (its counters over all its workers);
+    ``fig``: its worker's process figures (rss, uss, CPU percent)."""
     r, t = g.report, g.totals or Totals()
     out = {"domid": g.domid, "name": g.name, "worker_state": g.state.value, "pid": g.pid, "adopted": g.adopted,
            "restarts": g.restarts, "last_exit": g.last_exit,

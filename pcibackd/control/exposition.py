@@ -5,9 +5,11 @@ metric families; :func:`text` prints them in the Prometheus text format (what
 node_exporter's textfile collector reads) or OpenMetrics.
 :class:`MetricsListener` serves them over HTTP (``pcibackd run --metrics-listen
 ADDR``) from a thread: the supervisor's loop owns its tables, so the thread
-never reads them; each scrape asks the loop for a snapshot (published from
-:meth:`MetricsListener.publish_if_wanted`: the loop wakes at least every half
-second) and serves the last one it has if none comes in time.
+never reads them.  A scrape asks the loop as a read-only control client does
+(the control endpoint's ``inproc`` door, :meth:`MetricsListener.attach`): the
+request wakes the loop, which answers it like any other, so an idle daemon
+with a listener does no periodic work.  If no answer comes in time the last
+snapshot is served.
 
 Every series is labelled ``domid`` and ``name`` (the domain's name); counters
 add up all of a guest's workers, so they only go back to zero when pcibackd
@@ -16,10 +18,12 @@ itself restarts.
 
 from __future__ import annotations
 
+import os
+import selectors
 import socket
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from loguru import logger
@@ -28,8 +32,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
-from pcibackd.control.face import DaemonFace
-from pcibackd.control.metricsdata import collect
+from pcibackd.common.ratelimit import worth_logging
+
 
 GUEST = ["domid", "name"]
 
@@ -119,6 +123,7 @@ def parse_address(addr: str) -> tuple[str, int]:
 
 
 class _Quiet(WSGIRequestHandler):
+    timeout = 10       # s: a client that connects and sends nothing cannot hold the one serving thread
     def log_message(self, format, *args):      # one line per scrape on stderr is noise
         pass
 
@@ -131,9 +136,8 @@ class MetricsListener:
     def __init__(self, addr: str):
         self.host, self.port = parse_address(addr)
         self._data: dict | None = None
-        self._at = 0.0
-        self._wanted = threading.Event()
-        self._fresh = threading.Condition()
+        self._ask: Callable[[float], dict | None] | None = None
+        self._missed = 0
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -145,39 +149,50 @@ class MetricsListener:
         self._server = make_server(self.host, self.port, make_wsgi_app(registry), server_class,
                                    handler_class=_Quiet)
         self.port = self._server.server_port
-        self._thread = threading.Thread(target=self._server.serve_forever, name="pcibackd-metrics", daemon=True)
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        self._thread = threading.Thread(target=self._serve, name="pcibackd-metrics", daemon=True)
         self._thread.start()
         return f"http://{self.host}:{self.port}/metrics"
 
-    def publish_if_wanted(self, face: DaemonFace) -> None:
-        """From the supervisor's loop: take a snapshot if a scrape is waiting for one."""
-        if not self._wanted.is_set() and self._data is not None:
-            return
-        self._wanted.clear()
-        try:
-            data = collect(face)
-        except Exception:          # a bug here must not take the supervisor's loop down
-            logger.exception("metrics: taking a snapshot failed")
-            return
-        with self._fresh:
-            self._data, self._at = data, time.monotonic()
-            self._fresh.notify_all()
+    def _serve(self) -> None:
+        """Serve until :meth:`close`, asleep on the listening socket and a stop pipe (not
+        socketserver's serve_forever, which wakes every half second to look for a stop)."""
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._server, selectors.EVENT_READ)
+            sel.register(self._stop_r, selectors.EVENT_READ)
+            while all(key.fileobj is not self._stop_r for key, _ in sel.select()):
+                self._server.handle_request()
+
+    def attach(self, ask: Callable[[float], dict | None]) -> None:
+        """How a scrape gets :func:`~pcibackd.control.metricsdata.collect`'s data from the
+        supervisor's loop: ``ask(timeout)``, called from this listener's thread, None when
+        no answer came within ``timeout`` seconds."""
+        self._ask = ask
 
     def collect(self) -> Iterator[Metric]:
-        """From the HTTP thread (the registry's collector): a snapshot taken after the
-        scrape came, or the last one if the loop does not publish within :data:`WAIT`."""
-        asked = time.monotonic()
-        with self._fresh:
-            self._wanted.set()
-            self._fresh.wait_for(lambda: self._at >= asked, timeout=self.WAIT)
-            data = self._data
-        return families(data) if data is not None else iter(())
+        """From the HTTP thread (the registry's collector): a snapshot the loop took for
+        this scrape, or the last one if it does not answer within :data:`WAIT`."""
+        ask = self._ask
+        data = ask(self.WAIT) if ask is not None else None
+        if data is not None:
+            self._data = data
+        elif ask is not None:
+            self._missed += 1
+            if worth_logging(self._missed):
+                logger.warning("metrics: no snapshot from the supervisor within {} s ({} times so far): "
+                               "serving the last one", self.WAIT, self._missed)
+        return families(self._data) if self._data is not None else iter(())
 
     def close(self) -> None:
+        """Stop serving (a scrape in progress ends first: at most :data:`WAIT` s)."""
+        self._ask = None
         if self._server is not None:
-            self._server.shutdown()
+            os.write(self._stop_w, b"x")
+            self._thread.join()
             self._server.server_close()
             self._server = None
+            os.close(self._stop_r)
+            os.close(self._stop_w)
 
 
 class _V6Server(WSGIServer):

@@ -29,6 +29,10 @@ class DaemonFace(Protocol):
     def guests(self) -> list[GuestInfo]:
         """Every guest by domid, with its worker's last report."""
 
+    def observe_cpu(self, domid: int, pid: int, seconds: float) -> float | None:
+        """The control endpoint read worker ``pid``'s CPU time from /proc: counted in its guest's
+        totals; returns the guest's CPU seconds over all its workers (None: not known yet)."""
+
     def assignable(self) -> list[BDF]:
         """The host functions that can be given to guests, in the platform's order."""
 

@@ -4,21 +4,24 @@ Shared by ``pcibackctl metrics`` (the daemon sends this data, pcibackctl turns
 it into text) and ``pcibackd run --metrics-listen`` (the supervisor's loop
 publishes it for the HTTP thread): see :mod:`pcibackd.control.exposition`.
 Taking it never waits for a worker: counters are the supervisor's totals of
-the workers' last reports.
+the workers' last reports, CPU seconds as read from /proc within the last
+sampling window (control/procstats.py).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 
 from pcibackd.control.face import DaemonFace
+from pcibackd.control.statusview import StatusView
 from pcibackd.worker.ops import SERVICE_BOUNDS_US
 
 
 def collect(face: DaemonFace) -> dict:
     """The daemon and every guest's counters (over all its workers)."""
     guests = []
-    for g in face.guests():
+    for g in StatusView.of(face).fresh(time.monotonic()):      # CPU seconds read within the window
         t = g.totals
         guests.append({
             "domid": g.domid, "name": g.name, "state": g.state.value, "restarts": g.restarts,

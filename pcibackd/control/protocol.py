@@ -72,6 +72,12 @@ def parse_request(untrusted_raw: bytes) -> tuple[object, str, dict]:
     return req_id, command, args
 
 
+class RawJSON(str):
+    """A result already encoded as JSON text: :func:`reply` embeds it as it is."""
+
+
 def reply(req_id, result=None, errno: Errno = Errno.OK, reason: str = "") -> bytes:
-    return json.dumps({"id": req_id, "status": "ok" if errno == Errno.OK else "error",
-                       "errno": int(errno), "reason": reason, "result": result}).encode()
+    head = {"id": req_id, "status": "ok" if errno == Errno.OK else "error", "errno": int(errno), "reason": reason}
+    if isinstance(result, RawJSON):
+        return f'{json.dumps(head)[:-1]}, "result": {result}}}'.encode()
+    return json.dumps({**head, "result": result}).encode()

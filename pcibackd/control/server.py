@@ -18,6 +18,7 @@ does not read loses its replies, never blocking the daemon.
 from __future__ import annotations
 
 import grp
+import json
 import os
 import socket
 import stat
@@ -31,7 +32,8 @@ from loguru import logger
 from pcibackd.control import curve
 from pcibackd.control.commands import COMMANDS, Answer, CommandError, Pending
 from pcibackd.control.face import DaemonFace
-from pcibackd.control.protocol import MAX_REQUEST, STATUS_NAME, BadRequest, Errno, parse_request, reply
+from pcibackd.control.protocol import MAX_REQUEST, STATUS_NAME, BadRequest, Errno, parse_request, reply, request
+from pcibackd.control.statusview import StatusView
 from pcibackd.worker.link import WorkerReply
 from pcibackd.worker.privileges import lock_away
 
@@ -39,7 +41,6 @@ BATCH = 64               # requests per wake-up: the supervisor loop has other w
 MAX_PENDING = 64         # requests waiting for workers at once
 SNDHWM = 64              # replies queued per client; further ones are dropped
 HANDSHAKE_MS = 5000      # a connection that never completes the ZMTP handshake is closed
-METRICS_TICK = 0.5       # s: how often an idle loop looks for a waiting scrape (only with --metrics-listen)
 READ_ONLY = frozenset({"status", "list", "devices", "metrics"})   # what a non-root peer may ask (not logged)
 
 
@@ -100,12 +101,14 @@ class ControlServer:
     and :meth:`flush_pending` from its loop.  Commands act on ``face``.
 
     ``tcp``: also listen there, CURVE only, for the client keys in ``curve_dir``.
-    ``metrics``: an HTTP metrics listener (control/exposition.py) whose snapshots
-    this endpoint publishes from the supervisor's loop (in :meth:`flush_pending`)."""
+    ``metrics``: an HTTP metrics listener (control/exposition.py); its scrapes are
+    read-only requests on this socket's ``inproc`` door, answered by the loop."""
 
     def __init__(self, zctx: zmq.Context, path: Path, face: DaemonFace, tcp: str | None = None,
                  curve_dir: str | Path | None = None, metrics=None, status_group: str | None = None):
         self.face = face
+        self.zctx = zctx
+        self.view = StatusView.of(face)
         self.metrics = metrics
         self.path = Path(path)
         self.status_path: Path | None = None
@@ -120,6 +123,12 @@ class ControlServer:
         _bind_ipc(self.sock, self.path, 0o600)
         lock_away(self.path)            # root administrators only: not a worker (uid 0, no capabilities)
         self.endpoints = {"ipc": str(self.path), "tcp": None}
+        self.inproc = f"inproc://pcibackd-control-{id(self):x}"     # this process's threads only: the metrics
+        self.sock.bind(self.inproc)                                 # listener (before CURVE: plain)
+        self._scrapes: zmq.Socket | None = None                     # the listener thread's client socket
+        self._scraped = 0
+        if metrics is not None:
+            metrics.attach(self._ask_metrics)
         if status_group:
             self._bind_status(status_group)
         if tcp:
@@ -242,11 +251,10 @@ class ControlServer:
             pending.replies[reply.domid] = Answer(reply.ok, reply.result)
 
     def flush_pending(self) -> None:
-        """Answer requests whose workers all replied or whose time is up (and publish
-        a metrics snapshot if a scrape waits for one)."""
-        if self.metrics is not None:
-            self.metrics.publish_if_wanted(self.face)
+        """Answer requests whose workers all replied or whose time is up (and run a sample
+        pass if one is due)."""
         now = time.monotonic()
+        self.view.tick(now)
         for key, p in list(self.pending.items()):
             if not p.done(now):
                 continue
@@ -262,18 +270,42 @@ class ControlServer:
             self._send(envelope, data)
 
     def next_deadline(self) -> float | None:
-        """Monotonic time the next pending request times out (for the loop's poll timeout); with a
-        metrics listener, at most METRICS_TICK away (its scrapes wait for the loop's snapshot)."""
+        """Monotonic time the next pending request times out or a sample pass is due (for the
+        loop's poll timeout); None: nothing to do until a request comes."""
         due = min((p.deadline for p in self.pending.values()), default=None)
-        if self.metrics is not None:
-            tick = time.monotonic() + METRICS_TICK
-            due = tick if due is None else min(due, tick)
+        sample = self.view.due(time.monotonic())
+        if sample is not None:
+            due = sample if due is None else min(due, sample)
         return due
+
+    def _ask_metrics(self, timeout: float) -> dict | None:
+        """From the metrics listener's thread: the ``metrics`` command's data, asked on the
+        inproc door like any read-only client (its own socket, used by that thread only);
+        None if the loop does not answer within ``timeout`` seconds."""
+        if self._scrapes is None:
+            self._scrapes = self.zctx.socket(zmq.DEALER)
+            self._scrapes.setsockopt(zmq.LINGER, 0)
+            self._scrapes.connect(self.inproc)
+        self._scraped += 1
+        want = f"scrape-{self._scraped}"
+        deadline = time.monotonic() + timeout
+        try:
+            self._scrapes.send(request(want, "metrics"))
+            while (left := deadline - time.monotonic()) > 0 and self._scrapes.poll(max(1, int(left * 1000))):
+                answer = json.loads(self._scrapes.recv())
+                if answer.get("id") == want:         # (not the late answer to a scrape given up on)
+                    return answer["result"] if answer.get("status") == "ok" else None
+        except (zmq.ZMQError, ValueError, KeyError):
+            pass
+        return None
 
     def close(self) -> None:
         if self.metrics is not None:
-            self.metrics.close()
+            self.metrics.close()            # its thread has ended: its socket can be closed here
             self.metrics = None
+        if self._scrapes is not None:
+            self._scrapes.close(0)
+            self._scrapes = None
         if self.auth is not None:
             self.auth.stop()
             self.auth = None

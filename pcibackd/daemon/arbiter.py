@@ -37,7 +37,7 @@ from pcibackd.daemon.endpoint import OpenControl
 from pcibackd.daemon.guests import Guest, GuestEvent
 from pcibackd.daemon.interrupts import Interrupts
 from pcibackd.daemon.lifecycle import Lifecycle
-from pcibackd.daemon.names import domain_name
+from pcibackd.daemon.names import TOKEN as NAMES, NameWatch
 from pcibackd.daemon.releases import ReleaseViews
 from pcibackd.daemon.reload import reload_config_and_policy
 from pcibackd.daemon.spawner import Spawner
@@ -109,6 +109,7 @@ class Supervisor(ReleaseViews, WorkerLife):
         for sig in SIGNAL_HANDLERS:
             signal.signal(sig, self._on_signal)
         self.xs.watch(BACKEND_ROOT, "backends")
+        self.names = NameWatch(self.xs)
 
     def _on_signal(self, signum, frame) -> None:
         self.signals.put_nowait(signum)     # no logging here
@@ -192,7 +193,9 @@ class Supervisor(ReleaseViews, WorkerLife):
 
     def _on_xs_events(self) -> None:
         """Follow a batch of watch events: only the domains they touched are read again."""
-        untrusted_paths = [p for p, _ in self.xs.events()]
+        events = self.xs.events()
+        self.names.renamed(events, self._guests)
+        untrusted_paths = [p for p, token in events if token != NAMES]
         if not untrusted_paths:
             return
         found = touched_nodes(untrusted_paths, self.ignored_names)
@@ -224,7 +227,7 @@ class Supervisor(ReleaseViews, WorkerLife):
                         and self.xs.read(f"{path}/state") in (None, "1")):
                     del self._guests[domid]       # a new backend in the same place: serve it afresh
                 if domid not in self._guests:
-                    self._guests[domid] = guest = Guest(domid, path, name=domain_name(self.xs, domid))
+                    self._guests[domid] = guest = Guest(domid, path, name=self.names.follow(domid))
                     if adopt_live_worker(self.runtime, guest):
                         self._attached(guest)
                     else:
@@ -233,6 +236,7 @@ class Supervisor(ReleaseViews, WorkerLife):
             elif known is not None:
                 if not known.alive:
                     del self._guests[domid]
+                    self.names.forget(domid)
                     logger.info("domain {} forgotten", domid)
                 elif known.state is not WorkerState.STOPPING:
                     # The worker finishes by itself (resets its devices); SIGTERM after stop_timeout.
@@ -301,8 +305,13 @@ class Supervisor(ReleaseViews, WorkerLife):
 
     def guests(self) -> list[GuestInfo]:
         """Every guest by domid, with its worker's last report (never waits for a worker)."""
-        now = self.wake.clock()
-        return [self._guests[d].info(now, self.irq.status(d)) for d in sorted(self._guests)]
+        now, irq = self.wake.clock(), self.irq.statuses()
+        return [self._guests[d].info(now, irq.get(d, {})) for d in sorted(self._guests)]
+
+    def observe_cpu(self, domid: int, pid: int, seconds: float) -> float | None:
+        """A worker's CPU time as the control endpoint read it from /proc (into its guest's totals)."""
+        guest = self._guests.get(domid)
+        return guest.tally.observe_cpu(pid, seconds) if guest is not None else None
 
     def assignable(self) -> list[BDF]:
         """Assignable host functions (the platform's: on Xen those bound to a stub driver)."""

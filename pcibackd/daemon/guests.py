@@ -15,7 +15,6 @@ import enum
 import os
 import select
 import signal
-import time
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -185,7 +184,7 @@ class Guest:
     def report(self, msg: WorkerReport | None) -> None:
         self._report = msg
         if msg is not None:
-            self.tally.add(msg, time.monotonic())
+            self.tally.add(msg)
 
     @property
     def state(self) -> WorkerState:
@@ -272,4 +271,4 @@ class Guest:
                          adopted=self.adopted, restarts=self.restarts, last_exit=self.last_exit,
                          heartbeat_age=round(now - self.last_beat, 3) if alive else None, report=self.report,
                          interrupts=interrupts, name=self.name,
-                         totals=self.tally.totals(now) if self._report is not None else None)
+                         totals=self.tally.totals() if self._report is not None else None)

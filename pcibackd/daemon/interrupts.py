@@ -85,9 +85,11 @@ class Interrupts:
         self.budget: dict[int, tuple[float, float]] = {}      # domid -> (tokens, at time)
         self.left: set[BDF] = set()           # let go by their worker since the last scan
         self.last_error: dict[BDF, IrqError] = {}     # for status; dropped when the function leaves
+        self._statuses: dict[int, dict[BDF, IrqStatus]] | None = None   # statuses() until the next change
 
     def start(self, alive: set[int]) -> None:
         """Replay the journal: keep what live guests hold (until the first sync), unmap the rest."""
+        self._statuses = None
         try:
             r = self.broker.replay(lambda domid: domid in alive)
         except OSError as exc:
@@ -109,6 +111,7 @@ class Interrupts:
         function two guests list stays with the one holding it (a worker can
         write any backend node): the other is refused.
         """
+        self._statuses = None
         try:
             self._sync(xs, present)
         except OSError as exc:             # a journal that cannot be written must not stop the daemon
@@ -228,13 +231,27 @@ class Interrupts:
 
     def status(self, domid: int) -> dict[BDF, IrqStatus]:
         """Per function of guest ``domid`` (held or mapped): PIRQs, MSI-X prepared, the last error."""
+        return self.statuses().get(domid, {})
+
+    def statuses(self) -> dict[int, dict[BDF, IrqStatus]]:
+        """:meth:`status` of every guest that has any, in one pass over the broker's tables;
+        the same objects until the tables change (they change only in start, sync and handle)."""
+        if self._statuses is None:
+            self._statuses = self._collect_statuses()
+        return self._statuses
+
+    def _collect_statuses(self) -> dict[int, dict[BDF, IrqStatus]]:
         b = self.broker
-        bdfs = {bdf for bdf, d in b.owner.items() if d == domid} | set(self.mappings(domid))
-        return {bdf: IrqStatus(b.live.get(bdf) if bdf in b.live and b.live[bdf].domid == domid else None,
-                               bdf in b.prepared, self.last_error.get(bdf)) for bdf in bdfs}
+        bdfs: dict[int, set[BDF]] = {}
+        for bdf, d in [*b.owner.items(), *((bdf, m.domid) for bdf, m in b.live.items())]:
+            bdfs.setdefault(d, set()).add(bdf)
+        return {d: {bdf: IrqStatus(b.live[bdf] if bdf in b.live and b.live[bdf].domid == d else None,
+                                   bdf in b.prepared, self.last_error.get(bdf)) for bdf in these}
+                for d, these in bdfs.items()}
 
     def handle(self, domid: int, request: WorkerRequest) -> Answer:
         """A request from the worker of ``domid`` (authenticated by the caller)."""
+        self._statuses = None
         now = self.clock()
         tokens, then = self.budget.get(domid, (BURST, now))
         tokens = min(BURST, tokens + (now - then) * RATE)

@@ -21,21 +21,30 @@ RESUMED    restored from the saved config-space state (possibly        denied wr
 A value lower than the same worker's previous one (a device unplugged and
 plugged back) is a reset: what was counted stays.
 
-CPU percent is over a fixed window (:data:`CPU_WINDOW`) of beats: the same
-figure whoever asks, and however often.
+CPU seconds also take the supervisor's own readings of the live worker
+(:meth:`Tally.observe_cpu`, from ``/proc``): a worker reports only when
+something changed, so its last report's figure may be old.  CPU percent is not
+kept here: the control endpoint measures it over fixed windows of those
+readings (control/procstats.py).
+
+:meth:`Tally.totals` is computed once per change (:attr:`Tally.version`), not
+once per question.
+
+Totals live in the supervisor's memory only: a new supervisor starts them
+from the reports of the workers it adopts (what those counted since their own
+start), so the workers that died before it are forgotten.  Kept that way on
+purpose: Prometheus sees the reset from ``pcibackd_start_time_seconds`` and
+its ``rate()`` and ``increase()`` absorb it, and a file written per report
+would be write traffic on every change for a figure that is not exact anyway.
 """
 
 from __future__ import annotations
 
 import enum
-from collections import deque
 from dataclasses import dataclass, field
 
 from pcibackd.worker.link import WorkerReport
 from pcibackd.worker.ops import SERVICE_BOUNDS_US
-
-CPU_WINDOW = 10.0        # seconds of beats CPU percent is measured over
-MAX_SAMPLES = 512        # CPU samples kept (a flood of beats cannot grow it)
 
 Key = tuple            # ("served", op), ("errors", op, code), ("denied_writes", bdf) ...
 
@@ -82,8 +91,7 @@ class Totals:
     misses: dict[str, dict[str, int]] = field(default_factory=dict)       # op -> code -> n
     service_counts: tuple[int, ...] = ()        # per bucket of SERVICE_BOUNDS_US (+Inf last); () unknown
     service_sum_us: float = 0.0
-    cpu_seconds: float = 0.0
-    cpu_percent: float | None = None            # over the last CPU_WINDOW s of beats; None: not known
+    cpu_seconds: float = 0.0                    # reported, or read by the supervisor since (the larger)
     spurious: int = 0
     denied_writes: dict[str, int] = field(default_factory=dict)          # by host BDF
     workers: int = 0                            # workers whose reports are in these totals
@@ -101,16 +109,18 @@ class Totals:
 class Tally:
     """One guest's series; feed it every authenticated report with :meth:`add`."""
 
-    def __init__(self, window: float = CPU_WINDOW):
-        self.window = window
+    CPU: Key = ("cpu_seconds",)
+
+    def __init__(self):
         self._series: dict[Key, _Series] = {}
         self._worker: tuple | None = None      # (pid, start) of the worker counting now
         self._fresh: set[Key] = set()          # series the current worker has not reported yet
         self._workers = 0
-        self._cpu: deque[tuple[float, float]] = deque(maxlen=MAX_SAMPLES)
+        self.version = 0                       # bumped by every change of the totals
+        self._totals: tuple[int, Totals] | None = None
 
-    def add(self, report: WorkerReport, now: float) -> None:
-        """A report arrived at ``now`` (monotonic seconds)."""
+    def add(self, report: WorkerReport) -> None:
+        """A report arrived."""
         worker = (report.pid, report.started)
         if worker != self._worker:
             self._next_worker(worker)
@@ -121,11 +131,25 @@ class Tally:
             elif key in self._fresh:
                 self._fresh.discard(key)
                 s.base, s.first, s.last = s.total, self._first(key, value), value
+            elif key == self.CPU:           # never goes back within a worker: a lower report was
+                s.last = max(s.last, value)   # made before the supervisor's last reading of /proc
             elif value < s.last:                           # a reset within one worker
                 s.base, s.first, s.last = s.total, 0.0, value
             else:
                 s.last = value
-        self._sample(now)
+        self.version += 1
+
+    def observe_cpu(self, pid: int, seconds: float) -> float | None:
+        """The supervisor read ``seconds`` of CPU time of worker ``pid``: counted if that is
+        the worker reporting now and it is more than its reports said.  Returns the guest's
+        CPU seconds over all its workers (None before a report of its CPU)."""
+        s = self._series.get(self.CPU)
+        if s is None:
+            return None
+        if self._worker is not None and self._worker[0] == pid and self.CPU not in self._fresh and seconds > s.last:
+            s.last = seconds
+            self.version += 1
+        return s.total
 
     def _next_worker(self, worker: tuple) -> None:
         self._worker = worker
@@ -136,31 +160,13 @@ class Tally:
     def _first(key: Key, value: float) -> float:
         return value if KIND_OF.get(key[0], Kind.ZERO) is Kind.RESUMED else 0.0
 
-    def _sample(self, now: float) -> None:
-        cpu = self._total(("cpu_seconds",))
-        if self._cpu and now - self._cpu[-1][0] < self.window / 100:
-            return          # beats faster than the window needs: one sample is enough
-        self._cpu.append((now, cpu))
-        # keep one sample at or before the window's start, drop older ones
-        while len(self._cpu) > 2 and self._cpu[1][0] <= now - self.window:
-            self._cpu.popleft()
+    def totals(self) -> Totals:
+        """The sums so far (the same object until the next change)."""
+        if self._totals is None or self._totals[0] != self.version:
+            self._totals = (self.version, self._sum())
+        return self._totals[1]
 
-    def _total(self, key: Key) -> float:
-        s = self._series.get(key)
-        return s.total if s is not None else 0.0
-
-    def cpu_percent(self, now: float) -> float | None:
-        """CPU percent over the window ending at the last beat; None without recent beats
-        or before a second's worth of them."""
-        if len(self._cpu) < 2:
-            return None
-        (t1, c1), (t0, c0) = self._cpu[-1], self._cpu[0]
-        if now - t1 > self.window or t1 - t0 < min(1.0, self.window):
-            return None
-        return round(max(0.0, 100 * (c1 - c0) / (t1 - t0)), 1)
-
-    def totals(self, now: float) -> Totals:
-        """The sums so far (``now``: monotonic seconds, for CPU percent)."""
+    def _sum(self) -> Totals:
         by: dict[str, dict] = {"served": {}, "errors": {}, "misses": {}, "service": {}, "denied_writes": {}}
         single: dict[str, float] = {}
         for key, s in self._series.items():
@@ -176,6 +182,6 @@ class Tally:
                       service_counts=tuple(service.get(i, 0) for i in range(len(SERVICE_BOUNDS_US) + 1))
                       if service else (),
                       service_sum_us=single.get("service_sum_us", 0.0),
-                      cpu_seconds=round(single.get("cpu_seconds", 0.0), 3), cpu_percent=self.cpu_percent(now),
+                      cpu_seconds=round(single.get("cpu_seconds", 0.0), 3),
                       spurious=int(single.get("spurious", 0)), denied_writes=by["denied_writes"],
                       workers=self._workers)

@@ -26,7 +26,7 @@ LIVE = (WorkerState.STARTING, WorkerState.RUNNING)      # states that expect rep
 
 
 class WorkerLife:
-    """Needs from the Supervisor: cfg, policy, spawner, xs, wake, _guests, restart_requested,
+    """Needs from the Supervisor: cfg, policy, spawner, xs, names, wake, _guests, restart_requested,
     _worker_config and _on_worker_messages."""
 
     def _start(self, guest: Guest) -> None:
@@ -96,6 +96,7 @@ class WorkerLife:
             remove_if_domain_gone(self.xs, guest.domid)
             if self.xs.read(f"{guest.backend_path}/frontend") is None:
                 del self._guests[guest.domid]
+                self.names.forget(guest.domid)
             return
         if event is GuestEvent.KILLED:     # not the guest's doing: never FATAL (states.RestartPolicy)
             # A worker that was serving (RUNNING) or ran a while was killed once, not in a loop.

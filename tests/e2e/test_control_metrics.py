@@ -4,7 +4,9 @@ probe misses apart from errors, and `pcibackd run --metrics-listen`."""
 
 from __future__ import annotations
 
+import os
 import re
+import time
 import urllib.request
 
 import pytest
@@ -108,6 +110,36 @@ def test_metrics_listen_serves_what_pcibackctl_prints(listening_dom0):
     assert {k for k in served if k[0] == "pcibackd_ops_total"} == {k for k in printed if k[0] == "pcibackd_ops_total"}
     assert series(served, "pcibackd_guests", state="RUNNING") == 2
     assert series(served, "pcibackd_xenstore_connected") == 1
+
+
+def _wakeups(pid: int) -> int:
+    """How often the threads of process ``pid`` (the supervisor's loop, the metrics listener,
+    ZeroMQ's) went to sleep and woke again."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/status") as f:
+                total += next(int(ln.split()[1]) for ln in f if ln.startswith("voluntary_ctxt_switches"))
+        except OSError:
+            pass          # a thread that ended meanwhile
+    return total
+
+
+def test_an_idle_daemon_with_a_listener_sleeps_and_a_scrape_is_fresh(listening_dom0):
+    dom0 = listening_dom0
+    url = wait_until(lambda: (m := re.search(r"metrics on (http://\S+)", dom0.log_tail(400))) and m.group(1),
+                     what="the listener's address in the log")
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        assert "pcibackd_guests" in resp.read().decode()
+    before = _wakeups(dom0.daemon.pid)
+    time.sleep(3.0)              # the window measured: nothing happens in it, so nothing may run
+    # a straggler of the scrape's own traffic at most (loop and listener woke twice a second each: 12)
+    assert _wakeups(dom0.daemon.pid) - before <= 3
+    dom0.add_device("edu", EDU)
+    dom0.create_guest(1, [EDU])
+    wait_until(lambda: dom0.status()["guests"], what="the guest in status")
+    with urllib.request.urlopen(url, timeout=30) as resp:       # answered by the loop: current at once
+        assert sum(v for (n, _), v in metrics(resp.read().decode()).items() if n == "pcibackd_guests") == 1
 
 
 def test_metrics_listen_on_a_busy_port_is_a_clear_error(tmp_path):

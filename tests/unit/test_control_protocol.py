@@ -15,6 +15,7 @@ from pcibackd.control.client import NotRunning, call
 from pcibackd.control.commands import COMMANDS
 from pcibackd.control.commands.base import WORKER_TIMEOUT
 from pcibackd.control.protocol import Errno
+from pcibackd.control.protocol import reply as encode_reply
 from pcibackd.control.server import MAX_PENDING, ControlServer, ControlSetupError
 from pcibackd.daemon.states import WorkerState
 from pcibackd.daemon.tally import Tally
@@ -23,20 +24,23 @@ from pcibackd.wire.bdf import BDF
 from pcibackd.worker.link import DeviceReport, Latency, WorkerReply, WorkerReport
 
 
+PID0 = 4_195_000       # workers' pids: above the kernel's largest (4194304), so never a live process
+
+
 def guest(domid, state="RUNNING", devices=(), pid=None, latency=None, last_exit="", beat=True) -> GuestInfo:
     """A guest as the daemon shows it, with a heartbeat listing ``devices`` (host BDFs)."""
     running = state == "RUNNING"
-    report = WorkerReport(domid=domid, pid=1000 + domid, token="t", xenbus_state=4, connected=True,
+    report = WorkerReport(domid=domid, pid=PID0 + domid, token="t", xenbus_state=4, connected=True,
                           served={"conf_read": 10}, op_errors={"conf_read": {"XEN_PCI_ERR_invalid_offset": 1}},
                           op_misses={"conf_read": {"XEN_PCI_ERR_dev_not_found": 7}}, latency_us=latency,
                           cpu_seconds=1.5, devices=tuple(DeviceReport(BDF.parse(b), BDF(0, 0, i, 0), False, 0)
                                                          for i, b in enumerate(devices)))
     tally = Tally()
-    tally.add(report, 0.0)
-    return GuestInfo(domid=domid, state=WorkerState(state), pid=(pid or 1000 + domid) if running else None,
+    tally.add(report)
+    return GuestInfo(domid=domid, state=WorkerState(state), pid=(pid or PID0 + domid) if running else None,
                      adopted=False, restarts=0, last_exit=last_exit, heartbeat_age=0.1 if running else None,
                      report=report if beat else None, name=f"guest{domid}",
-                     totals=tally.totals(0.0) if beat else None)
+                     totals=tally.totals() if beat else None)
 
 
 class FakeDaemon:
@@ -58,6 +62,9 @@ class FakeDaemon:
 
     def assignable(self):
         return [BDF.parse("0000:00:05.0"), BDF.parse("0000:00:07.0")]
+
+    def observe_cpu(self, domid, pid, seconds):
+        return None
 
     release_records: dict = {}
 
@@ -82,7 +89,7 @@ class FakeDaemon:
 
 
 def reply(domid, req_id, ok=True, result=None) -> WorkerReply:
-    return WorkerReply(domid=domid, pid=1000 + domid, token="t", id=req_id, ok=ok, result=result)
+    return WorkerReply(domid=domid, pid=PID0 + domid, token="t", id=req_id, ok=ok, result=result)
 
 
 @pytest.fixture
@@ -350,7 +357,7 @@ def test_cli_daemon_not_running_exit_3(runtime, capsys):
 # ----------------------------------------------------------- renderers --
 def status_of(*guests) -> dict:
     """What the status command returns (as its client gets it) for these guests."""
-    return json.loads(json.dumps(COMMANDS["status"].execute(FakeDaemon(list(guests)), {})))
+    return json.loads(encode_reply(1, COMMANDS["status"].execute(FakeDaemon(list(guests)), {})))["result"]
 
 
 def test_status_render_latency_dash_until_workers_report_it():
@@ -364,8 +371,8 @@ def test_status_render_latency_dash_until_workers_report_it():
     assert head == ["DOMID", "NAME", "XENBUS", "WORKER", "PID", "RESTARTS", "RSS", "USS", "CPU", "CPU%", "OPS",
                     "MISSES", "ERRORS", "P50", "P99"]
     row1 = next(line.split() for line in lines if line.startswith("1 ") and "RUNNING" in line)
-    assert row1 == ["1", "guest1", "Connected", "RUNNING", "1001", "0", "30.0M", "8.0M", "1.50s", "-", "10", "7",
-                    "1", "-", "-"]                    # CPU% needs a window of beats; P50, P99 unknown
+    assert row1 == ["1", "guest1", "Connected", "RUNNING", str(PID0 + 1), "0", "30.0M", "8.0M", "1.50s", "-", "10", "7",
+                    "1", "-", "-"]                    # CPU% unknown without a process; P50, P99 too
     row2 = next(line for line in lines if line.startswith("2 ") and "FATAL" in line)
     assert "12us" in row2 and "2.5ms" in row2
     assert any("conf_read=10" in line and "XEN_PCI_ERR_dev_not_found=7" in line
@@ -393,8 +400,8 @@ def test_renderers_of_empty_results():
 
 
 GUEST_KEYS = {"domid", "name", "worker_state", "pid", "adopted", "restarts", "last_exit", "xenbus_state",
-              "connected", "served", "misses", "errors", "cpu_seconds", "cpu_percent", "latency_us", "devices",
-              "heartbeat_age"}
+              "connected", "served", "misses", "errors", "cpu_seconds", "cpu_percent", "cpu_window", "latency_us",
+              "devices", "heartbeat_age"}
 
 
 def test_status_json_shape():
@@ -403,7 +410,7 @@ def test_status_json_shape():
     assert set(st["daemon"]) == {"version", "pid", "uptime", "platform", "topology", "xenstore",
                                  "xenstore_connected", "control"}
     g1, g2 = st["guests"]
-    assert set(g1) == set(g2) == GUEST_KEYS            # no process figures: pids 1001, 1002 are not ours
+    assert set(g1) == set(g2) == GUEST_KEYS            # no process figures: no such pids
     assert g1["devices"] == [{"bdf": "0000:00:05.0", "vbdf": "0000:00:00.0", "permissive": False,
                               "denied_writes": 0, "msi": None, "msix": {}, "msix_prepared": False,
                               "irq_error": None}]

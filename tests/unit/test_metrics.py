@@ -9,6 +9,7 @@ import threading
 import urllib.request
 
 import pytest
+import zmq
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -16,6 +17,7 @@ from pcibackd.control import cli
 from pcibackd.control.commands import COMMANDS
 from pcibackd.control.exposition import MetricsListener, parse_address, text
 from pcibackd.control.metricsdata import collect
+from pcibackd.control.server import ControlServer
 from pcibackd.daemon.guests import Guest
 from pcibackd.daemon.states import WorkerState
 from pcibackd.daemon.views import DaemonInfo
@@ -24,7 +26,6 @@ from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import Err, Op
 from pcibackd.worker.link import DeviceReport, ServiceTimes, WorkerReport
 from pcibackd.worker.ops import SERVICE_BOUNDS_US, Dispatcher
-from waiting import wait_until
 
 DEV = BDF(0, 0, 5, 0)
 
@@ -47,6 +48,9 @@ class Face:
 
     def assignable(self):
         return [DEV, BDF(0, 0, 7, 0)]
+
+    def observe_cpu(self, domid, pid, seconds):
+        return next((g.tally.observe_cpu(pid, seconds) for g in self.records if g.domid == domid), None)
 
 
 def report(pid, reads=0, errors=0, misses=0, fast=0, slow=0, denied=0, cpu=0.0) -> WorkerReport:
@@ -201,17 +205,26 @@ def _get(url, accept=None) -> tuple[str, str]:
         return resp.headers["Content-Type"], resp.read().decode()
 
 
-def test_listener_serves_the_loops_snapshots_only():
+def test_listener_asks_the_loop_which_has_nothing_to_do_between_scrapes(tmp_path):
     g = guest(report(10, reads=7, misses=3, fast=7))
     face = Face(g)
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    ctx = zmq.Context()
     listener = MetricsListener("127.0.0.1:0")
     url = listener.start()
-    stop = threading.Event()
+    server = ControlServer(ctx, runtime / "control.sock", face, metrics=listener)
+    stop, woke, timeouts = threading.Event(), [], set()
 
-    def loop():                    # the supervisor's loop: the only thread that reads the face
+    def loop():            # the supervisor's loop: the only thread that reads the face
+        poller = zmq.Poller()
+        poller.register(server.sock, zmq.POLLIN)
         while not stop.is_set():
-            listener.publish_if_wanted(face)
-            stop.wait(0.01)
+            timeouts.add(server.next_deadline())       # the loop sleeps until then (None: until woken)
+            if poller.poll(50):                        # (50 ms: only so that the test can stop it)
+                woke.append(1)
+                server.handle_ready()
+            server.flush_pending()
     t = threading.Thread(target=loop, name="supervisor-loop")
     t.start()
     try:
@@ -223,14 +236,27 @@ def test_listener_serves_the_loops_snapshots_only():
         kind, body = _get(url, accept="application/openmetrics-text; version=1.0.0")
         assert kind.startswith("application/openmetrics-text") and body.endswith("# EOF\n")
         fams = {f.name: f for f in parse_openmetrics(body)}
-        # a scrape asks the loop for a fresh snapshot and waits for it (briefly)
-        wait_until(lambda: value({f.name: f for f in text_string_to_metric_families(_get(url)[1])},
-                                 "pcibackd_ops", "pcibackd_ops_total", op="conf_read", **WHO) == 9,
-                   what="a fresh snapshot")
+        assert value(fams, "pcibackd_ops", "pcibackd_ops_total", op="conf_read", **WHO) == 9    # fresh at once
         assert face.threads == {"supervisor-loop"}
+        assert timeouts == {None} and len(woke) >= 2       # no periodic wake-up: only the scrapes woke it
     finally:
         stop.set()
         t.join()
+        server.close()
+        ctx.term()
+
+
+def test_listener_serves_the_last_snapshot_when_the_loop_does_not_answer():
+    listener = MetricsListener("127.0.0.1:0")
+    url = listener.start()
+    try:
+        assert "pcibackd_ops" not in _get(url)[1]                  # no loop yet, nothing known
+        answers = [collect(Face(guest(report(10, reads=4)))), None]
+        listener.attach(lambda timeout: answers.pop(0))
+        for _ in range(2):                                         # answered, then not in time
+            fams = {f.name: f for f in text_string_to_metric_families(_get(url)[1])}
+            assert value(fams, "pcibackd_ops", "pcibackd_ops_total", op="conf_read", **WHO) == 4
+    finally:
         listener.close()
 
 

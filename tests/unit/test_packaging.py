@@ -3,6 +3,8 @@ shell completion generated from the argparse parsers, process titles."""
 
 from __future__ import annotations
 
+import importlib
+import os
 import subprocess
 from pathlib import Path
 
@@ -13,6 +15,14 @@ from pcibackd.common import proctitle
 from pcibackd.control import cli as ctl
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def needed(module: str):
+    """``module`` from the docs extra: under ``./dev test`` (which installs it: .ci/run) a
+    missing one fails the test; elsewhere the test is skipped."""
+    if "docs" in os.environ.get("PCIBACKD_TEST_EXTRAS", "").split(","):
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
 
 
 @pytest.mark.parametrize("arg", ["--help", "-h", "help"])
@@ -31,14 +41,14 @@ def test_dev_unknown_command_exits_2():
 @pytest.mark.parametrize("mod, words", [(cli, ["run", "check-config", "--heartbeat-timeout"]),
                                         (ctl, ["status", "restart", "policy", "keygen"])])
 def test_completion_from_the_parser(mod, words):
-    shtab = pytest.importorskip("shtab")
+    shtab = needed("shtab")
     script = shtab.complete(mod.build_parser(), "bash")
     assert all(w in script for w in words)
 
 
 @pytest.mark.parametrize("mod, name", [(cli, "pcibackd"), (ctl, "pcibackctl")])
 def test_man_page_from_the_parser(mod, name):
-    manpage = pytest.importorskip("build_manpages.manpage")
+    manpage = needed("build_manpages.manpage")
     text = str(manpage.Manpage(mod.build_parser(), format="pretty"))
     assert text.startswith(".TH") and name.upper() in text and "\\-\\-version" in text
 
@@ -48,3 +58,12 @@ def test_worker_title():
     assert proctitle.worker_title(3, None) == "worker dom3"
     assert proctitle.worker_title(3, "evil\nname") == "worker dom3"
     assert proctitle.worker_title(3, "x" * 100) == "worker dom3"
+
+
+def test_under_dev_test_a_missing_docs_module_fails_instead_of_skipping(monkeypatch):
+    monkeypatch.setenv("PCIBACKD_TEST_EXTRAS", "test,docs")
+    with pytest.raises(ImportError):
+        needed("pcibackd_no_such_module")
+    monkeypatch.delenv("PCIBACKD_TEST_EXTRAS")
+    with pytest.raises(pytest.skip.Exception):
+        needed("pcibackd_no_such_module")

@@ -1,12 +1,12 @@
 """A guest's counters over its workers (daemon/tally.py): they add up across
-restarts, never go down, and CPU percent is over a fixed window of beats."""
+restarts, never go down, and CPU seconds take the supervisor's readings."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pcibackd.daemon.tally import CPU_WINDOW, Tally
+from pcibackd.daemon.tally import Tally
 from pcibackd.wire.bdf import BDF
 from pcibackd.worker.link import DeviceReport, ServiceTimes, WorkerReport
 from pcibackd.worker.ops import SERVICE_BOUNDS_US
@@ -27,66 +27,67 @@ def beat(pid, reads=0, misses=0, errors=0, denied=None, cpu=0.0, started=100.0, 
 
 def test_counters_add_up_across_workers():
     t = Tally()
-    t.add(beat(10, reads=5, misses=3, errors=1, fast=4), 1.0)
-    t.add(beat(10, reads=8, misses=3, errors=2, fast=6), 2.0)
-    t.add(beat(11, reads=1, fast=1), 3.0)                 # the successor counts from zero
-    tot = t.totals(3.0)
+    t.add(beat(10, reads=5, misses=3, errors=1, fast=4))
+    t.add(beat(10, reads=8, misses=3, errors=2, fast=6))
+    t.add(beat(11, reads=1, fast=1))                 # the successor counts from zero
+    tot = t.totals()
     assert tot.served == {"conf_read": 9}
     assert tot.misses == {"conf_read": {"XEN_PCI_ERR_dev_not_found": 3}}
     assert tot.errors == {"conf_read": {"XEN_PCI_ERR_access_denied": 2}}
     assert tot.service_counts[0] == 7 and sum(tot.service_counts) == 7 and tot.service_sum_us == 14.0
     assert tot.workers == 2
-    t.add(beat(11, reads=4, errors=1, fast=2), 4.0)
-    tot = t.totals(4.0)
+    t.add(beat(11, reads=4, errors=1, fast=2))
+    tot = t.totals()
     assert tot.served == {"conf_read": 12} and tot.errors == {"conf_read": {"XEN_PCI_ERR_access_denied": 3}}
 
 
 def test_same_pid_new_start_is_a_new_worker():
     t = Tally()
-    t.add(beat(10, reads=5, started=1.0), 1.0)
-    t.add(beat(10, reads=2, started=2.0), 2.0)            # a recycled pid: a different worker
-    assert t.totals(2.0).served == {"conf_read": 7}
+    t.add(beat(10, reads=5, started=1.0))
+    t.add(beat(10, reads=2, started=2.0))            # a recycled pid: a different worker
+    assert t.totals().served == {"conf_read": 7}
 
 
 def test_denied_writes_resume_from_the_saved_state():
     t = Tally()
-    t.add(beat(10, denied=3), 1.0)
-    t.add(beat(10, denied=5), 2.0)
-    t.add(beat(11, denied=4), 3.0)      # restored from a snapshot taken at 4: not new denials
-    assert t.totals(3.0).denied_writes == {str(DEV): 5}
-    t.add(beat(11, denied=6), 4.0)
-    assert t.totals(4.0).denied_writes == {str(DEV): 7}
-    t.add(beat(11, denied=1), 5.0)      # unplugged and plugged back: its count restarted
-    assert t.totals(5.0).denied_writes == {str(DEV): 8}
+    t.add(beat(10, denied=3))
+    t.add(beat(10, denied=5))
+    t.add(beat(11, denied=4))      # restored from a snapshot taken at 4: not new denials
+    assert t.totals().denied_writes == {str(DEV): 5}
+    t.add(beat(11, denied=6))
+    assert t.totals().denied_writes == {str(DEV): 7}
+    t.add(beat(11, denied=1))      # unplugged and plugged back: its count restarted
+    assert t.totals().denied_writes == {str(DEV): 8}
 
 
 def test_a_device_new_to_the_guest_counts_from_zero():
     t = Tally()
-    t.add(beat(10, reads=1), 1.0)
-    t.add(beat(11, denied=2), 2.0)
-    assert t.totals(2.0).denied_writes == {str(DEV): 2}
+    t.add(beat(10, reads=1))
+    t.add(beat(11, denied=2))
+    assert t.totals().denied_writes == {str(DEV): 2}
 
 
-def test_cpu_percent_over_a_fixed_window():
+def test_cpu_seconds_add_up_workers_and_take_the_supervisors_readings():
     t = Tally()
-    for i in range(0, 41):                                  # beats every 0.5 s, 20 s in all
-        now = i * 0.5
-        cpu = 0.1 * now if now < 10 else 1.0 + 0.5 * (now - 10)       # 10 %, then 50 %
-        t.add(beat(10, cpu=cpu), now)
-    first = t.totals(20.0)
-    assert first.cpu_percent == 50.0 and first.cpu_seconds == 6.0
-    assert t.totals(20.0).cpu_percent == 50.0               # asking again changes nothing
-    assert t.totals(20.0 + CPU_WINDOW + 1).cpu_percent is None      # no beats for a whole window
+    assert t.observe_cpu(10, 5.0) is None                  # no report yet: nothing to add it to
+    t.add(beat(10, cpu=1.0))
+    assert t.observe_cpu(10, 1.5) == 1.5                    # read from /proc after the report
+    version = t.version
+    assert t.observe_cpu(10, 1.5) == 1.5 and t.version == version      # no change: totals stay as they are
+    assert t.observe_cpu(99, 7.0) == 1.5                    # not the worker counting now
+    t.add(beat(10, cpu=1.2))                               # a report made before that reading
+    assert t.totals().cpu_seconds == 1.5
+    t.add(beat(11, cpu=0.5))                               # the successor's CPU adds to the guest's
+    assert t.observe_cpu(11, 0.75) == 2.25 and t.totals().cpu_seconds == 2.25
 
 
-def test_cpu_percent_needs_a_second_of_beats_and_adds_up_workers():
+def test_totals_are_computed_once_per_change():
     t = Tally()
-    t.add(beat(10, cpu=1.0), 0.0)
-    assert t.totals(0.0).cpu_percent is None
-    t.add(beat(10, cpu=1.5), 1.0)
-    t.add(beat(11, cpu=0.5), 2.0)                          # the successor's CPU adds to the guest's
-    tot = t.totals(2.0)
-    assert tot.cpu_seconds == 2.0 and tot.cpu_percent == 50.0
+    t.add(beat(10, reads=1))
+    first = t.totals()
+    assert t.totals() is first
+    t.add(beat(10, reads=2))
+    assert t.totals() is not first and t.totals().served == {"conf_read": 2}
 
 
 def _flat(tot) -> dict:
@@ -98,17 +99,19 @@ def _flat(tot) -> dict:
     return out
 
 
-@given(st.lists(st.tuples(st.booleans(), st.integers(0, 5), st.integers(0, 5), st.integers(0, 5)), max_size=40))
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 5), st.integers(0, 5), st.integers(0, 5),
+                          st.integers(0, 3)), max_size=40))
 def test_totals_never_go_down(steps):
-    """Whatever the order of restarts, every total is monotonic."""
+    """Whatever the order of restarts and of the supervisor's CPU readings, every total is monotonic."""
     t, pid, counts, before = Tally(), 1, [0, 0, 0], {}
-    for i, (restart, a, b, c) in enumerate(steps):
+    for restart, a, b, c, read_later in steps:
         if restart:
             pid, counts = pid + 1, [0, 0, 0]
         counts = [counts[0] + a, counts[1] + b, counts[2] + c]
-        t.add(beat(pid, reads=counts[0], misses=counts[1], errors=counts[2], fast=counts[0], cpu=counts[0] / 10),
-              float(i))
-        now = _flat(t.totals(float(i)))
+        t.add(beat(pid, reads=counts[0], misses=counts[1], errors=counts[2], fast=counts[0], cpu=counts[0] / 10))
+        if read_later:        # /proc read after the report: at least what it said
+            t.observe_cpu(pid, counts[0] / 10 + read_later / 100)
+        now = _flat(t.totals())
         assert all(now.get(k, 0) >= v for k, v in before.items()), (before, now)
         before = now
 

@@ -4,9 +4,12 @@ Daemon: version, pid, uptime, platform (sim|xen), topology (vpci|passthrough),
 and the xenstore connection (connected or DISCONNECTED).
 Per guest: domid and domain name, xenbus state, worker state (STARTING RUNNING
 BACKOFF STOPPING EXITED FATAL), worker pid, restarts, RSS and USS, CPU (seconds
-used by all the guest's workers, and percent over the last 10 s), ops served,
+used by all the guest's workers, and percent of one CPU over the supervisor's
+last sampling window: 10 s while status is being asked, else the time since
+the previous sample or the worker's start; --json: cpu_window), ops served,
 probe misses, errors, op latency p50/p99 (microseconds, the current worker's
-last 1024 ops), and the last exit.
+last 1024 ops), and the last exit.  Process figures are sampled by the
+supervisor from /proc at most every 10 s (USS of a few workers per sample).
 
 Counters add up all the workers a guest had: a restart does not reset them
 (what a dying worker counted after its last heartbeat, at most one heartbeat
@@ -28,44 +31,17 @@ refusal behind it).  "-" means not known (no worker, or no data yet).
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict
-
 from pcibackd.control.face import DaemonFace
-from pcibackd.control.procstats import ProcSampler
+from pcibackd.control.statusview import StatusView
 from pcibackd.control.table import counts, dash, duration, micros, size, table, xenbus_name
 from pcibackd.daemon.tally import Totals
-from pcibackd.daemon.views import GuestInfo
 
 NAME = "status"
 ARGS = ()
 
-_procs = ProcSampler()
-
 
 def execute(face: DaemonFace, args: dict) -> dict:
-    now = time.monotonic()
-    guests = [guest_dict(g) for g in face.guests()]
-    for g in guests:
-        _procs.fill(g, now)
-    _procs.forget_others({g["pid"] for g in guests})
-    return {"daemon": asdict(face.about()), "guests": guests}
-
-
-def guest_dict(g: GuestInfo) -> dict:
-    """One guest as ``status --json`` shows it (its counters over all its workers)."""
-    r, t = g.report, g.totals or Totals()
-    return {"domid": g.domid, "name": g.name, "worker_state": g.state.value, "pid": g.pid, "adopted": g.adopted,
-            "restarts": g.restarts, "last_exit": g.last_exit,
-            "xenbus_state": r.xenbus_state if r else None, "connected": r.connected if r else False,
-            "served": dict(t.served), "misses": _copy(t.misses), "errors": _copy(t.errors),
-            "cpu_seconds": t.cpu_seconds if g.totals else None, "cpu_percent": t.cpu_percent,
-            "latency_us": r.latency_us.to_dict() if r and r.latency_us else None,
-            "devices": [d.to_dict() for d in g.devices], "heartbeat_age": g.heartbeat_age}
-
-
-def _copy(by_op: dict) -> dict:
-    return {op: dict(codes) for op, codes in by_op.items()}
+    return StatusView.of(face).status()
 
 
 def _latency(g: dict, key: str) -> str:
@@ -117,6 +93,10 @@ def render(result: dict) -> str:
     head = f"{header(result['daemon'])}\n{len(guests)} guest(s)"
     if not guests:
         return head
+    windows = sorted({g["cpu_window"] for g in guests if g.get("cpu_percent") is not None and g.get("cpu_window")})
+    if windows:
+        head += (f"\nCPU%: of one CPU over the last {duration(windows[-1])}" +
+                 (" (less for workers started since)" if len(windows) > 1 else ""))
     rows, detail, devices = [], [], []
     for g in guests:
         devices.extend([g["domid"], *(cell(x) for _, cell in DEVICE_COLUMNS)] for x in g.get("devices", []))

@@ -86,19 +86,32 @@ def wait_running(dom0: SimDom0, n: int, timeout: float = 300.0) -> None:
         time.sleep(0.2)        # polling a condition with a deadline
 
 
-def bring_up(dom0: SimDom0, n: int, first_domid: int = 1) -> tuple[float, list]:
-    """Create ``n`` guests and connect their frontends; (seconds, frontends)."""
+def bring_up(dom0: SimDom0, n: int, first_domid: int = 1, phases: dict | None = None) -> tuple[float, list]:
+    """Create ``n`` guests and connect their frontends; (seconds, frontends).
+    ``phases`` gets the harness's phases (t_write, t_fronts, t_begin, t_wait, t_scan), in seconds."""
     for i in range(n):
         dom0.add_device("edu", bdf_of(i))
     t0 = time.monotonic()
+    marks = [t0]
     for i in range(n):
         dom0.create_guest(first_domid + i, [bdf_of(i)])
+    marks.append(time.monotonic())
     fronts = [dom0.frontend(first_domid + i) for i in range(n)]
+    marks.append(time.monotonic())
     for f in fronts:            # every guest's handshake at once, as a host booting guests has them
         f.begin_connect()
+    marks.append(time.monotonic())
+    waited = 0.0
     for f in fronts:
-        f.finish_connect(timeout=300)
-    return time.monotonic() - t0, fronts
+        t = time.monotonic()
+        f.wait_backend(timeout=300)     # the backend's answer (Connected)...
+        waited += time.monotonic() - t
+        f.finish_connect(timeout=300)   # ...then the guest's own enumeration
+    end = time.monotonic()
+    if phases is not None:
+        phases.update(t_write=marks[1] - marks[0], t_fronts=marks[2] - marks[1], t_begin=marks[3] - marks[2],
+                      t_wait=waited, t_scan=end - marks[3] - waited)
+    return end - t0, fronts
 
 
 def measure_scale(n: int, idle_seconds: float, status_calls: int) -> dict:

@@ -147,7 +147,7 @@ class PCIFront:
 
     def finish_connect(self, timeout: float = 10.0) -> list[GuestDevice]:
         """The second half of :meth:`connect`: wait for Connected, enumerate."""
-        self._wait(lambda: self.backend_state() in (S.Connected, S.Reconfiguring, S.Closing, S.Closed), timeout)
+        self.wait_backend(timeout)
         be = self.backend_state()
         if be not in (S.Connected, S.Reconfiguring):
             err = self.xs.read(f"/local/domain/0/error/backend/pci/{self.domid}/0/error")
@@ -157,6 +157,10 @@ class PCIFront:
         # connect"): answer Reconfiguring; Reconfigured brings the rescan.
         self._switch(S.Connected if be == S.Connected else S.Reconfiguring)
         return self.devices
+
+    def wait_backend(self, timeout: float = 10.0) -> None:
+        """Wait until the backend answered the handshake (Connected, or gave up)."""
+        self._wait(lambda: self.backend_state() in (S.Connected, S.Reconfiguring, S.Closing, S.Closed), timeout)
 
     def _wait(self, cond, timeout: float) -> None:
         deadline = time.monotonic() + timeout

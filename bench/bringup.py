@@ -20,7 +20,7 @@ import time
 import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from scale import bring_up, cpu_seconds, daemon_tree, raise_nofile, wait_running  # noqa: E402
+from scale import IN_FLIGHT, bring_up, cpu_seconds, daemon_tree, raise_nofile, wait_running  # noqa: E402
 from simdom0.dom0 import SimDom0  # noqa: E402
 
 
@@ -29,14 +29,14 @@ def harness_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def measure(n: int) -> dict:
+def measure(n: int, in_flight: int) -> dict:
     with SimDom0(log_level="WARNING") as dom0:
         dom0.start()
         xsd = psutil.Process(dom0.xenstored.pid)
         procs = daemon_tree(dom0)
         tree0, xsd0, own0, sup0 = cpu_seconds(procs), cpu_seconds([xsd]), harness_cpu(), cpu_seconds(procs[:1])
         phases: dict[str, float] = {}
-        took, _ = bring_up(dom0, n, phases=phases)
+        took, _ = bring_up(dom0, n, phases=phases, in_flight=in_flight)
         procs = daemon_tree(dom0)
         tree, xsdc, own = cpu_seconds(procs) - tree0, cpu_seconds([xsd]) - xsd0, harness_cpu() - own0
         sup = cpu_seconds(procs[:1]) - sup0
@@ -48,11 +48,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("guests", type=int, nargs="+")
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--in-flight", type=int, default=IN_FLIGHT, help="guests enumerating at once")
     a = ap.parse_args()
     raise_nofile()
     for _ in range(a.runs):
         for n in a.guests:
-            r = measure(n)
+            r = measure(n, a.in_flight)
             phases = " ".join(f"{k} {r[k]:.1f}" for k in r if k.startswith("t_"))
             print(f"{n:4d} guests: bring-up {r['took']:.1f} s ({phases}); CPU: daemon tree {r['tree']:.1f} s "
                   f"(supervisor {r['sup']:.1f} s), "

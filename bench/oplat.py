@@ -42,7 +42,7 @@ def measure(front: PCIFront, bdf: BDF, ops: int) -> list[int]:
         t0 = clock()
         err, _ = op(Op.conf_read, bdf.domain, bdf.bus, bdf.devfn, 0, 4)
         lat.append(clock() - t0)
-        assert err == 0
+        assert err == 0, f"op answered with err {err} (timeouts so far: {front.timeouts})"
     return lat
 
 
@@ -119,9 +119,9 @@ def worker_pid(dom0: SimDom0, domid: int) -> int:
 
 
 def compare(ops: int, spin: bool, window_us: float, pinned: bool, rounds: int = 10) -> list[list[int]]:
-    """Round trips through pcibackd, through the floor in pcibackd's wait mode and (busy-poll
-    only) through a floor that never blocks, in alternating rounds (the machine's load then
-    weighs on all alike).  ``pinned``: the frontend on CPU 0, the backend (worker or
+    """Round trips through pcibackd and through the floor in pcibackd's wait mode in alternating
+    rounds (the machine's load then weighs on both alike), then (busy-poll only) through a
+    floor that never blocks, on its own.  ``pinned``: the frontend on CPU 0, the backend (worker or
     responder) on CPU 1, as a guest's vCPU and dom0 run on different CPUs under Xen; unpinned,
     the scheduler may put a woken worker on its frontend's CPU (wake-affine), where a spinning
     frontend and the worker's busy-poll window only take turns."""
@@ -131,21 +131,27 @@ def compare(ops: int, spin: bool, window_us: float, pinned: bool, rounds: int = 
         dom0.create_guest(1, ["0000:00:05.0"])
         front = dom0.frontend(1, spin=spin)
         front.connect()
-        floors = [Floor(dom0, 7, spin, window_us)] + ([Floor(dom0, 8, spin, None)] if spin else [])
+        floor = Floor(dom0, 7, spin, window_us)
         try:
             if pinned:
                 pin(0, 0)
                 pin(worker_pid(dom0, 1), 1)
-                for f in floors:
-                    pin(f.proc.pid, 1)
-            out = [[] for _ in range(1 + len(floors))]
+                pin(floor.proc.pid, 1)
+            lat, base = [], []
             for _ in range(rounds):
-                for lat, f in zip(out, [front, *(f.front for f in floors)]):
-                    lat += measure(f, BDF(0, 0, 0, 0), ops // rounds)
-            return out
+                lat += measure(front, BDF(0, 0, 0, 0), ops // rounds)
+                base += measure(floor.front, BDF(0, 0, 0, 0), ops // rounds)
         finally:
-            for f in floors:
-                f.close()
+            floor.close()
+        if not spin:
+            return [lat, base]
+        spinner = Floor(dom0, 8, spin, None)       # alone: it keeps its CPU busy all the time
+        try:
+            if pinned:
+                pin(spinner.proc.pid, 1)
+            return [lat, base, measure(spinner.front, BDF(0, 0, 0, 0), ops)]
+        finally:
+            spinner.close()
             if pinned:
                 os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
 

@@ -23,7 +23,7 @@ import struct
 import sys
 import traceback
 
-from loguru import logger
+from loguru import _better_exceptions, logger
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 IDENTIFIER = "pcibackd"
@@ -33,6 +33,21 @@ BDF_RE = re.compile(r"\b[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]\b")
 
 _PLAIN = "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} [{extra[who]}] {message}"
 _PREFIXED = "<{extra[priority]}>[{extra[who]}] {message}"
+
+
+def _cache_library_dirs() -> None:
+    """loguru works out the library directories (sysconfig, every install scheme) again for
+    each sink it adds: 5-15 ms of every worker's start.  They do not change, so they are
+    worked out once, here (the fork server imports this module: its workers inherit them)."""
+    formatter = getattr(_better_exceptions, "ExceptionFormatter", None)
+    compute = getattr(formatter, "_get_lib_dirs", None)
+    if compute is None:
+        return
+    dirs = compute()
+    formatter._get_lib_dirs = staticmethod(lambda: list(dirs))
+
+
+_cache_library_dirs()
 
 
 def under_journal(environ=os.environ, stream=None) -> bool:

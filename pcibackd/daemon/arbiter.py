@@ -30,7 +30,7 @@ from pcibackd.common.ratelimit import worth_logging
 from pcibackd.daemon import systemd
 from pcibackd.daemon.adopt import adopt_live_worker
 from pcibackd.daemon.backends import (BACKEND_ROOT, DOMID_FIRST_RESERVED, CachedReads, backend_of, list_backends,
-                                     touched_nodes)
+                                     presence_touched, touched_nodes)
 from pcibackd.daemon.config import DaemonConfig
 from pcibackd.daemon.devicegate import GATE_SOCKET, open_gate, route_to, sent_by
 from pcibackd.daemon.endpoint import OpenControl
@@ -204,13 +204,17 @@ class Supervisor(ReleaseViews, WorkerLife):
             return
         touched, listings = found
         before = set(self._present)
+        presence = presence_touched(untrusted_paths)
         for domid in touched:
+            if domid in before and domid not in presence:
+                continue            # a present backend's state or devices: still present
             path = backend_of(self.xs, domid) if 0 < domid < DOMID_FIRST_RESERVED else None
             if path is None:
                 self._present.pop(domid, None)
             else:
                 self._present[domid] = path
-        for domid in listings | (set(self._present) ^ before):
+        self.reads.forget_nodes(untrusted_paths)      # what changed, not the domains' every node
+        for domid in set(self._present) ^ before:
             self.reads.forget(domid)
         if listings or set(self._present) != before:    # a worker's own state writes need no broker scan
             self.irq.sync(self.reads, self._present)

@@ -86,6 +86,21 @@ def touched_nodes(untrusted_paths: list[str], warned: set[str]) -> tuple[set[int
     return out, devs
 
 
+def presence_touched(untrusted_paths: list[str]) -> set[int]:
+    """The domids whose backend may have gained or lost its ``frontend`` node in a batch
+    of events (an event on the directories themselves, or on that node); events on
+    other nodes (state, devices) leave a present backend present, with no read."""
+    out: set[int] = set()
+    prefix = BACKEND_ROOT + "/"
+    for untrusted in untrusted_paths:
+        if not untrusted.startswith(prefix):
+            continue
+        parts = untrusted[len(prefix):].split("/")
+        if parts[0].isdigit() and len(parts[0]) <= 5 and (len(parts) <= 2 or parts[-1] == "frontend"):
+            out.add(int(parts[0]))
+    return out
+
+
 class CachedReads:
     """A read-only view of xenstore for the interrupt broker's scan: a domain's
     nodes are read again only after :meth:`forget` (an event touched them), so
@@ -97,6 +112,20 @@ class CachedReads:
 
     def forget(self, domid: int) -> None:
         self.cache.pop(domid, None)
+
+    def forget_nodes(self, untrusted_paths: list[str]) -> None:
+        """Forget the nodes a batch of events names (a directory's event: its whole domain)."""
+        prefix = BACKEND_ROOT + "/"
+        for untrusted in untrusted_paths:
+            if not untrusted.startswith(prefix):
+                continue
+            parts = untrusted[len(prefix):].split("/")
+            if not parts[0].isdigit() or len(parts[0]) > 5:
+                continue
+            if len(parts) <= 2:
+                self.cache.pop(int(parts[0]), None)
+            else:
+                self.cache.get(int(parts[0]), {}).pop(untrusted, None)
 
     def read(self, path: str) -> str | None:
         prefix = BACKEND_ROOT + "/"

@@ -100,7 +100,7 @@ class DeviceGate:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self.sock.bind(str(self.path))
         os.chmod(self.path, self.mode)
-        self.sock.listen(64)
+        self.sock.listen(socket.SOMAXCONN)     # every worker of a host booting at once
         self._thread = threading.Thread(target=self._serve, name="device-gate", daemon=True)
         self._thread.start()
 

@@ -69,7 +69,7 @@ def ask_gate(path: str | Path, op: str, bdf: BDF, timeout: float = GATE_TIMEOUT)
     while True:
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
             s.settimeout(timeout)
-            s.connect(str(path))
+            _connect(s, str(path), time.monotonic() + timeout)
             s.send(encode_request(op, bdf))
             raw, fds, _flags, _addr = socket.recv_fds(s, MAX_ANSWER, MAX_FDS)
         try:
@@ -85,6 +85,19 @@ def ask_gate(path: str | Path, op: str, bdf: BDF, timeout: float = GATE_TIMEOUT)
             time.sleep(0.05)          # the supervisor has not recorded our pid yet
             continue
         raise OSError(code, f"device gate: {answer.get('reason', 'refused')}")
+
+
+def _connect(s: socket.socket, path: str, deadline: float) -> None:
+    """Connect, waiting while the gate's backlog is full: a unix socket with a timeout
+    fails at once with EAGAIN then (hundreds of workers starting together), not a refusal."""
+    while True:
+        try:
+            s.connect(path)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
 
 
 def _close(files: dict[str, int]) -> None:

@@ -52,6 +52,15 @@ class FrontendNodes:
     untrusted_magic: str | None = None
 
 
+_BACKEND_KEYS = ("state", "online", "num_devs")
+_BACKEND_PREFIXES = ("dev-", "vdevfn-", "state-", "opts-", "vdev-")
+
+
+def backend_key_used(name: str) -> bool:
+    """Whether :func:`parse_backend` looks at the backend node ``name`` (others need no read)."""
+    return name in _BACKEND_KEYS or name.startswith(_BACKEND_PREFIXES)
+
+
 def parse_uint(untrusted: str | None, limit: int) -> int | None:
     """A decimal node value ``<= limit``; None for anything else (absent, signs, spaces, huge)."""
     if untrusted is None or not untrusted.isascii() or not untrusted.isdigit() or len(untrusted) > 10:

@@ -367,8 +367,8 @@ class SimHost:
 
     def devices(self) -> list[BDF]:
         """Simulated functions present, sorted."""
-        base = devices_dir(self.root)
-        return [b for b in list_host_devices(self.root) if (base / str(b) / MODEL_FILE).is_file()]
+        base = str(devices_dir(self.root))     # os.path, not pathlib: the device gate asks per claim
+        return [b for b in list_host_devices(self.root) if os.path.isfile(f"{base}/{b}/{MODEL_FILE}")]
 
     def open(self, bdf: BDF) -> SimDevice:
         return SimDevice.open(self.root, bdf)

@@ -147,16 +147,29 @@ class PCIFront:
 
     def finish_connect(self, timeout: float = 10.0) -> list[GuestDevice]:
         """The second half of :meth:`connect`: wait for Connected, enumerate."""
-        self._wait(lambda: self.backend_state() in (S.Connected, S.Reconfiguring, S.Closing, S.Closed), timeout)
+        be = self.backend_answer(timeout)
+        self.devices = self.scan()
+        return self.connected(be)
+
+    def backend_answer(self, timeout: float = 10.0) -> int:
+        """Wait for the backend's answer to the handshake: Connected (or Reconfiguring), else FrontendError."""
+        self.wait_backend(timeout)
         be = self.backend_state()
         if be not in (S.Connected, S.Reconfiguring):
             err = self.xs.read(f"/local/domain/0/error/backend/pci/{self.domid}/0/error")
             raise FrontendError(f"backend state {be}: {err}")
-        self.devices = self.scan()
+        return be
+
+    def connected(self, be: int) -> list[GuestDevice]:
+        """After the enumeration: say Connected."""
         # A hot-plug that began before we saw Connected (Linux: "Handle skipped
         # connect"): answer Reconfiguring; Reconfigured brings the rescan.
         self._switch(S.Connected if be == S.Connected else S.Reconfiguring)
         return self.devices
+
+    def wait_backend(self, timeout: float = 10.0) -> None:
+        """Wait until the backend answered the handshake (Connected, or gave up)."""
+        self._wait(lambda: self.backend_state() in (S.Connected, S.Reconfiguring, S.Closing, S.Closed), timeout)
 
     def _wait(self, cond, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -358,13 +371,43 @@ class PCIFront:
 
     def scan(self) -> list[GuestDevice]:
         """Probe every devfn 0..255 of each root, like pcifront_scan_bus."""
+        steps, answer = self.scan_steps(), None
+        try:
+            while True:
+                bdf, offset = steps.send(answer)
+                answer = self.conf_read(bdf, offset, 4)
+        except StopIteration as done:
+            return done.value
+
+    def scan_steps(self):
+        """:meth:`scan` as a generator: yields ``(bdf, offset)`` of each 4-byte config read,
+        takes its ``(err, value)``, returns the devices (a harness interleaves many guests')."""
         found = []
         for domain, bus in self.roots():
             for devfn in range(256):
                 bdf = BDF.from_devfn(domain, bus, devfn)
-                err, ids = self.conf_read(bdf, _VENDOR_ID, 4)
+                err, ids = yield bdf, _VENDOR_ID
                 if err or ids in ABSENT_VENDOR:
                     continue
-                err, cls = self.conf_read(bdf, _CLASS_REV, 4)
+                err, cls = yield bdf, _CLASS_REV
                 found.append(GuestDevice(bdf, ids & 0xFFFF, ids >> 16, (cls >> 8) if not err else 0))
         return found
+
+    def post(self, cmd: int, domain: int = 0, bus: int = 0, devfn: int = 0, offset: int = 0, size: int = 4,
+             value: int = 0) -> None:
+        """The first half of :meth:`op`: fill the op, set the active bit, notify."""
+        pciif.OP_HEADER.pack_into(self.page.buf, pciif.SH_OP, cmd, 0, domain, bus, devfn, offset, size,
+                                  value & 0xFFFFFFFF, 0)
+        self.page.set_bit(pciif.SH_FLAGS, pciif._XEN_PCIF_active)
+        self.evtchn.notify(self.port)
+
+    def answered(self) -> tuple[int, int] | None:
+        """The second half of :meth:`op` without waiting: (err, value) once answered, else None
+        (drains this guest's channel: poll its :attr:`evtchn` fd to wait)."""
+        port = self.evtchn.pending()
+        if port is not None:
+            self.evtchn.unmask(port)
+        if self.page.test_bit(pciif.SH_FLAGS, pciif._XEN_PCIF_active):
+            return None
+        buf = self.page.buf
+        return pciif.I32.unpack_from(buf, pciif.SH_OP_ERR)[0], pciif.U32.unpack_from(buf, pciif.SH_OP_VALUE)[0]

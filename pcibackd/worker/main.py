@@ -174,8 +174,10 @@ class Worker:
             logger.warning("no seccomp filter: {}", exc)
         # One poll set, kept: only the ring's fd comes and goes (map/unmap).
         poller = select.poll()
-        for fd in (self.xs.fileno(), rfd, *([self.reporter.fileno()] if self.reporter else [])):
+        link_fds = [self.reporter.fileno(), self.reporter.monitor_fileno()] if self.reporter else []
+        for fd in (self.xs.fileno(), rfd, *link_fds):
             poller.register(fd, select.POLLIN)
+        monitor_fd = link_fds[1] if link_fds else None
         xs_fd, link_fd, ring_fd = self.xs.fileno(), self.reporter.fileno() if self.reporter else None, None
         keepalive = min(self.cfg.heartbeat_interval, self.cfg.orphan_grace / 3)   # an orphan notices in time
         next_keepalive = 0.0     # the first report goes at once: the supervisor waits for it
@@ -219,6 +221,8 @@ class Worker:
                 if paths:
                     self.driver.on_watch(paths)
                     changed = True
+            if monitor_fd in ready and self.reporter.reconnected():
+                next_keepalive = now      # a (new) supervisor listens: report now, it waits for that
             if self.reporter and (link_fd in ready or self.reporter.drain):
                 changed |= self.reporter.on_message()
                 if self.handover_until is not None:

@@ -159,3 +159,18 @@ def test_a_worker_booting_when_its_supervisor_dies_waits_for_the_successor(dom0)
     assert len(front.connect()) == 1
     assert front.conf_read(G0, 0, 2) == (Err.success, EDU)
     assert dom0.guest_status(1)["pid"] == pid
+
+
+@pytest.mark.daemon(config={"heartbeat_interval": 300.0, "heartbeat_timeout": 900.0, "boot_timeout": 900.0,
+                            "orphan_grace": 1000.0})
+def test_an_adopted_idle_worker_reports_at_once_and_runs(dom0):
+    """A worker's link reconnecting to a new supervisor makes it report at once, not at its
+    next keepalive (here 300 s away): the successor has it RUNNING, not STARTING."""
+    f1, _ = two_guests(dom0)
+    pids = {d: guest(dom0, d, running, "running")["pid"] for d in (1, 2)}
+    dom0.stop_daemon(signal.SIGKILL)
+    dom0.start_daemon()
+    for d in (1, 2):
+        g = guest(dom0, d, lambda g: g["adopted"] and running(g), "adopted and RUNNING", timeout=60)
+        assert g["pid"] == pids[d] and g["devices"], g
+    assert f1.conf_read(G0, 0, 2) == (Err.success, EDU)

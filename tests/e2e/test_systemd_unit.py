@@ -230,9 +230,9 @@ def _serving(g: dict) -> bool:
 
 
 def _adopted(g: dict) -> bool:
-    """Taken over by the new supervisor.  An idle worker stays STARTING until its next
-    keepalive (heartbeat_interval, 20 s): its first report since the adoption."""
-    return g["adopted"] and g["worker_state"] in ("STARTING", "RUNNING")
+    """Taken over by the new supervisor, RUNNING: a worker reports as soon as its link
+    reaches the new supervisor, not at its next keepalive (heartbeat_interval, 20 s)."""
+    return g["adopted"] and g["worker_state"] == "RUNNING"
 
 
 def _cmdline(pid: int) -> str:

@@ -224,7 +224,8 @@ def _started(served: Served) -> None:
 
 def _serving(g: dict) -> bool:
     """A worker serves the guest, connected: booted, not only spawned.  (A worker still
-    booting when its supervisor dies gives its guest up: not what these tests are about.)"""
+    booting when its supervisor dies waits at the device gate for the successor:
+    tests/e2e/test_handover.py.)"""
     return (g["pid"] is not None and g["worker_state"] in ("STARTING", "RUNNING")
             and g["xenbus_state"] == S.Connected and g["connected"])
 
@@ -327,6 +328,9 @@ def test_restart_hands_the_workers_over(served, record_property):
         for d in (1, 2):
             g = served.guest(d, _taken_over, "adopted after the restart")
             assert g["pid"] == before[d] and g["restarts"] == 0, g
+        # adopted workers report at once: none is left "starting" in STATUS=
+        wait_until(lambda: served.show("StatusText")["StatusText"] == "serving 2 guest(s)",
+                   what=lambda: f"STATUS= after the restart: {served.show('StatusText')}")
         traffic.wait_more()
     assert traffic.bad == 0 and served.fronts[1].timeouts == 0, served.log_tail()
     assert traffic.states == {"4"} and traffic.front_states == {S.Connected}

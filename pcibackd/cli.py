@@ -43,7 +43,10 @@ tests and the benchmarks use lives in the source tree (./dev demo).
 
 def _run_parser(sub) -> None:
     p = sub.add_parser("run", help="run the daemon in the foreground",
-                       description="Watch xenstore for PCI backends and serve each guest from its own worker.")
+                       description="Watch xenstore for PCI backends and serve each guest from its own worker. "
+                                   "Signals: SIGTERM exits handing the workers over (they serve on for "
+                                   "handover_grace for the next daemon to adopt them), SIGINT (Ctrl-C) stops "
+                                   "them too, SIGHUP reloads the config and the policy.")
     p.add_argument("--config", help="TOML config (default /etc/pcibackd/pcibackd.toml if present)")
     p.add_argument("--platform", metavar="SPEC",
                    help="xen (the default on a Xen dom0), or sim:DIR for the simulated dom0 of a checkout")

@@ -35,6 +35,7 @@ from pcibackd.daemon.config import DaemonConfig
 from pcibackd.daemon.devicegate import GATE_SOCKET, open_gate, route_to, sent_by
 from pcibackd.daemon.endpoint import OpenControl
 from pcibackd.daemon.guests import Guest, GuestEvent
+from pcibackd.daemon.handover import HANDOVER_LINGER_MS, hand_over
 from pcibackd.daemon.interrupts import Interrupts
 from pcibackd.daemon.lifecycle import Lifecycle
 from pcibackd.daemon.names import TOKEN as NAMES, NameWatch
@@ -69,6 +70,7 @@ class Supervisor(ReleaseViews, WorkerLife):
         self._guests: dict[int, Guest] = {}
         self.signals: queue.SimpleQueue = queue.SimpleQueue()
         self.stopping = False
+        self.handing_over = False       # SIGTERM: leave the workers serving for a successor (lifecycle.py)
         self.started = time.time()
         self.platform = choose_platform(cfg.platform, domid=0)
         self.spawner = Spawner(platform_module(cfg.platform))
@@ -170,9 +172,16 @@ class Supervisor(ReleaseViews, WorkerLife):
             SIGNAL_HANDLERS[self.signals.get_nowait()](self)
 
     def handle_term(self) -> None:
-        """SIGTERM/SIGINT: graceful stop; workers finish the op in flight."""
-        logger.info("stopping (signal)")
+        """SIGTERM (systemctl stop or restart, alike): exit, handing the workers over to a successor."""
+        logger.info("stopping (SIGTERM): handing the workers over")
         self.stopping = True
+        self.handing_over = self.cfg.handover_grace > 0
+
+    def handle_int(self) -> None:
+        """SIGINT (Ctrl-C in the foreground): graceful stop; workers finish the op in flight."""
+        logger.info("stopping (SIGINT): stopping the workers")
+        self.stopping = True
+        self.handing_over = False
 
     def handle_hup(self) -> None:
         """SIGHUP (``systemctl reload``): config and policy read again, then a rescan (reload.py)."""
@@ -359,6 +368,8 @@ class Supervisor(ReleaseViews, WorkerLife):
     def _shutdown(self) -> int:
         systemd.notify("STOPPING=1")
         live = {g.sentinel: g for g in self._guests.values() if g.alive}
+        if self.handing_over:
+            live = hand_over(self, live)
         for g in live.values():
             self._stop(g)
         left = wait_all(live, time.monotonic() + self.cfg.stop_timeout)
@@ -370,7 +381,7 @@ class Supervisor(ReleaseViews, WorkerLife):
             if g.proc is not None:
                 g.proc.join(0)
         self.control.close()
-        self.workers_sock.close(0)
+        self.workers_sock.close(HANDOVER_LINGER_MS if self.handing_over else 0)    # the handover frames go out
         self.zctx.term()
         self.xs.close()
         self.wake.close()
@@ -381,7 +392,7 @@ class Supervisor(ReleaseViews, WorkerLife):
 
 SIGNAL_HANDLERS = {
     signal.SIGTERM: Supervisor.handle_term,
-    signal.SIGINT: Supervisor.handle_term,
+    signal.SIGINT: Supervisor.handle_int,
     signal.SIGHUP: Supervisor.handle_hup,
     signal.SIGCHLD: Supervisor.handle_chld,
 }

@@ -66,6 +66,11 @@ class Spawner:
         return proc
 
 
+def disown(proc) -> None:
+    """Leave a worker running past our exit: multiprocess joins its children at exit."""
+    getattr(mp.process, "_children", set()).discard(proc)
+
+
 def _drop_parent_pipe(proc) -> None:
     """Close the second fd multiprocess keeps per child: a copy of the data pipe's
     write end, by which a child could tell that its parent died (workers learn

@@ -16,6 +16,12 @@ One request per connection: JSON ``{"op": ..., "bdf": ...}``; the answer is
 JSON ``{"ok": true, "names": [...]}`` with one descriptor per name, or
 ``{"ok": false, "errno": N, "reason": ...}``.
 
+A gate that does not answer (its supervisor died: connection refused, or the
+socket is gone) or does not know the asker yet (ESRCH: a successor that has
+not adopted it) is asked again, with backoff, for up to ``patience`` seconds
+(the worker's orphan_grace): a worker booting while its supervisor restarts
+waits for the successor instead of giving its guest's devices up.
+
 :class:`LocalOpener` opens the files in-process instead (a worker started
 without a supervisor: unit tests, a standalone run as root).
 """
@@ -30,6 +36,8 @@ import socket
 import time
 from pathlib import Path
 
+from loguru import logger
+
 from pcibackd.hostpci.port import HostPort
 from pcibackd.wire.bdf import BDF
 
@@ -38,6 +46,8 @@ MAX_ANSWER = 1024
 MAX_FDS = 8
 GATE_TIMEOUT = 5.0        # seconds for one answer (the gate serves one request at a time)
 RETRY_UNKNOWN = 2.0       # a fresh worker may ask before the supervisor has recorded its pid
+RETRY_FIRST, RETRY_MAX = 0.05, 1.0     # backoff between two tries (seconds)
+UNANSWERED = (ConnectionRefusedError, FileNotFoundError)   # no supervisor behind the gate's path
 OPS = ("claim", "peek")
 
 
@@ -61,17 +71,32 @@ def encode_grant(names: list[str]) -> bytes:
     return json.dumps({"ok": True, "names": names}).encode()
 
 
-def ask_gate(path: str | Path, op: str, bdf: BDF, timeout: float = GATE_TIMEOUT) -> dict[str, int]:
+def ask_gate(path: str | Path, op: str, bdf: BDF, timeout: float = GATE_TIMEOUT,
+             patience: float = 0.0) -> dict[str, int]:
     """The descriptors the gate lends for ``op`` on ``bdf`` (the caller owns them).
 
-    A refusal is an OSError with the gate's errno (ENOENT: FileNotFoundError)."""
-    deadline = time.monotonic() + RETRY_UNKNOWN
+    A refusal is an OSError with the gate's errno (ENOENT: FileNotFoundError); an
+    unanswered gate is retried for ``patience`` seconds (see the module docstring)."""
+    start = time.monotonic()
+    deadline = start + RETRY_UNKNOWN
+    pause = RETRY_FIRST
     while True:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
-            s.settimeout(timeout)
-            _connect(s, str(path), time.monotonic() + timeout)
-            s.send(encode_request(op, bdf))
-            raw, fds, _flags, _addr = socket.recv_fds(s, MAX_ANSWER, MAX_FDS)
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
+                s.settimeout(timeout)
+                _connect(s, str(path), time.monotonic() + timeout)
+                s.send(encode_request(op, bdf))
+                raw, fds, _flags, _addr = socket.recv_fds(s, MAX_ANSWER, MAX_FDS)
+        except UNANSWERED as exc:
+            if time.monotonic() + pause > start + patience:
+                raise
+            if pause == RETRY_FIRST:
+                logger.warning("device gate not answering ({}): waiting up to {:.0f} s for a supervisor",
+                               exc.strerror or exc, patience)
+            deadline = start + patience      # a successor may answer ESRCH until it has adopted us
+            time.sleep(pause)
+            pause = min(RETRY_MAX, pause * 2)
+            continue
         try:
             answer = json.loads(raw)
             if answer.get("ok") is True and len(answer["names"]) == len(fds):
@@ -82,7 +107,7 @@ def ask_gate(path: str | Path, op: str, bdf: BDF, timeout: float = GATE_TIMEOUT)
             os.close(fd)
         code = answer.get("errno") if type(answer.get("errno")) is int else errno.EPROTO
         if code == errno.ESRCH and time.monotonic() < deadline:
-            time.sleep(0.05)          # the supervisor has not recorded our pid yet
+            time.sleep(RETRY_FIRST)   # the supervisor has not recorded our pid yet
             continue
         raise OSError(code, f"device gate: {answer.get('reason', 'refused')}")
 
@@ -108,12 +133,13 @@ def _close(files: dict[str, int]) -> None:
 class GateOpener:
     """Devices through the supervisor's gate (see module docstring)."""
 
-    def __init__(self, platform, path: str | Path):
-        self.platform, self.path = platform, Path(path)
+    def __init__(self, platform, path: str | Path, patience: float = 0.0):
+        """``patience``: how long an unanswered gate is asked again (the worker's orphan_grace)."""
+        self.platform, self.path, self.patience = platform, Path(path), patience
 
     def claim(self, host: BDF) -> tuple[int, HostPort]:
         """(claim descriptor, port): the function is ours until the descriptor is closed."""
-        files = ask_gate(self.path, "claim", host)
+        files = ask_gate(self.path, "claim", host, patience=self.patience)
         claim_fd = files.pop("claim", None)
         try:
             if claim_fd is None:
@@ -127,7 +153,7 @@ class GateOpener:
 
     def peek(self, host: BDF) -> HostPort:
         """The function's config, read-only."""
-        files = ask_gate(self.path, "peek", host)
+        files = ask_gate(self.path, "peek", host, patience=self.patience)
         try:
             return self.platform.device_from_files(host, files, writable=False)
         except BaseException:

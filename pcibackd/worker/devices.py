@@ -78,7 +78,7 @@ class DeviceSet:
         self.policy = PolicyStore(cfg.policy_path)
         # Through the supervisor's gate when there is one: the worker opens no device file itself.
         gate = getattr(cfg, "device_gate", None)
-        self.opener = GateOpener(platform, gate) if gate else LocalOpener(platform, self.lock_dir, cfg.domid)
+        self.opener = GateOpener(platform, gate, getattr(cfg, "orphan_grace", 0.0)) if gate else LocalOpener(platform, self.lock_dir, cfg.domid)
         self.entries: dict[BDF, DeviceEntry] = {}
 
     def export(self, placement, opts: dict, resume: bool = False) -> None:

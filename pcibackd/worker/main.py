@@ -15,6 +15,8 @@ Exit codes (the supervisor's restart policy reads them):
     3  boot failed (xenstore or platform unavailable): restarted with backoff
     4  stopped by SIGTERM (graceful stop): not restarted by this supervisor
     5  orphaned (no supervisor acknowledged it within orphan_grace)
+       (a supervisor that handed over on SIGTERM and no successor within its
+       handover grace: 4, as a stop)
     6  stuck: an op stayed pending on this worker's own account (see stuck.py)
 
 Idle costs nothing: the loop blocks without a timeout except for the rare
@@ -60,6 +62,7 @@ EXIT_ORPHANED = 5        # no supervisor within the grace period: state left for
 EXIT_STUCK = 6           # an op stayed pending on this worker's own account (worker/stuck.py): restart
 
 REPORT_EVERY = 0.2       # s: a changed report waits at least this long after the previous one
+HANDOVER_BEAT = 0.25     # s: keepalive while handed over, so a successor hears from us (and acks) at once
 
 
 @dataclass
@@ -116,6 +119,8 @@ class Worker:
         self.stopping = False
         self.orphaned = False
         self.last_ack = time.monotonic()
+        self.handover_until: float | None = None   # our supervisor left on SIGTERM: wait this long for another
+        self.exit_note: str | None = None
 
     def _ask(self, request):
         """A broker question: the supervisor's answer time is not this worker's (op watchdog paused)."""
@@ -172,8 +177,10 @@ class Worker:
             self._confine()
         # One poll set, kept: only the ring's fd comes and goes (map/unmap).
         poller = select.poll()
-        for fd in (self.xs.fileno(), rfd, *([self.reporter.fileno()] if self.reporter else [])):
+        link_fds = [self.reporter.fileno(), self.reporter.monitor_fileno()] if self.reporter else []
+        for fd in (self.xs.fileno(), rfd, *link_fds):
             poller.register(fd, select.POLLIN)
+        monitor_fd = link_fds[1] if link_fds else None
         xs_fd, link_fd, ring_fd = self.xs.fileno(), self.reporter.fileno() if self.reporter else None, None
         keepalive = min(self.cfg.heartbeat_interval, self.cfg.orphan_grace / 3)   # an orphan notices in time
         next_keepalive = 0.0     # the first report goes at once: the supervisor waits for it
@@ -186,17 +193,25 @@ class Worker:
                 if ring_fd is not None:
                     poller.register(ring_fd, select.POLLIN)
             now = time.monotonic()
+            if self.handover_until is not None and now >= self.handover_until:
+                logger.info("no supervisor took over within the handover grace: stopping, state left for a "
+                            "successor")
+                self.exit_note = "handed over, no successor"
+                break
             if self.reporter and (now >= next_keepalive or (next_report is not None and now >= next_report)):
                 self.reporter.beat(fresh=next_report is not None)     # a bare keepalive resends the last one
                 if now - self.last_ack > self.cfg.orphan_grace:
                     logger.warning("no supervisor for {:.0f} s: exiting", now - self.last_ack)
                     self.orphaned = True
                     break
-                next_keepalive, next_report = now + keepalive, None
+                beat_every = keepalive if self.handover_until is None else HANDOVER_BEAT
+                next_keepalive, next_report = now + beat_every, None
             if self.loop.backlog or (self.reporter and self.reporter.drain):
                 timeout = 0
             else:       # idle: block until something happens or a report is due (no periodic work)
                 due = next_keepalive if next_report is None else min(next_report, next_keepalive)
+                if self.handover_until is not None:
+                    due = min(due, self.handover_until)
                 timeout = max(0, int((due - now) * 1000) + 1) if self.reporter else None
             ready = {fd for fd, _ in poller.poll(timeout)}
             changed = False
@@ -209,8 +224,12 @@ class Worker:
                 if paths:
                     self.driver.on_watch(paths)
                     changed = True
+            if monitor_fd in ready and self.reporter.reconnected():
+                next_keepalive = now      # a (new) supervisor listens: report now, it waits for that
             if self.reporter and (link_fd in ready or self.reporter.drain):
                 changed |= self.reporter.on_message()
+                if self.handover_until is not None:
+                    next_keepalive = min(next_keepalive, time.monotonic() + HANDOVER_BEAT)
             if rfd in ready:
                 os.read(rfd, 64)
             if changed and next_report is None:
@@ -219,7 +238,7 @@ class Worker:
         self.loop.flush()
         if self.reporter:
             self.reporter.beat(final=True)
-        reason = self.driver.exit_reason or ("orphaned" if self.orphaned else "stopped by signal")
+        reason = self.driver.exit_reason or ("orphaned" if self.orphaned else self.exit_note or "stopped by signal")
         logger.info("worker exiting: {}", reason)
         self.close()
         if self.driver.exit_reason is not None:
@@ -228,8 +247,19 @@ class Worker:
 
     # --- supervisor commands (name -> method; see Reporter.on_message) ------
     def cmd_ack(self, args: dict):
-        """The supervisor saw our beat (orphan detection)."""
+        """The supervisor saw our beat (orphan detection); after a handover, a successor did."""
         self.last_ack = time.monotonic()
+        if self.handover_until is not None:
+            self.handover_until = None
+            logger.info("a new supervisor took over")
+
+    def cmd_handover(self, args: dict):
+        """Our supervisor is leaving on SIGTERM without stopping us (a restart, or a stop):
+        serve on for ``grace`` seconds (at most orphan_grace) for a successor to adopt us,
+        then stop as on SIGTERM.  Its last word: every later ack is a successor's."""
+        self.handover_until = time.monotonic() + handover_grace(args.get("grace"), self.cfg.orphan_grace)
+        logger.info("supervisor left, handing over: serving on for {:.1f} s for a successor",
+                    self.handover_until - time.monotonic())
 
     def cmd_permissive(self, args: dict):
         """Turn permissive mode on/off for one of our host devices (or all)."""
@@ -245,7 +275,7 @@ class Worker:
         logs.setup(str(args["level"]), domid=self.cfg.domid)
         return args["level"]
 
-    COMMANDS = {"ack": cmd_ack, "permissive": cmd_permissive, "policy-reload": cmd_policy_reload,
+    COMMANDS = {"ack": cmd_ack, "handover": cmd_handover, "permissive": cmd_permissive, "policy-reload": cmd_policy_reload,
                 "log-level": cmd_log_level}
 
     def _confine(self) -> None:
@@ -286,6 +316,13 @@ class Worker:
         if self.reporter:
             self.reporter.close()
         self.xs.close()
+
+
+def handover_grace(untrusted: object, orphan_grace: float) -> float:
+    """The grace a handover command asks for, within [0, orphan_grace] (ValueError if not a number)."""
+    if type(untrusted) not in (int, float) or untrusted != untrusted:
+        raise ValueError("grace must be a number of seconds")
+    return min(max(0.0, float(untrusted)), orphan_grace)
 
 
 def runtime_dir_for(cfg: WorkerConfig) -> Path:

@@ -9,6 +9,11 @@ A broker question is the one thing the worker waits for (:meth:`Reporter.ask`),
 bounded by :data:`IRQ_TIMEOUT`, well under pcifront's 2 s op timeout; commands
 that arrive meanwhile are run afterwards, answers to questions given up on are
 dropped.
+
+A monitor on the socket tells the worker when its connection is made again
+(a new supervisor bound the endpoint, after a crash or a handover): the worker
+reports at once instead of at its next keepalive (up to heartbeat_interval),
+so the successor knows it RUNNING and acknowledges it.
 """
 
 from __future__ import annotations
@@ -41,7 +46,9 @@ class Reporter:
         self.sock.setsockopt(zmq.RCVHWM, HWM)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self.sock.connect(cfg.supervisor_endpoint)
+        self.reconnected()       # arms the monitor's FD, which signals nothing until EVENTS was read once
         self.started = time.time()
         self._asked = 0
         # commands that came during ask(), run by on_message (a flood beyond this is dropped)
@@ -52,6 +59,21 @@ class Reporter:
 
     def fileno(self) -> int:
         return self.sock.getsockopt(zmq.FD)
+
+    def monitor_fileno(self) -> int:
+        return self.monitor.getsockopt(zmq.FD)
+
+    def reconnected(self) -> bool:
+        """Whether the link was (re)connected since the last call (reads the monitor to EAGAIN:
+        its FD is edge-triggered).  The events are only counted: the fact is enough."""
+        seen = False
+        while self.monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                self.monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            seen = True
+        return seen
 
     def report(self, final: bool = False) -> WorkerReport:
         """This worker's heartbeat, from its live objects."""
@@ -166,5 +188,7 @@ class Reporter:
             pass
 
     def close(self) -> None:
+        self.sock.disable_monitor()
+        self.monitor.close(0)
         self.sock.close(0)
         self.ctx.term()

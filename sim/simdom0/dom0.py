@@ -164,7 +164,7 @@ class SimDom0:
             except Exception:
                 pass
         self.fronts.clear()
-        self.stop_daemon()
+        self.stop_daemon(signal.SIGINT)      # workers stop with it (SIGTERM would hand them over)
         if self.xs is not None:
             self.xs.close()
             self.xs = None

@@ -28,6 +28,8 @@ def _load(tmp_path, text: str, **overrides) -> DaemonConfig:
     ("restart_max_failures = 2.5", "restart_max_failures", "must be an integer"),
     ("restart_max_failures = 0", "restart_max_failures", "must be >= 1"),
     ("poll_window_us = -1", "poll_window_us", "must be >= 0"),
+    ("handover_grace = -1", "handover_grace", "must be >= 0"),
+    ('handover_grace = "10"', "handover_grace", "must be a number"),
     ('topology = "flat"', "topology", "must be one of vpci, passthrough"),
     ('log_level = "LOUD"', "log_level", "must be one of"),
     ('runtime_dir = "run/pcibackd"', "runtime_dir", "absolute path"),

@@ -34,7 +34,7 @@ import zmq
 from loguru import logger
 
 from pcibackd.common.ratelimit import worth_logging
-from pcibackd.hostpci.release import quarantined
+from pcibackd.hostpci.records import quarantined
 from pcibackd.wire.bdf import BDF
 from pcibackd.worker.devicegate import (MAX_REQUEST, decode_request, encode_grant, encode_refusal,
                                         take_claim)

@@ -25,7 +25,7 @@ from loguru import logger
 from pcibackd.daemon.pool import LifecycleError, Pool, PoolOps  # noqa: F401 (LifecycleError: for the commands)
 from pcibackd.daemon.pool import bad as _bad, failed as _failed, missing as _missing
 from pcibackd.hostpci.drivers import DriverError, HostDrivers
-from pcibackd.hostpci.release import clear_quarantine, quarantine, quarantined
+from pcibackd.hostpci.records import clear_quarantine, quarantine, quarantined
 from pcibackd.platform.hostdrivers import XenDrivers
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.paths import BACKEND_ROOT, backend_path

@@ -21,7 +21,7 @@ from loguru import logger
 from pcibackd.common.files import write_atomic
 from pcibackd.daemon.releases import reset_at_seize
 from pcibackd.hostpci.drivers import DriverError, HostDrivers
-from pcibackd.hostpci.release import clear_quarantine
+from pcibackd.hostpci.records import clear_quarantine
 from pcibackd.wire.bdf import BDF
 from pcibackd.xl.pcispec import SpecError, parse_pattern
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from loguru import logger
 
-from pcibackd.hostpci.release import ReleaseRecord, clear_quarantine, read_records, seize_function, write_record
+from pcibackd.hostpci.release import ReleaseRecord, seize_function
+from pcibackd.hostpci.records import clear_quarantine, read_records, write_record
 from pcibackd.wire.bdf import BDF
 
 

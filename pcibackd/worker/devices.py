@@ -38,8 +38,8 @@ from loguru import logger
 from pcibackd.common.files import write_atomic
 from pcibackd.confspace import ConfSpace, PolicyStore
 from pcibackd.hostpci.port import HostPort
-from pcibackd.hostpci.release import (SavedState, capture_state, quarantined, release_function, worker_state_dir,
-                                      write_record)
+from pcibackd.hostpci.release import SavedState, capture_state, release_function
+from pcibackd.hostpci.records import quarantined, worker_state_dir, write_record
 from pcibackd.platform.api import Platform
 from pcibackd.wire.bdf import BDF
 from pcibackd.worker.devicegate import GateOpener, LocalOpener

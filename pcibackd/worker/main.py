@@ -40,7 +40,7 @@ from loguru import logger
 
 from pcibackd.common import logs, proctitle
 from pcibackd.common.files import write_atomic
-from pcibackd.hostpci.release import worker_state_dir
+from pcibackd.hostpci.records import worker_state_dir
 from pcibackd.platform.select import choose_platform, worker_paths
 from pcibackd.wire.bdf import BDF
 from pcibackd.worker import faults, landlock, privileges, seccomp

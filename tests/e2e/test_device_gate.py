@@ -11,7 +11,8 @@ import os
 import pytest
 
 from pcibackd.daemon.devicegate import DeviceGate
-from pcibackd.hostpci.release import ReleaseRecord, write_record
+from pcibackd.hostpci.release import ReleaseRecord
+from pcibackd.hostpci.records import write_record
 from pcibackd.wire.bdf import BDF
 from pcibackd.worker.devicegate import GateOpener, ask_gate
 from simdom0.platform import SimPlatform

@@ -14,7 +14,8 @@ from pcibackd.hostpci.sysfs import SysfsDevice
 from pcibackd.wire.bdf import BDF
 from simdom0.hostpci import SimHost
 from simdom0.platform import SimPlatform
-from pcibackd.hostpci.release import HEADER_SIZE, SavedState, capture_header, read_records, restore_header
+from pcibackd.hostpci.release import HEADER_SIZE, SavedState, capture_header, restore_header
+from pcibackd.hostpci.records import read_records
 
 BDF_ = BDF(0, 0x42, 3, 0)
 

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 
 from pcibackd.common.files import write_atomic
-from pcibackd.hostpci.release import (ReleaseRecord, SavedState, capture_state, clear_quarantine, quarantined,
-                                      read_records, release_function, restore_state, write_record)
+from pcibackd.hostpci.release import ReleaseRecord, SavedState, capture_state, release_function, restore_state
+from pcibackd.hostpci.records import clear_quarantine, quarantined, read_records, write_record
 from pcibackd.hostpci.reset import ResetFacts, ResetResult, probe_methods, reset_function
 from pcibackd.hostpci.sysfs import SysfsDevice
 from pcibackd.wire.bdf import BDF

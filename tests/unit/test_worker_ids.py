@@ -10,8 +10,8 @@ import threading
 import pytest
 
 from pcibackd.daemon.config import ConfigError, DaemonConfig
-from pcibackd.hostpci.release import (ReleaseRecord, clear_quarantine, quarantined, read_records, worker_state_dir,
-                                      write_record)
+from pcibackd.hostpci.release import ReleaseRecord
+from pcibackd.hostpci.records import clear_quarantine, quarantined, read_records, worker_state_dir, write_record
 from pcibackd.wire.bdf import BDF
 from pcibackd.worker import privileges
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -79,6 +80,7 @@ class WorkerConfig:
     orphan_grace: float = 60.0     # no supervisor ack for this long: exit cleanly
     token: str = ""                # proves beats come from this worker (see supervisor)
     device_gate: str | None = None  # the supervisor's device gate socket; None: open devices here
+    xenstore_sock: socket.socket | None = None  # its end of the xenstore gate; None: connect to xenstored
 
 
 class Worker:
@@ -91,7 +93,8 @@ class Worker:
             raise faults.InjectedFault("injected boot crash")
         if "boot-slow" in points:
             time.sleep(faults.BOOT_SLOW)
-        self.xs = XenStore(cfg.xenstored_path)
+        # Through the xenstore gate when the supervisor gave us its end (daemon/xsgate.py).
+        self.xs = XenStore(cfg.xenstored_path, sock=cfg.xenstore_sock)
         self.platform = choose_platform(cfg.platform, domid=0)
         self.dispatcher = Dispatcher()
         self.devices = DeviceSet(cfg, self.dispatcher, self.platform, runtime_dir_for(cfg))
@@ -202,6 +205,8 @@ class Worker:
             elif self.loop.backlog:
                 changed |= self.loop.serve_pending() > 0
             if xs_fd in ready:
+                if not self.xs.connected:     # xenstored or its gate went: a successor reconnects
+                    raise ConnectionError("xenstore connection lost")
                 paths = [p for p, _ in self.xs.events()]
                 if paths:
                     self.driver.on_watch(paths)

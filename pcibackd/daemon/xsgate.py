@@ -68,7 +68,7 @@ class GateConfig:
 
 # ------------------------------------------------------------ the gate process --
 class _Control:
-    """The gate's control listener: ``pair`` (a worker's connection, with its domid) and ``stop``."""
+    """The gate's control listener: ``pair`` (a worker's connection, with its domid), ``ping``, ``stop``."""
 
     def __init__(self, listener: socket.socket, gate: Gate) -> None:
         self.listener, self.gate = listener, gate
@@ -88,7 +88,7 @@ class _Control:
                 if uid != os.getuid():
                     raise OSError(errno.EPERM, f"uid {uid} is not the supervisor's")
                 answer = self._handle(json.loads(untrusted_raw), fds)
-            except (OSError, ValueError, TypeError) as exc:
+            except (OSError, ValueError, TypeError, AttributeError) as exc:
                 answer = {"ok": False, "errno": getattr(exc, "errno", None) or errno.EINVAL, "reason": str(exc)[:200]}
             finally:
                 for fd in fds:
@@ -100,12 +100,12 @@ class _Control:
 
     def _handle(self, untrusted: dict, fds: list[int]) -> dict:
         op = untrusted.get("op")
-        if op == "stop":
-            self.stopping = True
-            return {"ok": True, "pid": os.getpid()}
+        if op in ("stop", "ping"):
+            self.stopping = self.stopping or op == "stop"
+            return {"ok": True, "pid": os.getpid(), "links": self.gate.links}
         domid = untrusted.get("domid")
         if op != "pair" or type(domid) is not int or not 0 < domid <= MAX_DOMID or len(fds) != 1:
-            raise ValueError("a request is {\"op\": \"pair\", \"domid\": N} with one descriptor, or {\"op\": \"stop\"}")
+            raise ValueError("a request is {\"op\": \"pair\", \"domid\": N} with one descriptor, \"ping\" or \"stop\"")
         sock = socket.socket(fileno=os.dup(fds[0]))
         if sock.type != socket.SOCK_STREAM or sock.family != socket.AF_UNIX:
             sock.close()
@@ -185,6 +185,13 @@ class XsGate:
         finally:
             gate_end.close()      # the gate has its copy: the supervisor keeps nothing per worker
         return worker_end
+
+    def ping(self) -> dict | None:
+        """The running gate's ``{"pid": ..., "links": ...}``; None when none answers."""
+        try:
+            return self._ask({"op": "ping"}, [])
+        except OSError:
+            return None
 
     def stop(self, timeout: float = CONTROL_TIMEOUT) -> None:
         """Stop the gate (after the workers: theirs connections end with it)."""

@@ -53,6 +53,8 @@ CONTROL = "control.sock"
 CONTROL_TIMEOUT = 2.0          # s: one control exchange (the gate serves one at a time)
 START_TIMEOUT = 10.0           # s: a freshly spawned gate answering its first request
 MAX_MESSAGE = 512
+ACCEPTS_PER_WAKE = 32
+BACKLOG = 1024                 # pairings queued for the gate (a bring-up of many guests)
 MAX_DOMID = 0x7FEF
 _UCRED = struct.Struct("3i")
 
@@ -72,13 +74,18 @@ class _Control:
 
     def __init__(self, listener: socket.socket, gate: Gate) -> None:
         self.listener, self.gate = listener, gate
+        self.listener.setblocking(False)
         self.stopping = False
 
     def on_ready(self) -> None:
-        try:
-            conn, _ = self.listener.accept()
-        except OSError:
-            return
+        for _ in range(ACCEPTS_PER_WAKE):      # a bring-up queues many pairings; traffic still gets turns
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:          # BlockingIOError: none left
+                return
+            self._serve(conn)
+
+    def _serve(self, conn: socket.socket) -> None:
         fds: list[int] = []
         with conn:
             try:
@@ -169,16 +176,19 @@ class XsGate:
         self.proc = None          # the gate this supervisor started (None: found running, or none yet)
 
     def pair(self, domid: int) -> socket.socket:
-        """A connected socket for ``domid``'s worker, served by the gate (started if none runs).
-        OSError when the gate refuses or cannot be started."""
+        """A connected socket for ``domid``'s worker, served by the gate (started if none runs);
+        OSError when no gate can be reached.  The supervisor does not wait for the gate's
+        answer (bring-up is not serialized behind the gate's traffic): if the gate cannot
+        serve it (xenstored unreachable), it closes the pair, the worker's boot fails and
+        is retried with backoff."""
         worker_end, gate_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             request = {"op": "pair", "domid": domid}
             try:
-                self._ask(request, [gate_end.fileno()])
+                self._send(request, [gate_end.fileno()])
             except (ConnectionRefusedError, FileNotFoundError):
                 self._start()
-                self._ask(request, [gate_end.fileno()], timeout=START_TIMEOUT)
+                self._send(request, [gate_end.fileno()], timeout=START_TIMEOUT)
         except BaseException:
             worker_end.close()
             raise
@@ -202,6 +212,12 @@ class XsGate:
         if self.proc is not None:
             self.proc.join(timeout)
             self.proc = None
+
+    def _send(self, request: dict, fds: list[int], timeout: float = CONTROL_TIMEOUT) -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
+            s.settimeout(timeout)
+            s.connect(str(self.path))
+            socket.send_fds(s, [json.dumps(request).encode()], fds)
 
     def _ask(self, request: dict, fds: list[int], timeout: float = CONTROL_TIMEOUT) -> dict:
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
@@ -228,7 +244,7 @@ class XsGate:
         try:
             listener.bind(str(self.path))
             os.chmod(self.path, 0o600)
-            listener.listen(64)
+            listener.listen(BACKLOG)
             if self.proc is not None:
                 self.proc.join(0)
             self.proc = self.spawner.spawn(run_gate, GateConfig(listener, self.xenstored_path, self.log_level),

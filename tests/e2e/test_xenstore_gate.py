@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import os
 import signal
+import traceback
+from pathlib import Path
 
 
 from pcibackd.daemon.xsgate import XsGate
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.paths import backend_path, frontend_path
 from pcibackd.wire.pciif import Err, XenbusState as S
+from pcibackd.worker import privileges
 from pcibackd.xenstore.client import Transaction, XenStore
 from pcibackd.xenstore.codec import Op
 from pcibackd.xenstore.toolstack import Toolstack
@@ -159,3 +162,38 @@ def test_a_killed_gate_costs_a_worker_restart_and_is_replaced(dom0):
     assert _gate(dom0).ping()["pid"] != old
     assert f1.state() == S.Connected and f1.conf_read(G0, 0, 2) == (Err.success, 0x1234)
     assert f2.conf_read(G0, 0, 2) == (Err.success, 0x1b36)
+
+
+def _own_uid_worker(sock, xenstored_socket: str) -> int:
+    """In the child: become domain 1's worker uid, then try xenstore both ways."""
+    uid = privileges.worker_uid(privileges.DEFAULT_UID_BASE, 1)
+    privileges.drop(uid=uid, gid=uid)
+    xs = XenStore(sock=sock, timeout=5.0)
+    if xs.read(f"{BE1}/state") != "4":
+        return 20
+    failures = 0
+    if not _refused(lambda: xs.read(f"{BE2}/dev-0")):
+        failures += 1
+    if not _refused(lambda: XenStore(xenstored_socket).close()):       # around the gate
+        failures += 1
+    xs.close()
+    return 10 + failures
+
+
+def test_under_its_own_uid_a_worker_has_no_way_around_the_gate(dom0):
+    """Only with a uid of its own: a uid 0 worker could still connect to xenstored's
+    root-owned socket (Landlock does not mediate connect)."""
+    _guests(dom0)
+    for d in (dom0.dir, Path(dom0.xenstored.socket_path).parent):
+        os.chmod(d, 0o711)       # only the socket's own mode stands in the way, as in /var/run/xenstored
+    sock = _gate(dom0).pair(1)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os._exit(_own_uid_worker(sock, dom0.xenstored.socket_path))
+        except BaseException:
+            traceback.print_exc()
+            os._exit(99)
+    sock.close()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 10

@@ -15,20 +15,29 @@ the worker socket count only from its own pid (the kernel's credentials).
 A worker keeps uid 0.  Without CAP_DAC_OVERRIDE that still opens every
 root-owned file whose owner bits allow it, so what only the supervisor and
 root administrators may reach is owned by :data:`LOCKED_UID` (:func:`lock_away`):
-the control socket, claims, pid files, the interrupt journal and the fork
-server's directory.  What a worker can still do: write any xenstore node
-(xenstored treats its connection as dom0: it may list a free function of the
-pool in its own backend, which the gate then lends), read what its Landlock
-paths allow (/proc, /sys, Python, libraries), write the shared runtime state
-(other guests' snapshots, release records), and connect to unix sockets root
-owns with owner access (Landlock does not mediate connects).
+the control socket, claims, pid files, the interrupt journal, the fork
+server's and the xenstore gate's directories.  Its xenstore connection is its
+end of the xenstore gate (daemon/xsgate.py, xenstore/policy.py): it reads and
+watches only its own backend and frontend directories, writes only the
+backend nodes it owns and its error node, never a ``dev-N``, ``opts-N``,
+``num_devs``, ``frontend`` or a permission, so it cannot list a free function
+of the pool for the device gate to lend.  What a worker can still do: in
+xenstore, within its own guest, write ``state``/``vdev-N``/``state-N``/
+``root-N``/``root_num`` and its error node wrongly (its own guest's device
+only); read what its Landlock paths allow (/proc, /sys, Python, libraries),
+write the shared runtime state (other guests' snapshots, release records),
+and connect to unix sockets root owns with owner access (Landlock does not
+mediate connects) — among them xenstored's own socket, around the gate, for as
+long as it keeps uid 0.
 
 :func:`drop` can also switch to a uid of the worker's own (:func:`worker_uid`:
 ``base + domid``), which closes the rest (tests/e2e/test_worker_uid.py); a
 worker does not use it yet: after setup it still maps grants and opens event
 channels by path (/dev/xen, the simulation's files) and writes snapshots and
 release records under the root-owned runtime directory; those must first
-become descriptors or supervisor work.
+become descriptors or supervisor work.  Under its own uid it cannot connect to
+xenstored's socket (mode 0600/0755, root's), so the gate is then its only way
+to xenstore (tests/e2e/test_xenstore_gate.py).
 """
 
 from __future__ import annotations

@@ -100,20 +100,21 @@ class Gate:
                 continue
             try:
                 self._serve(link, fd, events)
-            except OSError as exc:
+            except Exception as exc:        # noqa: BLE001 - one worker's pair, never the gate
                 self._close(link, exc)
 
     def _serve(self, link: _Link, fd: int, events: int) -> None:
         from_worker = fd == link.down.fileno()
         if events & (_IN | _GONE):
-            chunk = (link.down if from_worker else link.up).recv(_CHUNK)
-            if not chunk:        # the worker left (or xenstored did): its partner goes too
+            try:
+                chunk = (link.down if from_worker else link.up).recv(_CHUNK)
+            except BlockingIOError:       # a stale event (the fd was reused in this batch)
+                chunk = None
+            if chunk == b"":        # the worker left (or xenstored did): its partner goes too
                 self._close(link, None)
                 return
-            if from_worker:
-                self._from_worker(link, chunk)
-            else:
-                self._from_xenstored(link, chunk)
+            if chunk:
+                (self._from_worker if from_worker else self._from_xenstored)(link, chunk)
         self._flush(link.to_up, link.up)
         self._flush(link.to_down, link.down)
         self._rearm(link)
@@ -159,6 +160,8 @@ class Gate:
                 link.masks[fd] = mask
 
     def _close(self, link: _Link, why: BaseException | None) -> None:
+        if link.closed:
+            return
         link.closed = True
         for sock in (link.down, link.up):
             fd = sock.fileno()

@@ -17,7 +17,7 @@ from pcibackd.wire.paths import backend_path, frontend_path
 from pcibackd.wire.pciif import Err, XenbusState as S
 from pcibackd.worker import privileges
 from pcibackd.xenstore.client import Transaction, XenStore
-from pcibackd.xenstore.codec import Op
+from pcibackd.xenstore.codec import HEADER, PAYLOAD_MAX, Op
 from pcibackd.xenstore.toolstack import Toolstack
 from waiting import process_gone, wait_until
 
@@ -197,3 +197,31 @@ def test_under_its_own_uid_a_worker_has_no_way_around_the_gate(dom0):
     sock.close()
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 10
+
+
+def test_a_garbled_or_flooding_connection_costs_only_itself(dom0):
+    _guests(dom0)
+    garbled, flood = _gate(dom0).pair(1), _gate(dom0).pair(1)
+    other = _as_worker(dom0, 2)
+    try:
+        garbled.sendall(HEADER.pack(Op.READ, 1, 0, PAYLOAD_MAX + 1) + b"x" * 64)      # a length past the limit
+        garbled.settimeout(10.0)
+        assert garbled.recv(64) == b""          # that pair is closed, nothing else
+        # many requests, no reply ever read: the gate stops reading this worker, not the others
+        request = HEADER.pack(Op.READ, 1, 0, len(f"{BE1}/state\0")) + f"{BE1}/state\0".encode()
+        flood.setblocking(False)
+        sent = 0
+        try:
+            while sent < 64 << 20:
+                sent += flood.send(request * 256)
+        except BlockingIOError:
+            pass
+        assert sent < 64 << 20, "the gate kept reading a worker that reads nothing"
+        for _ in range(20):
+            assert other.read(f"{BE2}/state") == "4"
+        assert other.connected
+    finally:
+        for s in (garbled, flood):
+            s.close()
+        other.close()
+    assert _gate(dom0).ping()["links"] >= 2       # the workers' own pairs are still served

@@ -23,7 +23,8 @@ reaches) and goes on using it; the supervisor holds no descriptor per worker
 for it (each end is closed once handed over).  If the gate dies, its workers
 see their xenstore connection end and exit; the supervisor restarts them,
 and the first of them starts a new gate.  A graceful stop of the supervisor
-stops the gate after the workers.
+stops the gate after the workers; a gate left without workers (orphans that
+exited, no guest) exits after :data:`IDLE_EXIT`.
 
 The gate needs no capability (it connects to xenstored's socket as uid 0 and
 accepts on a listener the supervisor made): it drops them all once started.
@@ -37,6 +38,7 @@ import os
 import signal
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +56,7 @@ CONTROL_TIMEOUT = 2.0          # s: one control exchange (the gate serves one at
 START_TIMEOUT = 10.0           # s: a freshly spawned gate answering its first request
 MAX_MESSAGE = 512
 ACCEPTS_PER_WAKE = 32
+IDLE_EXIT = 60.0               # s without any worker: exit (orphaned, or no guest; the next pairing restarts it)
 PRIORITY_BOOST = 5             # nice steps above the workers (about 3x a worker's CPU weight)
 BACKLOG = 1024                 # pairings queued for the gate (a bring-up of many guests)
 MAX_DOMID = 0x7FEF
@@ -161,9 +164,15 @@ def run_gate(cfg: GateConfig) -> None:
         logger.warning("xenstore gate keeps its privileges: {}", exc)
     logger.info("xenstore gate serving (xenstored at {})", upstream)
     code = 0
+    idle_since = time.monotonic()
     try:
         while not control.stopping:
-            gate.poll_once(None)
+            gate.poll_once(None if gate.links else int(IDLE_EXIT * 1000) + 1)
+            if gate.links:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since >= IDLE_EXIT:
+                logger.info("xenstore gate: no worker for {:.0f} s: exiting", IDLE_EXIT)
+                break
     except Exception:
         logger.exception("xenstore gate crashed")
         code = 1

@@ -1,6 +1,6 @@
 """The xenstore gate's forwarding: each worker connection paired with one xenstored connection.
 
-Driver: sockets and one poll set.  Every request a worker sends is judged by
+Driver: sockets and one epoll set.  Every request a worker sends is judged by
 :mod:`.policy` (its connection's :class:`~.policy.Session`); what is allowed
 goes to xenstored unchanged, the rest is answered here with ``EACCES`` (as
 xenstored answers a denied access) and logged, rate-limited.  Replies and
@@ -36,9 +36,9 @@ __all__ = ["Gate", "HIGH_WATER"]
 
 HIGH_WATER = 256 * 1024       # bytes buffered towards one side before its partner is no longer read
 _CHUNK = 65536
-_IN = select.POLLIN
-_OUT = select.POLLOUT
-_GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
+_IN = select.EPOLLIN
+_OUT = select.EPOLLOUT
+_GONE = select.EPOLLHUP | select.EPOLLERR
 
 
 class _Link:
@@ -55,13 +55,14 @@ class _Link:
 
 
 class Gate:
-    """Pairs of connections in one poll set; :meth:`poll_once` serves whatever is ready.
+    """Pairs of connections in one epoll set (a wake-up costs O(ready), not O(workers));
+    :meth:`poll_once` serves whatever is ready.
 
     ``connect_upstream()`` returns a new blocking connection to xenstored."""
 
     def __init__(self, connect_upstream: Callable[[], socket.socket]) -> None:
         self.connect_upstream = connect_upstream
-        self.poller = select.poll()
+        self.poller = select.epoll()
         self._links: dict[int, _Link] = {}           # either fd of a pair -> its link
         self._extra: dict[int, Callable[[], None]] = {}
         self.refused = 0
@@ -90,7 +91,7 @@ class Gate:
         self._rearm(link)
 
     def poll_once(self, timeout_ms: int | None) -> None:
-        for fd, events in self.poller.poll(timeout_ms):
+        for fd, events in self.poller.poll(-1 if timeout_ms is None else timeout_ms / 1000):
             on_ready = self._extra.get(fd)
             if on_ready is not None:
                 on_ready()
@@ -168,7 +169,7 @@ class Gate:
             self._links.pop(fd, None)
             try:
                 self.poller.unregister(fd)
-            except (KeyError, ValueError):
+            except (OSError, ValueError):
                 pass
             sock.close()
         if why is not None:
@@ -178,3 +179,4 @@ class Gate:
         """Close every pair (workers see their xenstore connection end)."""
         for link in {id(lk): lk for lk in self._links.values()}.values():
             self._close(link, None)
+        self.poller.close()

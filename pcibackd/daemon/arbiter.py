@@ -46,6 +46,7 @@ from pcibackd.daemon.states import RestartPolicy, WorkerState
 from pcibackd.daemon.views import DaemonInfo, GuestInfo
 from pcibackd.daemon.wakeups import Wakeups
 from pcibackd.daemon.workers import WorkerLife, raise_open_file_limit, wait_all
+from pcibackd.daemon.xsgate import XsGate
 from pcibackd.platform.select import choose_platform, platform_module
 from pcibackd.wire.bdf import BDF
 from pcibackd.worker.link import (MAX_FRAME, IrqReply, WorkerCommand, WorkerIrqRequest, WorkerReply,
@@ -96,6 +97,7 @@ class Supervisor(ReleaseViews, WorkerLife):
         self.lifecycle = Lifecycle.start(self.xs, self.platform, self.cfg)    # [devices] hide: before any guest
         self.reads = CachedReads(self.xs)
         self.gate = open_gate(self.runtime, self.platform, self._guests, self.cfg.xenstored_path)
+        self.xsgate = XsGate(self.runtime, self.spawner, self.cfg.xenstored_path, self.cfg.log_level)
         self.irq = Interrupts(self.platform, self.runtime)
         self.irq.start(set(list_backends(self.xs, self.ignored_names)))
         self.zctx = zmq.Context()
@@ -266,7 +268,8 @@ class Supervisor(ReleaseViews, WorkerLife):
                             heartbeat_interval=c.heartbeat_interval, policy_path=c.policy_path,
                             log_level=c.log_level, state_dir=str(self.runtime), orphan_grace=c.orphan_grace,
                             token=guest.token, device_gate=str(self.runtime / GATE_SOCKET),
-                            uid=worker_uid(c.worker_uid_base, guest.domid))
+                            uid=worker_uid(c.worker_uid_base, guest.domid),
+                            xenstore_sock=self.xsgate.pair(guest.domid))
 
     def _on_worker_messages(self) -> None:
         for _ in range(MESSAGE_BATCH):
@@ -380,6 +383,7 @@ class Supervisor(ReleaseViews, WorkerLife):
         for g in live.values():
             if g.proc is not None:
                 g.proc.join(0)
+        self.xsgate.stop()
         self.control.close()
         self.workers_sock.close(HANDOVER_LINGER_MS if self.handing_over else 0)    # the handover frames go out
         self.zctx.term()

@@ -32,7 +32,12 @@ class WorkerLife:
     def _start(self, guest: Guest) -> None:
         guest.token = secrets.token_hex(16)
         try:
-            guest.proc = self.spawner.spawn(run_worker, self._worker_config(guest), name=f"pcibackd-dom{guest.domid}")
+            config = self._worker_config(guest)
+            try:
+                guest.proc = self.spawner.spawn(run_worker, config, name=f"pcibackd-dom{guest.domid}")
+            finally:
+                if config.xenstore_sock is not None:
+                    config.xenstore_sock.close()       # the worker has its own copy
         except Exception as exc:       # e.g. the fork server died (EOFError): a failed start, not our crash
             logger.error("cannot start a worker for domain {}: {!r}", guest.domid, exc)
             self.spawner.restart()

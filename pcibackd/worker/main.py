@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -84,6 +85,7 @@ class WorkerConfig:
     token: str = ""                # proves beats come from this worker (see supervisor)
     device_gate: str | None = None  # the supervisor's device gate socket; None: open devices here
     uid: int | None = None         # run as this uid and gid once set up (privileges.worker_uid); None: stay root
+    xenstore_sock: socket.socket | None = None  # its end of the xenstore gate; None: connect to xenstored
 
 
 class Worker:
@@ -96,7 +98,8 @@ class Worker:
             raise faults.InjectedFault("injected boot crash")
         if "boot-slow" in points:
             time.sleep(faults.BOOT_SLOW)
-        self.xs = XenStore(cfg.xenstored_path)
+        # Through the xenstore gate when the supervisor gave us its end (daemon/xsgate.py).
+        self.xs = XenStore(cfg.xenstored_path, sock=cfg.xenstore_sock)
         self.platform = choose_platform(cfg.platform, domid=0)
         # Opened now, while this process may: after the drop it maps and binds only through these.
         self.platform.open_handles()
@@ -220,6 +223,8 @@ class Worker:
             elif self.loop.backlog:
                 changed |= self.loop.serve_pending() > 0
             if xs_fd in ready:
+                if not self.xs.connected:     # xenstored or its gate went: a successor reconnects
+                    raise ConnectionError("xenstore connection lost")
                 paths = [p for p, _ in self.xs.events()]
                 if paths:
                     self.driver.on_watch(paths)

@@ -20,17 +20,26 @@ What a worker writes lives in ``<runtime>/state/dom<N>/``, which it creates
 and gives to its uid in its root prologue (before it reads anything a guest
 controls) and its successors reuse: snapshots, the function's seize-time
 state, release records and quarantines.  The supervisor reads the records of
-every such directory (:mod:`pcibackd.hostpci.release`, never following links
+every such directory (:mod:`pcibackd.hostpci.records`, never following links
 nor blocking on a planted FIFO).  Being neither root nor in any group of
 ours, a worker cannot open another worker's state, another function's files,
 the status socket (``status_group``, 0660), the control socket, claims, pid
-files, the interrupt journal or the fork server (0600/0700, owned by
-:data:`LOCKED_UID`), nor signal another worker or the supervisor.  What it can still do: write any xenstore node
-(xenstored treats its connection as dom0: it may list a free function of the
-pool in its own backend, which the gate then lends), read what its Landlock
-paths allow (/proc, /sys, Python, libraries), connect to the sockets open to
-every uid (the device gate and the worker socket, which believe only the
-kernel's pid), and misreport how its own functions' resets went.
+files, the interrupt journal, the fork server's or the xenstore gate's
+directories (0600/0700, owned by :data:`LOCKED_UID`), nor signal another
+worker or the supervisor, nor connect to xenstored's own socket.
+
+Its xenstore connection is its end of the xenstore gate (daemon/xsgate.py,
+xenstore/policy.py): it reads and watches only its own backend and frontend
+directories, writes only the backend nodes it owns and its error node, never
+a ``dev-N``, ``opts-N``, ``num_devs``, ``frontend`` or a permission, so it
+cannot list a free function of the pool for the device gate to lend.
+
+What a worker can still do: in xenstore, write ``state``/``vdev-N``/
+``state-N``/``root-N``/``root_num`` and its error node wrongly (its own
+guest's device only); read what its Landlock paths allow (/proc, /sys,
+Python, libraries); connect to the sockets open to every uid (the device
+gate and the worker socket, which believe only the kernel's pid); and
+misreport how its own functions' resets went.
 
 The switch needs CAP_CHOWN, CAP_SETUID and CAP_SETGID in the worker's root
 prologue, and signalling a worker then needs CAP_KILL in the supervisor

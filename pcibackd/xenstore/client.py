@@ -18,10 +18,12 @@ from __future__ import annotations
 import errno
 import os
 import random
+import socket
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import TypeVar
 
 from pyxs.connection import UnixSocketConnection, XenBusConnection
@@ -165,19 +167,43 @@ def _poison_after_fork() -> None:
 os.register_at_fork(after_in_child=_poison_after_fork)
 
 
+class _Connected:
+    """An already-connected stream in the shape the router expects of pyxs's connections."""
+
+    def __init__(self, sock: socket.socket | int) -> None:
+        if isinstance(sock, int):
+            sock = socket.socket(fileno=sock)
+        sock.setblocking(True)
+        self.transport = SimpleNamespace(sock=sock)
+        self.path = f"fd {sock.fileno()}"
+
+    def connect(self) -> None:
+        pass
+
+    def close(self, silent: bool = True) -> None:
+        self.transport.sock.close()
+
+
 class XenStore(XsHandle):
     """A connection to xenstored (its Unix socket, or the xenbus device).
 
     ``socket_path`` None means $XENSTORED_PATH, then $XENSTORED_RUNDIR/socket,
     then /var/run/xenstored/socket. ``xenbus=True`` uses /dev/xen/xenbus
-    instead (``socket_path`` then names the device). ``timeout`` bounds every
-    call. Thread-safe; create after any fork.
+    instead (``socket_path`` then names the device).  ``sock`` (a connected
+    stream socket or its fd, e.g. a worker's end of the xenstore gate) is used
+    instead of opening either; the XenStore owns it from then on.  ``timeout``
+    bounds every call. Thread-safe; create after any fork.  A lost connection
+    makes :meth:`fileno` readable once, with :attr:`connected` False.
     """
 
     def __init__(
-        self, socket_path: str | None = None, *, xenbus: bool = False, timeout: float = _DEFAULT_TIMEOUT
+        self, socket_path: str | None = None, *, xenbus: bool = False, timeout: float = _DEFAULT_TIMEOUT,
+        sock: socket.socket | int | None = None,
     ) -> None:
-        connection = XenBusConnection(socket_path) if xenbus else UnixSocketConnection(socket_path)
+        if sock is not None:
+            connection = _Connected(sock)
+        else:
+            connection = XenBusConnection(socket_path) if xenbus else UnixSocketConnection(socket_path)
         self.path = connection.path
         self._timeout = timeout
         self._tx_id = 0
@@ -187,7 +213,7 @@ class XenStore(XsHandle):
         self._signalled = False
         self._event_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         try:
-            self._router = Router(connection, self._on_event)
+            self._router = Router(connection, self._on_event, self._on_lost)
         except BaseException:
             os.close(self._event_fd)
             raise
@@ -251,6 +277,13 @@ class XenStore(XsHandle):
         if not self._signalled:
             self._signalled = True
             os.eventfd_write(self._event_fd, 1)
+
+    def _on_lost(self) -> None:
+        # Router thread: wake the consumer, who finds ``connected`` False.
+        try:
+            os.eventfd_write(self._event_fd, 1)
+        except OSError:
+            pass         # closed meanwhile
 
     def watch(self, path: str, token: str) -> None:
         """Watch ``path`` and its subtree. xenstored fires one event for

@@ -38,10 +38,12 @@ class Router:
     """Owns the connection; a daemon thread routes replies and watch events.
 
     ``request`` sends one packet and blocks (up to ``timeout``) for its reply;
-    ``on_event`` receives every WATCH_EVENT payload, on the router thread.
+    ``on_event`` receives every WATCH_EVENT payload, on the router thread;
+    ``on_lost`` is called there once the connection is gone.
     """
 
-    def __init__(self, connection, on_event: Callable[[bytes], None]) -> None:
+    def __init__(self, connection, on_event: Callable[[bytes], None],
+                 on_lost: Callable[[], None] | None = None) -> None:
         try:
             connection.connect()
         except PyxsConnectionError as exc:
@@ -60,6 +62,7 @@ class Router:
             self._send = self._write_all
             self._recv = lambda n: os.read(self._fd, n)
         self._on_event = on_event
+        self._on_lost = on_lost
         self._pending: dict[int, _Reply] = {}
         self._abandoned: set[int] = set()  # timed-out requests whose reply may still come
         self._lock = threading.Lock()
@@ -131,6 +134,8 @@ class Router:
             for reply in pending.values():
                 reply.packet = _LOST
                 reply.lock.release()
+            if self._on_lost is not None:
+                self._on_lost()
 
     def _dispatch(self, op: int, rq_id: int, tx_id: int, payload: bytes) -> None:
         if op == Op.WATCH_EVENT:

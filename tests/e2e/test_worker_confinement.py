@@ -48,8 +48,8 @@ def _attempts(dom0, listener: str) -> list[str]:
             return
         got.append(what)
 
-    def connect(path):
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+    def connect(path, kind=socket.SOCK_STREAM):
+        with socket.socket(socket.AF_UNIX, kind) as s:
             s.connect(str(path))
 
     must_fail("open another function's config for writing",
@@ -59,6 +59,8 @@ def _attempts(dom0, listener: str) -> list[str]:
     must_fail("take another function's claim", lambda: os.close(os.open(dom0.runtime / "claims" / f"{THEIRS}.lock",
                                                                        os.O_RDONLY)))
     must_fail("read a pid file", lambda: open(dom0.runtime / "workers" / "dom2.pid").close())
+    must_fail("pair a xenstore connection for another guest",
+              lambda: connect(dom0.runtime / "xsgate" / "control.sock", socket.SOCK_SEQPACKET))
     must_fail("write outside its state", lambda: open(dom0.runtime / "planted", "w").close())
     must_fail("read /etc/shadow", lambda: open("/etc/shadow", "rb").close())
     must_fail("list /root", lambda: os.listdir("/root"))
@@ -99,5 +101,5 @@ def test_a_confined_worker_reaches_nothing_of_other_guests_or_the_daemon(dom0):
 def test_the_forkserver_and_private_runtime_dirs_are_locked_away(dom0):
     g = _running_guest(dom0)
     assert os.stat(os.path.dirname(_forkserver_listener(g["pid"]))).st_uid == privileges.LOCKED_UID
-    for name in ("control.sock", "claims", "workers", "irq"):
+    for name in ("control.sock", "claims", "workers", "irq", "xsgate"):
         assert os.stat(dom0.runtime / name).st_uid == privileges.LOCKED_UID, name

@@ -190,8 +190,7 @@ class Supervisor(ReleaseViews, WorkerLife):
         running = [g.domid for g in self._guests.values() if g.alive and g.state is WorkerState.RUNNING]
         reload_config_and_policy(self, running)
 
-    def handle_chld(self) -> None:      # SIGCHLD: nothing; exit sentinels are polled
-        pass
+    def handle_chld(self) -> None: pass     # SIGCHLD: nothing; exit sentinels are polled
 
     # ----------------------------------------------------------- guests --
     def scan(self) -> None:
@@ -383,7 +382,7 @@ class Supervisor(ReleaseViews, WorkerLife):
         for g in live.values():
             if g.proc is not None:
                 g.proc.join(0)
-        self.xsgate.stop()
+        self.xsgate.close(stop=not self.handing_over)
         self.control.close()
         self.workers_sock.close(HANDOVER_LINGER_MS if self.handing_over else 0)    # the handover frames go out
         self.zctx.term()
@@ -391,7 +390,6 @@ class Supervisor(ReleaseViews, WorkerLife):
         self.wake.close()
         logger.info("stopped")
         return 0
-
 
 
 SIGNAL_HANDLERS = {

@@ -46,6 +46,7 @@ from loguru import logger
 from pyxs.connection import UnixSocketConnection
 
 from pcibackd.common import logs, proctitle
+from pcibackd.daemon.spawner import disown
 from pcibackd.worker import privileges
 from pcibackd.worker.privileges import lock_away
 from pcibackd.xenstore.gate import Gate
@@ -227,6 +228,16 @@ class XsGate:
             pass        # none running
         if self.proc is not None:
             self.proc.join(timeout)
+            self.proc = None
+
+    def close(self, stop: bool) -> None:
+        """At the supervisor's exit: stop the gate, or (``stop`` False: workers handed over)
+        leave it running so they keep their xenstore connections (a successor finds it at its
+        control socket; with no worker left it exits by itself)."""
+        if stop:
+            self.stop()
+        elif self.proc is not None:
+            disown(self.proc)
             self.proc = None
 
     def _send(self, request: dict, fds: list[int], timeout: float = CONTROL_TIMEOUT) -> None:

@@ -13,7 +13,8 @@ import psutil
 
 from pcibackd.hostpci.sysfs import devices_dir
 from pcibackd.worker import landlock, privileges, seccomp
-from pcibackd.worker.main import WorkerConfig, confine_paths
+from pcibackd.worker.confine import confine_paths
+from pcibackd.worker.main import WorkerConfig
 from waiting import wait_until
 
 THEIRS = "0000:00:06.0"

@@ -22,8 +22,10 @@ they do, and the next supervisor finds it at its control socket
 reaches) and goes on using it; the supervisor holds no descriptor per worker
 for it (each end is closed once handed over).  If the gate dies, its workers
 see their xenstore connection end and exit; the supervisor restarts them,
-and the first of them starts a new gate.  A graceful stop of the supervisor
-stops the gate after the workers; a gate left without workers (orphans that
+and the first of them starts a new gate.  SIGINT stops the gate after the
+workers; SIGTERM hands the workers over (daemon/handover.py) and tells the
+gate to linger: it serves them on and exits with the last of them unless a
+successor pairs again.  A gate left without workers otherwise (orphans that
 exited, no guest) exits after :data:`IDLE_EXIT`.
 
 The gate needs no capability (it connects to xenstored's socket as uid 0 and
@@ -75,12 +77,14 @@ class GateConfig:
 
 # ------------------------------------------------------------ the gate process --
 class _Control:
-    """The gate's control listener: ``pair`` (a worker's connection, with its domid), ``ping``, ``stop``."""
+    """The gate's control listener: ``pair`` (a worker's connection, with its domid), ``ping``,
+    ``linger`` (exit with the last worker), ``stop``."""
 
     def __init__(self, listener: socket.socket, gate: Gate) -> None:
         self.listener, self.gate = listener, gate
         self.listener.setblocking(False)
         self.stopping = False
+        self.idle_exit = IDLE_EXIT      # s with no worker before the gate exits
 
     def on_ready(self) -> None:
         for _ in range(ACCEPTS_PER_WAKE):      # a bring-up queues many pairings; traffic still gets turns
@@ -112,6 +116,9 @@ class _Control:
 
     def _handle(self, untrusted: dict, fds: list[int]) -> dict:
         op = untrusted.get("op")
+        if op == "linger":      # the supervisor handed its workers over: leave with the last of them
+            self.idle_exit = 0.0
+            return {"ok": True, "pid": os.getpid(), "links": self.gate.links}
         if op in ("stop", "ping"):
             self.stopping = self.stopping or op == "stop"
             return {"ok": True, "pid": os.getpid(), "links": self.gate.links}
@@ -127,6 +134,7 @@ class _Control:
         except BaseException:
             sock.close()
             raise
+        self.idle_exit = IDLE_EXIT       # a supervisor is pairing again
         return {"ok": True, "pid": os.getpid()}
 
 
@@ -168,11 +176,11 @@ def run_gate(cfg: GateConfig) -> None:
     idle_since = time.monotonic()
     try:
         while not control.stopping:
-            gate.poll_once(None if gate.links else int(IDLE_EXIT * 1000) + 1)
+            gate.poll_once(None if gate.links else int(control.idle_exit * 1000) + 1)
             if gate.links:
                 idle_since = time.monotonic()
-            elif time.monotonic() - idle_since >= IDLE_EXIT:
-                logger.info("xenstore gate: no worker for {:.0f} s: exiting", IDLE_EXIT)
+            elif time.monotonic() - idle_since >= control.idle_exit:
+                logger.info("xenstore gate: no worker for {:.0f} s: exiting", control.idle_exit)
                 break
     except Exception:
         logger.exception("xenstore gate crashed")
@@ -233,10 +241,15 @@ class XsGate:
     def close(self, stop: bool) -> None:
         """At the supervisor's exit: stop the gate, or (``stop`` False: workers handed over)
         leave it running so they keep their xenstore connections (a successor finds it at its
-        control socket; with no worker left it exits by itself)."""
+        control socket); told to linger, it exits with the last of them unless a successor pairs."""
         if stop:
             self.stop()
-        elif self.proc is not None:
+            return
+        try:
+            self._ask({"op": "linger"}, [])
+        except OSError:
+            pass        # none running
+        if self.proc is not None:
             disown(self.proc)
             self.proc = None
 

@@ -140,6 +140,7 @@ fi
   [ -n "${XENLANE_DAEMON_CMD:-}" ] && printf 'LANE_DAEMON_CMD=%q\n' "$XENLANE_DAEMON_CMD"
   [ -n "${XENLANE_ATTACH_CMD:-}" ] && printf 'LANE_ATTACH_CMD=%q\n' "$XENLANE_ATTACH_CMD"
   [ -n "${XENLANE_DOM0_PYTEST:-}" ] && echo "LANE_DOM0_PYTEST=$XENLANE_DOM0_PYTEST"
+  [ -n "${XENLANE_LIFECYCLE+set}" ] && printf 'LANE_LIFECYCLE=%q\n' "$XENLANE_LIFECYCLE"
   echo "LANE_NVME_SHA=$NVME_SHA"; echo "LANE_INTMODES='${XENLANE_INTMODES:-1 0 2}'"; echo "LANE_PERF_READS=$PERF_READS"
   true
 } > "$RUN/out/lane.conf"

@@ -417,7 +417,11 @@ daemon_config() { # the config file the lane's daemon reads (hide: BDFs)
   else PB_CONF=/run/lane-pcibackd.toml; extra=(--config "$PB_CONF")
     result all pcibackd unit-config-path INFO "/etc not writable (no overlayfs?): --config $PB_CONF appended to ExecStart"; fi
   mkdir -p "$PB_STATE"; chmod 0700 "$PB_STATE"
+  # Python under TCG on a shared host: a worker's boot took 60 s and more, and time dom0's
+  # vCPU did not run counts as a worker's own time (the defaults suit real hardware)
   { echo "# written by the Xen lane (dom0-main.sh)"; echo "[pcibackd]"; echo "state_dir = \"$PB_STATE\""
+    echo "heartbeat_timeout = ${LANE_HEARTBEAT_TIMEOUT:-300}"; echo "boot_timeout = ${LANE_BOOT_TIMEOUT:-600}"
+    echo "stuck_op_seconds = ${LANE_STUCK_OP_SECONDS:-30}"
     echo "[devices]"; echo "hide = [$(for b in "$@"; do printf '"%s", ' "$b"; done | sed 's/, $//')]"; } > "$PB_CONF"
   cp "$PB_CONF" "$OUT/pcibackd.toml"
   UNIT_ARGS+=(--env "STATE_DIRECTORY=$PB_STATE")
@@ -624,7 +628,7 @@ for f in json.load(open(sys.argv[1]))["functions"]:
     if f["bdf"] == sys.argv[2]:
         print("driver=%s source=%s" % (f["driver"] or "none", f["source"]))' "$PB_STATE/pool.json" "$1" 2>&1
 }
-backend_connected() { [ "$(xenstore-read "/local/domain/0/backend/pci/$1/state" 2>/dev/null)" = 4 ]; }
+backend_connected() { [ "$(xenstore-read "/local/domain/0/backend/pci/$1/0/state" 2>/dev/null)" = 4 ]; }
 run_lifecycle() {
   [ ${#LC[@]} = 2 ] || return 0
   local d1=${LC[0]} d2=${LC[1]} b1=${BDF[${LC[0]}]} b2=${BDF[${LC[1]}]} name=lane-lifecycle d out rc dev b
@@ -653,7 +657,7 @@ run_lifecycle() {
   if [ $rc = 0 ] && d=$(xl domid "$name" 2>/dev/null); then result $L pcibackd create PASS "domid $d: $(echo "$out" | tail -1)"
   else result $L pcibackd create FAIL "rc=$rc $(echo "$out" | tr '\n' ';')"; lifecycle_cleanup "$name"; return; fi
   if poll 180 backend_connected "$d"; then result $L pcibackd backend-connected PASS "domain $d backend state 4"
-  else result $L pcibackd backend-connected FAIL "backend state $(xenstore-read "/local/domain/0/backend/pci/$d/state" 2>&1)"; fi
+  else result $L pcibackd backend-connected FAIL "backend state $(xenstore-read "/local/domain/0/backend/pci/$d/0/state" 2>&1)"; fi
   # 4. hot-plug the second into the running guest
   out=$(PBCTL --timeout 120 pci-attach "$name" "$b2" 2>&1); rc=$?; echo "pci-attach: rc=$rc $out" >> "$log"
   if [ $rc = 0 ]; then result $L pcibackd pci-attach PASS "$b2 into $name: $(echo "$out" | tail -1)"

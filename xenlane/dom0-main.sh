@@ -236,6 +236,9 @@ pirq_check() { # dev mode domid bdf when: Xen holds no interrupt for the guest, 
   else result "$dev" "$mode" "no-pirq-after-$when" FAIL "$detail"; fi
 }
 BM_KERNEL_DIR=/tmp/bm-kernel; mkdir -p $BM_KERNEL_DIR
+# the header without STATUS (0x06-0x07: hardware-set, write-1-to-clear) and BIST
+# (0x0f), which a release never writes
+header_of() { head -c 64 "/sys/bus/pci/devices/$1/config" | od -An -v -tx1 -w16 | awk 'NR == 1 { $7 = $8 = $16 = "--" } 1'; }
 busmaster_at_seize() { # dev mode bdf: the backend took the function with DMA off
   if [ "$(bm_of "$3")" = off ]; then result "$1" "$2" busmaster-at-seize PASS "COMMAND $(cmd_hex "$3")"
   else result "$1" "$2" busmaster-at-seize FAIL "COMMAND $(cmd_hex "$3"): Bus Master on while no driver owns the function"; fi
@@ -357,6 +360,8 @@ kernel_create() { # dev name -> sets KD (domid) or returns 1
 }
 kernel_destroy() { # dev name domid
   destroy_and_check "$1" kernel "$2" "$3"
+  # the header xen-pciback leaves while it still holds the function (the lifecycle scenario compares)
+  header_of "${BDF[$1]}" > "$BM_KERNEL_DIR/$1.header.after-destroy"
   msi_off_after "$1" kernel "${BDF[$1]}"
   pirq_check "$1" kernel "$3" "${BDF[$1]}" destroy
 }
@@ -388,22 +393,62 @@ run_kernel() { # dev
 
 # ------------------------------------------------------------ mode pcibackd
 DPID=""
-start_daemon() {
+# The daemon starts as etc/pcibackd.service says (daemonctl.py unit-start: its
+# ExecStartPre and ExecStart lines, Environment=, the watchdog, UMask=,
+# LimitNOFILE=, NoNewPrivileges=), the installed /usr/local/sbin/pcibackd being
+# the checkout's venv entry point.  Its config is where the unit's daemon looks
+# for it, /etc/pcibackd/pcibackd.toml: /etc gets a tmpfs overlay (the host's / is
+# read-only here).  LANE_DAEMON_CMD (a command line) bypasses the unit.
+UNIT=$LANE_REPO/etc/pcibackd.service
+VENV_BIN=$(dirname "$LANE_PY")
+UNIT_ARGS=(--map "/usr/local/sbin/pcibackd=$VENV_BIN/pcibackd" --env PYTHONFAULTHANDLER=1)
+PB_STATE=/run/lane-var-lib/pcibackd        # StateDirectory= (a tmpfs: /var/lib is the host's, read-only)
+PB_CONF=/etc/pcibackd/pcibackd.toml
+NOTIFY_LOG=$OUT/notify.log
+writable() { # dir: a tmpfs overlay on it, so files can be added under a read-only host path
+  local u; u=/run/lane-overlay/$(echo "$1" | tr / _)
+  mkdir -p "$u/upper" "$u/work"
+  mount -t overlay overlay -o "lowerdir=$1,upperdir=$u/upper,workdir=$u/work" "$1"
+}
+daemon_config() { # the config file the lane's daemon reads (hide: BDFs)
+  local extra=()
+  if [ -n "${LANE_DAEMON_CMD:-}" ]; then PB_CONF=/run/lane-pcibackd.toml
+  elif kmod overlay 2>/dev/null && writable /etc 2>> "$OUT/dom0.log" && mkdir -p /etc/pcibackd; then :
+  else PB_CONF=/run/lane-pcibackd.toml; extra=(--config "$PB_CONF")
+    result all pcibackd unit-config-path INFO "/etc not writable (no overlayfs?): --config $PB_CONF appended to ExecStart"; fi
+  mkdir -p "$PB_STATE"; chmod 0700 "$PB_STATE"
+  # Python under TCG on a shared host: a worker's boot took 60 s and more, and time dom0's
+  # vCPU did not run counts as a worker's own time (the defaults suit real hardware)
+  { echo "# written by the Xen lane (dom0-main.sh)"; echo "[pcibackd]"; echo "state_dir = \"$PB_STATE\""
+    echo "heartbeat_timeout = ${LANE_HEARTBEAT_TIMEOUT:-300}"; echo "boot_timeout = ${LANE_BOOT_TIMEOUT:-600}"
+    echo "stuck_op_seconds = ${LANE_STUCK_OP_SECONDS:-30}"
+    echo "[devices]"; echo "hide = [$(for b in "$@"; do printf '"%s", ' "$b"; done | sed 's/, $//')]"; } > "$PB_CONF"
+  cp "$PB_CONF" "$OUT/pcibackd.toml"
+  UNIT_ARGS+=(--env "STATE_DIRECTORY=$PB_STATE")
+  [ ${#extra[@]} = 0 ] || UNIT_ARGS+=(-- "${extra[@]}")
+}
+start_daemon() { # [BDF to hide...]
   kmod pci-stub || { result all pcibackd pci-stub FAIL "modprobe pci-stub"; return 1; }
   if grep -q '^xen_pciback ' /proc/modules; then result all pcibackd kernel-backend-absent FAIL "xen_pciback is loaded"; return 1; fi
   result all pcibackd kernel-backend-absent PASS "xen_pciback not loaded"
-  log "starting: $DAEMON_CMD"
-  # shellcheck disable=SC2086
-  if $DAEMONCTL start /run/lane-pcibackd.pid "$OUT/pcibackd.log" 90 -- $DAEMON_CMD >> $OUT/dom0.log 2>&1; then
-    DPID=$(cat /run/lane-pcibackd.pid); result all pcibackd daemon-ready PASS "pid $DPID"
+  daemon_config "$@"
+  local rc=0
+  if [ -n "${LANE_DAEMON_CMD:-}" ]; then
+    log "starting: $DAEMON_CMD"
+    # shellcheck disable=SC2086
+    $DAEMONCTL start /run/lane-pcibackd.pid "$OUT/pcibackd.log" 90 -- $DAEMON_CMD --config "$PB_CONF" >> $OUT/dom0.log 2>&1 || rc=$?
+  else
+    log "starting through $UNIT (config $PB_CONF)"
+    $DAEMONCTL unit-start "$UNIT" /run/lane-pcibackd.pid "$OUT/pcibackd.log" "$NOTIFY_LOG" 90 "${UNIT_ARGS[@]}" > /tmp/unit-start.log 2>&1 || rc=$?
+    cat /tmp/unit-start.log >> $OUT/dom0.log
+  fi
+  if [ $rc = 0 ]; then
+    DPID=$(cat /run/lane-pcibackd.pid); result all pcibackd daemon-ready PASS "pid $DPID $(grep -m1 '^ExecStart=' /tmp/unit-start.log 2>/dev/null)"
   else
     result all pcibackd daemon-ready FAIL "$(tail -1 $OUT/dom0.log); see pcibackd.log"; return 1
   fi
 }
 
-# the header without STATUS (0x06-0x07: hardware-set, write-1-to-clear) and BIST
-# (0x0f), which a release never writes
-header_of() { head -c 64 "/sys/bus/pci/devices/$1/config" | od -An -v -tx1 -w16 | awk 'NR == 1 { $7 = $8 = $16 = "--" } 1'; }
 backend_past_initwait() { local st; st=$(xenstore-read "/local/domain/0/backend/pci/$1/0/state" 2>/dev/null); [ "${st:-0}" -ge 3 ]; }
 
 tree_of() { # pid -> "pid args" of each descendant (ps, not python: a python start costs seconds here)
@@ -524,6 +569,147 @@ run_pcibackd() { # dev
   else result "$dev" pcibackd daemon-alive FAIL "pcibackd died"; fi
 }
 
+# ------------------------------------------------------------ the unit's reload and notify
+PBCTL() { timeout 240 "$VENV_BIN/pcibackctl" "$@"; }
+reload_check() { # ExecReload (check-config, then SIGHUP), once; the daemon still serves after it
+  [ -z "${LANE_DAEMON_CMD:-}" ] || return 0
+  phase "pcibackd: ExecReload"
+  local before out rc=0
+  before=$(grep -c 'RELOADING=1' "$NOTIFY_LOG")
+  $DAEMONCTL unit-reload "$UNIT" /run/lane-pcibackd.pid "${UNIT_ARGS[@]}" > /tmp/unit-reload.log 2>&1 || rc=$?
+  cat /tmp/unit-reload.log >> "$OUT/dom0.log"
+  if [ $rc = 0 ]; then result all pcibackd exec-reload PASS "$(tr '\n' ';' < /tmp/unit-reload.log)"
+  else result all pcibackd exec-reload FAIL "rc=$rc: $(tr '\n' ';' < /tmp/unit-reload.log)"; return; fi
+  # RELOADING=1 then READY=1 again (Type=notify: systemctl reload waits for that READY=1)
+  reloaded() { [ "$(grep -c 'RELOADING=1' "$NOTIFY_LOG")" -gt "$before" ] && sed -n '/RELOADING=1/,$p' "$NOTIFY_LOG" | tail -n +2 | grep -q 'READY=1'; }
+  if poll 60 reloaded; then result all pcibackd reload-notified PASS "$(grep 'RELOADING=1' "$NOTIFY_LOG" | tail -1)"
+  else result all pcibackd reload-notified FAIL "no RELOADING=1 then READY=1 after SIGHUP: $(tail -3 "$NOTIFY_LOG" | tr '\n' ';')"; fi
+  out=$(PBCTL status 2>&1); rc=$?
+  if [ $rc = 0 ] && kill -0 "$DPID" 2>/dev/null; then result all pcibackd serving-after-reload PASS "pid $DPID; $(grep -m1 'SIGHUP' "$OUT/pcibackd.log" | cut -c1-160)"
+  else result all pcibackd serving-after-reload FAIL "pcibackctl status rc=$rc: $(echo "$out" | tail -2 | tr '\n' ';')"; fi
+}
+notify_checks() { # what systemd would have made of the notify messages (NotifyAccess=main, WatchdogSec=)
+  [ -z "${LANE_DAEMON_CMD:-}" ] || return 0
+  local others wd gap
+  others=$(grep -v " pid=$DPID " "$NOTIFY_LOG" | head -3 | tr '\n' ';')
+  if [ -z "$others" ]; then result all pcibackd notify-from-main PASS "$(wc -l < "$NOTIFY_LOG") message(s), all from the main pid $DPID (NotifyAccess=main)"
+  else result all pcibackd notify-from-main FAIL "from another pid (systemd drops them): $others"; fi
+  wd=$(sed -n 's/^WatchdogSec=//p' "$UNIT" | tail -1); wd=${wd%s}
+  # the longest silence between watchdog pings (and from READY=1 to the first)
+  gap=$(grep -E 'READY=1|WATCHDOG=1' "$NOTIFY_LOG" | awk '{ t = $1 } NR > 1 && t - p > g { g = t - p } { p = t } END { printf "%.1f", g + 0 }')
+  if [ "$(grep -c 'WATCHDOG=1' "$NOTIFY_LOG")" -gt 0 ] && awk -v g="$gap" -v w="$wd" 'BEGIN { exit !(g < w) }'; then
+    result all pcibackd watchdog-pings PASS "$(grep -c 'WATCHDOG=1' "$NOTIFY_LOG") WATCHDOG=1, longest gap ${gap}s < WatchdogSec=${wd}s"
+  else result all pcibackd watchdog-pings FAIL "$(grep -c 'WATCHDOG=1' "$NOTIFY_LOG") WATCHDOG=1, longest gap ${gap}s (WatchdogSec=${wd}s: systemd would have killed it)"; fi
+}
+
+# ------------------------------------------------------------ an administrator's lifecycle
+# Two functions (LANE_LIFECYCLE, default pci-testdev then edu): the first hidden at
+# daemon start ([devices] hide), the second made assignable by command; an
+# unchanged xl config with pci=['first'] created by `pcibackctl create`, the
+# second hot-plugged into the running guest; `xl destroy` gives both back to
+# the pool as they were; `assignable-remove -r` gives them back to dom0.
+LANE_LIFECYCLE=${LANE_LIFECYCLE:-pci-testdev edu}
+declare -a LC=()
+declare -A LC_ORIG
+lifecycle_plan() { # -> LC (two devices with a BDF) or nothing
+  local dev; LC=()
+  for dev in $LANE_LIFECYCLE; do [ -n "${BDF[$dev]:-}" ] && LC+=("$dev"); done
+  if [ ${#LC[@]} -lt 2 ]; then
+    [ -z "$LANE_LIFECYCLE" ] || result lifecycle pcibackd scenario INFO "skipped: needs two of '$LANE_LIFECYCLE' among the devices"
+    LC=(); return
+  fi
+  LC=("${LC[0]}" "${LC[1]}")
+  for dev in "${LC[@]}"; do LC_ORIG[$dev]=$(driver_of "${BDF[$dev]}"); done
+}
+in_pool() { PBCTL assignable-list > /tmp/pool.list 2>&1 && grep -qx "$1" /tmp/pool.list; }
+pool_entry() { # bdf -> "driver=X source=Y" from pool.json
+  timeout 60 "$LANE_PY" -c 'import json, sys
+for f in json.load(open(sys.argv[1]))["functions"]:
+    if f["bdf"] == sys.argv[2]:
+        print("driver=%s source=%s" % (f["driver"] or "none", f["source"]))' "$PB_STATE/pool.json" "$1" 2>&1
+}
+backend_connected() { [ "$(xenstore-read "/local/domain/0/backend/pci/$1/0/state" 2>/dev/null)" = 4 ]; }
+run_lifecycle() {
+  [ ${#LC[@]} = 2 ] || return 0
+  local d1=${LC[0]} d2=${LC[1]} b1=${BDF[${LC[0]}]} b2=${BDF[${LC[1]}]} name=lane-lifecycle d out rc dev b
+  local L=lifecycle log=$OUT/lifecycle.log
+  phase "lifecycle/pcibackd: hide, create, hot-plug, destroy, give back"
+  xen_irq_baseline
+  tree_of "$DPID" | awk '{print $1}' | sort > /tmp/tree.base
+  # 1. hidden at start: in the pool, on the stub, its original driver in pool.json
+  if in_pool "$b1"; then result $L pcibackd hidden-at-start PASS "$d1 $b1 in assignable-list"
+  else result $L pcibackd hidden-at-start FAIL "$d1 $b1 not in assignable-list: $(tr '\n' ';' < /tmp/pool.list)"; fi
+  if [ "$(driver_of "$b1")" = pci-stub ]; then result $L pcibackd hidden-on-stub PASS "$b1 driver=pci-stub"
+  else result $L pcibackd hidden-on-stub FAIL "$b1 driver=$(driver_of "$b1")"; fi
+  out=$(pool_entry "$b1")
+  if [ "$out" = "driver=${LC_ORIG[$d1]} source=hide" ]; then result $L pcibackd pool-original-driver PASS "pool.json: $b1 $out (dom0 had ${LC_ORIG[$d1]})"
+  else result $L pcibackd pool-original-driver FAIL "pool.json: '$out', dom0 had driver=${LC_ORIG[$d1]}"; fi
+  # 2. the second one by command
+  out=$(PBCTL assignable-add "$b2" 2>&1); rc=$?; echo "assignable-add $b2: rc=$rc $out" >> "$log"
+  if [ $rc = 0 ] && in_pool "$b2" && [ "$(driver_of "$b2")" = pci-stub ]; then result $L pcibackd assignable-add PASS "$d2 $b2: $out"
+  else result $L pcibackd assignable-add FAIL "rc=$rc $out; driver=$(driver_of "$b2"); pool: $(tr '\n' ';' < /tmp/pool.list)"; fi
+  for dev in "${LC[@]}"; do header_of "${BDF[$dev]}" > "/tmp/$dev.header.pooled"; done
+  # 3. an unchanged xl config with pci=: pcibackctl create
+  write_cfg "$name" "lane.ndev=2 lane.wait=240"; echo "pci = [ '$b1' ]" >> "/tmp/$name.cfg"
+  cp "/tmp/$name.cfg" "$OUT/lifecycle.cfg"
+  log "lifecycle: pcibackctl create $name (pci=$b1)"
+  out=$(PBCTL --timeout 60 create --xl "$XL" "/tmp/$name.cfg" 2>&1); rc=$?; echo "create: rc=$rc $out" >> "$log"
+  if [ $rc = 0 ] && d=$(xl domid "$name" 2>/dev/null); then result $L pcibackd create PASS "domid $d: $(echo "$out" | tail -1)"
+  else result $L pcibackd create FAIL "rc=$rc $(echo "$out" | tr '\n' ';')"; lifecycle_cleanup "$name"; return; fi
+  if poll 180 backend_connected "$d"; then result $L pcibackd backend-connected PASS "domain $d backend state 4"
+  else result $L pcibackd backend-connected FAIL "backend state $(xenstore-read "/local/domain/0/backend/pci/$d/0/state" 2>&1)"; fi
+  # 4. hot-plug the second into the running guest
+  out=$(PBCTL --timeout 120 pci-attach "$name" "$b2" 2>&1); rc=$?; echo "pci-attach: rc=$rc $out" >> "$log"
+  if [ $rc = 0 ]; then result $L pcibackd pci-attach PASS "$b2 into $name: $(echo "$out" | tail -1)"
+  else result $L pcibackd pci-attach FAIL "rc=$rc $(echo "$out" | tr '\n' ';')"; fi
+  poll 260 domu_reported "$name"
+  tr -d '\r' < "$CON/guest-$name.log" > "$OUT/lifecycle.pcibackd.console"
+  local seen=""; for dev in "${LC[@]}"; do grep -q "^LANE-DOMU-DEV .* $(vid_of "$dev")\$" "$OUT/lifecycle.pcibackd.console" && seen="$seen $dev"; done
+  if [ "$seen" = " $d1 $d2" ]; then result $L pcibackd domu-sees-both PASS "$(grep '^LANE-DOMU-DEV ' "$OUT/lifecycle.pcibackd.console" | cut -d' ' -f2- | tr '\n' ';')"
+  else result $L pcibackd domu-sees-both FAIL "seen:${seen:- none}; $(grep -E '^LANE-DOMU-(DEV|END) ' "$OUT/lifecycle.pcibackd.console" | tr '\n' ';')"; fi
+  out=$(PBCTL pci-list "$name" 2>&1); rc=$?; echo "pci-list: rc=$rc $out" >> "$log"
+  if [ $rc = 0 ] && echo "$out" | grep -q "$b1" && echo "$out" | grep -q "$b2" && [ "$(echo "$out" | grep -c '0000:')" = 2 ]; then
+    result $L pcibackd pci-list PASS "$(echo "$out" | tr -s ' ' | tr '\n' ';')"
+  else result $L pcibackd pci-list FAIL "rc=$rc $(echo "$out" | tr '\n' ';')"; fi
+  # 5. bad input: a function this host does not have (exit 6: no such guest or device)
+  out=$(PBCTL pci-attach "$name" 0000:0a:00.0 2>&1); rc=$?; echo "pci-attach 0000:0a:00.0: rc=$rc $out" >> "$log"
+  if [ $rc = 6 ] && echo "$out" | grep -q '0000:0a:00.0'; then result $L pcibackd bad-bdf-refused PASS "exit 6: $(echo "$out" | tail -1)"
+  else result $L pcibackd bad-bdf-refused FAIL "exit $rc (want 6 naming the function): $(echo "$out" | tr '\n' ';')"; fi
+  # 6. xl destroy: both back in the pool, on the stub, with the header they had there
+  destroy_and_check $L pcibackd "$name" "$d"
+  pirq_check $L pcibackd "$d" "$b1" destroy
+  if poll "$LANE_CLEAN_TIMEOUT" tree_within /tmp/tree.base; then result $L pcibackd worker-gone PASS ""
+  else result $L pcibackd worker-gone FAIL "left: $(tree_of "$DPID" | tr '\n' ';')"; fi
+  for dev in "${LC[@]}"; do
+    b=${BDF[$dev]}
+    poll 60 grep -q "released $b" "$OUT/pcibackd.log"
+    if in_pool "$b" && [ "$(driver_of "$b")" = pci-stub ]; then result "$dev" pcibackd lifecycle-back-in-pool PASS "$b in assignable-list, driver=pci-stub"
+    else result "$dev" pcibackd lifecycle-back-in-pool FAIL "driver=$(driver_of "$b"); pool: $(tr '\n' ';' < /tmp/pool.list)"; fi
+    header_of "$b" > "/tmp/$dev.header.lc-after"
+    local rel; rel=$(grep "released $b" "$OUT/pcibackd.log" | tail -1 | sed 's/.*released/released/')
+    if [ -z "$rel" ]; then result "$dev" pcibackd lifecycle-restored FAIL "no 'released $b' in pcibackd.log"
+    elif cmp -s "/tmp/$dev.header.pooled" "/tmp/$dev.header.lc-after"; then result "$dev" pcibackd lifecycle-restored PASS "header as in the pool before the guest; $rel"
+    else result "$dev" pcibackd lifecycle-restored FAIL "header differs: $(diff "/tmp/$dev.header.pooled" "/tmp/$dev.header.lc-after" | tr '\n' ' ')"; fi
+    if [ ! -e "$BM_KERNEL_DIR/$dev.header.after-destroy" ]; then result "$dev" pcibackd lifecycle-like-kernel INFO "no kernel-mode run to compare"
+    elif cmp -s "$BM_KERNEL_DIR/$dev.header.after-destroy" "/tmp/$dev.header.lc-after"; then result "$dev" pcibackd lifecycle-like-kernel PASS "header as xen-pciback leaves it after xl destroy (COMMAND $(cmd_hex "$b"))"
+    else result "$dev" pcibackd lifecycle-like-kernel FAIL "xen-pciback leaves: $(diff "$BM_KERNEL_DIR/$dev.header.after-destroy" "/tmp/$dev.header.lc-after" | tr '\n' ' ')"; fi
+  done
+  # 7. assignable-remove -r: back to the dom0 driver each had before pcibackd took it
+  for dev in "${LC[@]}"; do
+    b=${BDF[$dev]}
+    out=$(PBCTL assignable-remove -r "$b" 2>&1); rc=$?; echo "assignable-remove -r $b: rc=$rc $out" >> "$log"
+    local ovr; ovr=$(cat "/sys/bus/pci/devices/$b/driver_override" 2>/dev/null)
+    if [ $rc = 0 ] && [ "$(driver_of "$b")" = "${LC_ORIG[$dev]}" ] && ! in_pool "$b" && [ "$ovr" = "(null)" -o -z "$ovr" ]; then
+      result "$dev" pcibackd lifecycle-given-back PASS "driver=$(driver_of "$b") as before pcibackd took it (original: ${LC_ORIG[$dev]}); $out"
+    else result "$dev" pcibackd lifecycle-given-back FAIL "rc=$rc $out; driver=$(driver_of "$b") (original ${LC_ORIG[$dev]}) override=$ovr"; fi
+  done
+}
+lifecycle_cleanup() { # name: after a failed step, nothing of the scenario left for the next ones
+  xl destroy "$1" >/dev/null 2>&1
+  # refused while the daemon has not yet seen the guest's backend go: retried
+  local dev; for dev in "${LC[@]}"; do poll 60 PBCTL assignable-remove -r "${BDF[$dev]}" >> "$OUT/lifecycle.log" 2>&1; done
+}
+
 # ------------------------------------------------------------ scenarios
 if [[ " $LANE_MODES " == *" kernel "* ]]; then
   phase "kernel: load xen-pciback"
@@ -534,11 +720,16 @@ if [[ " $LANE_MODES " == *" kernel "* ]]; then
 fi
 if [[ " $LANE_MODES " == *" pcibackd "* ]]; then
   phase "pcibackd: start the daemon"
-  if start_daemon; then
+  lifecycle_plan
+  if start_daemon ${LC[0]:+"${BDF[${LC[0]}]}"}; then
+    run_lifecycle
+    reload_check
     for dev in $LANE_DEVICES; do [ -n "${BDF[$dev]}" ] && run_pcibackd "$dev"; done
     phase "pcibackd: stop the daemon"
-    if $DAEMONCTL stop /run/lane-pcibackd.pid 10 >> $OUT/dom0.log 2>&1; then result all pcibackd daemon-stop PASS ""
+    if [ -n "${LANE_DAEMON_CMD:-}" ]; then stop=(stop /run/lane-pcibackd.pid 10); else stop=(unit-stop "$UNIT" /run/lane-pcibackd.pid); fi
+    if $DAEMONCTL "${stop[@]}" >> $OUT/dom0.log 2>&1; then result all pcibackd daemon-stop PASS "$(tail -1 $OUT/dom0.log)"
     else result all pcibackd daemon-stop FAIL "$(tail -1 $OUT/dom0.log)"; fi
+    notify_checks
   fi
 fi
 phase "final checks"

@@ -8,13 +8,15 @@ mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs dev /dev
 arg() { sed -n "s/.*lane\.$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
 up() { cut -d' ' -f1 /proc/uptime; }
 WAIT=$(arg wait); WAIT=${WAIT:-60}
+# lane.ndev=N: wait for N functions (dom0 hot-plugs the later ones into the running guest)
+NDEV=$(arg ndev); NDEV=${NDEV:-1}
 echo "LANE-DOMU-UP uptime=$(up)"
 # modprobe blocks until the backend connects (xenbus waits for the device): background it
 modprobe xen-pcifront &
 n=0; i=0
 while [ $i -lt $((WAIT * 4)) ]; do
   n=$(ls /sys/bus/pci/devices 2>/dev/null | wc -l)
-  [ "$n" -gt 0 ] && break
+  [ "$n" -ge "$NDEV" ] && break
   sleep 0.25; i=$((i + 1))
 done
 sleep 1    # let the scan of the virtual root finish adding functions

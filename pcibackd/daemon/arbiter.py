@@ -266,8 +266,8 @@ class Supervisor(ReleaseViews, WorkerLife):
                             poll_window_us=c.poll_window_us, supervisor_endpoint=self.workers_endpoint,
                             heartbeat_interval=c.heartbeat_interval, policy_path=c.policy_path,
                             log_level=c.log_level, state_dir=str(self.runtime), orphan_grace=c.orphan_grace,
+                            stuck_op_seconds=c.stuck_op_seconds, uid=worker_uid(c.worker_uid_base, guest.domid),
                             token=guest.token, device_gate=str(self.runtime / GATE_SOCKET),
-                            uid=worker_uid(c.worker_uid_base, guest.domid),
                             xenstore_sock=self.xsgate.pair(guest.domid))
 
     def _on_worker_messages(self) -> None:

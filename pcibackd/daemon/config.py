@@ -38,6 +38,7 @@ class DaemonConfig:
     heartbeat_timeout: float = 90.0      # backstop: a worker silent this long (our stalls excluded) is replaced;
                                          # a stuck op is caught sooner by the worker's own watchdog
     boot_timeout: float = 90.0           # a new worker's first report may take this long (at least heartbeat_timeout)
+    stuck_op_seconds: float = 0.9        # a worker's own time on one op before it ends itself (worker/stuck.py)
     orphan_grace: float = 60.0           # a worker with no supervisor this long exits cleanly (>= 3 keepalives)
     handover_grace: float = 10.0         # SIGTERM: workers serve on this long for a successor (0: stop them;
                                          # at most orphan_grace)
@@ -222,6 +223,7 @@ SETTINGS: dict[str, Setting] = {
     "heartbeat_interval": Setting(_number(float, above=0), "seconds between worker beats"),
     "heartbeat_timeout": Setting(_number(float, above=0), "seconds of silence before a worker is replaced"),
     "boot_timeout": Setting(_number(float, above=0), "seconds a new worker may take to its first beat"),
+    "stuck_op_seconds": Setting(_number(float, above=0), "seconds of a worker's own time on one op: stuck"),
     "orphan_grace": Setting(_number(float, above=0), "seconds a worker waits for a supervisor"),
     "handover_grace": Setting(_number(float, low=0), "seconds workers serve on after SIGTERM for a successor"),
     "restart_max_failures": Setting(_number(int, low=1), "failures in a row before FATAL"),
@@ -240,7 +242,7 @@ SETTINGS: dict[str, Setting] = {
 # What SIGHUP (systemctl reload) changes in a running daemon; workers started
 # from then on get the new values.  The rest needs a restart.
 LIVE = frozenset({"poll_window_us", "heartbeat_interval", "heartbeat_timeout", "boot_timeout", "orphan_grace",
-                  "handover_grace",
+                  "handover_grace", "stuck_op_seconds",
                   "restart_max_failures", "restart_stable_after", "log_level", "stop_timeout"})
 
 def _devices_section(untrusted: object) -> dict[str, Any]:

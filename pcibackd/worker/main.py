@@ -81,6 +81,7 @@ class WorkerConfig:
     log_level: str = "INFO"
     state_dir: str | None = None
     orphan_grace: float = 60.0     # no supervisor ack for this long: exit cleanly
+    stuck_op_seconds: float = 0.9  # own time on one op before the worker ends itself (stuck.py)
     token: str = ""                # proves beats come from this worker (see supervisor)
     device_gate: str | None = None  # the supervisor's device gate socket; None: open devices here
     uid: int | None = None         # run as this uid and gid once set up (privileges.worker_uid); None: stay root
@@ -108,7 +109,7 @@ class Worker:
         dispatch = self.dispatcher.dispatch
         if points:
             dispatch = faults.wrap_dispatch(dispatch, points, self.devices.state_dir, cfg.domid)
-        self.watchdog = OpWatchdog()
+        self.watchdog = OpWatchdog.after(cfg.stuck_op_seconds)
         self.loop = OpLoop(self.dispatcher, cfg.poll_window_us * 1e-6, dispatch=dispatch, watchdog=self.watchdog)
         self.machine = BackendMachine(mode=cfg.topology, host_facts=self.devices.host_facts)
         self.driver = Driver(self.xs, cfg.domid, cfg.backend_path, self.machine, self)

@@ -139,3 +139,16 @@ def test_a_replaced_workers_last_report_is_not_taken_unparsed():
     g.attach(101, r, None, adopted=False, now=0.0)
     assert g.last_frame == b""
     os.close(r), os.close(w)
+
+
+def test_the_stuck_op_limit_is_a_setting_of_the_whole_wait():
+    from pcibackd.daemon.config import LIVE, DaemonConfig
+    from pcibackd.worker.main import WorkerConfig
+    assert DaemonConfig().stuck_op_seconds == WorkerConfig(domid=1, backend_path="b").stuck_op_seconds == 0.9
+    assert "stuck_op_seconds" in LIVE, "a reload gives new workers the new limit"
+    default = OpWatchdog.after(0.9)
+    assert (default.first, default.confirm) == pytest.approx((0.5, 0.4))
+    slow = OpWatchdog.after(30.0)          # an emulated dom0 on a loaded host
+    assert slow.first + slow.confirm == pytest.approx(30.0) and slow.first == 0.5
+    short = OpWatchdog.after(0.45)
+    assert (short.first, short.confirm) == pytest.approx((0.25, 0.2))

@@ -163,12 +163,12 @@ class ProcSampler:
         if total is not None and before is not None and total >= before[1] and now > before[0]:
             window = now - before[0]
             percent = 100 * (total - before[1]) / window
-        elif boot_now - started > 0:                  # not seen by the last pass: over its life so far
+        elif boot_now - started >= 1 / TICK:         # not seen by the last pass: over its life so far
             window = boot_now - started
             percent = 100 * cpu / window
         return Figures(g.pid, rss, self._uss.get(g.pid, (0.0, None))[1],
                        None if percent is None else round(percent, 1),
-                       None if window is None else round(window, 1)), total
+                       None if window is None else round(window, 2)), total
 
     def _walk_uss(self, pids: list[int], now: float, prune: bool = True) -> None:
         """USS of the :data:`USS_PER_PASS` of ``pids`` measured longest ago (never first);

@@ -56,6 +56,9 @@ def two_guests(dom0: SimDom0):
     front.connect()
     wait_until(lambda: [(g["worker_state"], bool(g["served"])) for g in dom0.status()["guests"]]
                == [("RUNNING", True), ("RUNNING", False)], what="two RUNNING workers, dom1's scan in a heartbeat")
+    # a report may come in the middle of the scan: wait for the one after its last empty slot
+    wait_until(lambda: dom0.status()["guests"][0]["misses"].get("conf_read", {}).get("XEN_PCI_ERR_dev_not_found", 0)
+               >= 250, what="dom1's whole bus scan in its reports")
     return front
 
 

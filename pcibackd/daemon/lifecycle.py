@@ -17,11 +17,13 @@ pci-attach until ``pcibackctl quarantine clear --force`` (or pci-attach --force)
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from loguru import logger
 
+from pcibackd.common.files import write_atomic
 from pcibackd.daemon.pool import LifecycleError, Pool, PoolOps  # noqa: F401 (LifecycleError: for the commands)
 from pcibackd.daemon.pool import bad as _bad, failed as _failed, missing as _missing
 from pcibackd.hostpci.drivers import DriverError, HostDrivers
@@ -36,6 +38,7 @@ from pcibackd.xl.pcispec import PciSpec, SpecError, parse_spec
 MAX_DOMID = 0x7FEF
 KERNEL_BACKEND = Path("/sys/module/xen_pciback")
 CLOSING = (str(int(S.Closing)), str(int(S.Closed)))
+DETACHING_FILE = "detaching.json"   # beside the pool: {domid: [functions our pci-detach marked]}
 # backend states in which no device may be added (a reconfiguration in flight, or the end)
 BUSY_STATES = {str(int(S.Reconfiguring)): "reconfiguring", str(int(S.Reconfigured)): "reconfiguring",
                str(int(S.Closing)): "closing", str(int(S.Closed)): "closed"}
@@ -57,14 +60,20 @@ class Lifecycle(PoolOps):
         self.toolstack = Toolstack(xs)
         # functions of the pool given to each guest (revoked when its backend goes)
         self.given: dict[int, set[BDF]] = {}
-        self.detaching: set[int] = set()        # domains asked to let go of a function (pci-detach)
+        # functions our pci-detach asked each guest to let go of; only those get libxl's last
+        # step from us (an `xl pci-detach` or `xl destroy` does its own, and two renumberings
+        # of one backend crash libxl).  Kept in a file so a restarted daemon finishes them.
+        self.detaching_file = pool.path.parent / DETACHING_FILE
+        self.detaching: dict[int, set[BDF]] = {}
+        begun = _read_detaching(self.detaching_file)
         for domid in self._backends():
             listed = self._listed(domid)
-            for bdf, _ in listed:
+            for bdf, state in listed:
                 if bdf in pool:
                     self.given.setdefault(domid, set()).add(bdf)
-            if any(state in CLOSING for _, state in listed):
-                self.detaching.add(domid)      # one an earlier daemon began
+                if state in CLOSING and bdf in begun.get(domid, ()):
+                    self.detaching.setdefault(domid, set()).add(bdf)      # one an earlier daemon began
+        self._save_detaching()
 
     def _backends(self) -> list[int]:
         return [int(d) for d in self.xs.ls(BACKEND_ROOT) if d.isdigit() and len(d) <= 5]
@@ -237,8 +246,9 @@ class Lifecycle(PoolOps):
                 self.toolstack.remove_nodes(d.domid, bdf)
                 self._revoke(d.domid, bdf)
             else:
+                self.detaching.setdefault(d.domid, set()).add(bdf)
+                self._save_detaching()
                 self.toolstack.begin_detach(d.domid, bdf)
-                self.detaching.add(d.domid)
         return {"domid": d.domid, "functions": [str(b) for b in sorted(bdfs)],
                 "state": "detaching" if connected and not force else "detached"}
 
@@ -255,7 +265,7 @@ class Lifecycle(PoolOps):
     def followed(self, domids) -> set[int]:
         """Those of ``domids`` whose backend changes concern us: a function of the pool is given
         to it, or a detach is under way there.  Only their backends are read again."""
-        return (set(self.given) | self.detaching) & set(domids)
+        return (set(self.given) | set(self.detaching)) & set(domids)
 
     def wants_events(self, domids) -> bool:
         return bool(self.followed(domids))
@@ -270,24 +280,50 @@ class Lifecycle(PoolOps):
                 logger.exception("device lifecycle, domain {}: {}", domid, exc)
 
     def _backend_changed(self, domid: int) -> None:
-        # A function marked Closing in a backend that is Connected again was let go by the
-        # guest (the mark and state=7 are written together): libxl's last step is ours.
-        # Read from xenstore, not remembered, so a restarted daemon finishes it too.
+        # A function our pci-detach marked Closing, in a backend that is Connected again, was
+        # let go by the guest (the mark and state=7 are written together): libxl's last step
+        # is ours.  Marks we did not write are libxl's, and so is that step.
         listed = self._listed(domid)
-        if self.xs.read(f"{backend_path(domid)}/state") == str(int(S.Connected)):
+        ours = self.detaching.get(domid, set())
+        if ours and self.xs.read(f"{backend_path(domid)}/state") == str(int(S.Connected)):
             for bdf, state in listed:
-                if state in CLOSING:
+                if state in CLOSING and bdf in ours:
                     self.toolstack.remove_nodes(domid, bdf)
                     self._revoke(domid, bdf)
             listed = self._listed(domid)
-        if not any(state in CLOSING for _, state in listed):
-            self.detaching.discard(domid)
+        pending = {bdf for bdf, state in listed if state in CLOSING} & ours
+        if pending != ours:
+            if pending:
+                self.detaching[domid] = pending
+            else:
+                self.detaching.pop(domid, None)
+            self._save_detaching()
         held = {bdf for bdf, _ in listed}
         for bdf in sorted(self.given.get(domid, ())):
             if bdf not in held:
                 self._revoke(domid, bdf)
         if not self.given.get(domid, True):
             del self.given[domid]
+
+
+    def _save_detaching(self) -> None:
+        try:
+            write_atomic(self.detaching_file, json.dumps(
+                {str(d): sorted(map(str, bdfs)) for d, bdfs in self.detaching.items()}).encode())
+        except OSError as exc:
+            logger.error("{}: {} (a restarted daemon will not finish these detaches)", self.detaching_file, exc)
+
+
+def _read_detaching(path: Path) -> dict[int, set[BDF]]:
+    """The detaches an earlier daemon began (an unreadable file: none)."""
+    try:
+        untrusted = json.loads(path.read_text())
+        return {int(d): {BDF.parse(b) for b in bdfs} for d, bdfs in untrusted.items()}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        logger.warning("{} unreadable ({}): no pending detach taken over", path, exc)
+        return {}
 
 
 def _quarantine_message(bdf: BDF, why) -> str:

@@ -158,16 +158,16 @@ def test_backend_events_read_only_the_followed_backends(host, tmp_path):
     life.attach("g3", E1000E)                   # hot-plugged (state 7) ...
     dom0.xs.write(f"{be}/state", str(int(S.Connected)))     # ... and taken by the guest
     assert life.detach("g3", E1000E, force=False)["state"] == "detaching"
-    assert life.detaching == {3}
+    assert life.detaching == {3: {BDF.parse(E1000E)}}
     restarted = Lifecycle(xs, SimDrivers(pci_root(dom0)), Pool(tmp_path / "lib"),
                           SimPlatform(dom0.sim_dir, 0), tmp_path / "state")
-    assert restarted.detaching == {3} and restarted.given == life.given     # a new daemon finishes it
+    assert restarted.detaching == life.detaching and restarted.given == life.given     # a new daemon finishes it
     dom0.xs.write(f"{be}/state", str(int(S.Connected)))
     xs.paths.clear()
     life.backends_changed({3, 12})
     assert all(p.startswith(be + "/") for p in xs.paths), xs.paths
     assert dom0.xs.read(f"{be}/num_devs") == "1" and dom0.xs.read(f"{be}/dev-0") == EDU
-    assert life.detaching == set() and life.given == {3: {BDF.parse(EDU)}}
+    assert life.detaching == {} and life.given == {3: {BDF.parse(EDU)}}
     assert drivers.state(pci_root(dom0), E1000E)["assigned"] is None
 
     dom0.xs.rm(be)                              # the guest went: what it held comes back
@@ -194,3 +194,30 @@ def test_hide_at_start_resets_each_function(host):
     assert not nvme.read(COMMAND, 2) & COMMAND_MASTER
     assert entries[NVME2]["quarantined"] and entries[NVME2]["reset"]["result"] == "failed"
     assert f"seized {NVME2}: at seize: flr reset failed" in dom0.daemon_log.read_text()
+
+
+def test_a_removal_libxl_began_is_left_to_libxl(host, tmp_path):
+    """`xl destroy` / `xl pci-detach` mark a function Closing and renumber the backend's
+    entries themselves once it is Connected again: doing it a second time races libxl's own
+    transaction (which then reads a vanished state-N and crashes).  Only what our pci-detach
+    began gets libxl's last step from us; libxl's removal still gives the function back."""
+    dom0 = host
+    life = Lifecycle(dom0.xs, SimDrivers(pci_root(dom0)), Pool(tmp_path / "lib"), SimPlatform(dom0.sim_dir, 0),
+                     tmp_path / "state")
+    life.add(BDF.parse(EDU))
+    life.add(BDF.parse(E1000E))
+    dom0.toolstack.create_domain(3, "g3")
+    life.attach("g3", EDU)
+    be = backend_path(3)
+    dom0.xs.write(f"{be}/state", str(int(S.Connected)))
+    life.attach("g3", E1000E)
+    dom0.xs.write(f"{be}/state", str(int(S.Connected)))
+    dom0.toolstack.begin_detach(3, BDF.parse(EDU))            # libxl's mark, not ours
+    dom0.xs.write(f"{be}/state", str(int(S.Connected)))       # the guest let go
+    life.backends_changed({3})
+    assert [dom0.xs.read(f"{be}/{k}") for k in ("num_devs", "dev-0", "dev-1")] == ["2", EDU, E1000E]
+    assert life.given == {3: {BDF.parse(EDU), BDF.parse(E1000E)}} and life.detaching == {}
+    dom0.toolstack.remove_nodes(3, BDF.parse(EDU))            # libxl's own last step
+    life.backends_changed({3})
+    assert life.given == {3: {BDF.parse(E1000E)}}
+    assert drivers.state(pci_root(dom0), EDU)["assigned"] is None

@@ -7,14 +7,13 @@ waits at the device gate for the successor (worker/devicegate.py)."""
 from __future__ import annotations
 
 import signal
-import threading
-import time
 
 import pytest
 
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import Err, XenbusState as S
 from pcibackd.wire.paths import backend_path
+from helpers import Traffic
 from simdom0.dom0 import SimDom0
 from waiting import process_gone, wait_until
 
@@ -61,51 +60,18 @@ def running(g: dict) -> bool:
     return g["worker_state"] == "RUNNING" and g["xenbus_state"] == S.Connected
 
 
-class Traffic:
-    """A guest's config reads on a thread of its own while the daemon is acted on."""
-
-    def __init__(self, front, expect: int):
-        self.front, self.expect = front, expect
-        self.ops = self.bad = 0
-        self.slowest = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            t = time.monotonic()
-            result = self.front.conf_read(G0, 0, 2)
-            self.slowest = max(self.slowest, time.monotonic() - t)
-            self.ops += 1
-            self.bad += result != (Err.success, self.expect)
-            self._stop.wait(0.005)
-
-    def __enter__(self) -> "Traffic":
-        self._thread.start()
-        wait_until(lambda: self.ops >= 3, what="the guest's first ops")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(self.front.op_timeout + 10)
-
-    def more(self, n: int = 20) -> None:
-        target = self.ops + n
-        wait_until(lambda: self.ops >= target, timeout=60, what=f"{n} more ops")
-
-
 def test_sigterm_hands_the_workers_to_the_next_supervisor(dom0):
     f1, f2 = two_guests(dom0)
     pids = {d: guest(dom0, d, running, "running")["pid"] for d in (1, 2)}
     with Traffic(f1, EDU) as traffic:
         assert dom0.stop_daemon(signal.SIGTERM) == 0
         assert not any(process_gone(p) for p in pids.values())     # left serving
-        traffic.more()                                              # ... with no supervisor at all
+        traffic.wait_more()                                              # ... with no supervisor at all
         dom0.start_daemon()
         for d in (1, 2):
             g = guest(dom0, d, lambda g: g["adopted"] and running(g), "adopted and running")
             assert g["pid"] == pids[d] and g["restarts"] == 0, g
-        traffic.more()
+        traffic.wait_more()
     assert traffic.bad == 0 and f1.timeouts == 0
     assert f1.state() == S.Connected and dom0.xs.read(f"{backend_path(1)}/state") == "4"
     assert f2.conf_read(G0, 0, 2) == (Err.success, TESTDEV)

@@ -24,8 +24,6 @@ import os
 import re
 import signal
 import sys
-import threading
-import time
 from pathlib import Path
 
 import psutil
@@ -35,6 +33,7 @@ from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import Err, XenbusState as S
 from pcibackd.wire.paths import backend_path
 from pcibackd.worker.privileges import LOCKED_UID
+from helpers import Traffic
 from simdom0.dom0 import SimDom0
 from systemd_box import SystemdBox, unavailable
 from waiting import process_gone, wait_until
@@ -89,46 +88,6 @@ orphan_grace = 60.0
 handover_grace = 15.0
 status_group = "nogroup"
 """
-
-
-class Traffic:
-    """A guest's config reads in a loop on a thread of its own, with the backend's
-    xenbus state read after each: what the guest sees while the service is acted on."""
-
-    def __init__(self, front, expect: int):
-        self.front, self.expect = front, expect
-        self.ops = self.bad = 0
-        self.slowest = 0.0
-        self.states: set[str | None] = set()
-        self.front_states: set[int | None] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        be = backend_path(self.front.domid)
-        while not self._stop.is_set():
-            t = time.monotonic()
-            result = self.front.conf_read(G0, 0, 2)
-            self.slowest = max(self.slowest, time.monotonic() - t)
-            self.ops += 1
-            self.bad += result != (Err.success, self.expect)
-            self.states.add(self.front.xs.read(f"{be}/state"))
-            self.front_states.add(self.front.state())
-            self._stop.wait(0.005)      # a guest's pace, not a spin: the daemon restarting needs the CPUs
-
-    def __enter__(self) -> "Traffic":
-        self._thread.start()
-        wait_until(lambda: self.ops >= 3, what="the guest's first ops")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(self.front.op_timeout + 10)
-
-    def wait_more(self, n: int = 20) -> None:
-        """Until ``n`` more ops went through (the service is serving again, not only up)."""
-        target = self.ops + n
-        wait_until(lambda: self.ops >= target, timeout=60, what=f"{n} more ops of dom{self.front.domid}")
 
 
 class Served:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import grp
 import os
 import signal
-import socket
 import stat
 import traceback
 from pathlib import Path
@@ -21,6 +20,7 @@ from pcibackd.hostpci.sysfs import devices_dir
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import Err
 from pcibackd.worker import privileges
+from helpers import Refusals, connect_unix
 from simdom0.dom0 import SimDom0
 from waiting import wait_until
 
@@ -100,21 +100,8 @@ def test_each_worker_writes_only_its_own_state_directory(guests):
 
 def _as_worker_uid(dom0, domid: int, supervisor: int, other_worker: int) -> list[str]:
     """In a child holding ``domid``'s worker uid and gid: each attempt that should fail and did not."""
-    got = []
-
-    def must_fail(what, action):
-        try:
-            action()
-        except PermissionError:
-            return
-        except OSError as exc:
-            got.append(f"{what}: {exc}")
-            return
-        got.append(what)
-
-    def connect(path):
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.connect(str(path))
+    refusals = Refusals()
+    must_fail, connect = refusals.must_fail, connect_unix
 
     run = dom0.runtime
     theirs = devices_dir(dom0.sim_dir / "pci") / THEIRS
@@ -134,7 +121,7 @@ def _as_worker_uid(dom0, domid: int, supervisor: int, other_worker: int) -> list
     # what it may: its own directory (so the refusals above are the ids' doing)
     (run / "state" / f"dom{domid}" / "probe").write_bytes(b"mine")
     (run / "state" / f"dom{domid}" / "probe").unlink()
-    return got
+    return refusals.unexpected
 
 
 def test_a_process_with_a_workers_ids_reaches_nothing_else(guests):

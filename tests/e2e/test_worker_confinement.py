@@ -11,6 +11,7 @@ import traceback
 
 import psutil
 
+from helpers import Refusals, connect_unix
 from pcibackd.hostpci.sysfs import devices_dir
 from pcibackd.worker import landlock, privileges, seccomp
 from pcibackd.worker.confine import confine_paths
@@ -37,21 +38,8 @@ def _forkserver_listener(worker_pid: int) -> str:
 
 def _attempts(dom0, listener: str) -> list[str]:
     """Each thing that should fail and did not."""
-    got = []
-
-    def must_fail(what, action):
-        try:
-            action()
-        except PermissionError:
-            return
-        except OSError as exc:
-            got.append(f"{what}: {exc}")
-            return
-        got.append(what)
-
-    def connect(path, kind=socket.SOCK_STREAM):
-        with socket.socket(socket.AF_UNIX, kind) as s:
-            s.connect(str(path))
+    refusals = Refusals()
+    must_fail, connect = refusals.must_fail, connect_unix
 
     must_fail("open another function's config for writing",
               lambda: os.close(os.open(devices_dir(dom0.sim_dir / "pci") / THEIRS / "config", os.O_RDWR)))
@@ -68,7 +56,7 @@ def _attempts(dom0, listener: str) -> list[str]:
     must_fail("exec", lambda: os.execv("/bin/true", ["true"]))
     if landlock.abi() >= 6:
         must_fail("signal the supervisor", lambda: os.kill(dom0.daemon.pid, signal.SIGSTOP))
-    return got
+    return refusals.unexpected
 
 
 def test_a_confined_worker_reaches_nothing_of_other_guests_or_the_daemon(dom0):

@@ -42,6 +42,8 @@ MAX_PENDING = 64         # requests waiting for workers at once
 SNDHWM = 64              # replies queued per client; further ones are dropped
 HANDSHAKE_MS = 5000      # a connection that never completes the ZMTP handshake is closed
 READ_ONLY = frozenset({"status", "list", "devices", "metrics"})   # what a non-root peer may ask (not logged)
+# reads that are not logged either: `pcibackctl pci-attach` asks pci-list every few hundred ms while it waits
+UNLOGGED = READ_ONLY | {"pci-list", "assignable-list"}
 
 
 class ControlSetupError(RuntimeError):
@@ -202,7 +204,7 @@ class ControlServer:
                 raise CommandError(Errno.NOT_ALLOWED, f"{cmd.name} needs the control socket (root); "
                                                       f"this one serves only {', '.join(sorted(READ_ONLY))}")
             args = cmd.check(untrusted_args)
-            if cmd.name not in READ_ONLY:
+            if cmd.name not in UNLOGGED:
                 logger.info("control: {} {}", cmd.name, " ".join(f"{k}={v}" for k, v in args.items()))
             result = cmd.execute(self.face, args)
             if isinstance(result, Pending):

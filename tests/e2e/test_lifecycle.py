@@ -191,6 +191,10 @@ def test_attach_detach_list_by_name(running):
     ok(dom0, "pci-attach", "db", E1000E)          # free for another guest (not connected yet: no hot-plug)
     ok(dom0, "pci-detach", "-f", "db", E1000E)
     assert pool(dom0)[E1000E]["held_by"] is None
+    # what changed is logged, the reads (pci-attach polls pci-list while it waits) are not
+    log = dom0.daemon_log.read_text()
+    assert "control: pci-attach domain=db" in log and "control: pci-detach domain=db" in log
+    assert "control: pci-list" not in log and "control: assignable-list" not in log
 
 
 def test_a_function_that_vanishes(running):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
+import traceback
 import time
 
 from pcibackd.wire import pciif
@@ -104,3 +106,23 @@ def connect_unix(path, kind=socket.SOCK_STREAM) -> None:
     """Connect to the unix socket at ``path`` and close again."""
     with socket.socket(socket.AF_UNIX, kind) as s:
         s.connect(str(path))
+
+
+def in_child(attempts) -> str:
+    """Run ``attempts()`` (which returns the refusals that did not happen) in a forked child, so a
+    privilege drop or filter it applies stays there; what it returned, or its traceback."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(rfd)
+            os.write(wfd, "\n".join(attempts()).encode())
+            os._exit(0)
+        except BaseException:
+            os.write(wfd, traceback.format_exc().encode())
+            os._exit(1)
+    os.close(wfd)
+    with os.fdopen(rfd) as f:
+        failures = f.read()
+    _, status = os.waitpid(pid, 0)
+    return failures if os.waitstatus_to_exitcode(status) == 0 else failures or f"child exited {status}"

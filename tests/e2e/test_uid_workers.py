@@ -10,7 +10,6 @@ import grp
 import os
 import signal
 import stat
-import traceback
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from pcibackd.hostpci.sysfs import devices_dir
 from pcibackd.wire.bdf import BDF
 from pcibackd.wire.pciif import Err
 from pcibackd.worker import privileges
-from helpers import Refusals, connect_unix
+from helpers import Refusals, connect_unix, in_child
 from simdom0.dom0 import SimDom0
 from waiting import wait_until
 
@@ -129,22 +128,11 @@ def test_a_process_with_a_workers_ids_reaches_nothing_else(guests):
     other = running(dom0, 2)["pid"]
     for target in ("status.sock", f"state/dom2/{THEIRS}.snap", f"claims/{THEIRS}.lock", "workers/dom2.pid"):
         assert (dom0.runtime / target).exists(), target      # each attempt aims at something real
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(rfd)
-            privileges.drop(uid=uid_of(1), gid=uid_of(1))
-            os.write(wfd, "\n".join(_as_worker_uid(dom0, 1, dom0.daemon.pid, other)).encode())
-            os._exit(0)
-        except BaseException:
-            os.write(wfd, traceback.format_exc().encode())
-            os._exit(1)
-    os.close(wfd)
-    with os.fdopen(rfd) as f:
-        failures = f.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0 and failures == ""
+
+    def attempts() -> list[str]:
+        privileges.drop(uid=uid_of(1), gid=uid_of(1))
+        return _as_worker_uid(dom0, 1, dom0.daemon.pid, other)
+    assert in_child(attempts) == ""
 
 
 def test_a_restarted_supervisor_adopts_uid_workers_and_reaches_them(guests):

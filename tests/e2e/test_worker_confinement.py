@@ -7,11 +7,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import traceback
 
 import psutil
 
-from helpers import Refusals, connect_unix
+from helpers import Refusals, connect_unix, in_child
 from pcibackd.hostpci.sysfs import devices_dir
 from pcibackd.worker import landlock, privileges, seccomp
 from pcibackd.worker.confine import confine_paths
@@ -66,24 +65,13 @@ def test_a_confined_worker_reaches_nothing_of_other_guests_or_the_daemon(dom0):
     listener = _forkserver_listener(g["pid"])
     cfg = WorkerConfig(domid=3, backend_path="/local/domain/0/backend/pci/3/0", platform=f"sim:{dom0.sim_dir}",
                        state_dir=str(dom0.runtime), device_gate=str(dom0.runtime / "devices.sock"))
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(rfd)
-            confine_paths(cfg)
-            privileges.drop()
-            seccomp.install()
-            os.write(wfd, "\n".join(_attempts(dom0, listener)).encode())
-            os._exit(0)
-        except BaseException:
-            os.write(wfd, traceback.format_exc().encode())
-            os._exit(1)
-    os.close(wfd)
-    with os.fdopen(rfd) as f:
-        failures = f.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0 and failures == ""
+
+    def attempts() -> list[str]:
+        confine_paths(cfg)
+        privileges.drop()
+        seccomp.install()
+        return _attempts(dom0, listener)
+    assert in_child(attempts) == ""
     assert dom0.guest_status(1)["worker_state"] == "RUNNING"        # the daemon never noticed
 
 

@@ -6,28 +6,34 @@ touching the host's init or its /etc/systemd.
 What the box gets (everything else is the host's, seen through the namespaces):
   * its own cgroup: a new directory of the host's cgroup2 hierarchy, the root of
     its cgroup namespace, mounted at /sys/fs/cgroup (systemd's unified mode);
-  * a fresh tmpfs on /run (systemd's private socket, the units' runtime dirs);
-  * a private /dev (a few device nodes bound from the host, /dev/shm the host's so
-    the test and the service share the simulation's files; /dev/console a log file);
+  * a fresh tmpfs on /run (systemd's private socket, the units' runtime dirs),
+    with the host's /run directories named in ``keep_run``;
+  * a private /dev (a few device nodes bound from the host, more on request, /dev/shm
+    the host's so the test and the service share the simulation's files;
+    /dev/console a log file);
   * /proc/sys read-only (systemd would bump global sysctls), /proc its own;
   * /etc, /var, /tmp and /usr/local as overlays whose writes land in the box's
     directory (StateDirectory=, PrivateTmp=, an installed config, /usr/local/sbin
-    links) and vanish with it;
+    links) and vanish with it (unless shared: ``overlays``);
   * unit files only from its own directory (SYSTEMD_UNIT_PATH) and no generators:
     the host's units (tmpfiles, getty, ...) are not even loaded.
 The network namespace is the host's: the simulation's event channels are
 abstract unix sockets.  :meth:`stop` (also on any failure) ends the namespace's
 init, which kills everything in it, and removes the cgroup and the directory.
+From a shell: ``python tests/systemd_box.py start|stop DIR`` (``--help``).
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
+import traceback
 from pathlib import Path
 
 import psutil
@@ -46,6 +52,9 @@ _STUB_TARGETS = ("sysinit.target", "basic.target", "shutdown.target", "sockets.t
                  "paths.target", "timers.target", "local-fs.target", "multi-user.target", "umount.target",
                  "network.target", "network-online.target", "swap.target", "local-fs-pre.target")
 
+# The host's directories a box writes to through an overlay.
+OVERLAYS = ("/etc", "/var", "/tmp", "/usr/local")
+
 _SETUP = r"""
 set -eu
 W="$1"; shift
@@ -53,20 +62,26 @@ mount --make-rprivate /
 # /dev: private, with the nodes a service may use and the host's /dev/shm
 mkdir -p "$W/dev"
 mount -t tmpfs -o mode=755,nosuid tmpfs "$W/dev"
-for n in null zero full random urandom tty ptmx; do
-    touch "$W/dev/$n"; mount --bind "/dev/$n" "$W/dev/$n"
+for n in null zero full random urandom tty ptmx $BOX_DEV; do
+    if [ -d "/dev/$n" ]; then mkdir -p "$W/dev/$n"; else touch "$W/dev/$n"; fi
+    mount --bind "/dev/$n" "$W/dev/$n"
 done
 mkdir "$W/dev/shm" "$W/dev/pts" "$W/dev/mqueue"
 mount --bind /dev/shm "$W/dev/shm"
 touch "$W/dev/console"; mount --bind "$W/console.log" "$W/dev/console"
 ln -s /proc/self/fd "$W/dev/fd"
 mount --move "$W/dev" /dev
+# /run: a fresh tmpfs, but for the host's directories named in BOX_RUN_KEEP
+for d in $BOX_RUN_KEEP; do mkdir -p "$W/keep/$d"; mount --bind "/run/$d" "$W/keep/$d"; done
 mount -t tmpfs -o mode=755,nosuid,nodev tmpfs /run
-for d in /etc /var /tmp /usr/local; do
+for d in $BOX_RUN_KEEP; do mkdir -p "/run/$d"; mount --move "$W/keep/$d" "/run/$d"; done
+for d in $BOX_OVERLAYS; do
     o="$W/overlay$(echo "$d" | tr / _)"; mkdir -p "$o/upper" "$o/work"
     mount -t overlay overlay -o "lowerdir=$d,upperdir=$o/upper,workdir=$o/work" "$d"
 done
 mount --bind /proc/sys /proc/sys; mount -o remount,bind,ro /proc/sys /proc/sys
+# on a tmpfs: the kernel refuses cgroup2 over a cgroup2 mount's root (a host's unified layout)
+mount -t tmpfs -o mode=755,nosuid,nodev,noexec tmpfs /sys/fs/cgroup
 mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 /sys/fs/cgroup
 [ -x "$W/prepare" ] && "$W/prepare"
 exec env -i container=pcibackd-test-box "SYSTEMD_UNIT_PATH=$W/units" \
@@ -125,8 +140,16 @@ class SystemdBox:
     """Boot with :meth:`start` (a context manager); units go into :attr:`units`
     before it, or later followed by ``daemon-reload``."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, dev: tuple[str, ...] = (), keep_run: tuple[str, ...] = (),
+                 overlays: tuple[str, ...] = OVERLAYS):
+        """``dev``: more of the host's /dev entries (files or directories such as
+        ``xen``) in the box's /dev; ``keep_run``: directories of the host's /run
+        the box shares (a daemon's sockets, reached from outside); ``overlays``:
+        the host's directories whose writes stay in the box (the others the box
+        shares, their submounts with them)."""
         self.dir = Path(workdir)
+        self.env = dict(os.environ, BOX_DEV=" ".join(dev), BOX_RUN_KEEP=" ".join(keep_run),
+                        BOX_OVERLAYS=" ".join(overlays))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.units = self.dir / "units"
         self.units.mkdir(exist_ok=True)
@@ -160,7 +183,7 @@ class SystemdBox:
                     "--show-status=no"]
             log = open(self.dir / "boot.log", "wb")
             self.unshare = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+                                            start_new_session=True, env=self.env)
             log.close()
             self.pid = wait_until(self._systemd_pid, timeout=timeout, what=self._why)
             wait_until(lambda: self.systemctl("is-system-running", check=False).stdout.strip()
@@ -168,8 +191,11 @@ class SystemdBox:
             state = self.show("systemd-journald.service", "ActiveState")["ActiveState"]
             if state != "active":
                 raise RuntimeError(f"the box's journald is {state}:\n{self._why()}")
-        except BaseException:
-            self.stop()
+        except BaseException as exc:
+            try:
+                self.stop()
+            except Exception as also:       # the first failure is the one to show
+                exc.add_note(f"(and stopping the box: {also})")
             raise
         return self
 
@@ -231,22 +257,34 @@ class SystemdBox:
 
     # -------------------------------------------------------------- stop --
     def stop(self) -> None:
-        """Kill the namespace's init (the kernel then kills everything in it), remove its cgroup."""
-        if self.unshare is not None:
-            if self.pid is not None and not process_gone(self.pid):
-                os.kill(self.pid, signal.SIGKILL)
-            try:
-                os.killpg(self.unshare.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.unshare.wait(30)
-            self.unshare = None
+        """Kill every process of the box (the namespace's init first: the kernel then ends
+        its pid namespace; then whatever its cgroup still holds), remove the cgroup."""
+        if self.pid is not None and not process_gone(self.pid):
+            os.kill(self.pid, signal.SIGKILL)
         if self.cgroup.exists():
-            wait_until(lambda: "populated 0" in (self.cgroup / "cgroup.events").read_text(), timeout=30,
-                       what=f"{self.cgroup} to empty")
+            wait_until(self._emptied, timeout=30, what=f"{self.cgroup} to empty")
             for d in sorted(self._cgroups(), key=lambda p: len(p.parts), reverse=True):
                 wait_until(lambda: _rmdir(d), timeout=30, what=f"{d} removed")
+        if self.unshare is not None:
+            self.unshare.wait(30)
+        self.unshare = None
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _emptied(self) -> bool:
+        """Whether the box's cgroup is empty; if not, SIGKILL to each process in it."""
+        if "populated 0" in (self.cgroup / "cgroup.events").read_text():
+            return True
+        for d in self._cgroups():
+            try:
+                pids = (d / "cgroup.procs").read_text().split()
+            except OSError:
+                continue
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        return False
 
     def _cgroups(self) -> list[Path]:
         return [Path(root) for root, _, _ in os.walk(self.cgroup)]
@@ -256,3 +294,63 @@ class SystemdBox:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# ---------------------------------------------------------------- command line --
+# The Xen lane boots a box in its dom0 from a shell script: `start` leaves it
+# running and notes its pids in DIR/box.json, `stop` ends it from that note.
+
+def _save(box: SystemdBox) -> None:
+    (box.dir / "box.json").write_text(json.dumps({"pid": box.pid, "cgroup": str(box.cgroup)}))
+
+
+def _saved(workdir: Path) -> SystemdBox:
+    box = SystemdBox.__new__(SystemdBox)
+    note = json.loads((workdir / "box.json").read_text())
+    box.dir, box.unshare, box.units = workdir, None, workdir / "units"
+    box.pid, box.cgroup = note["pid"], Path(note["cgroup"])
+    return box
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(prog="systemd_box.py", description="A private systemd as PID 1 of new namespaces.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    st = sub.add_parser("start", help="boot a box in DIR, print systemd's pid (as this namespace sees it)")
+    st.add_argument("dir", type=Path)
+    st.add_argument("--dev", action="append", default=[], help="a /dev entry of this host to give the box")
+    st.add_argument("--keep-run", action="append", default=[], help="a /run directory the box shares")
+    st.add_argument("--share", action="append", default=[], choices=OVERLAYS,
+                    help="a directory the box shares (with its submounts) instead of an overlay")
+    st.add_argument("--unit", action="append", default=[], type=Path, help="a unit file (or drop-in "
+                    "directory NAME.d) for the box")
+    st.add_argument("--prepare", type=Path, help="shell script run in the box before systemd")
+    st.add_argument("--timeout", type=float, default=60.0)
+    sp = sub.add_parser("stop", help="end the box booted in DIR")
+    sp.add_argument("dir", type=Path)
+    args = ap.parse_args(argv)
+    if args.cmd == "stop":
+        _saved(args.dir).stop()
+        return 0
+    why = unavailable()
+    if why:
+        print(f"systemd_box: {why}", file=sys.stderr)
+        return 77
+    box = SystemdBox(args.dir, dev=tuple(args.dev), keep_run=tuple(args.keep_run),
+                     overlays=tuple(d for d in OVERLAYS if d not in args.share))
+    for unit in args.unit:
+        (shutil.copytree if unit.is_dir() else shutil.copyfile)(unit, box.units / unit.name)
+    if args.prepare:
+        box.prepare(args.prepare.read_text())
+    try:
+        box.start(timeout=args.timeout)
+    except (AssertionError, RuntimeError) as exc:
+        print("systemd_box: " + "".join(traceback.format_exception_only(exc)), file=sys.stderr)
+        return 1
+    _save(box)
+    print(box.pid)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

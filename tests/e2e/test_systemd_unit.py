@@ -38,6 +38,9 @@ from simdom0.dom0 import SimDom0
 from systemd_box import SystemdBox, unavailable
 from waiting import process_gone, wait_until
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "xenlane"))
+import sandbox  # noqa: E402
+
 WHY_NOT = unavailable()
 pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=f"a private systemd: {WHY_NOT}")
 
@@ -338,6 +341,20 @@ def test_analyze_verify_and_security_score(served, record_property):
     print(f"\nsystemd-analyze security pcibackd (running unit): {m.group(1)} {m.group(2)}")
     record_property("exposure", m.group(1))
     assert float(m.group(1)) <= 4.0
+
+
+def test_every_hardening_option_takes_effect(served):
+    """Each hardening option of the unit as the kernel shows it on the running
+    supervisor (xenlane/sandbox.py: the Xen lane runs the same checks on a real dom0,
+    where the device filter also has /dev/xen files to show)."""
+    _started(served)
+    box = served.box
+    pid = box.host_pid(int(served.show("MainPID")["MainPID"]))
+    ev = sandbox.gather(pid, box.pid, box.systemctl("show", "pcibackd.service").stdout)
+    results = sandbox.check_all(sandbox.unit_options(box.units / "pcibackd.service"), ev)
+    assert {r[0] for r in results} >= {"unit-ProtectSystem", "unit-CapabilityBoundingSet", "unit-SystemCallFilter"}
+    failed = [r for r in results if r[1] != "PASS" and r[0] not in ("unit-DevicePolicy", "unit-DeviceAllow")]
+    assert not failed, "\n".join(" ".join(r) for r in failed)
 
 
 WATCHDOG_DROP_IN = """\

@@ -12,7 +12,8 @@ no such function       dev_not_found / the guest's value (any of these ops)
 enable_msi ok          0 / the PIRQ
 enable_msi refused     op_failed / 0: MSI on (-EALREADY) or MSI-X on (-ENXIO), no
                        MSI capability, not in D0, broker refused (all folded)
-disable_msi            0 / INTx PIRQ or 0 (always; unmaps only if MSI is on)
+disable_msi            0 / INTx PIRQ or 0 (always; unmaps only if MSI is on), or as
+                       disable_msix while MSI-X is on (Linux 5.17+ guests' teardown)
 enable_msix: nvec      > 128 (SH_INFO_MAX_VEC): -EINVAL / nvec
   MSI-X on             -EALREADY / nvec
   MSI on, MEM off      -ENXIO / nvec (MEM of the physical function for a VF)
@@ -162,6 +163,11 @@ def enable_msi(op: MsiOp, fn: MsiFunction, broker: IrqBroker) -> Outcome:
 
 def disable_msi(op: MsiOp, fn: MsiFunction, broker: IrqBroker) -> Outcome:
     f, s = fn.facts.read_facts(), fn.state
+    if s.msix_enabled:
+        # Linux 5.17+ PV guests tear MSI-X down with this op (pcifront picks it by
+        # dev->msix_enabled, which pci_disable_msix clears first); xen-pciback
+        # ignores it and the guest's next enable_msix gets -EALREADY (INTx fallback).
+        return disable_msix(op, fn, broker)
     if not s.msi_enabled:
         return Outcome(Reply(Err.success, f.intx_pirq))
     problem = _unmap(broker.unmap_msi, fn.host, "disable_msi")

@@ -247,6 +247,17 @@ def test_disable_msix_unmaps_and_always_succeeds():
     assert out.reply.err == Err.success and out.state == MsiState() and out.problem
 
 
+def test_disable_msi_while_msix_is_on_tears_msix_down_for_a_5_17_guest():
+    """A Linux 5.17+ PV guest sends disable_msi for its MSI-X teardown (it has cleared
+    msix_enabled by then): MSI-X goes off, so its next enable_msix is not -EALREADY."""
+    broker = FakeBroker()
+    out = serve(op(Op.disable_msi), fn(ON_MSIX), broker)
+    assert (out.reply.err, out.reply.value, out.state) == (Err.success, INTX, MsiState())
+    assert broker.calls == [("unmap_msix", HOST)]
+    again = serve(op(Op.enable_msix, value=2, entries=(0, 1)), fn(out.state), broker)
+    assert again.reply.err == Err.success and again.state.msix_enabled
+
+
 def test_a_restarted_worker_rebuilds_its_state_from_the_broker():
     assert state_from_answer(Answer()) == MsiState()
     assert state_from_answer(Answer(pirqs=(40,), kind=Kind.msi, entries=(0,))) == ON_MSI

@@ -203,8 +203,10 @@ class SystemdBox:
         if self.unshare.poll() is not None:
             raise RuntimeError(f"the box's init exited ({self.unshare.returncode}):\n{self._why()}")
         try:
+            # by name, not by executable path: /proc/PID/exe of a process in another mount
+            # namespace may name its file from that namespace's root (a chroot's host path)
             for child in psutil.Process(self.unshare.pid).children():
-                if child.exe() == os.path.realpath(SYSTEMD):
+                if child.name() == "systemd":
                     return child.pid
         except psutil.Error:
             pass
@@ -213,14 +215,19 @@ class SystemdBox:
     def _why(self) -> str:
         out = "boot log:\n" + (self.dir / "boot.log").read_text(errors="replace")[-3000:]
         if self.pid is not None and not process_gone(self.pid):
-            out += "\njournal:\n" + self.run("journalctl", "--no-pager", "-n", "60", check=False).stdout
+            for argv in (("systemctl", "is-system-running"), ("systemctl", "--no-pager", "list-jobs"),
+                         ("journalctl", "--no-pager", "-n", "60")):
+                p = self.run(*argv, check=False)
+                out += f"\n{' '.join(argv)} (exit {p.returncode}):\n{p.stdout}{p.stderr}"
         return out
 
     # ---------------------------------------------------------- inside --
     def run(self, *argv: str, check: bool = True, timeout: float = 60.0) -> subprocess.CompletedProcess:
         """``argv`` in the box's namespaces (its /run, its pids)."""
-        p = subprocess.run(["nsenter", "--target", str(self.pid), "--mount", "--pid", "--uts", "--ipc",
-                            "--cgroup", "--", *argv], capture_output=True, text=True, timeout=timeout,
+        # --root, --wd: setns into a mount namespace resets the root to that namespace's own
+        # (under a chroot, such as the Xen lane's dom0, not the root systemd runs in)
+        p = subprocess.run(["nsenter", "--target", str(self.pid), "--root", "--wd", "--mount", "--pid", "--uts",
+                            "--ipc", "--cgroup", "--", *argv], capture_output=True, text=True, timeout=timeout,
                            env={"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                                 "SYSTEMD_COLORS": "0", "SYSTEMD_PAGER": ""})
         if check and p.returncode != 0:

@@ -400,6 +400,7 @@ DPID=""
 # for it, /etc/pcibackd/pcibackd.toml: /etc gets a tmpfs overlay (the host's / is
 # read-only here).  LANE_DAEMON_CMD (a command line) bypasses the unit.
 UNIT=$LANE_REPO/etc/pcibackd.service
+PBLOG=$OUT/pcibackd.log                    # the running daemon's log (the checks grep it)
 VENV_BIN=$(dirname "$LANE_PY")
 UNIT_ARGS=(--map "/usr/local/sbin/pcibackd=$VENV_BIN/pcibackd" --env PYTHONFAULTHANDLER=1)
 PB_STATE=/run/lane-var-lib/pcibackd        # StateDirectory= (a tmpfs: /var/lib is the host's, read-only)
@@ -539,9 +540,9 @@ pb_destroy() { # dev name domid: xl destroy, the worker's release, nothing of th
   else result "$dev" pcibackd worker-gone FAIL "left: $(tree_of "$DPID" | tr '\n' ';')"; fi
   if [ "$(driver_of "$bdf")" = pci-stub ]; then result "$dev" pcibackd held-after-destroy PASS ""
   else result "$dev" pcibackd held-after-destroy FAIL "driver=$(driver_of "$bdf")"; fi
-  released=$(grep "released $bdf" "$OUT/pcibackd.log" | tail -1 | sed 's/.*released/released/')
+  released=$(grep "released $bdf" "$PBLOG" | tail -1 | sed 's/.*released/released/')
   header_of "$bdf" > "/tmp/$dev.header.after"
-  if [ -z "$released" ]; then result "$dev" pcibackd released-as-seized FAIL "no 'released $bdf' in pcibackd.log"
+  if [ -z "$released" ]; then result "$dev" pcibackd released-as-seized FAIL "no 'released $bdf' in ${PBLOG##*/}"
   elif cmp -s "/tmp/$dev.header.seized" "/tmp/$dev.header.after"; then result "$dev" pcibackd released-as-seized PASS "$released"
   else result "$dev" pcibackd released-as-seized FAIL "header differs: $(diff "/tmp/$dev.header.seized" "/tmp/$dev.header.after" | tr '\n' ' ')"; fi
   busmaster_after "$dev" pcibackd "$bdf" destroy
@@ -587,7 +588,7 @@ reload_check() { # ExecReload (check-config, then SIGHUP), once; the daemon stil
   if poll 60 reloaded; then result all pcibackd reload-notified PASS "$(grep 'RELOADING=1' "$NOTIFY_LOG" | tail -1)"
   else result all pcibackd reload-notified FAIL "no RELOADING=1 then READY=1 after SIGHUP: $(tail -3 "$NOTIFY_LOG" | tr '\n' ';')"; fi
   out=$(PBCTL status 2>&1); rc=$?
-  if [ $rc = 0 ] && kill -0 "$DPID" 2>/dev/null; then result all pcibackd serving-after-reload PASS "pid $DPID; $(grep -m1 'SIGHUP' "$OUT/pcibackd.log" | cut -c1-160)"
+  if [ $rc = 0 ] && kill -0 "$DPID" 2>/dev/null; then result all pcibackd serving-after-reload PASS "pid $DPID; $(grep -m1 'SIGHUP' "$PBLOG" | cut -c1-160)"
   else result all pcibackd serving-after-reload FAIL "pcibackctl status rc=$rc: $(echo "$out" | tail -2 | tr '\n' ';')"; fi
 }
 notify_checks() { # what systemd would have made of the notify messages (NotifyAccess=main, WatchdogSec=)
@@ -684,12 +685,12 @@ run_lifecycle() {
   else result $L pcibackd worker-gone FAIL "left: $(tree_of "$DPID" | tr '\n' ';')"; fi
   for dev in "${LC[@]}"; do
     b=${BDF[$dev]}
-    poll 60 grep -q "released $b" "$OUT/pcibackd.log"
+    poll 60 grep -q "released $b" "$PBLOG"
     if in_pool "$b" && [ "$(driver_of "$b")" = pci-stub ]; then result "$dev" pcibackd lifecycle-back-in-pool PASS "$b in assignable-list, driver=pci-stub"
     else result "$dev" pcibackd lifecycle-back-in-pool FAIL "driver=$(driver_of "$b"); pool: $(tr '\n' ';' < /tmp/pool.list)"; fi
     header_of "$b" > "/tmp/$dev.header.lc-after"
-    local rel; rel=$(grep "released $b" "$OUT/pcibackd.log" | tail -1 | sed 's/.*released/released/')
-    if [ -z "$rel" ]; then result "$dev" pcibackd lifecycle-restored FAIL "no 'released $b' in pcibackd.log"
+    local rel; rel=$(grep "released $b" "$PBLOG" | tail -1 | sed 's/.*released/released/')
+    if [ -z "$rel" ]; then result "$dev" pcibackd lifecycle-restored FAIL "no 'released $b' in ${PBLOG##*/}"
     elif cmp -s "/tmp/$dev.header.pooled" "/tmp/$dev.header.lc-after"; then result "$dev" pcibackd lifecycle-restored PASS "header as in the pool before the guest; $rel"
     else result "$dev" pcibackd lifecycle-restored FAIL "header differs: $(diff "/tmp/$dev.header.pooled" "/tmp/$dev.header.lc-after" | tr '\n' ' ')"; fi
     if [ ! -e "$BM_KERNEL_DIR/$dev.header.after-destroy" ]; then result "$dev" pcibackd lifecycle-like-kernel INFO "no kernel-mode run to compare"
@@ -733,6 +734,9 @@ if [[ " $LANE_MODES " == *" pcibackd "* ]]; then
     else result all pcibackd daemon-stop FAIL "$(tail -1 $OUT/dom0.log)"; fi
     notify_checks
   fi
+  # shellcheck source=xenlane/dom0-systemd.sh
+  . "$LANE_REPO/xenlane/dom0-systemd.sh"
+  run_systemd
 fi
 phase "final checks"
 leftover=$(xenstore-ls -f /local/domain/0/backend 2>/dev/null | grep -c '/backend/pci/')

@@ -16,7 +16,9 @@
 # every check passed and every difference has a reason.
 # Env: XENLANE_CACHE, XENLANE_PYTHON (python for dom0, default .venv/bin/python),
 #      XENLANE_TIMEOUT (seconds for QEMU), XENLANE_DAEMON_CMD, XENLANE_ATTACH_CMD
-#      (attach template with {domid} {bdf}), XENLANE_SKIP_APT=1, XENLANE_CPU (QEMU -cpu).
+#      (attach template with {domid} {bdf}), XENLANE_SKIP_APT=1, XENLANE_CPU (QEMU -cpu),
+#      XENLANE_LIFECYCLE (two devices, default "pci-testdev edu"), XENLANE_SYSTEMD
+#      (devices served by the unit under a real systemd, default "nvme"; "" skips it).
 set -euo pipefail
 LANE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(dirname "$LANE")
@@ -141,6 +143,7 @@ fi
   [ -n "${XENLANE_ATTACH_CMD:-}" ] && printf 'LANE_ATTACH_CMD=%q\n' "$XENLANE_ATTACH_CMD"
   [ -n "${XENLANE_DOM0_PYTEST:-}" ] && echo "LANE_DOM0_PYTEST=$XENLANE_DOM0_PYTEST"
   [ -n "${XENLANE_LIFECYCLE+set}" ] && printf 'LANE_LIFECYCLE=%q\n' "$XENLANE_LIFECYCLE"
+  [ -n "${XENLANE_SYSTEMD+set}" ] && printf 'LANE_SYSTEMD=%q\n' "$XENLANE_SYSTEMD"
   echo "LANE_NVME_SHA=$NVME_SHA"; echo "LANE_INTMODES='${XENLANE_INTMODES:-1 0 2}'"; echo "LANE_PERF_READS=$PERF_READS"
   true
 } > "$RUN/out/lane.conf"
@@ -151,6 +154,8 @@ NSCEN=$(( NDEV * NMODE )); [[ " $DEVICES " == *" nvme "* ]] && NSCEN=$(( NSCEN +
 # the administrator's lifecycle (pcibackd mode, two of its devices) counts as one more
 LCDEVS=0; for d in ${XENLANE_LIFECYCLE-pci-testdev edu}; do [[ " $DEVICES " == *" $d "* ]] && LCDEVS=$(( LCDEVS + 1 )); done
 [[ " $MODES " == *" pcibackd "* ]] && [ "$LCDEVS" -ge 2 ] && NSCEN=$(( NSCEN + 1 ))
+# the unit under a real systemd (pcibackd mode, XENLANE_SYSTEMD's devices) counts as one more per device
+for d in ${XENLANE_SYSTEMD-nvme}; do [[ " $MODES " == *" pcibackd "* && " $DEVICES " == *" $d "* ]] && NSCEN=$(( NSCEN + 1 )); done
 # A bound for a wedged emulator, not a sleep: a stuck step inside dom0 is cut by
 # its own bound (xl 90 s, domU 100 s, cleanup 20 s) and reported as a failed check.
 # Measured full lane (6 scenarios), this machine, 2026-11-28: QEMU 257 s and
@@ -212,7 +217,8 @@ run_qemu() { # one boot; rc 124 = overall bound, 125 = dom0 never came up (TCG b
   kill $TPID 2>/dev/null || true; wait $TPID 2>/dev/null || true
   return $rc
 }
-QRC=0
+QRC=0; QCRASH=""
+ulimit -c unlimited 2>/dev/null || true   # a crashing QEMU leaves its core in $RUN
 for attempt in 1 2; do
   log "QEMU (TCG, -cpu $CPU) with $DEVICES, modes: $MODES; bounded to ${TMO}s (attempt $attempt)"
   find "$RUN/out" -mindepth 1 ! -name lane.conf -delete
@@ -220,9 +226,20 @@ for attempt in 1 2; do
   QRC=0; run_qemu || QRC=$?
   T_END=$(date +%s)
   log "QEMU exited (rc $QRC) after $(( T_END - T_QEMU ))s; lane wall time so far $(( T_END - T_START ))s"
-  [ "$QRC" = 125 ] || break
-  cp serial.log "serial-hung-$attempt.log"
+  case $QRC in
+    125) cp serial.log "serial-hung-$attempt.log" ;;
+    # the emulator itself died of a signal (137: SIGKILL, the bound's --kill-after):
+    # QEMU 7.2's TCG or device model, not dom0; a second boot runs everything again
+    13[0-689]|14[0-9]|15[0-9])
+      [ -f "$RUN/out/DONE" ] && break
+      QCRASH="$QCRASH attempt $attempt: signal $(( QRC - 128 )) (serial-crashed-$attempt.log)"
+      cp serial.log "serial-crashed-$attempt.log"
+      for c in core core.*; do [ -f "$c" ] && mv "$c" "qemu-core-$attempt"; done
+      log "QEMU crashed (signal $(( QRC - 128 ))): serial log kept as serial-crashed-$attempt.log" ;;
+    *) break ;;
+  esac
 done
+[ -z "$QCRASH" ] || log "QEMU crashed on$QCRASH: an emulator fault, the whole lane ran again"
 [ "$QRC" = 124 ] && log "QEMU hit the ${TMO}s bound"
 if [ "$QRC" = 125 ]; then   # dom0 hung early in boot twice: TCG, not pcibackd
   log "dom0 did not boot in two attempts (TCG); no result"; exit 77

@@ -173,7 +173,8 @@ def _mode(path: str) -> callable:
 
 
 def _devices(value: str, ev: Evidence) -> Verdict:
-    xen = sorted({f for f in ev.fds if f.startswith("/dev/xen/")})
+    # a file of another mount namespace may read as "/xen/privcmd" rather than "/dev/xen/privcmd"
+    xen = sorted({f for f in ev.fds if "/xen/" in f and f.rsplit("/", 1)[-1] in XEN_DEVICES})
     return bool(xen), f"systemd: DevicePolicy={ev.show.get('DevicePolicy')} DeviceAllow={ev.show.get('DeviceAllow')}; " \
                       f"open: {' '.join(xen) or 'no /dev/xen file'}"
 
@@ -182,6 +183,8 @@ def _tasks(value: str, ev: Evidence) -> Verdict:
     return ev.show.get("TasksMax") == value, f"systemd: TasksMax={ev.show.get('TasksMax')}"
 
 
+# the character devices a Xen backend opens (misc devices: DeviceAllow=char-misc)
+XEN_DEVICES = ("privcmd", "evtchn", "gntdev", "gntalloc", "xenbus", "xenbus_backend", "hypercall")
 # paths an option hides (the check accepts a path the system does not have)
 COVERED = ("/home", "/root", "/usr/lib/modules", "/proc/kmsg")
 # option -> check(value, evidence): what the kernel shows for it

@@ -54,6 +54,14 @@ def test_an_option_nobody_checks_fails():
                      "ProtectKernelTunables=yes: no check for this option (xenlane/sandbox.py)")]
 
 
+def test_the_device_filter_is_shown_by_the_xen_files_held_open():
+    ev = _plain()
+    ev.fds = ["/xen/privcmd", "/dev/null"]          # as another mount namespace's file reads
+    assert sandbox.check_all([("DevicePolicy", "closed")], ev)[0][1] == "PASS"
+    ev.fds = ["/dev/null", "/tmp/xen/privcmdx"]
+    assert sandbox.check_all([("DevicePolicy", "closed")], ev)[0][1] == "FAIL"
+
+
 def test_the_last_mount_on_a_path_decides():
     text = PLAIN_MOUNTS + ("40 22 254:0 / / ro,relatime - ext4 /dev/vda rw\n"
                            "41 40 0:30 /systemd-private-x/tmp /tmp rw - tmpfs tmpfs rw\n"

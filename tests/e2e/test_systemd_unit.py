@@ -248,13 +248,13 @@ def test_admin_tools_and_journal_fields(served):
 
 def test_supervisor_crash_keeps_workers_and_guests_and_is_adopted(served):
     _started(served)
-    box, dom0 = served.box, served.dom0
+    box = served.box
     before = {d: served.guest(d, _serving, "a worker")["pid"] for d in (1, 2)}
     host_pids = {d: box.host_pid(p) for d, p in before.items()}
     main, restarts = served.main_pid(), int(served.show("NRestarts")["NRestarts"])
     with Traffic(served.fronts[1], EDU_ID) as traffic:
         box.systemctl("kill", "--kill-whom=main", "--signal=SIGKILL", "pcibackd.service")
-        s = wait_until(lambda: (s := served.show("MainPID", "NRestarts", "ActiveState"))["NRestarts"]
+        wait_until(lambda: (s := served.show("MainPID", "NRestarts", "ActiveState"))["NRestarts"]
                        == str(restarts + 1) and s["ActiveState"] == "active" and int(s["MainPID"]) != main and s,
                        timeout=60, what=lambda: f"Restart=on-failure\n{served.diagnose()}")
         for d in (1, 2):

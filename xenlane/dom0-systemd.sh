@@ -7,8 +7,8 @@
 # and through it the daemon seizes a function by command, serves a guest whose
 # driver does I/O on its interrupts, reloads, gives the function back and stops.
 # Each hardening option is then checked on the running daemon as the kernel
-# shows it (xenlane/sandbox.py), and the kernel's audit log tells which system
-# calls the daemon tried outside the unit's SystemCallFilter= allow list
+# shows it (xenlane/sandbox.py), and the audit records tell which system calls
+# the daemon tried outside the unit's SystemCallFilter= allow list
 # (SystemCallLog=): none, or the filter refused them.
 # Devices: LANE_SYSTEMD (default nvme: MSI-X, I/O), those of LANE_DEVICES only.
 LANE_SYSTEMD=${LANE_SYSTEMD-nvme}
@@ -98,7 +98,6 @@ systemd_start() { # boot the box, start the unit: sets SDPID and DPID
 }
 
 systemd_checks() { # each hardening option on the running daemon, the security score, warnings
-  local dev
   sctl show pcibackd.service > /tmp/pcibackd.show 2>&1
   cp /tmp/pcibackd.show "$OUT/pcibackd-systemd.show"
   timeout 120 "$LANE_PY" "$LANE_REPO/xenlane/sandbox.py" "$BOXDIR.units/pcibackd.service" "$DPID" "$SDPID" \

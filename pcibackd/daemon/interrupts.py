@@ -8,9 +8,12 @@ only read it), never from a worker's report.  At every scan:
   (:func:`~pcibackd.irq.function.record_for`, through the platform's config
   access), prepared (PHYSDEVOP_prepare_msix, MSI-X functions only) and
   ``assign``-ed;
-* a function whose ``state-N`` turns Closing/Closed (hot-unplug), or that
-  leaves the backend, is ``unassign``-ed: its PIRQs are unmapped before the
-  toolstack takes it away;
+* a function whose ``state-N`` turns Closed, or that leaves the backend, is
+  ``unassign``-ed: its PIRQs are unmapped before the toolstack takes it away;
+  one turning Closing (hot-unplug) stays the guest's until its worker lets it
+  go, as xen-pciback tears down only after the frontend has: the guest's
+  driver still runs its remove path then, on its interrupts (nvme deletes its
+  queues and waits for the completions);
 * a guest whose backend directory goes is ``domain_gone``;
 * a function its worker lets go (``Leave``, before the worker resets it) is
   unassigned at once, and counts as leaving at the next scan;
@@ -51,11 +54,11 @@ from pcibackd.worker.xenbus_nodes import MAX_DEVS, parse_backend, parse_uint
 from pcibackd.xenstore.client import XenStore
 
 RATE, BURST = 2000.0, 512       # broker requests per second per guest; a guest driver needs a handful
-LEAVING = (int(XenbusState.Closing), int(XenbusState.Closed))
+CLOSING, CLOSED = int(XenbusState.Closing), int(XenbusState.Closed)
 
 
-def assigned_functions(xs: XenStore, backend: str) -> set[BDF]:
-    """The functions a guest's backend lists and that are not on their way out.
+def assigned_functions(xs: XenStore, backend: str) -> tuple[set[BDF], set[BDF]]:
+    """The functions a guest's backend lists: those in use, and those being unplugged (Closing).
 
     Read with the worker's own rules (:func:`~pcibackd.worker.xenbus_nodes.parse_backend`):
     the supervisor and the worker must agree on what the toolstack wrote.
@@ -69,7 +72,9 @@ def assigned_functions(xs: XenStore, backend: str) -> set[BDF]:
             untrusted = xs.read(f"{backend}/{key}")
             if untrusted is not None:
                 untrusted_nodes[key] = untrusted
-    return {dev.host for dev in parse_backend(untrusted_nodes).devs if dev.state not in LEAVING}
+    devs = parse_backend(untrusted_nodes).devs
+    return ({dev.host for dev in devs if dev.state not in (CLOSING, CLOSED)},
+            {dev.host for dev in devs if dev.state == CLOSING})
 
 
 class Interrupts:
@@ -118,7 +123,11 @@ class Interrupts:
             logger.error("irq: scan of the backends stopped: {}", exc)
 
     def _sync(self, xs: XenStore, present: dict[int, str]) -> None:
-        wanted = self._resolve_conflicts({domid: assigned_functions(xs, path) for domid, path in present.items()})
+        listed = {domid: assigned_functions(xs, path) for domid, path in present.items()}
+        # an unplugging function stays with a guest that has it until its worker lets go
+        wanted = self._resolve_conflicts({
+            domid: using | (closing & self.assigned.get(domid, set())) - self.left
+            for domid, (using, closing) in listed.items()})
         leaving: set[BDF] = set()
         for domid, adopted in self.adopted.items():
             for bdf in sorted(adopted - wanted.get(domid, set())):

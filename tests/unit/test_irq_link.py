@@ -17,7 +17,7 @@ from loguru import logger
 from pcibackd.daemon.interrupts import BURST, RATE, Interrupts, assigned_functions
 from pcibackd.irq.function import Kind
 from pcibackd.irq.journal import Journal
-from pcibackd.irq.messages import Answer, Failed, IrqError, MapMsi, MapMsix, Query, Unmap
+from pcibackd.irq.messages import Answer, Failed, IrqError, Leave, MapMsi, MapMsix, Query, Unmap
 from pcibackd.platform.xen import NoPhysdev
 from helpers import op_bytes as snapshot
 from pcibackd.wire import pciif
@@ -143,17 +143,19 @@ class Store:
 BE = "/local/domain/0/backend/pci/5/0"
 
 
-def test_assignments_come_from_dev_nodes_not_leaving():
-    xs = Store({f"{BE}/num_devs": "4", f"{BE}/dev-0": "0000:03:00.0", f"{BE}/state-0": "3",
+def test_assignments_come_from_dev_nodes_unplugging_apart():
+    xs = Store({f"{BE}/num_devs": "5", f"{BE}/dev-0": "0000:03:00.0", f"{BE}/state-0": "3",
                 f"{BE}/dev-1": "0000:04:00.0", f"{BE}/state-1": "5",          # being unplugged
-                f"{BE}/dev-2": "garbage", f"{BE}/dev-3": "0000:05:00.1"})
-    assert assigned_functions(xs, BE) == {NIC, BDF(0, 5, 0, 1)}
-    assert assigned_functions(Store({f"{BE}/num_devs": "99999999"}), BE) == set()
-    assert assigned_functions(Store({f"{BE}/num_devs": "-1"}), BE) == set()
+                f"{BE}/dev-2": "garbage", f"{BE}/dev-3": "0000:05:00.1",
+                f"{BE}/dev-4": "0000:06:00.0", f"{BE}/state-4": "6"})         # unplugged
+    assert assigned_functions(xs, BE) == ({NIC, BDF(0, 5, 0, 1)}, {BDF(0, 4, 0, 0)})
+    assert assigned_functions(Store({f"{BE}/num_devs": "99999999"}), BE) == (set(), set())
+    assert assigned_functions(Store({f"{BE}/num_devs": "-1"}), BE) == (set(), set())
     # the worker's rules exactly: no non-ASCII digits, states compared as numbers
     one = {f"{BE}/dev-0": str(NIC), f"{BE}/dev-1": "0000:04:00.0"}
-    assert assigned_functions(Store({f"{BE}/num_devs": "\u0662", **one}), BE) == set()
-    assert assigned_functions(Store({f"{BE}/num_devs": "2", f"{BE}/state-1": "05", **one}), BE) == {NIC}
+    assert assigned_functions(Store({f"{BE}/num_devs": "\u0662", **one}), BE) == (set(), set())
+    assert assigned_functions(Store({f"{BE}/num_devs": "2", f"{BE}/state-1": "05", **one}), BE) == \
+        ({NIC}, {BDF(0, 4, 0, 0)})
 
 
 def test_supervisor_serves_only_the_assigned_guest_and_tears_down(tmp_path):
@@ -170,13 +172,25 @@ def test_supervisor_serves_only_the_assigned_guest_and_tears_down(tmp_path):
     state = read_state(physdev_state_path(tmp_path))
     assert sorted(b["pirq"] for b in state["bindings"]) == sorted(answer.pirqs)
     assert state["prepared"] == [str(NIC)]
-    # a fresh model of Xen reads the same state back (Xen outlives a supervisor)
-    assert SimPhysdev(platform.open_device, state_file=physdev_state_path(tmp_path)).pirq_count(5) == 2
+    # a fresh model of Xen reads the same state back (Xen outlives a supervisor); on a copy,
+    # as a model rewrites its file when it loads it and the supervisor's must stay the writer
+    copy = tmp_path / "xen-copy.json"
+    copy.write_text(json.dumps(read_state(physdev_state_path(tmp_path))))
+    assert SimPhysdev(platform.open_device, state_file=copy).pirq_count(5) == 2
 
-    xs.nodes[f"{BE}/state-0"] = "5"                      # hot-unplug begins
+    xs.nodes[f"{BE}/state-0"] = "5"                      # hot-unplug begins: the guest's driver still runs
     irq.sync(xs, {5: BE})
+    assert len(read_state(physdev_state_path(tmp_path))["bindings"]) == 2 and dev.read(0xA2, 2) & MSIX_ENABLE
+    assert irq.handle(5, Query(5, NIC)).ok
+    assert irq.handle(5, Leave(5, NIC)).ok               # the guest let go: its worker releases
     assert read_state(physdev_state_path(tmp_path))["bindings"] == []
     assert not dev.read(0xA2, 2) & MSIX_ENABLE
+    irq.sync(xs, {5: BE})                                # still Closing: not the guest's again
+    assert irq.handle(5, Query(5, NIC)).error == "not_assigned"
+    assert read_state(physdev_state_path(tmp_path))["prepared"] == []
+
+    xs.nodes[f"{BE}/state-0"] = "6"                      # an unplug whose worker never let go
+    irq.sync(xs, {5: BE})
     assert irq.handle(5, Query(5, NIC)).error == "not_assigned"
 
     xs.nodes[f"{BE}/state-0"] = "4"
@@ -240,7 +254,7 @@ def test_the_last_interrupt_error_is_kept_by_symbolic_names_until_the_function_l
     assert irq.handle(6, Failed(6, NIC, Op.enable_msi, -errno.EIO)).error == "not_assigned"
     assert str(irq.status(5)[NIC].last_error) == "enable_msi XEN_PCI_ERR_op_failed"   # not another guest's
     assert irq.status(5)[NIC].msix_prepared and irq.status(5)[NIC].mapping is None
-    xs.nodes[f"{BE}/state-0"] = "5"                      # hot-unplug
+    xs.nodes[f"{BE}/state-0"] = "6"                      # unplugged
     irq.sync(xs, {5: BE})
     assert irq.status(5) == {} and NIC not in irq.last_error
 
@@ -358,7 +372,10 @@ def test_a_function_leaving_for_good_is_released(tmp_path):
     xs.nodes.update({f"{BE}/num_devs": "0", f"{be6}/num_devs": "1", f"{be6}/dev-0": str(NIC)})
     irq.sync(xs, {5: BE, 6: be6})                          # moves: stays prepared
     assert prepared() == [str(NIC)] and irq.handle(6, MapMsix(6, NIC, (0,))).ok
-    xs.nodes[f"{be6}/state-0"] = "5"                       # hot-unplug
+    xs.nodes[f"{be6}/state-0"] = "5"                       # hot-unplug: the guest still has it
+    irq.sync(xs, {5: BE, 6: be6})
+    assert prepared() == [str(NIC)]
+    assert irq.handle(6, Leave(6, NIC)).ok                 # its worker lets go
     irq.sync(xs, {5: BE, 6: be6})
     assert prepared() == [] and irq.broker.prepared == set()
     xs.nodes[f"{be6}/state-0"] = "4"

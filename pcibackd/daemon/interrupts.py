@@ -124,9 +124,11 @@ class Interrupts:
 
     def _sync(self, xs: XenStore, present: dict[int, str]) -> None:
         listed = {domid: assigned_functions(xs, path) for domid, path in present.items()}
-        # an unplugging function stays with a guest that has it until its worker lets go
+        # an unplugging function stays with a guest that has it (or had it before a restart:
+        # adopted) until its worker lets go
         wanted = self._resolve_conflicts({
-            domid: using | (closing & self.assigned.get(domid, set())) - self.left
+            domid: using | ((closing & (self.assigned.get(domid, set()) | self.adopted.get(domid, set())))
+                            - self.left)
             for domid, (using, closing) in listed.items()})
         leaving: set[BDF] = set()
         for domid, adopted in self.adopted.items():

@@ -361,6 +361,23 @@ def test_after_a_restart_the_first_scan_tears_down_what_no_backend_lists(tmp_pat
     assert str(disk) not in read_state(physdev_state_path(tmp_path))["prepared"]
 
 
+def test_a_restart_during_a_hot_unplug_keeps_the_mapping_until_the_worker_lets_go(tmp_path):
+    SimHost(tmp_path / "pci").add("e1000e", NIC)
+    xs = Store({f"{BE}/num_devs": "1", f"{BE}/dev-0": str(NIC), f"{BE}/state-0": "4"})
+    irq = Interrupts(SimPlatform(tmp_path, 0), tmp_path / "run")
+    irq.start(set())
+    irq.sync(xs, {5: BE})
+    kept = irq.handle(5, MapMsix(5, NIC, (0, 1))).pirqs
+    xs.nodes[f"{BE}/state-0"] = "5"                        # unplug begins; the supervisor dies
+    irq = Interrupts(SimPlatform(tmp_path, 0), tmp_path / "run")
+    irq.start({5})
+    irq.sync(xs, {5: BE})                                  # the guest's driver may still need them
+    assert irq.handle(5, Query(5, NIC)).pirqs == kept and _bindings(tmp_path, 5) == sorted(kept)
+    assert irq.handle(5, Leave(5, NIC)).ok
+    irq.sync(xs, {5: BE})
+    assert _bindings(tmp_path, 5) == [] and irq.handle(5, Query(5, NIC)).error == "not_assigned"
+
+
 def test_a_function_leaving_for_good_is_released(tmp_path):
     irq = Interrupts(SimPlatform(tmp_path, 0), tmp_path / "run")
     SimHost(tmp_path / "pci").add("e1000e", NIC)

@@ -94,26 +94,26 @@ def _own_dirs(scope: Scope, path: str) -> bool:
     return _under(path, scope.backend) or _under(path, scope.frontend)
 
 
-def _read(scope: Scope, payload: bytes) -> Verdict:
-    path = _path(payload)
-    if path is None:
-        return _refuse("not an absolute path")
+def _on_path(rule: Callable[[Scope, str, bytes], Verdict],
+             refusal: str = "not an absolute path") -> Callable[[Scope, bytes], Verdict]:
+    """A rule on the request's path: refused unless the path is absolute and well formed."""
+    def check(scope: Scope, payload: bytes) -> Verdict:
+        path = _path(payload)
+        return _refuse(refusal) if path is None else rule(scope, path, payload)
+    return check
+
+
+def _read(scope: Scope, path: str, payload: bytes) -> Verdict:
     if _own_dirs(scope, path) or path == scope.name:
         return ALLOW
     return _refuse(f"read of {path[:120]}")
 
 
-def _list(scope: Scope, payload: bytes) -> Verdict:
-    path = _path(payload)
-    if path is None:
-        return _refuse("not an absolute path")
+def _list(scope: Scope, path: str, payload: bytes) -> Verdict:
     return ALLOW if _own_dirs(scope, path) else _refuse(f"listing of {path[:120]}")
 
 
-def _watch(scope: Scope, payload: bytes) -> Verdict:
-    path = _path(payload)
-    if path is None:
-        return _refuse("not an absolute path (or a special watch)")
+def _watch(scope: Scope, path: str, payload: bytes) -> Verdict:
     if payload.count(b"\0") < 2 or payload.split(b"\0")[1] == b"":
         return _refuse("no watch token")
     return ALLOW if _own_dirs(scope, path) else _refuse(f"watch of {path[:120]}")
@@ -128,20 +128,14 @@ def _leaf(scope: Scope, path: str) -> str | None:
     return None if "/" in key else key
 
 
-def _write(scope: Scope, payload: bytes) -> Verdict:
-    path = _path(payload)
-    if path is None:
-        return _refuse("not an absolute path")
+def _write(scope: Scope, path: str, payload: bytes) -> Verdict:
     key = _leaf(scope, path)
     if path == scope.error or (key is not None and _WRITABLE.fullmatch(key)):
         return ALLOW
     return _refuse(f"write of {path[:120]}")
 
 
-def _rm(scope: Scope, payload: bytes) -> Verdict:
-    path = _path(payload)
-    if path is None:
-        return _refuse("not an absolute path")
+def _rm(scope: Scope, path: str, payload: bytes) -> Verdict:
     key = _leaf(scope, path)
     return ALLOW if key is not None and _REMOVABLE.fullmatch(key) else _refuse(f"removal of {path[:120]}")
 
@@ -158,13 +152,13 @@ def _any(scope: Scope, payload: bytes) -> Verdict:
 # op -> rule on the payload; an op not here is refused.  Transaction ids are checked
 # by Session before the rule (START only outside one, END only of an open one).
 RULES: dict[int, Callable[[Scope, bytes], Verdict]] = {
-    Op.READ: _read,
-    Op.DIRECTORY: _list,
-    Op.GET_PERMS: _list,
-    Op.WATCH: _watch,
-    Op.UNWATCH: _watch,
-    Op.WRITE: _write,
-    Op.RM: _rm,
+    Op.READ: _on_path(_read),
+    Op.DIRECTORY: _on_path(_list),
+    Op.GET_PERMS: _on_path(_list),
+    Op.WATCH: _on_path(_watch, "not an absolute path (or a special watch)"),
+    Op.UNWATCH: _on_path(_watch, "not an absolute path (or a special watch)"),
+    Op.WRITE: _on_path(_write),
+    Op.RM: _on_path(_rm),
     Op.TRANSACTION_START: _any,
     Op.TRANSACTION_END: _any,
     Op.GET_DOMAIN_PATH: _domain_path,

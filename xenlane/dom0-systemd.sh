@@ -39,7 +39,8 @@ systemd_prepare() { # the box's directory, its units and its config; 1 when the 
   cp "$UNIT" "$BOXDIR.units/pcibackd.service"
   local prefix extra=""
   prefix=$("$LANE_PY" -c 'import sys; print(sys.base_prefix)')
-  case $prefix in /root/*|/home/*) extra="ProtectHome=tmpfs
+  # (the directories ProtectHome= hides, systemd.exec(5))
+  case $prefix in /root/*|/home/*|/run/user/*) extra="ProtectHome=tmpfs
 BindReadOnlyPaths=$prefix" ;; esac
   cat > "$BOXDIR.units/pcibackd.service.d/lane.conf" <<EOF
 # What the Xen lane changes, and why (nothing else differs from the shipped unit).

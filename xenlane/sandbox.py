@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,6 +95,7 @@ def parse_status(text: str) -> dict[str, str]:
 
 # ---------------------------------------------------------------- evidence --
 Verdict = tuple[bool, str]
+Check = Callable[[str, Evidence], Verdict]      # (the option's value, the evidence)
 
 
 def _ro(ev: Evidence, *paths: str) -> Verdict:
@@ -131,7 +133,7 @@ def _private_tmp(value: str, ev: Evidence) -> Verdict:
     return not bad, ("/tmp and /var/tmp are the service's own" if not bad else f"shared: {' '.join(bad)}")
 
 
-def _ns(kind: str) -> callable:
+def _ns(kind: str) -> Check:
     def check(value: str, ev: Evidence) -> Verdict:
         own, init = ev.ns.get(kind), ev.init_ns.get(kind)
         return bool(own) and own != init, f"{kind} namespace {own} (systemd's {init})"
@@ -154,7 +156,7 @@ def _bounding(value: str, ev: Evidence) -> Verdict:
                                                         if inverted else f"{len(present)} of {len(names)} kept")
 
 
-def _status_is(key: str, want: str) -> callable:
+def _status_is(key: str, want: str) -> Check:
     def check(value: str, ev: Evidence) -> Verdict:
         return ev.status.get(key) == want, f"{key}: {ev.status.get(key)}"
     return check
@@ -165,7 +167,7 @@ def _limit_nofile(value: str, ev: Evidence) -> Verdict:
     return value in line.split(), " ".join(line.split())
 
 
-def _mode(path: str) -> callable:
+def _mode(path: str) -> Check:
     def check(value: str, ev: Evidence) -> Verdict:
         got = ev.modes.get(path)
         return got == int(value, 8), f"{path} mode {got:04o}" if got is not None else f"{path} missing"
@@ -188,7 +190,7 @@ XEN_DEVICES = ("privcmd", "evtchn", "gntdev", "gntalloc", "xenbus", "xenbus_back
 # paths an option hides (the check accepts a path the system does not have)
 COVERED = ("/home", "/root", "/usr/lib/modules", "/proc/kmsg")
 # option -> check(value, evidence): what the kernel shows for it
-CHECKS: dict[str, callable] = {
+CHECKS: dict[str, Check] = {
     "NoNewPrivileges": _status_is("NoNewPrivs", "1"),
     "ProtectSystem": _protect_system,
     "ProtectHome": lambda v, ev: _covered(ev, "/home", "/root"),

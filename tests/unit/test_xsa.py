@@ -13,7 +13,7 @@ import sys
 import threading
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from pcibackd.confspace import ConfSpace
 from pcibackd.worker.ops import Dispatcher
@@ -134,6 +134,7 @@ def test_xsa332_event_flood_without_requests_costs_nothing(edu):
        offset=st.one_of(st.integers(-2**31, 2**31 - 1), st.integers(0, 4100)),
        size=st.one_of(st.integers(-2**31, 2**31 - 1), st.sampled_from([0, 1, 2, 3, 4, 8])),
        value=st.integers(0, 2**32 - 1), info=st.integers(0, 2**32 - 1))
+@example(cmd=0, domain=0, bus=0, devfn=0, offset=6, size=4, value=0, info=0)     # misaligned dword read
 def test_fuzz_op_fields(edu, cmd, domain, bus, devfn, offset, size, value, info):
     dev, conf = edu
     disp = Dispatcher({(0, 0, 0): conf})
@@ -143,7 +144,8 @@ def test_fuzz_op_fields(edu, cmd, domain, bus, devfn, offset, size, value, info)
     if (domain, bus, devfn) != (0, 0, 0) and cmd in (Op.conf_read, Op.conf_write):
         assert reply.err == Err.dev_not_found
     if cmd in (Op.conf_read, Op.conf_write) and (domain, bus, devfn) == (0, 0, 0):
-        bad = size not in (1, 2, 4) or offset < 0 or offset % max(size, 1) or offset + size > 256
+        # bool(): "offset % size" is the remainder (2 for offset 6, size 4), not a truth value
+        bad = bool(size not in (1, 2, 4) or offset < 0 or offset % max(size, 1) or offset + size > 256)
         assert (reply.err == Err.invalid_offset) == bad
 
 
